@@ -1,0 +1,112 @@
+"""Our plain model checkpoint: `config.yaml` (the ModelConfig under `model:`) beside safetensors shards.
+
+The tensor names are the model's own state-dict names. Loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors, tensor_shapes
+from model import ModelConfig, build_model
+from model.typed_config import ConfigError, from_dict, to_dict
+
+CONFIG_FILE = "config.yaml"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a model checkpoint (no {CONFIG_FILE})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: missing the `model:` mapping")
+    try:
+        return from_dict(ModelConfig, data["model"], source=str(path))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def write_config(out_dir: Path, config: ModelConfig, extra: dict | None = None) -> None:
+    text = yaml.safe_dump({"model": to_dict(config), **(extra or {})}, sort_keys=False)
+    (out_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+class AtomicDirectory:
+    """Write into a temp sibling directory; on success swap it in for `target` (the old one is removed only
+    after the new one is in place), so a crash mid-write never damages an existing checkpoint."""
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+        self.tmp = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+        if self.target.exists():
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_checkpoint(state_dict_items, config: ModelConfig, out_dir: str | Path,
+                          max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None) -> Path:
+    """Write (name, tensor) pairs (a dict's items() or a lazy iterator) and the config, atomically."""
+    out_dir = Path(out_dir)
+    with AtomicDirectory(out_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        for name, tensor in state_dict_items:
+            writer.add(name, tensor)
+        writer.finish()
+        write_config(tmp, config, extra)
+    return out_dir
+
+
+def save_model(model: torch.nn.Module, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+               extra: dict | None = None) -> Path:
+    return save_model_checkpoint(model.state_dict().items(), model.config, out_dir, max_shard_bytes, extra)
+
+
+def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(f"{k}: expected {tuple(expected[k])}, found {tuple(found[k])}"
+                       for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {misshaped[:20]}")
+        raise CheckpointError(f"{source}: tensors do not match the model; " + "; ".join(parts))
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the model from the checkpoint's config and load its tensors (safetensors only)."""
+    config = read_model_config(ckpt_dir)
+    model = build_model(config, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensor_names(expected, tensor_shapes(ckpt_dir), str(ckpt_dir))
+    state = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in iter_tensors(ckpt_dir)}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,84 @@
+"""The trainer-facing data config: which shards to stream, how to mix languages, what to do on bad samples.
+
+Plain types only (str/int/float/bool/list/dict/Optional) so the trainer's strict YAML loader
+(`model.typed_config.from_dict`) can type-check it; `validate()` raises `DataConfigError` (a ValueError) whose
+message starts with the field name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_pipeline.errors import DataConfigError
+
+MIXING_MODES = ("temperature", "weights", "natural", "uniform")
+ON_ERROR_MODES = ("raise", "skip")
+
+
+@dataclass
+class DataConfig:
+    # Manifests written by `fuxi data pack` / `prepare_dataset` (paths; shards are found next to them).
+    train_manifest: str
+    val_manifest: str | None = None
+    # Tokens the model sees per sample; the shards hold blocks of seq_len + 1 tokens.
+    seq_len: int = 2048
+    seed: int = 0
+    # DataLoader worker processes per rank (0: read in the training process).
+    num_workers: int = 2
+    # How languages are mixed: "temperature" (q_i ∝ p_i^alpha over token counts), "weights" (explicit),
+    # "natural" (proportional to tokens), "uniform" (equal; with max_epochs_per_language this is UniMax).
+    mixing: str = "temperature"
+    alpha: float = 0.3
+    weights: dict[str, float] | None = None
+    # UniMax-style cap: at most this many passes over one language's data per mixture epoch.
+    max_epochs_per_language: float | None = None
+    # Languages to train on (default: every language in the train manifest).
+    languages: list[str] | None = None
+    # Size of one mixture epoch in tokens (default: the train split's size). With a cap, set it to the
+    # training budget to get UniMax's per-run repetition limit.
+    epoch_tokens: int | None = None
+    # Samples per shuffled window of the mixture; bounds the memory of the sample order.
+    mixing_window: int = 65536
+    # Corrupt samples: "raise" (default) or "skip" (counted and reported, never silent).
+    on_error: str = "raise"
+    # Check each shard's sha256 the first time a process reads it (file sizes are always checked).
+    verify_checksums: bool = True
+    # Tokenizer dir the model was built for; its hash must match the manifest's.
+    tokenizer: str | None = None
+    # DataLoader batches each worker prefetches.
+    prefetch_factor: int = 4
+
+    def validate(self) -> None:
+        if not self.train_manifest:
+            raise DataConfigError("train_manifest: must name a manifest.json")
+        if self.seq_len < 1:
+            raise DataConfigError(f"seq_len: must be >= 1, got {self.seq_len}")
+        if self.num_workers < 0:
+            raise DataConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.mixing not in MIXING_MODES:
+            raise DataConfigError(f"mixing: {self.mixing!r} is not one of {list(MIXING_MODES)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DataConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.mixing == "weights" and not self.weights:
+            raise DataConfigError("weights: mixing='weights' needs a {language: weight} mapping")
+        if self.weights is not None:
+            bad = {k: v for k, v in self.weights.items() if not v >= 0}
+            if bad:
+                raise DataConfigError(f"weights: weights must be >= 0, got {bad}")
+            if sum(self.weights.values()) <= 0:
+                raise DataConfigError("weights: at least one weight must be > 0")
+        if self.max_epochs_per_language is not None and not self.max_epochs_per_language > 0:
+            raise DataConfigError(f"max_epochs_per_language: must be > 0, got {self.max_epochs_per_language}")
+        if self.languages is not None:
+            if not self.languages:
+                raise DataConfigError("languages: an empty list selects no data; use null for all languages")
+            dup = sorted({x for x in self.languages if self.languages.count(x) > 1})
+            if dup:
+                raise DataConfigError(f"languages: listed twice: {dup}")
+        if self.epoch_tokens is not None and self.epoch_tokens < 1:
+            raise DataConfigError(f"epoch_tokens: must be >= 1, got {self.epoch_tokens}")
+        if self.mixing_window < 1:
+            raise DataConfigError(f"mixing_window: must be >= 1, got {self.mixing_window}")
+        if self.on_error not in ON_ERROR_MODES:
+            raise DataConfigError(f"on_error: {self.on_error!r} is not one of {list(ON_ERROR_MODES)}")
+        if self.prefetch_factor < 1:
+            raise DataConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")

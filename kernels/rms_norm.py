@@ -1,0 +1,177 @@
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32; optionally fused with the residual add.
+
+The torch reference and the Triton kernels live side by side. The Triton forward stores one fp32 rstd per
+row; the backward recomputes the normalised row from it and reduces the weight gradient per program into a
+[programs, hidden] fp32 buffer that one torch sum finishes (so no atomics, and a deterministic result).
+"""
+import torch
+
+from kernels.triton_runtime import (next_power_of_2, num_warps_for, persistent_programs, rows_per_program,
+                                    tl, triton)
+
+
+# ---- torch reference --------------------------------------------------------------------------------------
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference (and CPU path). Same arithmetic order as the HF Llama-family RMSNorm, for export parity."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = residual + x; returns (rms_norm(new_residual), new_residual). residual None: x itself."""
+    new_residual = x if residual is None else residual + x
+    return rms_norm_torch(new_residual, weight, eps), new_residual
+
+
+# ---- Triton kernels ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, RES_IN, Y, RES_OUT, W, RSTD,
+                         stride_x, stride_res_in, stride_y, stride_res_out,
+                         n_rows, n_cols, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the residual stream's dtype, exactly like `residual + x` in torch.
+        x = x.to(RES_OUT.dtype.element_ty)
+        r = tl.load(RES_IN + rows[:, None] * stride_res_in + cols[None, :], mask=mask, other=0.0)
+        x = r.to(RES_OUT.dtype.element_ty) + x
+        tl.store(RES_OUT + rows[:, None] * stride_res_out + cols[None, :], x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    # Reference order: normalise in fp32, round to the input dtype, then scale by the weight.
+    normed = (x32 * rstd[:, None]).to(x.dtype).to(Y.dtype.element_ty)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(Y.dtype.element_ty)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], normed * w[None, :], mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PARTIAL,
+                         stride_dy, stride_x, stride_dres, stride_dx,
+                         n_rows, n_cols,
+                         HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx = rstd * (dy*w - n * mean(dy*w*n)) [+ dres], n = x*rstd; dw partial = sum over this program's rows
+    of dy * n. Each program walks row tiles pid, pid + programs, ..."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        normed = x.to(tl.float32) * rstd[:, None]
+        # The weight sees the normalised row after its rounding to the input dtype (as in the reference).
+        dw_acc += tl.sum(dy * normed.to(x.dtype).to(tl.float32), axis=0)
+        dn = dy * w[None, :]
+        dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / n_cols)[:, None])
+        if HAS_DRES:
+            dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., h] -> [rows, h] with unit stride along h (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_forward(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype, res_dtype: torch.dtype):
+    n_rows, n_cols = x2.shape
+    block_n = next_power_of_2(n_cols)
+    block_m = rows_per_program(block_n, x2)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    res_out = torch.empty((n_rows, n_cols), dtype=res_dtype, device=x2.device) if res2 is not None else x2
+    res_in = res2 if res2 is not None else x2
+    grid = (triton.cdiv(n_rows, block_m),)
+    _rms_norm_fwd_kernel[grid](x2, res_in, y, res_out, weight, rstd,
+                               x2.stride(0), res_in.stride(0), y.stride(0), res_out.stride(0),
+                               n_rows, n_cols, eps, HAS_RESIDUAL=res2 is not None,
+                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
+    return y, (res_out if res2 is not None else None), rstd
+
+
+def _launch_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     dres2: torch.Tensor | None):
+    n_rows, n_cols = x2.shape
+    block_n = next_power_of_2(n_cols)
+    block_m = rows_per_program(block_n, x2)
+    programs = persistent_programs(x2, triton.cdiv(n_rows, block_m))
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    dres_arg = dres2 if dres2 is not None else dy2
+    _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dres_arg, dx, dw_partial,
+                                      dy2.stride(0), x2.stride(0), dres_arg.stride(0), dx.stride(0),
+                                      n_rows, n_cols, HAS_DRES=dres2 is not None,
+                                      BLOCK_M=block_m, BLOCK_N=block_n,
+                                      num_warps=num_warps_for(block_m * block_n))
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x2 = _as_rows(x)
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        y, _, rstd = _launch_forward(x2, None, weight, eps, out_dtype, x.dtype)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = _launch_backward(_as_rows(dy), x2, weight, rstd, None)
+        return dx.view(ctx.x_shape), dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(x, residual) -> (rms_norm(residual + x), residual + x) in one pass over memory each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        x2, r2 = _as_rows(x), _as_rows(residual)
+        res_dtype = torch.promote_types(x.dtype, residual.dtype)
+        out_dtype = torch.promote_types(res_dtype, weight.dtype)
+        y, new_res, rstd = _launch_forward(x2, r2, weight, eps, out_dtype, res_dtype)
+        ctx.save_for_backward(new_res, weight, rstd)
+        ctx.shape, ctx.x_dtype, ctx.res_dtype = x.shape, x.dtype, residual.dtype
+        return y.view(x.shape), new_res.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dres: torch.Tensor | None):
+        new_res, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual output was used downstream
+            dy = torch.zeros(ctx.shape, dtype=torch.promote_types(new_res.dtype, weight.dtype),
+                             device=new_res.device)
+        dres2 = _as_rows(dres) if dres is not None else None
+        dsum, dw = _launch_backward(_as_rows(dy), new_res, weight, rstd, dres2)
+        dsum = dsum.view(ctx.shape)
+        return dsum.to(ctx.x_dtype), dsum.to(ctx.res_dtype), dw, None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is None:
+        return rms_norm_triton(x, weight, eps), x
+    return AddRMSNormFunction.apply(x, residual, weight, eps)

@@ -1,0 +1,80 @@
+"""Where Triton kernels can run, and launch settings shared by every kernel file.
+
+A `@triton.jit` function can be *defined* on any machine with triton installed; *launching* it needs a CUDA
+device, or the CPU interpreter (`TRITON_INTERPRET=1`, read when triton is first imported, so it must be set
+before `kernels` is imported; tests/conftest.py does that).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (re-exported for the kernel files)
+
+    HAS_TRITON = True
+except ImportError:  # triton has no wheels for macOS/Windows: the torch paths still work there
+    # Just enough for the kernel files to be *defined*; can_launch() is False, so none is ever called.
+    triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=int)
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_launch(tensor: torch.Tensor) -> bool:
+    """True when a Triton kernel can run on `tensor`'s device in this process."""
+    return HAS_TRITON and (tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu"))
+
+
+def check_launchable(tensor: torch.Tensor, kernel: str) -> None:
+    """Raise a clear error for impl='triton' where Triton cannot run, instead of triton's '0 active drivers'."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"kernels.{kernel}: impl='triton' but triton is not installed; use impl='torch'")
+    if not can_launch(tensor):
+        raise RuntimeError(
+            f"kernels.{kernel}: impl='triton' on a {tensor.device.type} tensor needs a CUDA device, or "
+            "TRITON_INTERPRET=1 set in the environment before `kernels` is imported (CPU interpreter, for "
+            "tests); use impl='auto' or 'torch' otherwise")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_warps_for(block_elems: int) -> int:
+    """Warps for a program that touches `block_elems` elements at once (Liger/Triton-tutorial heuristic)."""
+    if block_elems >= 32768:
+        return 32
+    if block_elems >= 8192:
+        return 16
+    if block_elems >= 2048:
+        return 8
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(tensor: torch.Tensor, work_items: int) -> int:
+    """Programs for a kernel that loops over `work_items` and reduces per program (weight/bias gradients).
+
+    On a GPU: a couple of waves over the SMs. Under the interpreter every program instance costs about
+    1.7 ms, so a handful.
+    """
+    if tensor.is_cuda:
+        return max(1, min(work_items, 2 * _sm_count(tensor.device.index or 0)))
+    return max(1, min(work_items, 4))
+
+
+def rows_per_program(block_cols: int, tensor: torch.Tensor) -> int:
+    """Rows one program handles in a row-wise kernel. On a GPU a wide row is one program's work; under the
+    interpreter (cost per program instance) pack many rows into one tile."""
+    budget = 4096 if tensor.is_cuda else 65536
+    return max(1, min(64 if not tensor.is_cuda else 16, budget // block_cols))

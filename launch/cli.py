@@ -1,0 +1,122 @@
+"""`fuxi`: one command, a subcommand per job. Each is a thin layer over a library function."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# `fuxi bench <name>` -> the module holding add_arguments(parser) and run(args) -> dict.
+BENCHMARKS = {
+    "kernels": "kernels.bench",
+    "data": "data_pipeline.bench",
+    "train": "pretrain.bench",
+    "ghostrnn": "kernels.ghost_gru_bench",
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '100KB' or a plain byte count."""
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def cmd_info(args) -> int:
+    from model import load_model_config
+    from pretrain.estimates import format_report, model_report
+
+    config = load_model_config(args.config, args.set)
+    report = model_report(config, world_size=args.world_size, seq_len=args.seq_len, micro_batch=args.micro_batch)
+    print(format_report(report))
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def cmd_convert_to_hf(args) -> int:
+    from checkpoints import export_to_hf
+
+    out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.shard_size),
+                       tokenizer_dir=args.tokenizer)
+    print(f"wrote Hugging Face checkpoint to {out}")
+    return 0
+
+
+def cmd_convert_from_hf(args) -> int:
+    from checkpoints import import_from_hf
+
+    out = import_from_hf(args.hf, args.out, max_shard_bytes=parse_size(args.shard_size))
+    print(f"wrote fuxi checkpoint to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    module = importlib.import_module(BENCHMARKS[args.bench_name])
+    module.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuxi", description="Multilingual LLM pretraining (FuxiTranyu family)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameters, FLOPs per token and ZeRO memory of a model config")
+    info.add_argument("--config", required=True, help="model YAML, e.g. configs/model/fuxitranyu-8b.yaml")
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    info.add_argument("--world-size", type=int, default=8)
+    info.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    info.add_argument("--micro-batch", type=int, default=1)
+    info.set_defaults(func=cmd_info)
+
+    convert = sub.add_parser("convert", help="checkpoint conversion to and from Hugging Face format")
+    conv_sub = convert.add_subparsers(dest="direction", required=True)
+    to_hf = conv_sub.add_parser("to-hf", help="our checkpoint (plain or DeepSpeed ZeRO) -> HF directory")
+    to_hf.add_argument("--checkpoint", required=True)
+    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    to_hf.add_argument("--shard-size", default="5GB")
+    to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the export")
+    to_hf.set_defaults(func=cmd_convert_to_hf)
+    from_hf = conv_sub.add_parser("from-hf", help="HF FuxiTranyu directory -> our checkpoint")
+    from_hf.add_argument("--hf", required=True)
+    from_hf.add_argument("--out", required=True)
+    from_hf.add_argument("--shard-size", default="5GB")
+    from_hf.set_defaults(func=cmd_convert_from_hf)
+
+    bench = sub.add_parser("bench", help="benchmarks: print a table, last line one JSON object")
+    bench_sub = bench.add_subparsers(dest="bench_name", required=True)
+    for name, module_name in BENCHMARKS.items():
+        bench_parser = bench_sub.add_parser(name, help=f"{name} benchmark ({module_name})")
+        try:
+            importlib.import_module(module_name).add_arguments(bench_parser)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            bench_parser.set_defaults(func=lambda a, n=name: _missing_bench(n))
+            continue
+        bench_parser.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _missing_bench(name: str) -> int:
+    print(f"fuxi bench {name}: this benchmark is not part of this installation", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.typed_config import ConfigError
+    from checkpoints import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"fuxi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

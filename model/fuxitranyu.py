@@ -1,0 +1,229 @@
+"""FuxiTranyu: a decoder-only transformer (arXiv 2408.06273), exactly as published.
+
+Pre-RMSNorm blocks with biased multi-head attention (full rotary RoPE, rotate-half) and a non-gated, biased
+4h MLP with tanh-GELU (`gelu_fast`); untied embeddings; a final RMSNorm; lm_head without bias. Module names
+follow the Llama convention, so our state dict *is* the Hugging Face state dict.
+
+Kernels (RMSNorm, bias-GELU, RoPE, the fused linear cross-entropy) come through the `kernels` seam, picked by
+`config.kernels`; nothing here knows about parallelism.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from model.attention import causal_attention
+from model.config import ModelConfig
+from model.outputs import CausalLMOutput
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, impl: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.impl = eps, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for absolute positions, computed on the fly in fp32 (cheap next to attention)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.rope_cos_sin(positions, self.head_dim, self.theta, dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q_proj = nn.Linear(h, h, bias=True)
+        self.k_proj = nn.Linear(h, h, bias=True)
+        self.v_proj = nn.Linear(h, h, bias=True)
+        self.o_proj = nn.Linear(h, h, bias=True)
+        self.dropout = config.attention_dropout
+        self.impl, self.backend = config.kernels, config.attention
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
+        batch, seq, _ = x.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
+        v = self.v_proj(x).view(shape)
+        q, k = kernels.apply_rope(q, k, cos, sin, impl=self.impl)
+        if kv_cache is not None:  # (k, v) of earlier positions, [batch, past, heads, head_dim]
+            if kv_cache[0] is not None:
+                k, v = torch.cat([kv_cache[0], k], dim=1), torch.cat([kv_cache[1], v], dim=1)
+            kv_cache = (k, v)
+        dropout = self.dropout if self.training else 0.0
+        out = causal_attention(q, k, v, doc_ids=doc_ids, dropout_p=dropout, backend=self.backend)
+        return self.o_proj(out.reshape(batch, seq, -1)), kv_cache
+
+
+class MLP(nn.Module):
+    """up (biased) -> gelu_fast -> down (biased). The bias add is fused into the GELU kernel."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=True)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
+        self.impl = config.kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = kernels.bias_gelu(F.linear(x, self.up_proj.weight), self.up_proj.bias, impl=self.impl)
+        return self.down_proj(hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class FuxiTranyuModel(nn.Module):
+    """The trunk: embeddings, blocks, final norm. Returns the last hidden states."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None):
+        x = self.embed_tokens(input_ids)
+        if positions is None:
+            past = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].shape[1]
+            positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rotary(positions, x.dtype)
+        if not self.config.document_masking:
+            doc_ids = None
+        new_cache = [] if kv_cache is not None else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, layer_cache = checkpoint(layer, x, cos, sin, doc_ids, layer_cache, use_reentrant=False)
+            else:
+                x, layer_cache = layer(x, cos, sin, doc_ids, layer_cache)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+
+class FuxiTranyuForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = FuxiTranyuModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.reset_parameters()
+
+    @classmethod
+    def validate_config(cls, config: ModelConfig) -> None:
+        """Nothing beyond ModelConfig.validate: every field is meaningful for this architecture."""
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for weights and embeddings, zero biases, unit norms; o_proj and down_proj get
+        init_std / sqrt(2 * num_layers) when scaled_residual_init is on (GPT-2 / Megatron)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers) if self.config.scaled_residual_init else std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                kv_cache: list | None = None, return_logits: bool | None = None,
+                z_loss: float = 0.0) -> CausalLMOutput:
+        """labels are already shifted (labels[t] is the token after input_ids[t]); -100 is ignored.
+
+        With labels the loss goes through the fused linear cross-entropy and logits are not built unless
+        `return_logits` is set; without labels the logits are returned.
+        """
+        hidden, kv_cache = self.model(input_ids, positions, doc_ids, kv_cache)
+        out = CausalLMOutput(kv_cache=kv_cache)
+        if labels is not None:
+            token_losses = kernels.linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1),
+                z_loss=z_loss, impl=self.config.kernels).view(labels.shape)
+            out.token_losses = token_losses
+            out.loss = token_losses.sum() / (labels != kernels.IGNORE_INDEX).sum().clamp(min=1)
+        if labels is None or return_logits:
+            out.logits = self.lm_head(hidden)
+        return out
+
+    # ---- accounting used by `fuxi info`, the trainer's MFU and the tests -------------------------------
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.model.embed_tokens.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N (N without the input embedding) + 12 * L * h * s for attention."""
+        c = self.config
+        return 6.0 * self.num_parameters(exclude_embeddings=True) + 12.0 * c.num_layers * c.hidden_size * seq_len
+
+    # ---- sampling --------------------------------------------------------------------------------------
+
+    def empty_kv_cache(self) -> list:
+        """One (keys, values) slot per layer; forward fills them and returns the grown cache."""
+        return [(None, None) for _ in range(self.config.num_layers)]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation with a KV cache. Rows stop at eos (then pad eos)."""
+        was_training = self.training
+        self.eval()
+        cache = self.empty_kv_cache()
+        tokens, step_input = input_ids, input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            out = self(step_input, kv_cache=cache)
+            cache = out.kv_cache
+            logits = out.logits[:, -1, : self.config.vocab_size].float()
+            if temperature <= 0:
+                next_token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        self.train(was_training)
+        return tokens

@@ -1,0 +1,186 @@
+"""Typed dataclass configs loaded from YAML, with `a.b=value` overrides (the OLMo-core style).
+
+Every room defines its configs as plain dataclasses with an optional `validate()` method; this module turns
+nested dicts into them strictly: an unknown key, a wrong type or an impossible value is a `ConfigError` that
+names the dotted key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, mistyped or impossible. The message names key and source."""
+
+
+def _describe(source: str | None) -> str:
+    return f" (in {source})" if source else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        args = get_args(annotation)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: may not be null{_describe(source)}")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}"
+                          f"{_describe(source)}")
+    if origin is typing.Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{_describe(source)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}{_describe(source)}")
+        (item_type, *_) = get_args(annotation) or (Any,)
+        items = [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}{_describe(source)}")
+        _, val_type = get_args(annotation) or (str, Any)
+        return {str(k): _coerce(v, val_type, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}"
+                              f"{_describe(source)}")
+        return from_dict(annotation, value, source=source, prefix=f"{key}.")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}{_describe(source)}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}{_describe(source)}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "3e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}{_describe(source)}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}{_describe(source)}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, source: str | None = None, prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, recursively, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping{_describe(source)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        keys = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown key(s) {keys}{_describe(source)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name, source)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(prefix + m for m in missing)}{_describe(source)}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as err:
+            raise ConfigError(f"{_prefixed(str(err), prefix)}{_describe(source)}") from None
+    return obj
+
+
+def _prefixed(message: str, prefix: str) -> str:
+    return prefix + message if prefix and not message.startswith(prefix) else message
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of `from_dict`: plain dicts/lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as YAML, so `3`, `true`, `[1, 2]` and `null` work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=2")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Set dotted keys in a nested dict (creating sub-mappings as needed). Type checks happen in from_dict."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> T:
+    """Load `cls` from a YAML file (or a dict), then apply `--set` overrides, then validate."""
+    source = str(path) if path is not None else "<dict>"
+    base = read_yaml(path) if path is not None else dict(data or {})
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return from_dict(cls, apply_overrides(base, overrides), source=source)

@@ -1,0 +1,42 @@
+"""fuxi-pretrain: multilingual LLM pretraining (FuxiTranyu, MoE-LPR, PreAlign, GhostRNN)."""
+import sys
+
+from setuptools import setup
+
+# torch is left unpinned on purpose: GPU users install the torch build for their CUDA first; on a CPU-only
+# machine the Makefile installs torch==2.13.0 (the CPU wheel) before this package so pip keeps it.
+install_requires = [
+    "torch>=2.4",
+    "numpy>=1.24",
+    "deepspeed>=0.15",
+    "webdataset>=0.2.90",
+    "tokenizers>=0.19",
+    "sentencepiece>=0.2",
+    "transformers>=4.44",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "datasketch>=1.6",
+    "py3langid>=0.2.2",
+    "tensorboard>=2.14",
+]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton>=3.0")
+
+setup(
+    name="fuxi-pretrain",
+    version="0.1.0",
+    description="Pretraining codebase for multilingual LLMs: FuxiTranyu, MoE-LPR, PreAlign, GhostRNN",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch"],
+    package_data={"checkpoints": ["hf_files/*.py"], "data_pipeline": ["corpus/*", "corpus/**/*"]},
+    install_requires=install_requires,
+    extras_require={
+        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2"],
+        "flash": ["flash-attn>=2.5"],
+    },
+    entry_points={"console_scripts": ["fuxi=launch.cli:main"]},
+)

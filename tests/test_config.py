@@ -1,0 +1,103 @@
+"""Typed YAML configs: unknown keys, wrong types and impossible values name the key and the file."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from model import ModelConfig, load_model_config
+from model.typed_config import ConfigError, apply_overrides, from_dict, load_config, parse_override, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    name: str | None = None
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class Outer:
+    steps: int = 10
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+    weights: dict[str, float] | None = None
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_nested_yaml_with_overrides(tmp_path):
+    path = write(tmp_path, "steps: 5\ninner:\n  lr: 1e-4\nweights: {en: 1.0, zh: 2}\n")
+    cfg = load_config(Outer, path, ["inner.betas=[0.8, 0.9]", "flag=true", "inner.name=x"])
+    assert cfg == Outer(steps=5, flag=True, inner=Inner(lr=1e-4, betas=[0.8, 0.9], name="x"),
+                        weights={"en": 1.0, "zh": 2.0})
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("text, overrides, fragment", [
+    ("stepz: 5\n", [], "stepz"),
+    ("inner:\n  lrr: 1\n", [], "inner.lrr"),
+    ("steps: five\n", [], "steps: expected an integer"),
+    ("flag: 1\n", [], "flag: expected true/false"),
+    ("inner:\n  lr: -1\n", [], "inner.lr: must be > 0"),
+    ("", ["inner.betas=3"], "inner.betas: expected a list"),
+    ("", ["steps"], "expected key=value"),
+])
+def test_errors_name_the_key_and_the_file(tmp_path, text, overrides, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, path, overrides)
+    assert fragment in str(err.value)
+    if "key=value" not in fragment:
+        assert str(path) in str(err.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, write(tmp_path, "steps: [1,\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(Outer, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=null") == (["a"], None)
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_shipped_model_configs_load():
+    full = load_model_config("configs/model/fuxitranyu-8b.yaml")
+    assert (full.num_layers, full.hidden_size, full.num_heads, full.ffn_hidden_size) == (30, 4096, 32, 16384)
+    assert full.vocab_size == 250_680 and full.rope_theta == 1e4 and full.rms_norm_eps == 1e-5
+    assert load_model_config("configs/model/fuxitranyu-tiny.yaml").hidden_size == 128
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["num_heads=31"], "num_heads: 31 does not divide hidden_size 4096"),
+    (["hidden_size=0"], "hidden_size: must be > 0"),
+    (["kernels=cuda"], "kernels: 'cuda' is not one of"),
+    (["type=mamba"], "type: unknown model type 'mamba'"),
+    (["eos_token_id=250680"], "eos_token_id: 250680 is outside the vocabulary"),
+    (["attention_dropout=1.5"], "attention_dropout"),
+    (["num_layers=2.5"], "num_layers: expected an integer"),
+])
+def test_impossible_model_values(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_model_config("configs/model/fuxitranyu-8b.yaml", overrides)
+    assert fragment in str(err.value)
+    assert "configs/model/fuxitranyu-8b.yaml" in str(err.value)
+
+
+def test_vocab_smaller_than_tokenizer_is_an_error():
+    config = ModelConfig(vocab_size=1000)
+    config.check_tokenizer(1000)
+    with pytest.raises(ConfigError, match="vocab_size: 1000 is smaller than the tokenizer's 1024 tokens"):
+        config.check_tokenizer(1024)
