@@ -16,15 +16,17 @@ from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsW
 from model import ModelConfig
 
 HF_FILES = Path(__file__).parent / "hf_files"
-REMOTE_CODE = {"fuxitranyu": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py")}
+REMOTE_CODE = {"fuxitranyu": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py"),
+               "fuxitranyu_moe": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py",
+                                  "configuration_fuxitranyu_moe.py", "modeling_fuxitranyu_moe.py")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
     """The published config.json fields (methods.md 1.2), plus `fuxi_vocab_size` for an exact round trip."""
-    if config.type != "fuxitranyu":
+    if config.type not in REMOTE_CODE:
         raise CheckpointError(f"model type {config.type!r} has no Hugging Face export")
-    return {
+    fields = {
         "architectures": ["FuxiTranyuForCausalLM"],
         "auto_map": {
             "AutoConfig": "configuration_fuxitranyu.FuxiTranyuConfig",
@@ -52,6 +54,30 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
         "eos_token_id": config.eos_token_id,
         "use_cache": True,
         "torch_dtype": dtype,
+    }
+    return fields if config.type == "fuxitranyu" else {**fields, **moe_hf_fields(config)}
+
+
+def moe_hf_fields(config: ModelConfig) -> dict:
+    """FuxiTranyu-MoE: the routing fields the shipped modeling file reads, plus `fuxi_moe` (our MoEConfig,
+    training switches included) so that `convert from-hf` restores it exactly."""
+    from model.typed_config import to_dict
+
+    moe = config.moe
+    return {
+        "architectures": ["FuxiTranyuMoeForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_fuxitranyu_moe.FuxiTranyuMoeConfig",
+            "AutoModelForCausalLM": "modeling_fuxitranyu_moe.FuxiTranyuMoeForCausalLM",
+        },
+        "model_type": "fuxitranyu_moe",
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": not moe.top1_code_compat,
+        "moe_layers": moe.moe_layers(config.num_layers),
+        # The shipped file's balance loss is the code form (K times the paper's): scale alpha to match.
+        "router_aux_loss_coef": moe.balance_loss_coef / (moe.top_k if moe.balance_loss_form == "paper" else 1),
+        "fuxi_moe": to_dict(moe),
     }
 
 

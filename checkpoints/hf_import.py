@@ -64,7 +64,7 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
             pad_multiple = 128
         else:
             raise CheckpointError(f"{path}: vocab_size {vocab} does not fit the {embedding_rows}-row embedding")
-    return ModelConfig(
+    config = ModelConfig(
         type="fuxitranyu", vocab_size=vocab, pad_vocab_multiple=pad_multiple, hidden_size=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
         ffn_hidden_size=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 4096),
@@ -72,6 +72,42 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
         init_std=float(cfg.get("initializer_range", 0.01)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=cfg.get("eos_token_id", 0) or 0)
+    return with_moe_from_hf(config, cfg, path) if cfg.get("model_type") == "fuxitranyu_moe" else config
+
+
+def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
+    """FuxiTranyu-MoE: our MoEConfig from `fuxi_moe` when present (exact round trip), else from the routing
+    fields; either way it must agree with the routing fields the shipped modeling file reads."""
+    import dataclasses
+
+    from model.config import MoEConfig
+    from model.typed_config import ConfigError, from_dict
+
+    missing = [k for k in ("num_experts", "num_experts_per_tok") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: missing field(s) {missing}")
+    hf_layers = sorted(cfg.get("moe_layers") or range(config.num_layers))
+    try:
+        if "fuxi_moe" in cfg:
+            moe = from_dict(MoEConfig, cfg["fuxi_moe"], source=f"{path} (fuxi_moe)")
+        else:
+            top_k, renormalized = cfg["num_experts_per_tok"], cfg.get("norm_topk_prob", True)
+            if not renormalized and top_k != 1:
+                raise CheckpointError(f"{path}: norm_topk_prob false with num_experts_per_tok {top_k} is not "
+                                      "supported (only top-1 may skip renormalisation)")
+            moe = MoEConfig(num_experts=cfg["num_experts"], top_k=top_k, top1_code_compat=not renormalized,
+                            balance_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
+                            layers=None if hf_layers == list(range(config.num_layers)) else hf_layers)
+            moe.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    found = {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+             "moe_layers": moe.moe_layers(config.num_layers)}
+    wanted = {"num_experts": cfg["num_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"],
+              "moe_layers": hf_layers}
+    if found != wanted:
+        raise CheckpointError(f"{path}: fuxi_moe {found} contradicts the routing fields {wanted}")
+    return dataclasses.replace(config, type="fuxitranyu_moe", moe=moe)
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> Path:

@@ -24,7 +24,10 @@ def is_model_checkpoint(path: str | Path) -> bool:
 
 
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+    """From a checkpoint directory's config.yaml, or from a YAML file holding the same `model:` mapping."""
+    path = Path(ckpt_dir)
+    if path.is_dir() or not path.suffix == ".yaml":
+        path = path / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: not a model checkpoint (no {CONFIG_FILE})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

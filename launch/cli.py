@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 # `fuxi bench <name>` -> the module holding add_arguments(parser) and run(args) -> dict.
 BENCHMARKS = {
@@ -37,10 +38,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert_to_hf(args) -> int:
-    from checkpoints import export_to_hf
+    import tempfile
 
-    out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.shard_size),
-                       tokenizer_dir=args.tokenizer)
+    from checkpoints import export_to_hf
+    from checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint, is_deepspeed_checkpoint
+
+    shard_bytes = parse_size(args.shard_size)
+    if is_deepspeed_checkpoint(args.checkpoint):  # a training checkpoint: gather the ZeRO partitions first
+        with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
+            plain = consolidate_deepspeed_checkpoint(args.checkpoint, Path(tmp) / "plain", shard_bytes)
+            out = export_to_hf(plain, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
+                               tokenizer_dir=args.tokenizer)
+    else:
+        out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
+                           tokenizer_dir=args.tokenizer)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
@@ -50,6 +61,25 @@ def cmd_convert_from_hf(args) -> int:
 
     out = import_from_hf(args.hf, args.out, max_shard_bytes=parse_size(args.shard_size))
     print(f"wrote fuxi checkpoint to {out}")
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from checkpoints.model_checkpoint import check_tensor_names, read_model_config, save_model_checkpoint
+    from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
+    from model import build_model
+    from model.config import MoEConfig
+    from model.upcycle import upcycle_config, upcycle_tensors
+
+    dense = read_model_config(args.checkpoint)
+    expected = {k: tuple(v.shape) for k, v in build_model(dense, device="meta").state_dict().items()}
+    check_tensor_names(expected, tensor_shapes(args.checkpoint), args.checkpoint)
+    moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, layers=args.layers,
+                    top1_code_compat=args.top1_code_compat, original_languages=args.original_languages)
+    config = upcycle_config(dense, moe)
+    out = save_model_checkpoint(upcycle_tensors(iter_tensors(args.checkpoint), config, seed=args.seed), config,
+                                args.out, max_shard_bytes=parse_size(args.shard_size))
+    print(f"wrote {moe.num_experts}-expert top-{moe.top_k} MoE checkpoint to {out}")
     return 0
 
 
@@ -85,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--out", required=True)
     from_hf.add_argument("--shard-size", default="5GB")
     from_hf.set_defaults(func=cmd_convert_from_hf)
+
+    from pretrain import cli as pretrain_cli
+
+    pretrain = sub.add_parser("pretrain", help="train (or resume) a model: --config <run.yaml> [--set k=v]")
+    pretrain_cli.add_arguments(pretrain)
+    pretrain.set_defaults(func=pretrain_cli.run)
+
+    upcycle = sub.add_parser("upcycle", help="dense checkpoint -> MoE-LPR checkpoint (expert 0 = the dense FFN)")
+    upcycle.add_argument("--checkpoint", required=True, help="our dense checkpoint (HF: `convert from-hf` first)")
+    upcycle.add_argument("--experts", type=int, required=True, help="experts per MoE layer, N")
+    upcycle.add_argument("--top-k", type=int, default=2, help="experts per token, K")
+    upcycle.add_argument("--out", required=True)
+    upcycle.add_argument("--layers", type=int, nargs="+", default=None, help="layers to upcycle (default: all)")
+    upcycle.add_argument("--top1-code-compat", action="store_true", help="K=1 without renormalising (released)")
+    upcycle.add_argument("--original-languages", nargs="+", default=[], help="language codes LPR keeps on expert 0")
+    upcycle.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    upcycle.add_argument("--shard-size", default="5GB")
+    upcycle.set_defaults(func=cmd_upcycle)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table, last line one JSON object")
     bench_sub = bench.add_subparsers(dest="bench_name", required=True)

@@ -1,7 +1,7 @@
 """The model config: one dataclass for every architecture the registry knows (`type`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
@@ -44,6 +44,68 @@ class GhostRNNConfig:
                               "intrinsic state); use gate_input: intrinsic")
 
 
+MOE_LOSS_FORMS = ("paper", "code")
+MOE_EXPERT_COMPUTE = ("auto", "loop", "grouped_mm")
+
+
+@dataclass
+class MoEConfig:
+    """MoE-LPR upcycling (methods.md 2): every chosen FFN becomes `num_experts` experts, expert 0 the original.
+
+    top_k >= 2 renormalises the K router weights (function-preserving at upcycling); top_k = 1 renormalised is
+    a hard weight of 1, and `top1_code_compat` gives the released code's unrenormalised p_max instead.
+    balance_loss_coef (stage 1) and lpr_loss_coef (stage 2) are mutually exclusive, as in the released code.
+    Forms: "paper" (balance = sum_i f_i P_i, 1 at uniform routing; LPR = -log G_0) or "code" (balance K times
+    larger; LPR a cross-entropy over the softmax probabilities). alpha=0.01 was tuned with the code balance.
+    layers: indices of the layers to upcycle (null: all). original_languages: language codes whose tokens
+    the LPR pulls to expert 0 (the trainer turns per-token lang ids into the model's `original_mask`).
+    expert_compute: "loop" over experts on contiguous slices, "grouped_mm" (torch's grouped GEMM), or "auto".
+    """
+
+    num_experts: int = 6
+    top_k: int = 2
+    top1_code_compat: bool = False
+    balance_loss_coef: float = 0.01
+    balance_loss_form: str = "code"
+    lpr_loss_coef: float = 0.0
+    lpr_loss_form: str = "paper"
+    layers: list[int] | None = None
+    original_languages: list[str] = field(default_factory=list)
+    expert_compute: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_experts < 2:
+            raise ConfigError(f"num_experts: must be >= 2 (expert 0 plus at least one copy), got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k: must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.top1_code_compat and self.top_k != 1:
+            raise ConfigError(f"top1_code_compat: only meaningful with top_k: 1, got top_k: {self.top_k}")
+        for name in ("balance_loss_coef", "lpr_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.balance_loss_coef > 0 and self.lpr_loss_coef > 0:
+            raise ConfigError(f"lpr_loss_coef: the balance loss (stage 1, balance_loss_coef="
+                              f"{self.balance_loss_coef}) and the LPR loss (stage 2, lpr_loss_coef="
+                              f"{self.lpr_loss_coef}) are mutually exclusive; set one of them to 0")
+        for name in ("balance_loss_form", "lpr_loss_form"):
+            if getattr(self, name) not in MOE_LOSS_FORMS:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(MOE_LOSS_FORMS)}")
+        if self.expert_compute not in MOE_EXPERT_COMPUTE:
+            raise ConfigError(f"expert_compute: {self.expert_compute!r} is not one of {list(MOE_EXPERT_COMPUTE)}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("layers: empty list; use null for all layers")
+            if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+                raise ConfigError(f"layers: must be distinct non-negative layer indices, got {self.layers}")
+        if len(set(self.original_languages)) != len(self.original_languages) or \
+                any(not lang for lang in self.original_languages):
+            raise ConfigError(f"original_languages: must be distinct non-empty codes, got {self.original_languages}")
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """The upcycled layer indices, sorted."""
+        return list(range(num_layers)) if self.layers is None else sorted(self.layers)
+
+
 @dataclass
 class ModelConfig:
     """Defaults are the published FuxiTranyu-8B (methods.md 1.2): 8,094,724,096 parameters."""
@@ -73,6 +135,8 @@ class ModelConfig:
     eos_token_id: int = 0
     # The GhostRNN switches; required when type is "ghostrnn_lm" (model/ghostrnn.py), ignored otherwise.
     ghostrnn: GhostRNNConfig | None = None
+    # The MoE-LPR switches; required when type is "fuxitranyu_moe" (model/fuxitranyu_moe.py), ignored otherwise.
+    moe: MoEConfig | None = None
 
     @property
     def head_dim(self) -> int:

@@ -70,18 +70,28 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seq, -1)), kv_cache
 
 
+class UpProjection(nn.Linear):
+    """Linear(h, ffn) + bias + gelu_fast, the bias add fused into the GELU kernel. Its parameters are only used
+    inside its own forward, so sharding wrappers (ZeRO-3, FSDP) that gather per module see them."""
+
+    def __init__(self, in_features: int, out_features: int, impl: str):
+        super().__init__(in_features, out_features, bias=True)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.bias_gelu(F.linear(x, self.weight), self.bias, impl=self.impl)
+
+
 class MLP(nn.Module):
-    """up (biased) -> gelu_fast -> down (biased). The bias add is fused into the GELU kernel."""
+    """up (biased) -> gelu_fast -> down (biased): the non-gated 4h MLP."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=True)
+        self.up_proj = UpProjection(config.hidden_size, config.ffn_hidden_size, config.kernels)
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
-        self.impl = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = kernels.bias_gelu(F.linear(x, self.up_proj.weight), self.up_proj.bias, impl=self.impl)
-        return self.down_proj(hidden)
+        return self.down_proj(self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -97,6 +107,22 @@ class Block(nn.Module):
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
+
+
+class LMHead(nn.Linear):
+    """The output projection (no bias). Given labels it returns per-token losses through the fused linear
+    cross-entropy, which never materialises the [tokens, vocab] logits; otherwise it returns logits."""
+
+    def __init__(self, hidden_size: int, vocab_rows: int, impl: str):
+        super().__init__(hidden_size, vocab_rows, bias=False)
+        self.impl = impl
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, z_loss: float = 0.0):
+        if labels is None:
+            return F.linear(hidden, self.weight)
+        losses = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight,
+                                              labels.reshape(-1), z_loss=z_loss, impl=self.impl)
+        return losses.view(labels.shape)
 
 
 class FuxiTranyuModel(nn.Module):
@@ -135,7 +161,7 @@ class FuxiTranyuForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = FuxiTranyuModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.padded_vocab_size, config.kernels)
         self.reset_parameters()
 
     @classmethod
@@ -170,9 +196,7 @@ class FuxiTranyuForCausalLM(nn.Module):
         hidden, kv_cache = self.model(input_ids, positions, doc_ids, kv_cache)
         out = CausalLMOutput(kv_cache=kv_cache)
         if labels is not None:
-            token_losses = kernels.linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1),
-                z_loss=z_loss, impl=self.config.kernels).view(labels.shape)
+            token_losses = self.lm_head(hidden, labels, z_loss)
             out.token_losses = token_losses
             out.loss = token_losses.sum() / (labels != kernels.IGNORE_INDEX).sum().clamp(min=1)
         if labels is None or return_logits:

@@ -49,6 +49,15 @@ def _fuxitranyu():
 register_model("fuxitranyu", _fuxitranyu)
 
 
+def _fuxitranyu_moe():
+    from model.fuxitranyu_moe import FuxiTranyuMoEForCausalLM
+
+    return FuxiTranyuMoEForCausalLM
+
+
+register_model("fuxitranyu_moe", _fuxitranyu_moe)
+
+
 def _ghostrnn_lm():
     from model.ghostrnn import GhostRNNForCausalLM
 

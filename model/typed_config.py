@@ -116,7 +116,7 @@ def from_dict(cls: type[T], data: dict, source: str | None = None, prefix: str =
     if callable(validate):
         try:
             validate()
-        except ConfigError as err:
+        except ValueError as err:  # ConfigError, or another room's ValueError subclass naming the field
             raise ConfigError(f"{_prefixed(str(err), prefix)}{_describe(source)}") from None
     return obj
 

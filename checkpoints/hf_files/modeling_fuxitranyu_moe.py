@@ -1,0 +1,183 @@
+# Shipped with every Hugging Face export of an upcycled fuxi-pretrain model (loaded with trust_remote_code=True).
+"""FuxiTranyu-MoE for transformers: FuxiTranyu (modeling_fuxitranyu.py) whose FFNs are MoE-LPR layers.
+
+Each MoE layer has a bias-free router Linear(h, N) and N experts with the dense FFN's layout
+(`mlp.router.weight`, `mlp.experts.{j}.{up,down}_proj`). Routing: softmax in fp32, top-K, the K weights
+renormalised to sum to 1 (`norm_topk_prob`). Experts run in a loop over experts with index_add, the plain
+HF-Mixtral form; fuxi-pretrain's own implementation sorts tokens by expert instead, and the two agree.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+try:
+    from .configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
+    from .modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
+                                      FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask)
+except ImportError:  # loaded as plain modules
+    from configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
+    from modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
+                                     FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask)
+
+
+class FuxiTranyuMoeSparseBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(FuxiTranyuMLP(config) for _ in range(config.num_experts))
+
+    def forward(self, hidden_states):
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)
+        router_logits = self.router(x)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, selected = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(x[token_idx]).float() * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out.to(hidden_states.dtype).view(batch, seq, hidden), router_logits
+
+
+class FuxiTranyuMoeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = FuxiTranyuRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = FuxiTranyuAttention(config, layer_idx)
+        self.post_attention_layernorm = FuxiTranyuRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        moe_layers = config.moe_layers if config.moe_layers is not None else range(config.num_hidden_layers)
+        self.is_moe = layer_idx in set(moe_layers)
+        self.mlp = FuxiTranyuMoeSparseBlock(config) if self.is_moe else FuxiTranyuMLP(config)
+
+    def forward(self, hidden_states, cos, sin, attention_mask, past_key_values=None):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin,
+                                                       attention_mask, past_key_values)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        router_logits = None
+        if self.is_moe:
+            mlp_out, router_logits = mlp_out
+        return hidden_states + mlp_out, router_logits
+
+
+class FuxiTranyuMoePreTrainedModel(FuxiTranyuPreTrainedModel):
+    config_class = FuxiTranyuMoeConfig
+    _no_split_modules = ["FuxiTranyuMoeDecoderLayer"]
+
+
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+    """Per MoE layer N * sum_e (sum_k frac_{k,e}) * P_e over non-padding tokens, averaged over layers (the
+    released MoE-LPR form; K at uniform routing)."""
+    losses = []
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        _, selected = torch.topk(probs, top_k, dim=-1)
+        chosen = F.one_hot(selected, num_experts).sum(1).float()
+        if attention_mask is None:
+            frac, prob = chosen.mean(0), probs.mean(0)
+        else:
+            mask = attention_mask.reshape(-1, 1).float()
+            count = mask.sum().clamp(min=1.0)
+            frac, prob = (chosen * mask).sum(0) / count, (probs * mask).sum(0) / count
+        losses.append(num_experts * (frac * prob).sum())
+    return torch.stack(losses).mean()
+
+
+class FuxiTranyuMoeModel(FuxiTranyuMoePreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FuxiTranyuMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = FuxiTranyuRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FuxiTranyuRotaryEmbedding(config.hidden_size // config.num_attention_heads,
+                                                    config.rope_theta)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_router_logits=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        q_len = inputs_embeds.shape[1]
+        if position_ids is None and attention_mask is not None:  # left padding: count real tokens only
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        elif position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        mask = _causal_mask(attention_mask, q_len, past_len, inputs_embeds.device)
+        hidden_states, all_router_logits = inputs_embeds, []
+        for layer in self.layers:
+            hidden_states, router_logits = layer(hidden_states, cos, sin, mask,
+                                                 past_key_values if use_cache else None)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                      past_key_values=past_key_values if use_cache else None,
+                                      router_logits=tuple(all_router_logits) if output_router_logits else None)
+
+
+class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = FuxiTranyuMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_router_logits: Optional[bool] = None,
+                logits_to_keep=0, **kwargs):
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_router_logits=output_router_logits)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss, aux_loss = None, None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        if output_router_logits:
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts,
+                                           self.config.num_experts_per_tok, attention_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+                                         past_key_values=outputs.past_key_values,
+                                         router_logits=outputs.router_logits)

@@ -1,0 +1,201 @@
+"""Stage 2, the tokenizer: byte-level BPE as in FuxiTranyu (§3.3), or sentencepiece BPE as the alternative.
+
+Byte-level BPE uses the HF `tokenizers` library with GPT-2's pre-tokenisation regex and byte-level
+post-processing; numbers are not split into digits (GPT-2's regex keeps digit runs together). It is trained
+on at most N documents per language (FuxiTranyu: 1M), sampled uniformly per language, so that small
+languages are not drowned by large ones. Id 0 is "<|endoftext|>", used as both EOS and BOS.
+
+Both backends are saved as Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json, class
+GPT2TokenizerFast for BPE) that `AutoTokenizer.from_pretrained(dir)` loads offline; the sentencepiece backend
+also keeps its `spm.model`, and its tokenizer.json is a lossless conversion of it (tested token for token).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data_pipeline.corpus import iter_documents
+from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.io_utils import write_json
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 0
+BACKENDS = ("bpe", "sentencepiece")
+META_FILE = "fuxi_tokenizer.json"
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    backend: str = "bpe"
+    # FuxiTranyu trains on up to 1M documents per language.
+    max_docs_per_language: int = 1_000_000
+    min_frequency: int = 2
+    seed: int = 0
+    model_max_length: int = 4096
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise DataConfigError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        floor = 258 if self.backend == "bpe" else 300
+        if self.vocab_size < floor:
+            raise DataConfigError(f"vocab_size: must be >= {floor} for the {self.backend} backend "
+                                  f"(256 bytes + special tokens), got {self.vocab_size}")
+        if self.max_docs_per_language < 1:
+            raise DataConfigError(f"max_docs_per_language: must be >= 1, got {self.max_docs_per_language}")
+
+
+def sample_per_language(source: str | Path, max_docs: int, seed: int) -> dict[str, list[str]]:
+    """Uniform sample (reservoir) of at most `max_docs` documents of each language in `source`."""
+    rng = random.Random(seed)
+    samples: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
+    for doc in iter_documents(source):
+        if doc.lang is None:
+            raise DataError(f"{doc.origin}: document has no language label; run `fuxi data clean` first")
+        n = seen.get(doc.lang, 0)
+        bucket = samples.setdefault(doc.lang, [])
+        if n < max_docs:
+            bucket.append(doc.text)
+        else:
+            j = rng.randrange(n + 1)
+            if j < max_docs:
+                bucket[j] = doc.text
+        seen[doc.lang] = n + 1
+    if not samples:
+        raise DataError(f"{source}: no documents to train the tokenizer on")
+    return samples
+
+
+def _interleave(samples: dict[str, list[str]]) -> Iterator[str]:
+    """Round-robin over languages so the trainer's view is not ordered by language."""
+    lists = [samples[lang] for lang in sorted(samples)]
+    for i in range(max(len(v) for v in lists)):
+        for v in lists:
+            if i < len(v):
+                yield v[i]
+
+
+def _bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    tok = Tokenizer(models.BPE())
+    # GPT-2 pre-tokenisation (its regex, digits kept in runs) on the byte-level alphabet.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _train_bpe(texts: Iterable[str], count: int, config: TokenizerConfig):
+    from tokenizers import pre_tokenizers, trainers
+    tok = _bpe_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                                  special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=count)
+    return tok
+
+
+def _train_sentencepiece(texts: Iterable[str], config: TokenizerConfig, num_threads: int) -> bytes:
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=False, normalization_rule_name="identity",  # nmt_nfkc is lossy
+        add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=0.9995,
+        unk_id=1, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=[EOS_TOKEN],  # EOS takes id 0
+        max_sentence_length=1 << 20, num_threads=num_threads, minloglevel=2, random_seed=config.seed)
+    return model.getvalue()
+
+
+def sentencepiece_to_tokenizers(model_proto: bytes):
+    """A `tokenizers` BPE equivalent to a sentencepiece BPE model (byte fallback, identity normalisation, no
+    dummy prefix): merges are ranked by the merged piece's score, which is how sentencepiece picks them."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    normal = {p: i for p, i in vocab.items() if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = []
+    for piece, pid in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((pid, normal[left], normal[right], left, right))
+    merges.sort()
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    return tok
+
+
+def save_hf_tokenizer(tok, out_dir: Path, config: TokenizerConfig, backend: str) -> None:
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+    cls = GPT2TokenizerFast if backend == "bpe" else PreTrainedTokenizerFast
+    hf = cls(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+             if backend == "bpe" else "<unk>", model_max_length=config.model_max_length)
+    if hf.eos_token_id != EOS_ID or hf.bos_token_id != EOS_ID:
+        raise DataError(f"tokenizer: EOS/BOS must be id {EOS_ID}, got {hf.eos_token_id}/{hf.bos_token_id}")
+    hf.save_pretrained(str(out_dir))
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """sha256 of the canonical tokenizer.json: equal hashes mean identical tokenisation."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{tokenizer_dir}: no tokenizer.json (not a tokenizer directory?)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    canonical = json.dumps({k: data.get(k) for k in ("added_tokens", "normalizer", "pre_tokenizer", "model")},
+                           sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """The fast `tokenizers.Tokenizer` (what packing uses); special tokens in text are encoded as text."""
+    from tokenizers import Tokenizer
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{tokenizer_dir}: no tokenizer.json (not a tokenizer directory?)")
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document is not an EOS
+    return tok
+
+
+def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerConfig | None = None,
+                    num_threads: int = 2) -> Path:
+    """Train on the cleaned corpus (`<lang>.jsonl` files) and save HF tokenizer files to `out_dir`."""
+    config = config or TokenizerConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = sample_per_language(corpus, config.max_docs_per_language, config.seed)
+    count = sum(len(v) for v in samples.values())
+    if config.backend == "bpe":
+        tok = _train_bpe(_interleave(samples), count, config)
+    else:
+        proto = _train_sentencepiece(_interleave(samples), config, num_threads)
+        (out_dir / "spm.model").write_bytes(proto)
+        tok = sentencepiece_to_tokenizers(proto)
+    if tok.token_to_id(EOS_TOKEN) != EOS_ID:
+        raise DataError(f"tokenizer: {EOS_TOKEN} got id {tok.token_to_id(EOS_TOKEN)}, expected {EOS_ID}")
+    if tok.get_vocab_size() < config.vocab_size:
+        log.warning("tokenizer: the corpus supports only %d of the %d requested vocabulary entries",
+                    tok.get_vocab_size(), config.vocab_size)
+    save_hf_tokenizer(tok, out_dir, config, config.backend)
+    write_json(out_dir / META_FILE, {
+        "backend": config.backend, "vocab_size": tok.get_vocab_size(), "requested": asdict(config),
+        "eos_id": EOS_ID, "bos_id": EOS_ID, "training_docs_per_language": {k: len(v) for k, v in
+                                                                            sorted(samples.items())},
+        "hash": tokenizer_hash(out_dir)})
+    return out_dir

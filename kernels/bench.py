@@ -1,0 +1,474 @@
+"""`fuxi bench kernels`: each fused kernel against eager PyTorch, torch.compile and Liger-Kernel (if installed).
+
+For every kernel at FuxiTranyu-8B shapes (hidden 4096, ffn 16384, 32 heads x 128, vocab 250,680) and each
+token count: forward, backward and full (forward + backward) time, the median of repeated runs
+(triton.testing.do_bench on a GPU, perf_counter on a CPU); peak memory of the full pass above the inputs;
+achieved GB/s from a minimal bytes-moved model (each input read once, each output written once) against the
+measured copy bandwidth of the device. All providers of one shape run side by side in the same process.
+
+On a CPU machine the Triton kernels would only run in the interpreter, so the benchmark runs the torch paths
+(eager vs torch.compile) on a reduced set of shapes, and compares the fused loss's peak memory with eager at
+vocab 250,680: each variant runs in its own fresh subprocess; before each forward + backward the process's
+resident-set high-water mark is reset (/proc/self/clear_refs) and the peak is VmHWM after it minus VmRSS before
+it (inputs allocated, weight gradient included for both variants).
+
+Writes kernels.csv, kernels.md and kernels.png under --out; the last printed line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import kernels
+from kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_torch
+from kernels.gelu import bias_gelu_torch
+from kernels.rms_norm import rms_norm_torch
+from kernels.rope import apply_rope_torch, rope_cos_sin
+
+HIDDEN, FFN, HEADS, HEAD_DIM, VOCAB = 4096, 16_384, 32, 128, 250_680
+GPU_TOKENS = (4096, 8192, 16384)
+CPU_TOKENS = (512,)
+KERNELS = ("rms_norm", "bias_gelu", "rope", "flce")
+
+
+@dataclass
+class Result:
+    kernel: str
+    provider: str
+    tokens: int
+    fwd_ms: float = math.nan
+    bwd_ms: float = math.nan
+    full_ms: float = math.nan
+    peak_mem_mb: float = math.nan
+    gbps: float = math.nan          # bytes model / full time
+    pct_bw: float = math.nan        # gbps / measured copy bandwidth
+    tflops: float = math.nan        # flce only: 6 N h V / full time
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One kernel at one shape: named providers over the same inputs, and how to drive backward."""
+    kernel: str
+    tokens: int
+    providers: dict[str, Callable[[], object]]
+    leaves: list[torch.Tensor]
+    grads: Callable[[object], tuple[list[torch.Tensor], list[torch.Tensor]]]
+    full_bytes: int = 0
+    flops: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+# ---- timing and memory ------------------------------------------------------------------------------------
+
+def _median_ms(fn: Callable[[], object], device: torch.device, reps: int, grad_to_none=None) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                             return_mode="median"))
+    fn()  # warm-up (and first-call compilation)
+    times = []
+    for _ in range(reps):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_bandwidth_gbps(device: torch.device, reps: int) -> float:
+    """Device memory bandwidth as a large tensor copy achieves it: 2 x bytes (read + write) / time."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def _backward(case: Case, out) -> None:
+    outputs, grads = case.grads(out)
+    torch.autograd.backward(outputs, grads, retain_graph=True)
+
+
+def run_case(case: Case, device: torch.device, reps: int, bandwidth_gbps: float) -> list[Result]:
+    results = []
+    for name, fn in case.providers.items():
+        row = Result(case.kernel, name, case.tokens, note=case.notes.get(name, ""))
+        try:
+            row.fwd_ms = _median_ms(fn, device, reps)
+            out = fn()
+            row.bwd_ms = _median_ms(lambda: _backward(case, out), device, reps, grad_to_none=case.leaves)
+            del out
+
+            def full():
+                o = fn()
+                outputs, grads = case.grads(o)
+                torch.autograd.backward(outputs, grads)
+
+            row.full_ms = _median_ms(full, device, reps, grad_to_none=case.leaves)
+            if device.type == "cuda":
+                for t in case.leaves:
+                    t.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                full()
+                torch.cuda.synchronize()
+                row.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            if case.full_bytes:
+                row.gbps = case.full_bytes / (row.full_ms * 1e-3) / 1e9
+                row.pct_bw = 100.0 * row.gbps / bandwidth_gbps
+            if case.flops:
+                row.tflops = case.flops / (row.full_ms * 1e-3) / 1e12
+        except (RuntimeError, torch.cuda.OutOfMemoryError, ImportError, TypeError) as err:  # OOM, no Liger API
+            row.note = (row.note + " " if row.note else "") + f"failed: {type(err).__name__}: {str(err)[:120]}"
+        finally:
+            for t in case.leaves:
+                t.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(row)
+    return results
+
+
+# ---- the cases --------------------------------------------------------------------------------------------
+
+def _compiled(fn: Callable, enabled: bool) -> Callable | None:
+    return torch.compile(fn) if enabled else None
+
+
+def _add_liger(providers: dict, kernel: str, build: Callable[[], Callable]) -> None:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return
+    try:
+        providers["liger"] = build()
+    except (ImportError, AttributeError, TypeError) as err:
+        print(f"liger {kernel}: not benchmarked ({type(err).__name__}: {err})")
+
+
+def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
+    x = torch.randn(tokens, HIDDEN, dtype=dtype, device=device, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(HIDDEN, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(tokens, HIDDEN, dtype=dtype, device=device)
+    eps = 1e-5
+    providers = {"eager": lambda: rms_norm_torch(x, w, eps)}
+    compiled = _compiled(rms_norm_torch, compile_)
+    if compiled:
+        providers["compile"] = lambda: compiled(x, w, eps)
+    if triton_ok:
+        providers["triton"] = lambda: kernels.rms_norm(x, w, eps, impl="triton")
+
+    def liger():
+        from liger_kernel.transformers import LigerRMSNorm
+
+        module = LigerRMSNorm(HIDDEN, eps=eps).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            module.weight.copy_(w)
+        return lambda: module(x)
+
+    _add_liger(providers, "rms_norm", liger)
+    elem = x.element_size()
+    return Case("rms_norm", tokens, providers, [x, w], lambda out: ([out], [dy]),
+                full_bytes=5 * tokens * HIDDEN * elem)
+
+
+def bias_gelu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
+    x = torch.randn(tokens, FFN, dtype=dtype, device=device, requires_grad=True)
+    b = (0.1 * torch.randn(FFN, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(tokens, FFN, dtype=dtype, device=device)
+    providers = {"eager": lambda: bias_gelu_torch(x, b)}
+    compiled = _compiled(bias_gelu_torch, compile_)
+    if compiled:
+        providers["compile"] = lambda: compiled(x, b)
+    if triton_ok:
+        providers["triton"] = lambda: kernels.bias_gelu(x, b, impl="triton")
+    elem = x.element_size()
+    return Case("bias_gelu", tokens, providers, [x, b], lambda out: ([out], [dy]),
+                full_bytes=5 * tokens * FFN * elem, notes={})
+
+
+def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
+    seq = min(tokens, 4096)
+    batch = max(1, tokens // seq)
+    q = torch.randn(batch, seq, HEADS, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(batch, seq, HEADS, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(seq, device=device)[None], HEAD_DIM, 10_000.0, dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    providers = {"eager": lambda: apply_rope_torch(q, k, cos, sin)}
+    compiled = _compiled(apply_rope_torch, compile_)
+    if compiled:
+        providers["compile"] = lambda: compiled(q, k, cos, sin)
+    if triton_ok:
+        providers["triton"] = lambda: kernels.apply_rope(q, k, cos, sin, impl="triton")
+
+    def liger():
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        def run():  # Liger takes the HF layout [batch, heads, seq, head_dim]
+            qo, ko = liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            return qo.transpose(1, 2), ko.transpose(1, 2)
+        return run
+
+    _add_liger(providers, "rope", liger)
+    elem = q.element_size()
+    return Case("rope", batch * seq, providers, [q, k], lambda out: (list(out), [dq, dk]),
+                full_bytes=8 * batch * seq * HEADS * HEAD_DIM * elem)
+
+
+def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, hidden: int = HIDDEN,
+              vocab: int = VOCAB) -> Case:
+    h = (torch.randn(tokens, hidden, device=device) / math.sqrt(hidden)).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    labels[::17] = kernels.IGNORE_INDEX
+    scale = torch.full((tokens,), 1.0 / tokens, device=device)
+    providers = {"eager": lambda: linear_cross_entropy_torch(h, w, labels)}
+    compiled = _compiled(linear_cross_entropy_torch, compile_)
+    if compiled:
+        providers["compile"] = lambda: compiled(h, w, labels)
+    providers["chunked_torch"] = lambda: linear_cross_entropy_chunked(h, w, labels)
+    if triton_ok:
+        providers["triton"] = lambda: linear_cross_entropy_chunked(h, w, labels, use_triton=True)
+
+    def liger():
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        return lambda: loss_fn(w, h, labels)
+
+    _add_liger(providers, "flce", liger)
+
+    def grads(out):
+        if out.dim() == 0:  # Liger's summed loss
+            return [out], [scale[0]]
+        return [out], [scale]
+
+    return Case("flce", tokens, providers, [h, w], grads, flops=6.0 * tokens * hidden * vocab,
+                notes={"liger": "reduction=sum"})
+
+
+CASE_BUILDERS = {"rms_norm": rms_norm_case, "bias_gelu": bias_gelu_case, "rope": rope_case, "flce": flce_case}
+
+
+# ---- CPU memory comparison of the fused loss (fresh subprocess per variant) -------------------------------
+
+def _reset_peak_rss() -> None:
+    """Reset this process's resident-set high-water mark (VmHWM); Linux >= 4.0."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss_mb(field_name: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _flce_cpu_child(variant: str, tokens: int, hidden: int, vocab: int, reps: int, queue) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden).div_(math.sqrt(hidden)).requires_grad_()
+    w = torch.randn(vocab, hidden).mul_(0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,))
+    fn = linear_cross_entropy_torch if variant == "eager" else linear_cross_entropy_chunked
+    peaks, times = [], []
+    for _ in range(reps):
+        h.grad = w.grad = None
+        before = _rss_mb("VmRSS")
+        _reset_peak_rss()
+        start = time.perf_counter()
+        losses = fn(h, w, labels)
+        (losses.sum() / tokens).backward()
+        times.append((time.perf_counter() - start) * 1e3)
+        peaks.append(_rss_mb("VmHWM") - before)
+        del losses
+    with torch.no_grad():
+        loss = float(fn(h, w, labels).mean())
+    queue.put({"variant": variant, "peak_mem_mb": max(peaks), "full_ms": statistics.median(times), "loss": loss})
+
+
+def flce_cpu_memory(tokens: int, hidden: int, vocab: int, reps: int) -> dict[str, dict]:
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for variant in ("eager", "chunked_torch"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_flce_cpu_child, args=(variant, tokens, hidden, vocab, reps, queue))
+        proc.start()
+        out[variant] = queue.get()
+        proc.join()
+    return out
+
+
+# ---- reporting --------------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}g}"
+
+
+def markdown_table(rows: list[Result]) -> str:
+    lines = ["| kernel | tokens | provider | fwd ms | bwd ms | full ms | peak MB | GB/s | % BW | TFLOP/s | note |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.kernel} | {r.tokens} | {r.provider} | {_fmt(r.fwd_ms)} | {_fmt(r.bwd_ms)} | "
+                     f"{_fmt(r.full_ms)} | {_fmt(r.peak_mem_mb, 4)} | {_fmt(r.gbps)} | {_fmt(r.pct_bw)} | "
+                     f"{_fmt(r.tflops)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernel_names = [k for k in KERNELS if any(r.kernel == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kernel_names), figsize=(4.5 * len(kernel_names), 4), squeeze=False)
+    for ax, kernel in zip(axes[0], kernel_names):
+        mine = [r for r in rows if r.kernel == kernel]
+        providers = list(dict.fromkeys(r.provider for r in mine))
+        tokens = sorted({r.tokens for r in mine})
+        width = 0.8 / max(1, len(providers))
+        for i, p in enumerate(providers):
+            ys = [next((r.full_ms for r in mine if r.provider == p and r.tokens == t), math.nan) for t in tokens]
+            ax.bar([j + i * width for j in range(len(tokens))], ys, width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tokens))], [str(t) for t in tokens])
+        ax.set_title(f"{kernel}: forward + backward")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("ms (median)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype: torch.dtype) -> dict:
+    summary: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                  "dtype": str(dtype).replace("torch.", ""),
+                                  "measured_bw_gbps": round(bandwidth, 1)}
+    fast = "triton" if device.type == "cuda" else "compile"
+    for kernel in ("rms_norm", "bias_gelu", "rope"):
+        mine = [r for r in rows if r.kernel == kernel]
+        if not mine:
+            continue
+        t_max = max(r.tokens for r in mine)
+        by = {r.provider: r for r in mine if r.tokens == t_max}
+        if fast in by:
+            summary[f"{kernel}_{fast}_pct_bw"] = round(by[fast].pct_bw, 1)
+            for base in ("eager", "compile"):
+                if base in by and base != fast:
+                    summary[f"{kernel}_speedup_vs_{base}"] = round(by[base].full_ms / by[fast].full_ms, 3)
+    flce = [r for r in rows if r.kernel == "flce"]
+    if flce and device.type == "cuda":
+        t_ref = 8192 if any(r.tokens == 8192 for r in flce) else max(r.tokens for r in flce)
+        by = {r.provider: r for r in flce if r.tokens == t_ref}
+        if "triton" in by and "eager" in by:
+            summary["flce_tokens"] = t_ref
+            summary["flce_peak_mem_ratio"] = round(by["triton"].peak_mem_mb / by["eager"].peak_mem_mb, 4)
+            summary["flce_time_ratio"] = round(by["triton"].full_ms / by["eager"].full_ms, 3)
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help=f"token counts (default: {GPU_TOKENS} on a GPU, {CPU_TOKENS} on a CPU)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="default bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions on a CPU (GPU: do_bench)")
+    parser.add_argument("--flce-cpu-tokens", type=int, default=2048)
+    parser.add_argument("--flce-cpu-hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--out", default="runs/bench/kernels", help="folder for kernels.csv/.md/.png")
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if on_gpu else "fp32")]
+    tokens_list = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
+    triton_ok = on_gpu and kernels.HAS_TRITON
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    bandwidth = measure_bandwidth_gbps(device, args.reps)
+    print(f"device {device.type}, dtype {dtype}, measured copy bandwidth {bandwidth:.1f} GB/s")
+    rows: list[Result] = []
+    for kernel in args.kernels:
+        if kernel == "flce" and not on_gpu:
+            continue  # CPU: measured in subprocesses below
+        for tokens in tokens_list:
+            case = CASE_BUILDERS[kernel](tokens, dtype, device, not args.no_compile, triton_ok) \
+                if kernel != "flce" else flce_case(tokens, dtype, device, not args.no_compile, triton_ok,
+                                                   vocab=args.vocab)
+            rows.extend(run_case(case, device, args.reps, bandwidth))
+            del case
+            print(f"  {kernel} x {tokens} tokens done")
+
+    summary = _headline(rows, bandwidth, device, dtype)
+    if "flce" in args.kernels and not on_gpu:
+        mem = flce_cpu_memory(args.flce_cpu_tokens, args.flce_cpu_hidden, args.vocab, reps=3)
+        for variant, m in mem.items():
+            rows.append(Result("flce", variant, args.flce_cpu_tokens, full_ms=m["full_ms"],
+                               peak_mem_mb=m["peak_mem_mb"],
+                               tflops=6.0 * args.flce_cpu_tokens * args.flce_cpu_hidden * args.vocab
+                               / (m["full_ms"] * 1e-3) / 1e12,
+                               note=f"hidden {args.flce_cpu_hidden}, fp32, own process, peak RSS (VmHWM) - RSS before"))
+        summary.update({
+            "flce_tokens": args.flce_cpu_tokens, "flce_hidden": args.flce_cpu_hidden, "flce_vocab": args.vocab,
+            "flce_peak_mem_mb_eager": round(mem["eager"]["peak_mem_mb"], 1),
+            "flce_peak_mem_mb_fused": round(mem["chunked_torch"]["peak_mem_mb"], 1),
+            "flce_peak_mem_ratio": round(mem["chunked_torch"]["peak_mem_mb"] / mem["eager"]["peak_mem_mb"], 4),
+            "flce_time_ratio": round(mem["chunked_torch"]["full_ms"] / mem["eager"]["full_ms"], 3),
+            "flce_mean_loss_abs_diff": abs(mem["eager"]["loss"] - mem["chunked_torch"]["loss"]),
+        })
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    _write_atomic(out_dir / "kernels.csv", buffer.getvalue())
+    table = markdown_table(rows)
+    _write_atomic(out_dir / "kernels.md", table + "\n")
+    if rows:
+        write_plot(rows, out_dir / "kernels.png")
+    print(table)
+    print(f"wrote {out_dir / 'kernels.csv'}, {out_dir / 'kernels.md'}, {out_dir / 'kernels.png'}")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())

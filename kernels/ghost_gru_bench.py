@@ -1,0 +1,118 @@
+"""`fuxi bench ghostrnn`: GhostGRU layer step time against torch.nn.GRU (cuDNN on a GPU) at the same hidden size.
+
+On a GPU the GhostGRU runs the fused Triton kernel and times come from triton.testing.do_bench (median); on a
+CPU it runs the torch path and the median of `--repeats` perf_counter timings. Every row is measured in the
+same run, side by side; ratios are nn.GRU time / this time (above 1 = faster than nn.GRU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from model.ghostrnn import GhostGRU, GhostGRUShape
+
+VARIANTS = {  # name -> (ratio, feed_ghost_back, gate_input); ratio from --ratios replaces the 2
+    "A": (True, "full"),
+    "B": (False, "intrinsic"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 32 on CPU")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 256 on GPU, 64 on CPU")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size H (= input size); default 512/256")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--ratios", default="2,3", help="comma-separated ghost ratios s")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions on CPU (GPU: do_bench)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _time_cpu(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _time_gpu(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    on_gpu = device == "cuda"
+    batch = args.batch or (64 if on_gpu else 32)
+    steps = args.seq_len or (256 if on_gpu else 64)
+    hidden = args.hidden or (512 if on_gpu else 256)
+    dtype = getattr(torch, args.dtype)
+    impl = "triton" if on_gpu else "torch"
+    timer = _time_gpu if on_gpu else (lambda fn: _time_cpu(fn, args.repeats))
+    torch.manual_seed(0)
+    x = torch.randn(batch, steps, hidden, device=device, dtype=dtype, requires_grad=True)
+
+    models = {"nn.GRU" + (" (cuDNN)" if on_gpu else ""): torch.nn.GRU(hidden, hidden, args.layers, batch_first=True)}
+    shapes = {next(iter(models)): GhostGRUShape.of(hidden, hidden, 1)}
+    models[f"GhostGRU s=1 ({impl})"] = GhostGRU(hidden, hidden, args.layers, ratio=1, impl=impl)
+    shapes[f"GhostGRU s=1 ({impl})"] = GhostGRUShape.of(hidden, hidden, 1)
+    for ratio in (int(r) for r in args.ratios.split(",")):
+        for variant, (feed, gate) in VARIANTS.items():
+            name = f"GhostGRU {variant} s={ratio} ({impl})"
+            models[name] = GhostGRU(hidden, hidden, args.layers, ratio, feed, gate, "tanh", impl=impl)
+            shapes[name] = GhostGRUShape.of(hidden, hidden, ratio, feed, gate)
+
+    rows = []
+    for name, module in models.items():
+        module.to(device=device, dtype=dtype)
+
+        def forward(module=module):
+            with torch.no_grad():
+                module(x)
+
+        def train_step(module=module):
+            out, _ = module(x)
+            out.float().sum().backward()
+
+        rows.append({"name": name, "params": sum(p.numel() for p in module.parameters()),
+                     "macs_per_step": shapes[name].macs_per_step() * args.layers,
+                     "state_floats": shapes[name].state_size * args.layers,
+                     "fwd_ms": timer(forward), "fwd_bwd_ms": timer(train_step)})
+    base = rows[0]
+    for row in rows:
+        row["fwd_speedup_vs_gru"] = base["fwd_ms"] / row["fwd_ms"]
+        row["fwd_bwd_speedup_vs_gru"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        row["us_per_step_fwd"] = 1e3 * row["fwd_ms"] / steps
+
+    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    print(f"GhostGRU vs nn.GRU on {device_name}: batch {batch}, {steps} steps, H = D = {hidden}, "
+          f"{args.layers} layer(s), {args.dtype}")
+    header = f"{'layer':<26}{'params':>10}{'MACs/step':>11}{'state':>7}{'fwd ms':>9}{'fwd+bwd ms':>12}" \
+             f"{'fwd x':>7}{'f+b x':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['name']:<26}{row['params']:>10,}{row['macs_per_step']:>11,}{row['state_floats']:>7}"
+              f"{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}{row['fwd_speedup_vs_gru']:>7.2f}"
+              f"{row['fwd_bwd_speedup_vs_gru']:>7.2f}")
+    result = {"device": device_name, "impl": impl, "batch": batch, "seq_len": steps, "hidden": hidden,
+              "layers": args.layers, "dtype": args.dtype, "rows": rows}
+    for row in rows[1:]:
+        key = row["name"].split(" (")[0].replace("GhostGRU ", "").replace("=", "").replace(" ", "_").lower()
+        result[f"{key}_fwd_bwd_speedup_vs_gru"] = round(row["fwd_bwd_speedup_vs_gru"], 3)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    run(p.parse_args())

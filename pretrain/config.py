@@ -1,0 +1,178 @@
+"""The run config: model, data, optimizer, schedule, parallelism, checkpointing, logging, run. One YAML file,
+`--set a.b=value` overrides, strict types (model/typed_config.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.config import DataConfig
+from model import ModelConfig
+from model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
+
+STAGES = ("pretrain", "moe_lpr_stage1", "moe_lpr_stage2", "prealign_init")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW as FuxiTranyu trained: betas (0.9, 0.95), eps 1e-8, clipping at 1.0."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Optional z-loss on the lm_head logsumexp (PaLM); 0 disables it.
+    z_loss: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: expected two values in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.z_loss < 0 or self.eps <= 0:
+            raise ConfigError("weight_decay, grad_clip and z_loss must be >= 0 and eps > 0")
+
+
+@dataclass
+class PeakCut:
+    """Lower the peak LR from `step` on (FuxiTranyu cut 3e-4 to 1e-4 after a divergence at ~241B tokens).
+
+    mode "rescale": the same cosine continues between the new peak and its 10% floor;
+    mode "restart": a fresh warmup + cosine over the remaining steps."""
+
+    step: int
+    peak_lr: float
+    mode: str = "rescale"
+
+    def validate(self) -> None:
+        if self.step < 0 or self.peak_lr <= 0:
+            raise ConfigError(f"step/peak_lr: need step >= 0 and peak_lr > 0, got {self.step}, {self.peak_lr}")
+        if self.mode not in ("rescale", "restart"):
+            raise ConfigError(f"mode: {self.mode!r} is not one of ['rescale', 'restart']")
+
+
+@dataclass
+class BatchStage:
+    """From optimizer step `step` on, the global batch is `global_batch` sequences (the 2M -> 4M token ramp)."""
+
+    step: int
+    global_batch: int
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 1000
+    warmup_steps: int = 100
+    # Cosine decays to min_lr_ratio * peak (FuxiTranyu: 10%).
+    min_lr_ratio: float = 0.1
+    peak_cut: PeakCut | None = None
+    # Global batch in sequences; a ramp lists later (step, global_batch) stages.
+    global_batch: int = 8
+    batch_ramp: list[BatchStage] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.total_steps < 1:
+            raise ConfigError(f"total_steps: must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ConfigError(f"warmup_steps: must be in [0, total_steps], got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.global_batch < 1:
+            raise ConfigError(f"global_batch: must be >= 1, got {self.global_batch}")
+        steps = [stage.step for stage in self.batch_ramp]
+        if steps != sorted(set(steps)) or any(s.global_batch < 1 for s in self.batch_ramp):
+            raise ConfigError("batch_ramp: steps must increase and every global_batch must be >= 1")
+
+
+@dataclass
+class ParallelismConfig:
+    zero_stage: int = 2
+    micro_batch: int = 1
+    # "bf16", "fp16" (GPU only, dynamic loss scaling) or "fp32".
+    precision: str = "bf16"
+    # Overlap and bucket sizes passed through to DeepSpeed's zero_optimization.
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+    # Collective backend: default nccl on CUDA, gloo on CPU.
+    backend: str | None = None
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch < 1:
+            raise ConfigError(f"micro_batch: must be >= 1, got {self.micro_batch}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+    # Resume from `<run.output_dir>/checkpoints/latest` when it exists.
+    resume: bool = True
+    # Start from these weights (our plain checkpoint dir) instead of a random init; optimizer state is fresh.
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ConfigError("every_steps and keep_last must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    val_every_steps: int = 200
+    val_batches_per_language: int = 4
+    tensorboard: bool = True
+    # Device peak TFLOP/s for MFU; default: looked up from the device name.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+    # Stop with an error after this many consecutive steps with a non-finite loss or gradient.
+    max_consecutive_bad_steps: int = 5
+    # Export to Hugging Face format at the end of training (into <output_dir>/hf).
+    export_hf: bool = False
+    # The tokenizer the data was built with (copied into checkpoints and the HF export).
+    tokenizer: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    stage: str = "pretrain"
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: {self.stage!r} is not one of {list(STAGES)}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
+                              f"{self.model.max_seq_len}")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
+                      data: dict | None = None) -> TrainConfig:
+    """`model:` may name a model YAML (`model: configs/model/x.yaml`) or hold the fields inline."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    if isinstance(raw.get("model"), str):
+        model_path = Path(raw["model"])
+        if not model_path.is_file() and path is not None:
+            model_path = Path(path).parent / raw["model"]
+        raw["model"] = read_yaml(model_path)
+    source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
+                                                              if overrides else "")
+    return from_dict(TrainConfig, apply_overrides(raw, overrides), source=source)
+

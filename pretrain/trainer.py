@@ -1,0 +1,226 @@
+"""The training loop: one function, plain like torchtitan's. DeepSpeed owns the parallelism (ZeRO 0-3, gradient
+accumulation, clipping, mixed precision); the loop owns the schedule, data, metrics, checkpoints and resume.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model import build_model
+from pretrain.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
+from pretrain.config import TrainConfig
+from pretrain.data import TrainData
+from pretrain.distributed import all_reduce_sum, any_rank, barrier, build_engine, init_distributed
+from pretrain.estimates import device_peak_tflops
+from pretrain.metrics import (LanguageLoss, MetricsLogger, SpeedMonitor, console_line, memory_stats,
+                              per_language_report, plot_loss_per_language)
+from pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at
+from pretrain.stages import build_stage
+from pretrain.validation import evaluate_per_language
+
+log = logging.getLogger("fuxi.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class PreemptionSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    checkpoint: str | None
+    final_val: dict = field(default_factory=dict)
+    start_val: dict = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+    from checkpoints.model_checkpoint import check_tensor_names, read_model_config
+    from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
+
+    saved = read_model_config(path)
+    if saved.type != model.config.type:
+        raise ValueError(f"checkpoint.init_from: {path} holds a {saved.type!r} model, the run builds "
+                         f"{model.config.type!r}")
+    check_tensor_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensor_shapes(path), path)
+    with torch.no_grad():
+        state = model.state_dict()
+        for name, tensor in iter_tensors(path):
+            state[name].copy_(tensor)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    ctx = init_distributed(cfg.parallelism.backend)
+    out_dir = Path(cfg.run.output_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+
+    data = TrainData(cfg, ctx.rank, ctx.world_size)
+    if cfg.run.tokenizer:
+        cfg.model.check_tokenizer(data.tokenizer_vocab_size(cfg.run.tokenizer), cfg.run.tokenizer)
+    model = build_model(cfg.model)
+    if cfg.checkpoint.init_from:
+        load_initial_weights(model, cfg.checkpoint.init_from)
+    stage = build_stage(cfg, data.languages)
+    stage.configure(model)
+    check_batch_divisibility(cfg.schedule, cfg.parallelism.micro_batch, ctx.world_size)
+    engine = build_engine(model, cfg, ctx, global_batch_at(0, cfg.schedule))
+
+    ckpt = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank)
+    step, skipped, tokens_seen = 0, 0, torch.zeros(len(data.languages), dtype=torch.float64)
+    start_val: dict = {}
+    tag = ckpt.latest_tag() if cfg.checkpoint.resume else None
+    if tag is not None:
+        trainer_state, rank_state = ckpt.load(engine, tag)
+        step, skipped, start_val = trainer_state["step"], trainer_state["skipped_steps"], trainer_state["start_val"]
+        tokens_seen = rank_state["tokens_seen"].double()
+        data.loader.load_state_dict(rank_state["data"])
+        restore_rng_state(rank_state["rng"])
+        if ctx.is_main:
+            log.info("resumed from %s at step %d", ckpt.root / tag, step)
+
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    speed = SpeedMonitor(flops_per_token, device_peak_tflops(cfg.logging.peak_tflops), ctx.world_size)
+    metrics = MetricsLogger(out_dir, ctx.is_main, cfg.logging.tensorboard)
+    lang_loss = LanguageLoss(len(data.languages), ctx.device)
+    val_batches = data.validation_batches(cfg.logging.val_batches_per_language, cfg.parallelism.micro_batch)
+
+    def validate() -> dict:
+        report = evaluate_per_language(engine, val_batches, data.languages, data.bytes_per_token, ctx)
+        metrics.log("val", step, {"per_language": report})
+        if ctx.is_main:
+            log.info("validation @ %d: %s", step, "  ".join(f"{k} {v['loss']:.3f}" for k, v in report.items()))
+        return report
+
+    def save() -> str:
+        trainer_state = {"step": step, "skipped_steps": skipped, "start_val": start_val,
+                         "world_size": ctx.world_size, "tokens_per_language": tokens_per_language()}
+        rank_state = {"data": data.loader.state_dict(), "rng": capture_rng_state(), "tokens_seen": tokens_seen}
+        return str(ckpt.save(engine, step, trainer_state, rank_state, cfg.model, cfg.run.tokenizer))
+
+    def tokens_per_language() -> dict:
+        totals = all_reduce_sum(tokens_seen.clone().to(ctx.device)).cpu()
+        return {lang: int(totals[i]) for i, lang in enumerate(data.languages)}
+
+    if step == 0 and val_batches:
+        start_val = validate()
+
+    engine.train()
+    batches = iter(data.loader)
+    consecutive_bad, last_checkpoint, preempted = 0, None, False
+    with PreemptionSignal() as preemption:
+        while step < cfg.schedule.total_steps:
+            global_batch = global_batch_at(step, cfg.schedule)
+            if engine.train_batch_size() != global_batch:
+                engine.set_train_batch_size(global_batch)
+            lr = lr_at(step, cfg.optimizer.lr, cfg.schedule)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+
+            step_loss, bad_loss = 0.0, False
+            for _ in range(engine.gradient_accumulation_steps()):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+                result = stage.compute_loss(engine, batch)
+                bad_loss |= not bool(torch.isfinite(result.loss.detach()))
+                engine.backward(result.loss)
+                engine.step()
+                lang_loss.add(result.token_losses, batch["lang_ids"], batch["labels"])
+                valid = (batch["labels"] != -100)
+                tokens_seen += torch.bincount(batch["lang_ids"][valid].cpu(), minlength=len(data.languages))
+                speed.add_tokens(batch["input_ids"].numel())
+                step_loss += float(result.lm_loss) / engine.gradient_accumulation_steps()
+
+            step_bad = any_rank(bad_loss or not engine.was_step_applied(), ctx.device)
+            step += 1
+            if step_bad:
+                skipped += 1
+                consecutive_bad += 1
+                if ctx.is_main:
+                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, consecutive_bad)
+                if consecutive_bad >= cfg.run.max_consecutive_bad_steps:
+                    raise NonFiniteLossError(
+                        f"stopping at step {step}: {consecutive_bad} consecutive steps had a non-finite loss or "
+                        f"gradient (run.max_consecutive_bad_steps = {cfg.run.max_consecutive_bad_steps}); "
+                        f"lower optimizer.lr or restart from the last checkpoint with schedule.peak_cut")
+            else:
+                consecutive_bad = 0
+
+            if step % cfg.logging.every_steps == 0 or step == cfg.schedule.total_steps:
+                sums, counts = lang_loss.reduce_and_reset()
+                grad_norm = engine.get_global_grad_norm()
+                record = {"loss": step_loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                          "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0),
+                          "skipped_steps": skipped, "global_batch": global_batch,
+                          "per_language": per_language_report(sums, counts, data.languages, data.bytes_per_token),
+                          **speed.read_and_reset(), **memory_stats(ctx.device)}
+                metrics.log("train", step, record)
+                if ctx.is_main:
+                    log.info(console_line(step, cfg.schedule.total_steps, record))
+            if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
+                validate()
+                engine.train()
+
+            preempted = any_rank(preemption.received is not None, ctx.device)
+            if step % cfg.checkpoint.every_steps == 0 or preempted or step == cfg.schedule.total_steps:
+                last_checkpoint = save()
+            if preempted:
+                if ctx.is_main:
+                    log.warning("preemption signal received: checkpoint %s written, exiting", last_checkpoint)
+                break
+
+    final_val = {}
+    if not preempted and val_batches:
+        final_val = validate()
+    metrics.close()
+    if ctx.is_main and not preempted:
+        if val_batches:
+            plot_loss_per_language(out_dir / "metrics.jsonl", out_dir / "loss_per_language.png")
+        if cfg.run.export_hf and last_checkpoint:
+            export_final(last_checkpoint, out_dir, cfg.run.tokenizer)
+    barrier()
+    return TrainResult(step, preempted, last_checkpoint, final_val, start_val, skipped)
+
+
+def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None) -> Path:
+    """The last training checkpoint -> <out_dir>/final (our plain format) -> <out_dir>/hf (Hugging Face)."""
+    from checkpoints import export_to_hf
+    from checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint
+
+    plain = consolidate_deepspeed_checkpoint(checkpoint, out_dir / "final")
+    hf_dir = export_to_hf(plain, out_dir / "hf", dtype="float32", tokenizer_dir=tokenizer)
+    log.info("exported %s -> %s (ours) -> %s (Hugging Face)", checkpoint, plain, hf_dir)
+    return hf_dir
+
+
+def _finite_or_none(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
