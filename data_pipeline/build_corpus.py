@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.corpus import BUNDLED_CORPUS
+from data_pipeline.filters import DocumentFilter, FilterConfig
 from data_pipeline.io_utils import atomic_write, write_json
 from data_pipeline.tables import format_table
 from data_pipeline.textstats import nfc, script_of
@@ -429,16 +430,20 @@ def collect(lang: str, budget: int, info: Packages, seed: int) -> list[tuple[str
     return chosen
 
 
-def split_valid(docs: list[tuple[str, Doc]]) -> tuple[list, list]:
+def split_valid(lang: str, docs: list[tuple[str, Doc]]) -> tuple[list, list]:
+    """Hold out the first documents (in the seeded order) that pass the default cleaning filters, so that
+    every language keeps a validation split after `fuxi data clean`."""
+    doc_filter = DocumentFilter(FilterConfig())
     total = sum(len(d.text.encode("utf-8")) for _, d in docs)
     need = max(VALID_FRACTION * total, VALID_MIN_BYTES)
-    valid, size = [], 0
+    valid, train, size = [], [], 0
     for item in docs:
-        if size >= need:
-            break
-        valid.append(item)
-        size += len(item[1].text.encode("utf-8"))
-    return valid, docs[len(valid):]
+        if size < need and doc_filter.reject_reason(nfc(item[1].text), lang) is None:
+            valid.append(item)
+            size += len(item[1].text.encode("utf-8"))
+        else:
+            train.append(item)
+    return valid, train
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -458,7 +463,7 @@ def build(out_dir: Path, seed: int = 0, scale: float = 1.0, languages: list[str]
         if not docs:
             log.warning("%s: no source text found; skipped", lang)
             continue
-        valid, train = split_valid(docs)
+        valid, train = split_valid(lang, docs)
         for split, items in (("train", train), ("valid", valid)):
             _write_jsonl(out_dir / split / f"{lang}.jsonl",
                          [{"text": nfc(d.text), "lang": lang, "source": d.source} for _, d in items])
@@ -494,7 +499,8 @@ Built by `python -m data_pipeline.build_corpus` (see its docstring for the apt p
 Debian 12 machine. Do not edit by hand: rebuild.
 
 - `train/<lang>.jsonl`, `valid/<lang>.jsonl`: one document per line, `{{"text", "lang", "source"}}`; the
-  validation split is held out per language ({VALID_FRACTION:.0%} of the bytes, at least {VALID_MIN_BYTES} bytes).
+  validation split is held out per language ({VALID_FRACTION:.0%} of the bytes, at least {VALID_MIN_BYTES} bytes,
+  from documents that pass the default cleaning filters).
 - `parallel/en-<lang>.jsonl`: English-to-X pairs `{{"src", "tgt", "source"}}` (src is English)
   from gettext catalogs (translated UI messages; ISO 3166/639 country and language names). Half are short
   terms (at most two English words), half short sentences. For the PreAlign alignment table.

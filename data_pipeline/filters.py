@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from data_pipeline.errors import DataConfigError
-from data_pipeline.textstats import word_units
+from data_pipeline.textstats import spaceless_fraction, word_units
 
 URL_RE = re.compile(r"(?:https?|ftp)://\S+|\bwww\.[a-z0-9-]+\.[a-z]{2,}\S*", re.IGNORECASE)
 
@@ -206,12 +206,19 @@ class DocumentFilter:
             return "alpha_words"
         if duplicate_line_fraction(text) > c.max_duplicate_line_fraction:
             return "dup_lines"
+        if spaceless_fraction(text) > 0.5:
+            # Gopher's word n-gram limits assume words; on single characters (Chinese, Japanese, Thai) they
+            # flag ordinary text, so those documents get BLOOM's character repetition rule only.
+            return self._char_repetition_reason(text)
         for n, limit in sorted(c.max_top_ngram_char_fraction.items()):
             if top_ngram_char_fraction(units, int(n)) > limit:
                 return "top_ngram"
         for n, limit in sorted(c.max_duplicate_ngram_char_fraction.items()):
             if duplicate_ngram_char_fraction(units, int(n)) > limit:
                 return "dup_ngram"
-        if char_repetition_ratio(text, c.char_repetition_n) > c.max_char_repetition:
+        return self._char_repetition_reason(text)
+
+    def _char_repetition_reason(self, text: str) -> str | None:
+        if char_repetition_ratio(text, self.config.char_repetition_n) > self.config.max_char_repetition:
             return "char_repetition"
         return None

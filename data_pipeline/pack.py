@@ -13,8 +13,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import threading
 import zlib
-from itertools import islice
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.manifest import LANG_DTYPE, LanguageStats, Manifest
 from data_pipeline.shards import Block, ShardWriter
+from data_pipeline.encoders import FastEncoder
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,10 @@ def line_offsets(path: Path) -> np.ndarray:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, parallel: bool) -> None:
+def _init_worker(tokenizer_dir: str, parallel: bool, fast: bool) -> None:
     if not parallel:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = load_tokenizer(tokenizer_dir)
+    _WORKER["encoder"] = FastEncoder(tokenizer_dir, prefer_fast=fast)
 
 
 def _encode_chunk(task: tuple[str, str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -82,13 +84,13 @@ def _encode_chunk(task: tuple[str, str, np.ndarray]) -> tuple[np.ndarray, np.nda
                 raise DataError(f"{path}: document at byte {int(off)} has lang {record.get('lang')!r}, "
                                 f"but the file is for {lang!r}")
             texts.append(text)
-    encodings = _WORKER["tok"].encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    encodings = _WORKER["encoder"].encode_batch(texts)
+    lengths = np.fromiter((len(ids) + 1 for ids in encodings), dtype=np.int64, count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
     pos = 0
-    for e in encodings:
-        n = len(e.ids)
-        tokens[pos:pos + n] = e.ids
+    for ids in encodings:
+        n = len(ids)
+        tokens[pos:pos + n] = ids
         tokens[pos + n] = EOS_ID
         pos += n + 1
     return tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
@@ -121,11 +123,13 @@ class _BlockPacker:
 
 def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, split: str = "train",
          seq_len: int = 2048, languages: list[str] | None = None, shard_bytes: int = 128 << 20,
-         num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, progress: bool = True) -> Path:
+         num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, fast_encoder: bool = True,
+         progress: bool = True) -> Path:
     """Tokenize and pack a cleaned split directory into webdataset shards plus `out_dir/manifest.json`.
 
     languages: the ordered language list the language ids index (give the same list for train and valid);
-    default: the languages found, sorted. Returns the manifest path.
+    default: the languages found, sorted. fast_encoder: encode with tiktoken/sentencepiece where they are
+    checked equal to the HF tokenizer (encoders.py). Returns the manifest path.
     """
     if seq_len < 1:
         raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
@@ -159,17 +163,28 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     packers = {lang: _BlockPacker(i, block_len) for i, lang in enumerate(languages)}
     pool = None
     if num_proc > 1:
-        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), False))
+        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                               initargs=(str(tokenizer_dir), False, fast_encoder))
         mapper = pool.imap
     else:
-        _init_worker(str(tokenizer_dir), True)
+        _init_worker(str(tokenizer_dir), True, fast_encoder)
         mapper = map
     bar = tqdm(desc=f"pack {split}", unit="tok", unit_scale=True, disable=not progress)
+    # At most a few chunks per process in flight: bounded memory, and the workers never wait for the parent.
+    in_flight = threading.BoundedSemaphore(4 * num_proc)
+    langs_in_flight: deque[str] = deque()
+
+    def bounded_tasks() -> Iterator[tuple[str, str, np.ndarray]]:
+        for task in tasks():
+            in_flight.acquire()
+            langs_in_flight.append(task[0])
+            yield task
+
     try:
-        # Waves of a few chunks per process keep the memory in flight bounded.
-        all_tasks = tasks()
-        while wave := list(islice(all_tasks, 4 * num_proc)):
-            for (lang, _, _), (tokens, lengths, nbytes) in zip(wave, mapper(_encode_chunk, wave)):
+        for tokens, lengths, nbytes in mapper(_encode_chunk, bounded_tasks()):
+            lang = langs_in_flight.popleft()
+            in_flight.release()
+            if True:
                 s = stats[lang]
                 s.documents += len(lengths)
                 s.tokens += len(tokens)

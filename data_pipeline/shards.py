@@ -57,28 +57,29 @@ class ShardWriter:
         self._file = None
         self._tar = None
         self._samples = 0
-        self._tokens: dict[str, int] = {}
+        self._tokens = np.zeros(len(languages), dtype=np.int64)
         self._index = 0  # sample index within the language, for keys
 
     def _open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".shard.", suffix=".tmp")
         self._file = os.fdopen(fd, "wb")
-        # mtime fixed: the same data gives byte-identical shards (and the same sha256).
-        self._tar = self._wds.TarWriter(self._file, mtime=0.0, user="fuxi", group="fuxi")
+        # mtime fixed: the same data gives byte-identical shards (and the same sha256). Members are encoded
+        # here (npy_bytes) rather than by TarWriter's encoder, and written as plain USTAR entries (short
+        # names, no pax headers): both only for speed, the files are standard webdataset tars either way.
+        self._tar = self._wds.TarWriter(self._file, mtime=0, user="fuxi", group="fuxi", encoder=False)
+        self._tar.tarstream.format = tarfile.USTAR_FORMAT
         self._samples = 0
-        self._tokens = {}
+        self._tokens = np.zeros(len(self.languages), dtype=np.int64)
 
     def write(self, block: Block) -> None:
         if self._tar is None:
             self._open()
-        self._tar.write({"__key__": f"{self.language}_{self._index:09d}", "tokens.npy": block.tokens,
-                         "lang.npy": block.lang_ids, "doc.npy": block.doc_ids})
+        self._tar.write({"__key__": f"{self.language}_{self._index:09d}", "tokens.npy": npy_bytes(block.tokens),
+                         "lang.npy": npy_bytes(block.lang_ids), "doc.npy": npy_bytes(block.doc_ids)})
         self._index += 1
         self._samples += 1
-        for lang_idx, count in zip(*np.unique(block.lang_ids, return_counts=True)):
-            lang = self.languages[int(lang_idx)]
-            self._tokens[lang] = self._tokens.get(lang, 0) + int(count)
+        self._tokens += np.bincount(block.lang_ids, minlength=len(self.languages))
         if self._file.tell() >= self.max_bytes:
             self._finish()
 
@@ -95,7 +96,8 @@ class ShardWriter:
         os.replace(self._tmp, final)
         self.shards.append(ShardInfo(path=name, language=self.language, samples=self._samples,
                                      bytes=os.path.getsize(final), sha256=sha256_file(final),
-                                     tokens_per_language=dict(sorted(self._tokens.items()))))
+                                     tokens_per_language={lang: int(n) for lang, n in
+                                                          zip(self.languages, self._tokens) if n}))
         self._tar = self._file = self._tmp = None
 
     def close(self) -> list[ShardInfo]:
@@ -111,7 +113,30 @@ class ShardWriter:
             self._tar = self._file = self._tmp = None
 
 
+_HEADERS: dict[tuple[str, int], bytes] = {}
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The exact .npy header numpy writes for a 1-D array of `length` elements of `dtype`."""
+    key = (dtype.str, length)
+    if key not in _HEADERS:
+        f = io.BytesIO()
+        np.save(f, np.zeros(length, dtype=dtype))
+        _HEADERS[key] = f.getvalue()[:-length * dtype.itemsize]
+    return _HEADERS[key]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """A 1-D array as .npy file bytes (what np.save writes), with the header cached."""
+    return _npy_header(array.dtype, len(array)) + np.ascontiguousarray(array).tobytes()
+
+
 def _decode_npy(buf: memoryview, expected: np.dtype, length: int) -> np.ndarray:
+    """A 1-D .npy member; the header is compared byte for byte with the one we write (fast), and parsed
+    by numpy only to explain a mismatch."""
+    header = _npy_header(expected, length)
+    if len(buf) == len(header) + length * expected.itemsize and buf[:len(header)] == header:
+        return np.frombuffer(buf, dtype=expected, count=length, offset=len(header))
     f = io.BytesIO(buf)
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -120,6 +145,8 @@ def _decode_npy(buf: memoryview, expected: np.dtype, length: int) -> np.ndarray:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if fortran or dtype != expected or shape != (length,):
         raise ValueError(f"expected {expected}[{length}], found {dtype}{list(shape)}")
+    if len(buf) - f.tell() < length * dtype.itemsize:
+        raise ValueError(f"member holds {len(buf) - f.tell()} bytes, {length * dtype.itemsize} expected")
     return np.frombuffer(buf, dtype=dtype, count=length, offset=f.tell())
 
 

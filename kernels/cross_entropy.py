@@ -27,7 +27,7 @@ reference, which does build the full logits, is `linear_cross_entropy_torch`.
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_runtime import next_power_of_2, num_warps_for, tl, triton
+from kernels.triton_runtime import compute_dtype, next_power_of_2, num_warps_for, stats_dtype, tl, triton
 
 IGNORE_INDEX = -100
 
@@ -53,7 +53,7 @@ def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, label
 def _block_stats_torch(logits: torch.Tensor, labels: torch.Tensor, v_start: int, lse: torch.Tensor,
                        target: torch.Tensor) -> None:
     """Merge this vocab chunk's log-sum-exp into `lse` and record target logits that fall in the chunk."""
-    x = logits.float()
+    x = logits.to(lse.dtype)
     torch.logaddexp(lse, torch.logsumexp(x, dim=-1), out=lse)
     local = labels - v_start
     in_block = (local >= 0) & (local < x.shape[1])
@@ -64,7 +64,7 @@ def _block_stats_torch(logits: torch.Tensor, labels: torch.Tensor, v_start: int,
 def _block_grad_torch(logits: torch.Tensor, labels: torch.Tensor, v_start: int, lse: torch.Tensor,
                       scale: torch.Tensor, z_loss: float) -> None:
     """Overwrite the logits block with scale * (softmax * (1 + 2 z lse) - onehot(label))."""
-    x = logits.float()  # the block itself when it is fp32: every step below is in place
+    x = logits.to(lse.dtype)  # the block itself when it is fp32: every step below is in place
     x.sub_(lse[:, None]).exp_().mul_((scale * (1.0 + 2.0 * z_loss * lse))[:, None])
     local = labels - v_start
     in_block = (local >= 0) & (local < x.shape[1])
@@ -78,18 +78,18 @@ def _block_grad_torch(logits: torch.Tensor, labels: torch.Tensor, v_start: int, 
 
 @triton.jit
 def _ce_block_stats_kernel(LOGITS, stride_l, LABELS, LSE, TARGET, n_rows, n_cols, v_start,
-                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                           COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     local = tl.load(LABELS + rows, mask=row_mask, other=-1) - v_start
     row_base = rows.to(tl.int64)[:, None] * stride_l
-    m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    picked = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m = tl.full([BLOCK_M], -float("inf"), dtype=COMPUTE)
+    s = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    picked = tl.zeros([BLOCK_M], dtype=COMPUTE)
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(LOGITS + row_base + cols[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+        x = tl.load(LOGITS + row_base + cols[None, :], mask=mask, other=-float("inf")).to(COMPUTE)
         x = tl.where(row_mask[:, None], x, 0.0)  # rows past the end: finite, never stored
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -105,7 +105,7 @@ def _ce_block_stats_kernel(LOGITS, stride_l, LABELS, LSE, TARGET, n_rows, n_cols
 
 @triton.jit
 def _ce_block_grad_kernel(LOGITS, stride_l, LABELS, LSE, SCALE, n_rows, n_cols, v_start, z_loss,
-                          BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                          COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     local = tl.load(LABELS + rows, mask=row_mask, other=-1) - v_start
@@ -116,7 +116,7 @@ def _ce_block_grad_kernel(LOGITS, stride_l, LABELS, LSE, SCALE, n_rows, n_cols, 
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(LOGITS + row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(LOGITS + row_base + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         grad = tl.exp(x - lse[:, None]) * coef[:, None]
         grad -= tl.where(cols[None, :] == local[:, None], g[:, None], 0.0)
         tl.store(LOGITS + row_base + cols[None, :], grad.to(LOGITS.dtype.element_ty), mask=mask)
@@ -127,21 +127,21 @@ def _tiles(logits: torch.Tensor) -> tuple[int, int]:
     if logits.is_cuda:
         return 1, min(4096, next_power_of_2(n_cols))  # a row per program, looping over 4K-column tiles
     block_v = min(1024, next_power_of_2(n_cols))       # interpreter: few, large programs
-    return min(next_power_of_2(n_rows), max(1, 16384 // block_v)), block_v
+    return min(next_power_of_2(n_rows), max(1, 65536 // block_v)), block_v
 
 
 def _block_stats_triton(logits, labels, v_start, lse, target) -> None:
     block_m, block_v = _tiles(logits)
     _ce_block_stats_kernel[(triton.cdiv(logits.shape[0], block_m),)](
         logits, logits.stride(0), labels, lse, target, logits.shape[0], logits.shape[1], v_start,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps_for(block_m * block_v))
+        COMPUTE=compute_dtype(lse.dtype), BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps_for(block_m * block_v))
 
 
 def _block_grad_triton(logits, labels, v_start, lse, scale, z_loss) -> None:
     block_m, block_v = _tiles(logits)
     _ce_block_grad_kernel[(triton.cdiv(logits.shape[0], block_m),)](
         logits, logits.stride(0), labels, lse, scale, logits.shape[0], logits.shape[1], v_start, float(z_loss),
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps_for(block_m * block_v))
+        COMPUTE=compute_dtype(lse.dtype), BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps_for(block_m * block_v))
 
 
 # ---- matmuls with fp32 accumulation -----------------------------------------------------------------------
@@ -204,8 +204,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with torch.autocast(device.type, enabled=False):
             hid = hidden.to(compute_dtype).contiguous()
             buf = torch.empty(n_tokens * min(vocab_chunk, vocab), dtype=compute_dtype, device=device)
-            lse = torch.full((n_tokens,), -float("inf"), dtype=torch.float32, device=device)
-            target = torch.zeros(n_tokens, dtype=torch.float32, device=device)
+            lse = torch.full((n_tokens,), -float("inf"), dtype=stats_dtype(compute_dtype), device=device)
+            target = torch.zeros(n_tokens, dtype=lse.dtype, device=device)
             for v0 in range(0, vocab, vocab_chunk):
                 logits, _ = _logits_block(hid, weight, v0, min(vocab, v0 + vocab_chunk), buf, compute_dtype)
                 stats(logits, labels, v0, lse, target)
@@ -225,10 +225,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         device = hidden.device
         grad_step = _block_grad_triton if use_triton else _block_grad_torch
         with torch.autocast(device.type, enabled=False):
-            scale = torch.where(labels != ignore_index, grad_losses.float(), 0.0).contiguous()
+            scale = torch.where(labels != ignore_index, grad_losses.to(lse.dtype), 0.0).contiguous()
             hid = hidden.to(compute_dtype).contiguous()
             buf = torch.empty(n_tokens * min(vocab_chunk, vocab), dtype=compute_dtype, device=device)
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_hidden else None
+            grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=device) if need_hidden else None
             grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
             for v0 in range(0, vocab, vocab_chunk):
                 v1 = min(vocab, v0 + vocab_chunk)
@@ -254,7 +254,8 @@ def _logits_block(hid: torch.Tensor, weight: torch.Tensor, v0: int, v1: int, buf
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0,
                                  vocab_chunk: int | None = None, use_triton: bool = False) -> torch.Tensor:
-    """fp32 per-token losses [N] (0 where ignored) of hidden [N, h] @ weight[V, h]^T, chunked over the vocab.
+    """fp32 per-token losses [N] (0 where ignored) of hidden [N, h] @ weight[V, h]^T, chunked over the vocab
+    (fp64 losses and statistics for fp64 inputs, so float64 gradcheck applies).
 
     Matmuls run in the autocast dtype when autocast is on, else in the promoted dtype of hidden and weight;
     the softmax statistics and the grad_hidden accumulation are fp32. Gradients come back in the inputs'

@@ -426,9 +426,9 @@ def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh
     m = w_n.shape[0]
     if gx.dim() != 3 or gx.shape[2] != 3 * m:
         raise ValueError(f"gx: expected [batch, time, {3 * m}], got {list(gx.shape)}")
-    if h0.shape != (gx.shape[0], h0.shape[1]) or h0.shape[1] < max(w_rz.shape[1], w_n.shape[1], m):
-        raise ValueError(f"h0: expected [{gx.shape[0]}, state >= {max(w_rz.shape[1], w_n.shape[1], m)}], "
-                         f"got {list(h0.shape)}")
+    widest = max(w_rz.shape[1], w_n.shape[1], m)
+    if h0.dim() != 2 or h0.shape[0] != gx.shape[0] or h0.shape[1] < widest:
+        raise ValueError(f"h0: expected [{gx.shape[0]}, state >= {widest}], got {list(h0.shape)}")
     if keep is not None and keep.shape != gx.shape[:2]:
         raise ValueError(f"keep: expected {list(gx.shape[:2])}, got {list(keep.shape)}")
     if gx.shape[1] == 0:

@@ -6,8 +6,8 @@ row; the backward recomputes the normalised row from it and reduces the weight g
 """
 import torch
 
-from kernels.triton_runtime import (next_power_of_2, num_warps_for, persistent_programs, rows_per_program,
-                                    tl, triton)
+from kernels.triton_runtime import (compute_dtype, next_power_of_2, num_warps_for, persistent_programs,
+                                    rows_per_program, stats_dtype, tl, triton)
 
 
 # ---- torch reference --------------------------------------------------------------------------------------
@@ -32,54 +32,58 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 def _rms_norm_fwd_kernel(X, RES_IN, Y, RES_OUT, W, RSTD,
                          stride_x, stride_res_in, stride_y, stride_res_out,
                          n_rows, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     if HAS_RESIDUAL:
-        # The sum is rounded to the residual stream's dtype, exactly like `residual + x` in torch.
-        x = x.to(RES_OUT.dtype.element_ty)
-        r = tl.load(RES_IN + rows[:, None] * stride_res_in + cols[None, :], mask=mask, other=0.0)
-        x = r.to(RES_OUT.dtype.element_ty) + x
-        tl.store(RES_OUT + rows[:, None] * stride_res_out + cols[None, :], x, mask=mask)
-    x32 = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / n_cols + eps)
+        # Rounded to the residual stream's dtype, exactly like `residual + x` in torch.
+        r = tl.load(RES_IN + rows[:, None] * stride_res_in + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x_low = (r + x).to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + rows[:, None] * stride_res_out + cols[None, :], x_low, mask=mask)
+    else:
+        x_low = x.to(X.dtype.element_ty)
+    x = x_low.to(COMPUTE)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=row_mask)
     # Reference order: normalise in fp32, round to the input dtype, then scale by the weight.
-    normed = (x32 * rstd[:, None]).to(x.dtype).to(Y.dtype.element_ty)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(Y.dtype.element_ty)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], normed * w[None, :], mask=mask)
+    normed = (x * rstd[:, None]).to(x_low.dtype).to(COMPUTE)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PARTIAL,
                          stride_dy, stride_x, stride_dres, stride_dx,
                          n_rows, n_cols,
-                         HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_DRES: tl.constexpr, COMPUTE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dx = rstd * (dy*w - n * mean(dy*w*n)) [+ dres], n = x*rstd; dw partial = sum over this program's rows
     of dy * n. Each program walks row tiles pid, pid + programs, ..."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(COMPUTE)
+    dw_acc = tl.zeros([BLOCK_N], dtype=COMPUTE)
     for start in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        normed = x.to(tl.float32) * rstd[:, None]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(COMPUTE)
+        normed = x * rstd[:, None]
         # The weight sees the normalised row after its rounding to the input dtype (as in the reference).
-        dw_acc += tl.sum(dy * normed.to(x.dtype).to(tl.float32), axis=0)
+        dw_acc += tl.sum(dy * normed.to(X.dtype.element_ty).to(COMPUTE), axis=0)
         dn = dy * w[None, :]
         dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / n_cols)[:, None])
         if HAS_DRES:
-            dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
@@ -94,16 +98,16 @@ def _launch_forward(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.T
                     out_dtype: torch.dtype, res_dtype: torch.dtype):
     n_rows, n_cols = x2.shape
     block_n = next_power_of_2(n_cols)
-    block_m = rows_per_program(block_n, x2)
+    block_m = rows_per_program(block_n, x2, n_rows)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=stats_dtype(res_dtype), device=x2.device)
     res_out = torch.empty((n_rows, n_cols), dtype=res_dtype, device=x2.device) if res2 is not None else x2
     res_in = res2 if res2 is not None else x2
     grid = (triton.cdiv(n_rows, block_m),)
     _rms_norm_fwd_kernel[grid](x2, res_in, y, res_out, weight, rstd,
                                x2.stride(0), res_in.stride(0), y.stride(0), res_out.stride(0),
                                n_rows, n_cols, eps, HAS_RESIDUAL=res2 is not None,
-                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
+                               COMPUTE=compute_dtype(res_dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
     return y, (res_out if res2 is not None else None), rstd
 
 
@@ -111,14 +115,15 @@ def _launch_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
                      dres2: torch.Tensor | None):
     n_rows, n_cols = x2.shape
     block_n = next_power_of_2(n_cols)
-    block_m = rows_per_program(block_n, x2)
+    block_m = rows_per_program(block_n, x2, n_rows)
     programs = persistent_programs(x2, triton.cdiv(n_rows, block_m))
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=stats_dtype(x2.dtype), device=x2.device)
     dres_arg = dres2 if dres2 is not None else dy2
     _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dres_arg, dx, dw_partial,
                                       dy2.stride(0), x2.stride(0), dres_arg.stride(0), dx.stride(0),
                                       n_rows, n_cols, HAS_DRES=dres2 is not None,
+                                      COMPUTE=compute_dtype(x2.dtype),
                                       BLOCK_M=block_m, BLOCK_N=block_n,
                                       num_warps=num_warps_for(block_m * block_n))
     return dx, dw_partial.sum(0).to(weight.dtype)

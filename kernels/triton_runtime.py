@@ -20,7 +20,7 @@ try:
 except ImportError:  # triton has no wheels for macOS/Windows: the torch paths still work there
     # Just enough for the kernel files to be *defined*; can_launch() is False, so none is ever called.
     triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
-    tl = SimpleNamespace(constexpr=int)
+    tl = SimpleNamespace(constexpr=int, float32=None, float64=None)
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -73,8 +73,25 @@ def persistent_programs(tensor: torch.Tensor, work_items: int) -> int:
     return max(1, min(work_items, 4))
 
 
-def rows_per_program(block_cols: int, tensor: torch.Tensor) -> int:
-    """Rows one program handles in a row-wise kernel. On a GPU a wide row is one program's work; under the
-    interpreter (cost per program instance) pack many rows into one tile."""
-    budget = 4096 if tensor.is_cuda else 65536
-    return max(1, min(64 if not tensor.is_cuda else 16, budget // block_cols))
+def rows_per_program(block_cols: int, tensor: torch.Tensor, n_rows: int | None = None) -> int:
+    """Rows one program handles in a row-wise kernel (a power of two). On a GPU a wide row is one program's
+    work (a few rows when rows are narrow); under the interpreter, where every program instance and every op
+    has a fixed cost, pack as many rows as fit a 64K-element tile."""
+    if tensor.is_cuda:
+        return max(1, min(16, 4096 // block_cols))
+    cap = next_power_of_2(n_rows) if n_rows else 1 << 30
+    return max(1, min(cap, 65536 // block_cols))
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The Triton type kernels do arithmetic in: fp64 for fp64 tensors (float64 gradcheck), else fp32.
+
+    Kernels never do arithmetic on bf16/fp16 values: they load, convert, compute, and round on store (the
+    interpreter's bf16 arithmetic is wrong, and rounding once is also what the fused kernels are for).
+    """
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch dtype of per-row statistics (rstd, log-sum-exp) and partial reductions for `dtype` inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

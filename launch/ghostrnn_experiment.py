@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kws-hidden", type=int, default=64)
     parser.add_argument("--corpus", default=None, help="folder with train/ and valid/ JSONL (default: bundled)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 # ---- 1. costs ----------------------------------------------------------------------------------------------
@@ -365,6 +366,8 @@ def run(args: argparse.Namespace) -> dict:
     parts = set(args.parts.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     results: dict = {"args": vars(args).copy()}

@@ -123,14 +123,21 @@ class MoEFeedForward(nn.Module):
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.expert_compute == "loop":
             return False
+        # ZeRO-3 gathers a module's parameters in its forward hooks; the grouped path reads the experts'
+        # weights without calling the expert modules, so it cannot see partitioned parameters.
+        partitioned = hasattr(self.experts[0].up_proj.weight, "ds_id")
         if self.expert_compute == "grouped_mm":
             if not grouped_mm_available():
                 raise RuntimeError("moe.expert_compute: grouped_mm needs torch.nn.functional.grouped_mm "
                                    f"(torch >= 2.9); this is torch {torch.__version__}; use loop")
+            if partitioned:
+                raise RuntimeError("moe.expert_compute: grouped_mm cannot run on ZeRO-3 partitioned experts; "
+                                   "use loop or auto")
             return True
         # auto: torch's grouped GEMM targets bf16 on CUDA; elsewhere the expert loop is as fast.
         aligned = all(lin.weight.shape[1] % 8 == 0 for lin in (self.experts[0].up_proj, self.experts[0].down_proj))
-        return grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16 and aligned
+        return (grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16 and aligned
+                and not partitioned)
 
     def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert e on rows offsets[e-1]:offsets[e] of the sorted buffer. Every expert runs, even on zero

@@ -48,8 +48,8 @@ def upcycle_tensors(dense_tensors: Iterable[tuple[str, torch.Tensor]], config: M
                     seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a dense checkpoint -> those of the upcycled MoE (`config` from upcycle_config).
 
-    Each chosen layer's `mlp.X` is yielded once per expert as `mlp.experts.{j}.X` (the same tensor; writers copy
-    it), and its router right after its `mlp.up_proj.weight`, in that tensor's dtype.
+    Each chosen layer's `mlp.X` is yielded once per expert as `mlp.experts.{j}.X` (expert 0 the tensor itself,
+    the others copies), and its router right after its `mlp.up_proj.weight`, in that tensor's dtype.
     """
     moe = config.moe
     moe_layers = set(moe.moe_layers(config.num_layers))
@@ -61,7 +61,7 @@ def upcycle_tensors(dense_tensors: Iterable[tuple[str, torch.Tensor]], config: M
         layer, suffix = int(match.group(1)), match.group(2)
         prefix = f"model.layers.{layer}.mlp"
         for j in range(moe.num_experts):
-            yield f"{prefix}.experts.{j}.{suffix}", tensor
+            yield f"{prefix}.experts.{j}.{suffix}", tensor if j == 0 else tensor.clone()
         if suffix == "up_proj.weight":
             yield f"{prefix}.router.weight", router_init(layer, moe.num_experts, config.hidden_size, seed,
                                                          tensor.dtype)
@@ -76,11 +76,7 @@ def upcycle_model(dense: nn.Module, moe: MoEConfig, seed: int = 0) -> nn.Module:
     device = dense.lm_head.weight.device
     state = {}
     for name, tensor in upcycle_tensors(dense.state_dict().items(), config, seed):
-        if is_router(name):
-            tensor = tensor.to(device)
-        elif is_new_expert(name):
-            tensor = tensor.clone()
-        state[name] = tensor
+        state[name] = tensor.to(device) if is_router(name) else tensor
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"upcycle: dense state dict does not fit the MoE model; missing {missing[:10]}, "

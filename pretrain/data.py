@@ -21,7 +21,7 @@ class TrainData:
         from data_pipeline.loader import build_val_batches
 
         return build_val_batches(self.cfg.data, batch_size=batch_size,
-                                 max_batches_per_language=max_batches_per_language, languages=self.languages)
+                                 max_batches_per_language=max_batches_per_language)
 
     @staticmethod
     def tokenizer_vocab_size(tokenizer_dir: str) -> int:

@@ -103,12 +103,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is set on any rank (a collective: every rank must call it)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is set on any rank: one collective (every rank must call it)."""
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return [bool(v > 0) for v in value.tolist()]
 
 
 def barrier() -> None:

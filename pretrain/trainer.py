@@ -94,13 +94,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     engine = build_engine(model, cfg, ctx, global_batch_at(0, cfg.schedule))
 
     ckpt = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank)
-    step, skipped, tokens_seen = 0, 0, torch.zeros(len(data.languages), dtype=torch.float64)
+    step, skipped = 0, 0
     start_val: dict = {}
     tag = ckpt.latest_tag() if cfg.checkpoint.resume else None
     if tag is not None:
         trainer_state, rank_state = ckpt.load(engine, tag)
         step, skipped, start_val = trainer_state["step"], trainer_state["skipped_steps"], trainer_state["start_val"]
-        tokens_seen = rank_state["tokens_seen"].double()
         data.loader.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
         if ctx.is_main:
@@ -122,11 +121,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     def save() -> str:
         trainer_state = {"step": step, "skipped_steps": skipped, "start_val": start_val,
                          "world_size": ctx.world_size, "tokens_per_language": tokens_per_language()}
-        rank_state = {"data": data.loader.state_dict(), "rng": capture_rng_state(), "tokens_seen": tokens_seen}
+        rank_state = {"data": data.loader.state_dict(), "rng": capture_rng_state()}
         return str(ckpt.save(engine, step, trainer_state, rank_state, cfg.model, cfg.run.tokenizer))
 
     def tokens_per_language() -> dict:
-        totals = all_reduce_sum(tokens_seen.clone().to(ctx.device)).cpu()
+        """Input tokens consumed per language, summed over ranks (the loader counts its own)."""
+        totals = all_reduce_sum(data.loader.tokens_seen.double().to(ctx.device)).cpu()
         return {lang: int(totals[i]) for i, lang in enumerate(data.languages)}
 
     if step == 0 and val_batches:
@@ -144,20 +144,22 @@ def train(cfg: TrainConfig) -> TrainResult:
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
 
-            step_loss, bad_loss = 0.0, False
+            # Summed on the device: one host sync per step, not per micro-batch.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            lm_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
             for _ in range(engine.gradient_accumulation_steps()):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
                 result = stage.compute_loss(engine, batch)
-                bad_loss |= not bool(torch.isfinite(result.loss.detach()))
                 engine.backward(result.loss)
                 engine.step()
                 lang_loss.add(result.token_losses, batch["lang_ids"], batch["labels"])
-                valid = (batch["labels"] != -100)
-                tokens_seen += torch.bincount(batch["lang_ids"][valid].cpu(), minlength=len(data.languages))
                 speed.add_tokens(batch["input_ids"].numel())
-                step_loss += float(result.lm_loss) / engine.gradient_accumulation_steps()
+                loss_sum += result.loss.detach().double()
+                lm_loss_sum += result.lm_loss.double()
 
-            step_bad = any_rank(bad_loss or not engine.was_step_applied(), ctx.device)
+            step_loss = float(lm_loss_sum) / engine.gradient_accumulation_steps()
+            bad = not math.isfinite(float(loss_sum)) or not engine.was_step_applied()
+            step_bad, preempted = any_rank([bad, preemption.received is not None], ctx.device)
             step += 1
             if step_bad:
                 skipped += 1
@@ -175,7 +177,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             if step % cfg.logging.every_steps == 0 or step == cfg.schedule.total_steps:
                 sums, counts = lang_loss.reduce_and_reset()
                 grad_norm = engine.get_global_grad_norm()
-                record = {"loss": step_loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                mean_loss = float(all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64,
+                                                              device=ctx.device))) / ctx.world_size
+                record = {"loss": mean_loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                          "tokens_per_language": tokens_per_language(),
                           "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0),
                           "skipped_steps": skipped, "global_batch": global_batch,
                           "per_language": per_language_report(sums, counts, data.languages, data.bytes_per_token),
@@ -187,7 +192,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                 validate()
                 engine.train()
 
-            preempted = any_rank(preemption.received is not None, ctx.device)
             if step % cfg.checkpoint.every_steps == 0 or preempted or step == cfg.schedule.total_steps:
                 last_checkpoint = save()
             if preempted:

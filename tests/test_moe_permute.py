@@ -64,13 +64,19 @@ def test_triton_matches_torch_forward_and_backward(top_k, hidden):
     torch.testing.assert_close(gw_tr, gw_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_combine_gradcheck_in_float64():
+def test_triton_gradients_match_finite_differences():
+    """Both maps are linear in each argument, so fp32 central differences with a large step are exact up to
+    rounding: the Triton backward is checked against the forward alone."""
     _, plan = _routing(num_tokens=5, top_k=2, num_experts=3, seed=7)
-    y = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda y, w: combine_tokens(y, plan.positions, w, impl="triton"), (y, w))
-    assert torch.autograd.gradcheck(lambda x: permute_tokens(x, plan.positions, impl="triton"), (x,))
+    y = torch.randn(10, 6, requires_grad=True)
+    w = torch.rand(5, 2, requires_grad=True)
+    x = torch.randn(5, 6, requires_grad=True)
+    tol = dict(eps=1e-2, atol=1e-3, rtol=1e-3, fast_mode=True)
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(lambda y, w: combine_tokens(y, plan.positions, w, impl="triton"), (y, w),
+                                        **tol)
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(lambda x: permute_tokens(x, plan.positions, impl="triton"), (x,), **tol)
 
 
 def test_bad_inputs_name_the_argument():

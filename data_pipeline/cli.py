@@ -1,0 +1,279 @@
+"""`fuxi data ...`: one sub-command per stage, each a thin call into the library.
+
+    fuxi data build-corpus                      rebuild data_pipeline/corpus from installed Debian packages
+    fuxi data clean CORPUS OUT                  NFC, language ID, filters, dedup -> OUT/<split>/<lang>.jsonl
+    fuxi data tokenizer CLEAN_TRAIN OUT         train byte-level BPE (or --backend sentencepiece)
+    fuxi data fertility TOKENIZER CORPUS        tokens/word and bytes/token per language (+ --plot PNG)
+    fuxi data pack CLEAN_SPLIT TOKENIZER OUT    tokenize + pack + shards + manifest
+    fuxi data inspect MANIFEST                  per-language stats; --verify checks sha256 of every shard
+    fuxi data mixture MANIFEST                  target/planned (and, with --stream, realised) language shares
+    fuxi data prepare OUT                       all stages on the bundled corpus (or --corpus)
+
+`register(subparsers)` is wired into the `fuxi` CLI; `main(argv)` runs the same parser standalone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _weights(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        lang, sep, value = item.partition("=")
+        if not sep:
+            raise DataError(f"--weights: expected lang=weight, got {item!r}")
+        out[lang] = float(value)
+    return out
+
+
+def cmd_build_corpus(args) -> int:
+    from data_pipeline import build_corpus
+    argv = ["--out", args.out, "--seed", str(args.seed), "--scale", str(args.scale)]
+    if args.languages:
+        argv += ["--languages", *args.languages]
+    build_corpus.main(argv)
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from data_pipeline.clean import LangIdConfig, clean
+    from data_pipeline.dedup import DedupConfig
+    from data_pipeline.filters import FilterConfig
+    filters = FilterConfig(min_words=args.min_words, max_urls=args.max_urls)
+    dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.threshold)
+    langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
+    report = clean(args.input, args.out, filters=filters, dedup=dedup, langid=langid, languages=args.languages,
+                   max_docs_per_language=args.max_docs_per_language, holdout_fraction=args.holdout,
+                   num_proc=args.num_proc, progress=not args.quiet)
+    print(report.table())
+    print(f"wrote {args.out}/<split>/<lang>.jsonl and {args.out}/clean_report.json")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
+    config = TokenizerConfig(vocab_size=args.vocab_size, backend=args.backend,
+                             max_docs_per_language=args.max_docs_per_language, seed=args.seed)
+    out = train_tokenizer(args.corpus, args.out, config)
+    meta = json.loads((out / META_FILE).read_text())
+    print(f"tokenizer ({meta['backend']}, vocab {meta['vocab_size']}, hash {meta['hash'][:16]}) -> {out}")
+    return 0
+
+
+def cmd_fertility(args) -> int:
+    from data_pipeline.fertility import fertility, fertility_table, plot_fertility
+    stats = fertility(args.tokenizer, args.corpus, args.max_docs_per_language)
+    print(fertility_table(stats))
+    if args.plot:
+        print(f"plot -> {plot_fertility(stats, args.plot, f'Fertility of {args.tokenizer}')}")
+    if args.json:
+        print(json.dumps(stats))
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.pack import pack
+    languages = load_manifest(args.languages_from).languages if args.languages_from else args.languages
+    path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
+                languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), num_proc=args.num_proc,
+                seed=args.seed, progress=not args.quiet)
+    print(_manifest_table(load_manifest(path)))
+    print(f"manifest -> {path}")
+    return 0
+
+
+def _manifest_table(manifest) -> str:
+    from data_pipeline.tables import format_table
+    samples = manifest.samples_per_language()
+    shards = {lang: sum(1 for s in manifest.shards if s.language == lang) for lang in manifest.languages}
+    rows = [[lang, shards[lang], samples[lang], s.documents, s.tokens, s.dropped_tokens, s.utf8_bytes,
+             s.bytes_per_token] for lang, s in manifest.language_stats.items()]
+    return format_table(["lang", "shards", "samples", "docs", "tokens", "dropped", "utf8 bytes", "bytes/token"],
+                        rows)
+
+
+def cmd_inspect(args) -> int:
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.shards import iter_blocks
+    manifest = load_manifest(args.manifest)
+    print(_manifest_table(manifest))
+    print(f"split {manifest.split}, seq_len {manifest.seq_len}, vocab {manifest.vocab_size}, "
+          f"{len(manifest.shards)} shards, {sum(s.bytes for s in manifest.shards):,} bytes, "
+          f"tokenizer hash {manifest.tokenizer_hash[:16]}")
+    if args.verify:
+        manifest.check_files(checksums=True)
+        count = sum(1 for _ in iter_blocks(manifest))
+        expected = sum(s.samples for s in manifest.shards)
+        if count != expected:
+            raise DataError(f"{manifest.path}: webdataset read {count} samples, the manifest lists {expected}")
+        print(f"verified: every shard's size and sha256 match; {count} samples read through webdataset")
+    if args.show:
+        from data_pipeline.tokenizer import load_tokenizer
+        tok = load_tokenizer(args.tokenizer or manifest.root / manifest.tokenizer_path)
+        for i, (key, block) in enumerate(iter_blocks(manifest)):
+            if i >= args.show:
+                break
+            text = tok.decode(block.tokens.tolist(), skip_special_tokens=False)
+            print(f"--- {key} ({manifest.languages[int(block.lang_ids[0])]}) ---\n{text[:400]}")
+    return 0
+
+
+def cmd_mixture(args) -> int:
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loader import build_plan, build_train_loader
+    from data_pipeline.manifest import load_manifest
+    manifest = load_manifest(args.manifest)
+    cfg = DataConfig(train_manifest=str(manifest.path), seq_len=manifest.seq_len, mixing=args.mixing,
+                     alpha=args.alpha, weights=_weights(args.weights), max_epochs_per_language=args.max_epochs,
+                     epoch_tokens=args.epoch_tokens, languages=args.languages, num_workers=args.num_workers,
+                     seed=args.seed)
+    cfg.validate()
+    if not args.stream:
+        plan = build_plan(manifest, cfg)
+        print(plan.table())
+        print(f"{plan.epoch_samples:,} samples ({plan.epoch_samples * manifest.block_len:,} tokens) "
+              f"per mixture epoch")
+        return 0
+    loader = build_train_loader(cfg, batch_size=args.batch_size)
+    for i, _ in enumerate(loader):
+        if i + 1 >= args.stream:
+            break
+    print(loader.mixture_report())
+    print(f"realised over {args.stream} batches of {args.batch_size}; corrupt samples replaced: {loader.skipped}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from data_pipeline.prepare import prepare_dataset
+    prepared = prepare_dataset(args.out, args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                               backend=args.backend, max_docs_per_language=args.max_docs_per_language,
+                               shard_bytes=int(args.shard_mb * (1 << 20)), num_proc=args.num_proc,
+                               seed=args.seed, progress=not args.quiet)
+    print(f"tokenizer      {prepared.tokenizer_dir}\ntrain manifest {prepared.train_manifest}\n"
+          f"val manifest   {prepared.val_manifest}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `data` command (with its sub-commands) to a `fuxi` sub-parser set."""
+    data = subparsers.add_parser("data", help="multilingual data pipeline: clean, tokenizer, pack, stream",
+                                 description=__doc__.split("\n\n")[0])
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("build-corpus", help="rebuild the bundled corpus from installed Debian packages")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "corpus"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--languages", nargs="*")
+    p.set_defaults(func=cmd_build_corpus)
+
+    p = sub.add_parser("clean", help="NFC, language ID, heuristic filters, exact + MinHash near-dedup")
+    p.add_argument("input", help="JSONL file, folder of JSONL, folder of per-language folders, or a corpus "
+                                 "folder with train/ and valid/")
+    p.add_argument("out")
+    p.add_argument("--languages", nargs="*", help="keep only these languages")
+    p.add_argument("--max-docs-per-language", type=int)
+    p.add_argument("--holdout", type=float, default=0.0, help="hold out this fraction when there is no valid/")
+    p.add_argument("--min-words", type=int, default=20)
+    p.add_argument("--max-urls", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+    p.add_argument("--no-exact-dedup", action="store_true")
+    p.add_argument("--no-near-dedup", action="store_true")
+    p.add_argument("--no-langid", action="store_true", help="drop unlabelled documents instead of identifying")
+    p.add_argument("--langid-min-confidence", type=float, default=0.5)
+    p.add_argument("--num-proc", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("tokenizer", aliases=["train-tokenizer"], help="train the BPE tokenizer")
+    p.add_argument("corpus", help="cleaned train split (folder of <lang>.jsonl)")
+    p.add_argument("out")
+    p.add_argument("--vocab-size", type=int, default=4096, help="250680 for the full FuxiTranyu model")
+    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--max-docs-per-language", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("fertility", help="tokens per word and bytes per token per language")
+    p.add_argument("tokenizer")
+    p.add_argument("corpus", help="folder of <lang>.jsonl (e.g. the cleaned valid split)")
+    p.add_argument("--max-docs-per-language", type=int)
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.set_defaults(func=cmd_fertility)
+
+    p = sub.add_parser("pack", aliases=["shard"], help="tokenize, pack into blocks, write shards + manifest")
+    p.add_argument("corpus", help="cleaned split (folder of <lang>.jsonl)")
+    p.add_argument("tokenizer")
+    p.add_argument("out")
+    p.add_argument("--split", default="train")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--shard-mb", type=float, default=128.0)
+    p.add_argument("--languages", nargs="*", help="the ordered language list (default: found, sorted)")
+    p.add_argument("--languages-from", help="take the language list from this manifest (pack valid like train)")
+    p.add_argument("--num-proc", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("inspect", aliases=["stats"], help="manifest statistics; --verify checks every shard")
+    p.add_argument("manifest")
+    p.add_argument("--verify", action="store_true")
+    p.add_argument("--show", type=int, default=0, help="decode and print the first N samples")
+    p.add_argument("--tokenizer", help="tokenizer dir for --show (default: the manifest's)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("mixture", help="language mixing plan; --stream N reports realised shares")
+    p.add_argument("manifest")
+    p.add_argument("--mixing", choices=["temperature", "weights", "natural", "uniform"], default="temperature")
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--weights", nargs="*", help="lang=weight ... (with --mixing weights)")
+    p.add_argument("--max-epochs", type=float, help="UniMax cap: passes per language per mixture epoch")
+    p.add_argument("--epoch-tokens", type=int)
+    p.add_argument("--languages", nargs="*")
+    p.add_argument("--stream", type=int, default=0, help="stream this many batches and report realised shares")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_mixture)
+
+    p = sub.add_parser("prepare", help="all stages: clean -> tokenizer -> pack for train and valid")
+    p.add_argument("out")
+    p.add_argument("--corpus", help="default: the bundled corpus")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--max-docs-per-language", type=int)
+    p.add_argument("--shard-mb", type=float, default=4.0)
+    p.add_argument("--num-proc", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fuxi")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

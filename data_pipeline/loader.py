@@ -1,0 +1,228 @@
+"""What the trainer calls: a resumable, infinite, language-mixed train loader per rank, and deterministic
+per-language validation batches.
+
+    loader = build_train_loader(cfg, batch_size=8, rank=rank, world_size=world)
+    for batch in loader:            # {"input_ids", "labels", "lang_ids", "doc_ids"}: [8, seq_len] int64
+        ...
+        state = loader.state_dict()  # plain data; a new loader + load_state_dict(state) continues exactly
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataConfigError, DataError, ManifestError
+from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.mixing import MixturePlan, plan_mixture
+from data_pipeline.shards import ShardReader
+from data_pipeline.stream import MixtureDataset, default_transform, unpack_batch
+from data_pipeline.tables import format_table
+from data_pipeline.tokenizer import tokenizer_hash
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+# Tokens that travel from a DataLoader worker in one transfer (several batches stacked).
+TRANSFER_TOKENS = 1 << 18
+
+
+def open_manifest(path: str, cfg: DataConfig, field: str) -> Manifest:
+    """Load a manifest and check it against the config: sequence length and tokenizer hash."""
+    manifest = load_manifest(path)
+    if manifest.seq_len != cfg.seq_len:
+        raise ManifestError(f"seq_len: the config asks for {cfg.seq_len} but {field} {manifest.path} was packed "
+                            f"with seq_len {manifest.seq_len}; repack or change seq_len")
+    if cfg.tokenizer is not None:
+        expected = tokenizer_hash(cfg.tokenizer)
+        if expected != manifest.tokenizer_hash:
+            raise ManifestError(f"tokenizer: {cfg.tokenizer} has hash {expected[:16]}... but {field} "
+                                f"{manifest.path} was packed with tokenizer hash {manifest.tokenizer_hash[:16]}...")
+    return manifest
+
+
+def select_languages(manifest: Manifest, cfg: DataConfig) -> list[str]:
+    """The languages to train on, in manifest order; naming one the manifest lacks is an error."""
+    if cfg.languages is not None:
+        wanted = cfg.languages
+    elif cfg.mixing == "weights" and cfg.weights:
+        wanted = [lang for lang, w in cfg.weights.items() if w > 0]
+    else:
+        wanted = [lang for lang in manifest.languages]
+    unknown = [lang for lang in wanted if lang not in manifest.languages]
+    if unknown:
+        raise DataError(f"languages: {unknown} have no data in {manifest.path} (it has {manifest.languages})")
+    if cfg.weights:
+        extra = [lang for lang in cfg.weights if lang not in manifest.languages]
+        if extra:
+            raise DataError(f"weights: {extra} have no data in {manifest.path} (it has {manifest.languages})")
+    return [lang for lang in manifest.languages if lang in wanted]
+
+
+def build_plan(manifest: Manifest, cfg: DataConfig) -> MixturePlan:
+    languages = select_languages(manifest, cfg)
+    per_lang = manifest.samples_per_language()
+    available = {lang: per_lang[lang] for lang in languages}
+    if cfg.languages is None and cfg.mixing != "weights":
+        empty = [lang for lang, n in available.items() if n == 0]
+        if empty:
+            raise DataError(f"languages: {empty} have no training samples in {manifest.path}; drop them with "
+                            f"`languages: [...]` or pack more text")
+    epoch_samples = None if cfg.epoch_tokens is None else max(1, cfg.epoch_tokens // manifest.block_len)
+    return plan_mixture(available, manifest.block_len, cfg.mixing, cfg.alpha, cfg.weights,
+                        cfg.max_epochs_per_language, epoch_samples)
+
+
+class TrainLoader:
+    """An endless iterable of batches for one rank, with exact state_dict()/load_state_dict()."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, plan: MixturePlan, batch_size: int, rank: int,
+                 world_size: int, transform: Callable[[dict], dict] | None = None):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.plan = plan
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.transform = transform or default_transform
+        self.languages = manifest.languages  # lang_ids index this list
+        self.bytes_per_token = manifest.bytes_per_token
+        self.batches = 0  # consumed by the caller
+        self.skipped = 0  # corrupt samples replaced (on_error="skip")
+        self._skipped_base = 0
+        self.tokens_seen = torch.zeros(len(self.languages), dtype=torch.int64)  # input tokens per language
+
+    # --- state ----------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What the sample order depends on; a state from a different order cannot be resumed."""
+        shards = hashlib.sha256("".join(s.sha256 for s in self.manifest.shards).encode()).hexdigest()
+        return {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "mixing_window": self.cfg.mixing_window,
+                "plan": {lang: self.plan.counts[lang] for lang in self.plan.languages}, "shards": shards}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "batches": self.batches, "skipped": self.skipped,
+                "tokens_seen": self.tokens_seen.tolist(), "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(f"state.version: expected {STATE_VERSION}, got {state.get('version')!r}")
+        ours = self.fingerprint()
+        for key, value in state["fingerprint"].items():
+            if ours.get(key) != value:
+                raise DataConfigError(f"{key}: the saved data state has {json.dumps(value)[:200]}, this loader "
+                                      f"has {json.dumps(ours.get(key))[:200]}; the sample order would differ")
+        self.batches = int(state["batches"])
+        self.skipped = self._skipped_base = int(state.get("skipped", 0))
+        self.tokens_seen = torch.tensor(state["tokens_seen"], dtype=torch.int64)
+
+    # --- iteration ------------------------------------------------------------------------------------------
+    def _dataset(self) -> MixtureDataset:
+        return MixtureDataset(self.manifest, self.plan, batch_size=self.batch_size, rank=self.rank,
+                              world_size=self.world_size, seed=self.cfg.seed, window=self.cfg.mixing_window,
+                              start_batch=self.batches, transform=self.transform,
+                              verify_checksums=self.cfg.verify_checksums, on_error=self.cfg.on_error)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dataset = self._dataset()
+        workers = self.cfg.num_workers
+        if workers > 0:
+            dataset.pack_batches = True
+            dataset.batches_per_chunk = max(1, min(32, TRANSFER_TOKENS // (self.batch_size * self.cfg.seq_len)))
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            persistent_workers=False)
+        worker_skips = [0] * max(1, workers)
+        self._skipped_base = self.skipped
+        for i, item in enumerate(loader):
+            chunk = unpack_batch(*item) if workers > 0 else item
+            worker_skips[i % max(1, workers)] = int(chunk.pop("_skipped").max())  # items come round-robin
+            skipped = self._skipped_base + sum(worker_skips)
+            if skipped > self.skipped:
+                log.warning("data: %d corrupt sample(s) replaced so far (on_error=skip)", skipped)
+            self.skipped = skipped
+            batches = [chunk] if dataset.batches_per_chunk == 1 and workers == 0 else \
+                [{k: v[j] for k, v in chunk.items()} for j in range(dataset.batches_per_chunk)]
+            for batch in batches:
+                self.batches += 1
+                lang_ids = batch["lang_ids"].numpy().ravel()  # numpy: no torch threads competing with workers
+                counts = np.bincount(lang_ids[lang_ids >= 0], minlength=len(self.languages))
+                self.tokens_seen += torch.from_numpy(counts[:len(self.languages)])
+                yield batch
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    def realised_shares(self) -> dict[str, float]:
+        total = int(self.tokens_seen.sum())
+        return {lang: (int(self.tokens_seen[self.languages.index(lang)]) / total if total else 0.0)
+                for lang in self.plan.languages}
+
+    def mixture_report(self) -> str:
+        """Target, planned and realised (so far, this rank) language shares, as a table."""
+        return self.plan.table(self.realised_shares())
+
+
+def build_train_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                       transform: Callable[[dict], dict] | None = None) -> TrainLoader:
+    """The trainer's loader for one rank (see the module docstring)."""
+    cfg.validate()
+    if batch_size < 1:
+        raise DataConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataConfigError(f"rank: {rank} is not in [0, world_size={world_size})")
+    manifest = open_manifest(cfg.train_manifest, cfg, "train_manifest")
+    if cfg.on_error == "raise":
+        manifest.check_files(checksums=False)  # sizes now; sha256 lazily, per shard, when first read
+    plan = build_plan(manifest, cfg)
+    log.info("data: %d languages, %d samples per mixture epoch\n%s", len(plan.languages), plan.epoch_samples,
+             plan.table())
+    return TrainLoader(cfg, manifest, plan, batch_size, rank, world_size, transform)
+
+
+def build_val_batches(cfg: DataConfig, batch_size: int, max_batches_per_language: int | None = None,
+                      transform: Callable[[dict], dict] | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """{language: [batch, ...]} from the held-out split, in a fixed order (the manifest's), for per-language
+    validation loss. The last batch of a language may be smaller. Language ids index the train manifest's
+    `languages`, which the validation manifest must share."""
+    cfg.validate()
+    if cfg.val_manifest is None:
+        raise DataConfigError("val_manifest: not set")
+    manifest = open_manifest(cfg.val_manifest, cfg, "val_manifest")
+    train_path = Path(cfg.train_manifest)
+    if train_path.exists():
+        train = load_manifest(train_path)
+        if train.languages != manifest.languages:
+            raise ManifestError(f"languages: val manifest {manifest.path} lists {manifest.languages} but train "
+                                f"manifest {train.path} lists {train.languages}; language ids would disagree")
+    languages = cfg.languages or manifest.languages
+    per_lang = manifest.samples_per_language()
+    missing = [lang for lang in languages if per_lang.get(lang, 0) == 0]
+    if missing:
+        raise DataError(f"languages: no validation samples for {missing} in {manifest.path}")
+    transform = transform or default_transform
+    out: dict[str, list[dict[str, torch.Tensor]]] = {}
+    limit = None if max_batches_per_language is None else max_batches_per_language * batch_size
+    for lang in languages:
+        samples = []
+        for shard in (s for s in manifest.shards if s.language == lang):
+            reader = ShardReader(manifest, shard, cfg.verify_checksums, cfg.on_error)
+            for i in range(len(reader)):
+                if limit is not None and len(samples) >= limit:
+                    break
+                block = reader.read(i)
+                if block is not None:
+                    samples.append(transform(MixtureDataset._as_tensors(block)))
+            reader.close()
+        out[lang] = [{k: torch.stack([s[k] for s in samples[i:i + batch_size]]) for k in samples[0]}
+                     for i in range(0, len(samples), batch_size)]
+    return out
+
+
+def describe_val(batches: dict[str, list[dict]]) -> str:
+    rows = [[lang, len(b), sum(x["input_ids"].shape[0] for x in b)] for lang, b in batches.items()]
+    return format_table(["lang", "batches", "samples"], rows)

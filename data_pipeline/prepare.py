@@ -1,0 +1,84 @@
+"""All stages in one call: clean -> tokenizer -> pack -> shards, for the train and validation splits.
+
+Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). Layout of `out_dir`:
+
+    clean/{train,valid}/<lang>.jsonl, clean/clean_report.json
+    tokenizer/            HF tokenizer files (AutoTokenizer.from_pretrained loads it offline)
+    train/manifest.json   + train-<lang>-NNNNN.tar shards
+    valid/manifest.json   + valid-<lang>-NNNNN.tar shards
+    prepare.json          the arguments and a ready DataConfig
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+from data_pipeline.clean import LangIdConfig, clean
+from data_pipeline.config import DataConfig
+from data_pipeline.corpus import bundled_corpus, find_splits
+from data_pipeline.dedup import DedupConfig
+from data_pipeline.filters import FilterConfig
+from data_pipeline.io_utils import write_json
+from data_pipeline.pack import language_files, pack
+from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PreparedData(NamedTuple):
+    tokenizer_dir: Path
+    train_manifest: Path
+    val_manifest: Path
+
+    def data_config(self, **overrides) -> DataConfig:
+        """A DataConfig that streams this dataset (seq_len read from the manifest)."""
+        from data_pipeline.manifest import load_manifest
+        seq_len = load_manifest(self.train_manifest).seq_len
+        fields = {"train_manifest": str(self.train_manifest), "val_manifest": str(self.val_manifest),
+                  "seq_len": seq_len, "tokenizer": str(self.tokenizer_dir), **overrides}
+        return DataConfig(**fields)
+
+
+def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vocab_size: int = 4096,
+                    seq_len: int = 256, backend: str = "bpe", max_docs_per_language: int | None = None,
+                    tokenizer_docs_per_language: int = 1_000_000, languages: list[str] | None = None,
+                    holdout_fraction: float = 0.05, shard_bytes: int = 4 << 20, num_proc: int | None = None,
+                    seed: int = 0, filters: FilterConfig | None = None, dedup: DedupConfig | None = None,
+                    langid: LangIdConfig | None = None, tokenizer_dir: str | Path | None = None,
+                    progress: bool = False) -> PreparedData:
+    """Build a ready-to-stream dataset from `corpus` (default: the bundled corpus).
+
+    A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
+    documents are held out. `max_docs_per_language` reads only that many documents per language and split
+    (quick tests). `tokenizer_dir`: reuse an existing tokenizer instead of training one.
+    """
+    started = time.time()
+    out_dir = Path(out_dir)
+    corpus = Path(corpus) if corpus is not None else bundled_corpus()
+    splits = find_splits(corpus)
+    report = clean(splits, out_dir / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
+                   max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
+                   num_proc=num_proc, progress=progress)
+    log.info("clean report\n%s", report.table())
+    tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
+                                 max_docs_per_language=tokenizer_docs_per_language, seed=seed,
+                                 model_max_length=max(seq_len, 1024))
+    if tokenizer_dir is None:
+        tokenizer_dir = train_tokenizer(out_dir / "clean" / "train", out_dir / "tokenizer", tok_config)
+    tokenizer_dir = Path(tokenizer_dir)
+    pack_languages = sorted(language_files(out_dir / "clean" / "train"))
+    train = pack(out_dir / "clean" / "train", tokenizer_dir, out_dir / "train", split="train", seq_len=seq_len,
+                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
+                 progress=progress)
+    valid = pack(out_dir / "clean" / "valid", tokenizer_dir, out_dir / "valid", split="valid", seq_len=seq_len,
+                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
+                 progress=progress)
+    prepared = PreparedData(tokenizer_dir, train, valid)
+    write_json(out_dir / "prepare.json", {
+        "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+        "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
+        "seconds": round(time.time() - started, 2), "data_config": asdict(prepared.data_config())})
+    return prepared

@@ -1,0 +1,172 @@
+"""The DeepSpeed trainer end to end on CPU: exact resume after SIGKILL, SIGTERM checkpoints, ZeRO 1/2/3 with
+two gloo ranks equal to one process, the NaN guard, per-language metrics and config errors."""
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from model.typed_config import ConfigError
+from pretrain.config import load_train_config
+from pretrain.metrics import LanguageLoss, per_language_report
+from tests.trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env, tiny_dataset,
+                                   train_losses, write_config)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+def wait_for(predicate, process, timeout=240):
+    start = time.time()
+    while not predicate():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"training exited early ({process.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() - start > timeout:
+            process.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_bitwise_identical_losses(data, tmp_path):
+    """N steps, SIGKILL, resume for N more == 2N steps uninterrupted (losses compared bitwise)."""
+    schedule = {"total_steps": 8, "warmup_steps": 2, "global_batch": 4}
+    full = write_config(run_config(data, tmp_path / "full", schedule=schedule), tmp_path / "full.yaml")
+    run_pretrain(full)
+    reference = train_losses(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 9))
+
+    resumed_dir = tmp_path / "resumed"
+    config = write_config(run_config(data, resumed_dir, schedule=schedule, data={"num_workers": 2}),
+                          tmp_path / "resumed.yaml")
+    process = subprocess.Popen(pretrain_command(config), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    latest = resumed_dir / "checkpoints" / "latest"
+    wait_for(lambda: latest.is_file() and latest.read_text().strip() == "step_00000004", process)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up or save
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    run_pretrain(config)
+    resumed = train_losses(resumed_dir)
+    for step in range(1, 9):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+    assert resumed[8] < resumed[1]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_then_resume_finishes(data, tmp_path):
+    config = write_config(run_config(data, tmp_path / "run", schedule={"total_steps": 400, "warmup_steps": 2},
+                                     checkpoint={"every_steps": 1000}), tmp_path / "run.yaml")
+    process = subprocess.Popen(pretrain_command(config), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count('"train"') >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "preempted, checkpoint written" in out
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.split("_")[1])
+    assert 3 <= step < 400
+    assert (tmp_path / "run" / "checkpoints" / tag / "COMPLETE").is_file()
+    run_pretrain(config, overrides=(f"schedule.total_steps={step + 2}",))
+    assert max(train_losses(tmp_path / "run")) == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_two_ranks_match_one_process(data, tmp_path, zero_stage):
+    """Same global batch (4 sequences): 1 process x micro 2 x accumulation 2 == 2 ranks x micro 2."""
+    schedule = {"total_steps": 3, "warmup_steps": 1, "global_batch": 4}
+    parallel = {"zero_stage": zero_stage, "micro_batch": 2, "precision": "fp32"}
+    one = write_config(run_config(data, tmp_path / "one", schedule=schedule, parallelism=parallel,
+                                  checkpoint={"every_steps": 100}), tmp_path / "one.yaml")
+    two = write_config(run_config(data, tmp_path / "two", schedule=schedule, parallelism=parallel,
+                                  checkpoint={"every_steps": 100}), tmp_path / "two.yaml")
+    run_pretrain(one)
+    run_pretrain(two, nproc=2)
+    single, double = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(single) == sorted(double) == [1, 2, 3]
+    for step in single:  # fp32; only the order of the gradient reduction differs
+        assert abs(single[step] - double[step]) <= 1e-5, (step, single[step], double[step])
+    assert single[3] != single[1]  # the model did train
+
+
+def test_ranks_read_disjoint_samples_covering_the_single_process_order(data):
+    from data_pipeline.loader import build_train_loader
+
+    cfg = load_train_config(None, data=run_config(data, "unused")).data
+
+    def fingerprints(loader, batches):
+        it = iter(loader)
+        return [tuple(row.tolist()) for _ in range(batches) for row in next(it)["input_ids"]]
+
+    rank0 = fingerprints(build_train_loader(cfg, 2, rank=0, world_size=2), 3)
+    rank1 = fingerprints(build_train_loader(cfg, 2, rank=1, world_size=2), 3)
+    single = fingerprints(build_train_loader(cfg, 2, rank=0, world_size=1), 6)
+    assert not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted(single)
+
+
+def test_nan_guard_skips_steps_and_stops_after_k_in_a_row(data, tmp_path, monkeypatch):
+    import pretrain.stages as stages
+    from pretrain.trainer import NonFiniteLossError, train
+
+    original = stages.PretrainStage.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, engine, batch):
+        calls["n"] += 1
+        result = original(self, engine, batch)
+        if calls["n"] > 4:  # steps 1-2 are healthy (2 micro-batches each), then every loss is NaN
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(stages.PretrainStage, "compute_loss", poisoned)
+    cfg = load_train_config(None, data=run_config(data, tmp_path / "nan", run={"output_dir": str(tmp_path / "nan"),
+                                                                              "max_consecutive_bad_steps": 3}))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a non-finite loss"):
+        train(cfg)
+    records = list(train_losses(tmp_path / "nan").items())
+    assert [s for s, _ in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) for s, loss in records if s <= 2)
+
+
+def test_language_loss_meter_and_bits_per_byte():
+    meter = LanguageLoss(3, torch.device("cpu"))
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    langs = torch.tensor([[0, 0, 2, 2]])
+    labels = torch.tensor([[5, 5, 5, -100]])
+    meter.add(losses, langs, labels)
+    report = per_language_report(*meter.reduce_and_reset(), ["en", "zh", "ru"], {"en": 4.0, "ru": 2.0})
+    assert report["en"]["loss"] == pytest.approx(1.5) and report["en"]["tokens"] == 2
+    assert report["en"]["bpb"] == pytest.approx(1.5 / math.log(2) / 4.0)
+    assert report["ru"]["loss"] == pytest.approx(3.0) and report["ru"]["tokens"] == 1
+    assert "zh" not in report
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.seq_len=64"], "data.seq_len: 64 exceeds model.max_seq_len 32"),
+    (["stage=finetune"], "stage: 'finetune' is not one of"),
+    (["parallelism.zero_stage=4"], "parallelism.zero_stage: must be 0, 1, 2 or 3"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas"),
+    (["schedule.warmup_stepz=3"], "schedule.warmup_stepz"),
+    (["data.mixing=random"], "data.mixing: 'random' is not one of"),
+])
+def test_run_config_errors_name_the_key(data, tmp_path, overrides, fragment):
+    path = write_config(run_config(data, tmp_path / "x"), tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, overrides)
+    assert fragment in str(err.value) and str(path) in str(err.value)
+
+
+def test_shipped_run_configs_load():
+    for path in ("configs/train/quickstart.yaml", "configs/train/fuxitranyu-8b.yaml"):
+        cfg = load_train_config(path)
+        assert cfg.data.seq_len <= cfg.model.max_seq_len
+    assert load_train_config("configs/train/fuxitranyu-8b.yaml").model.num_layers == 30
