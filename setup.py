@@ -19,6 +19,7 @@ install_requires = [
     "matplotlib>=3.7",
     "datasketch>=1.6",
     "py3langid>=0.2.2",
+    "tiktoken>=0.7",  # data_pipeline/encoders.py: 3x faster packing, checked equal to the HF tokenizer
     "tensorboard>=2.14",
 ]
 if sys.platform.startswith("linux"):

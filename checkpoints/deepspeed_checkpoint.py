@@ -74,7 +74,13 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            # zero_to_fp32 restores frozen parameters (requires_grad=False, e.g. MoE-LPR's expert 0) only for
+            # ZeRO 2/3; ZeRO-1 keeps them, unpartitioned, in the model states alone.
+            for states in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))[:1]:
+                module = torch.load(states, map_location="cpu")["module"]
+                state.update({k: v for k, v in module.items() if k not in state and v.numel() > 0})
+            return state
         states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if len(states) != 1:
             raise CheckpointError(f"{tag_dir}: expected one mp_rank_*_model_states.pt, found {len(states)}")

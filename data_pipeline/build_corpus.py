@@ -408,6 +408,9 @@ def collect(lang: str, budget: int, info: Packages, seed: int) -> list[tuple[str
     chosen: list[tuple[str, Doc]] = []
     used = 0
     leftovers: list[tuple[str, Doc]] = []
+    seen: set[str] = set()  # a page installed under two names is one document
+    for kind in pools:
+        pools[kind] = [d for d in pools[kind] if not (d.text in seen or seen.add(d.text))]
     for kind, docs in pools.items():
         rng.shuffle(docs)
         quota = budget * shares[kind]

@@ -76,21 +76,26 @@ class CleanReport:
 _WORKER: dict = {}
 
 
+_IDENTIFIERS: dict[tuple[str, ...] | None, object] = {}  # module-level: forked workers inherit loaded ones
+
+
 def _init_worker(filters: FilterConfig, dedup: DedupConfig, langid: LangIdConfig) -> None:
     _WORKER["filter"] = DocumentFilter(filters)
     _WORKER["dedup"] = dedup
     _WORKER["langid"] = langid
-    _WORKER["identifier"] = None
 
 
 def _identifier():
-    if _WORKER["identifier"] is None:
+    """py3langid's identifier (its model ships in the package; loading takes about a second, so lazily)."""
+    languages = _WORKER["langid"].languages
+    key = tuple(sorted(languages)) if languages else None
+    if key not in _IDENTIFIERS:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
         ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        if _WORKER["langid"].languages:
-            ident.set_languages(_WORKER["langid"].languages)
-        _WORKER["identifier"] = ident
-    return _WORKER["identifier"]
+        if languages:
+            ident.set_languages(languages)
+        _IDENTIFIERS[key] = ident
+    return _IDENTIFIERS[key]
 
 
 def _process_batch(batch: list[tuple[str, str | None]]) -> list[tuple]:
@@ -247,6 +252,12 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
                         write(target, lang, record)
         bar.close()
 
+    written = {out_dir / split / f"{lang}.jsonl" for split, lang in writers}
+    for split in {*splits, "valid" if holdout_every else "train"}:
+        for stale in (out_dir / split).glob("*.jsonl"):  # from an earlier run with other languages
+            if stale not in written:
+                log.info("clean: removing %s (not produced by this run)", stale)
+                stale.unlink()
     stats = selector.stats
     report = CleanReport({split: {lang: dict(c) for lang, c in sorted(langs.items())}
                           for split, langs in stats.items()})

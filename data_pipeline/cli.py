@@ -8,6 +8,7 @@
     fuxi data inspect MANIFEST                  per-language stats; --verify checks sha256 of every shard
     fuxi data mixture MANIFEST                  target/planned (and, with --stream, realised) language shares
     fuxi data prepare OUT                       all stages on the bundled corpus (or --corpus)
+    fuxi data align-table OUT                   PreAlign word-alignment table (FreeDict + parallel text)
 
 `register(subparsers)` is wired into the `fuxi` CLI; `main(argv)` runs the same parser standalone.
 """
@@ -165,6 +166,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_align_table(args) -> int:
+    from data_pipeline.align_table import (AlignTableConfig, build_alignment_table, write_alignment_table,
+                                           write_build_report)
+    cfg = AlignTableConfig(languages=args.languages, freedict_dir=None if args.no_freedict else args.freedict_dir,
+                           parallel_dir="" if args.no_parallel else args.parallel, corpus_dir=args.corpus,
+                           max_concepts=args.max_concepts, min_translations=args.min_translations)
+    table, report = build_alignment_table(cfg)
+    out = write_alignment_table(table, args.out, form=args.form)
+    sources = write_build_report(report, Path(args.out).with_suffix(".sources.json"))
+    print(report.table())
+    print(f"{len(table)} concepts, {sum(len(c.words) for c in table.concepts)} words -> {out} ({args.form}); "
+          f"provenance -> {sources}")
+    return 0
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `data` command (with its sub-commands) to a `fuxi` sub-parser set."""
     data = subparsers.add_parser("data", help="multilingual data pipeline: clean, tokenizer, pack, stream",
@@ -260,6 +276,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("align-table", help="PreAlign word-alignment table from FreeDict lists + parallel text")
+    p.add_argument("out", help="JSONL file to write (a <out>.sources.json provenance file goes beside it)")
+    p.add_argument("--languages", nargs="*", help="target languages (ISO 639-1; default: all available)")
+    p.add_argument("--freedict-dir", default="/usr/share/dictd", help="where dict-freedict-eng-* installed")
+    p.add_argument("--no-freedict", action="store_true")
+    p.add_argument("--parallel", help="folder of en-<lang>.jsonl pairs (default: the bundled corpus's)")
+    p.add_argument("--no-parallel", action="store_true")
+    p.add_argument("--corpus", help="folder of <lang>.jsonl for word frequencies (default: bundled train/)")
+    p.add_argument("--max-concepts", type=int, default=1500)
+    p.add_argument("--min-translations", type=int, default=1)
+    p.add_argument("--form", choices=["multi", "pairs"], default="multi")
+    p.set_defaults(func=cmd_align_table)
     return data
 
 

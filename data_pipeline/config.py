@@ -46,6 +46,11 @@ class DataConfig:
     tokenizer: str | None = None
     # DataLoader batches each worker prefetches.
     prefetch_factor: int = 4
+    # PreAlign input-only code-switching (data_pipeline/codeswitch.py): the probability that a word of the
+    # alignment table is replaced by a translation in the input (PreAlign: 0.05; 0 disables it), and the table
+    # (JSONL, data_pipeline/align_table.py; default: the shipped table).
+    codeswitch_ratio: float = 0.0
+    codeswitch_table: str | None = None
 
     def validate(self) -> None:
         if not self.train_manifest:
@@ -82,3 +87,7 @@ class DataConfig:
             raise DataConfigError(f"on_error: {self.on_error!r} is not one of {list(ON_ERROR_MODES)}")
         if self.prefetch_factor < 1:
             raise DataConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        if not 0.0 <= self.codeswitch_ratio <= 1.0:
+            raise DataConfigError(f"codeswitch_ratio: must be in [0, 1], got {self.codeswitch_ratio}")
+        if self.codeswitch_table is not None and not self.codeswitch_table:
+            raise DataConfigError("codeswitch_table: empty path; use null for the shipped table")

@@ -59,6 +59,24 @@ def _identity(value: int) -> int:
 
 
 _TEMPLATES: dict[tuple[int, int], MinHash] = {}
+_LSH_PARAMS: dict[tuple[float, int], tuple[int, int]] = {}
+
+
+def lsh_params(threshold: float, num_perm: int, points: int = 1001) -> tuple[int, int]:
+    """(bands b, rows r), b·r <= num_perm, minimising the equally weighted areas of false positives
+    (Jaccard < threshold, yet a candidate) and false negatives: datasketch's criterion, integrated for all
+    (b, r) at once with numpy (datasketch's scalar quadrature takes seconds per index)."""
+    key = (threshold, num_perm)
+    if key not in _LSH_PARAMS:
+        pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
+        s = np.linspace(0.0, 1.0, points)
+        candidate = 1.0 - (1.0 - s[None, :] ** pairs[:, 1:2]) ** pairs[:, 0:1]
+        below = s <= threshold
+        false_pos = np.trapezoid(np.where(below, candidate, 0.0), s, axis=1)
+        false_neg = np.trapezoid(np.where(below, 0.0, 1.0 - candidate), s, axis=1)
+        b, r = pairs[int(np.argmin(0.5 * false_pos + 0.5 * false_neg))]
+        _LSH_PARAMS[key] = (int(b), int(r))
+    return _LSH_PARAMS[key]
 
 
 def _template(num_perm: int, seed: int) -> MinHash:
@@ -82,7 +100,8 @@ class NearDuplicateIndex:
     def __init__(self, config: DedupConfig):
         config.validate()
         self.config = config
-        self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
+        self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm,
+                               params=lsh_params(config.threshold, config.num_perm))
         self._template = _template(config.num_perm, config.seed)
         self._signatures: dict[int, MinHash] = {}
         self._next_key = 0

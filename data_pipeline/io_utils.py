@@ -11,8 +11,10 @@ from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Write to a temp file in the same directory, fsync, then os.replace it over `path`."""
+def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False) -> Iterator[IO[Any]]:
+    """Write to a temp file in the same directory, then os.replace it over `path`: readers see the old file
+    or the whole new one, never a part. `fsync` also makes it durable across a power loss (slow; used for
+    manifests, whose checksums then catch any shard a crash may have lost)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,16 +23,23 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fsync:
+                os.fsync(f.fileno())
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    with atomic_write(path) as f:
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Give a finished temp file (mkstemp makes them 0600) normal permissions and rename it into place."""
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any, fsync: bool = False) -> None:
+    with atomic_write(path, fsync=fsync) as f:
         json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=False)
         f.write("\n")
 

@@ -99,7 +99,7 @@ class Manifest:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        write_json(path, self.to_dict())
+        write_json(path, self.to_dict(), fsync=True)
         self.path = path
         return path
 

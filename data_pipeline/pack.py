@@ -1,11 +1,15 @@
 """Stage 3, tokenize and pack: documents -> EOS-terminated token streams -> fixed blocks of seq_len + 1.
 
-Per language, documents are shuffled (T5-style packing, FuxiTranyu §3.5), tokenized in parallel worker
-processes, each followed by EOS (id 0), concatenated and cut into blocks of seq_len + 1 tokens. Every token
-carries its language index (into the manifest's `languages`) and its document index (unique within the
-language), which the trainer needs for per-language loss, document masking and the MoE-LPR language prior.
-Blocks are monolingual, so the stream can mix languages by weight; the tail shorter than one block is dropped
-and counted. Tokenization results come back in order, so the shards are identical for any process count.
+Per language, documents are shuffled (T5-style packing, FuxiTranyu §3.5), each followed by EOS (id 0),
+concatenated and cut into blocks of seq_len + 1 tokens. Every token carries its language index (into the
+manifest's `languages`) and its document index (unique within the language), which the trainer needs for
+per-language loss, document masking and the MoE-LPR language prior. Blocks are monolingual, so the stream can
+mix languages by weight.
+
+Parallelism: the shuffled documents of a language are cut into parts of `docs_per_part`; each (language,
+part) is one job that a worker process runs from end to end (read, tokenize, pack, write its own shards), so
+the parent only collects results. Each part drops its tail shorter than one block (counted in the
+manifest). Jobs and their shards depend only on the data and the seed, never on the number of processes.
 """
 from __future__ import annotations
 
@@ -13,19 +17,18 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import threading
 import zlib
-from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.manifest import LANG_DTYPE, LanguageStats, Manifest
-from data_pipeline.shards import Block, ShardWriter
 from data_pipeline.encoders import FastEncoder
+from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.manifest import LANG_DTYPE, LanguageStats, Manifest, ShardInfo
+from data_pipeline.shards import Block, ShardWriter
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -55,21 +58,49 @@ def line_offsets(path: Path) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-# --- worker side ------------------------------------------------------------------------------------------
+@dataclass
+class PackJob:
+    lang: str
+    lang_index: int
+    path: str
+    offsets: np.ndarray  # this part's documents, in the shuffled order
+    first_doc: int  # document index of the first of them (document ids are unique per language)
+    part: int
 
-_WORKER: dict = {}
+
+@dataclass
+class PackResult:
+    lang: str
+    part: int
+    shards: list[ShardInfo]
+    stats: LanguageStats
 
 
-def _init_worker(tokenizer_dir: str, parallel: bool, fast: bool) -> None:
-    if not parallel:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["encoder"] = FastEncoder(tokenizer_dir, prefer_fast=fast)
+class BlockPacker:
+    """Carries the unfinished tail between batches of documents and emits full blocks of one language."""
+
+    def __init__(self, lang_index: int, block_len: int, first_doc: int = 0):
+        self.block_len = block_len
+        self.lang_ids = np.full(block_len, lang_index, dtype=LANG_DTYPE)
+        self.tokens = np.empty(0, dtype=np.uint32)
+        self.doc_ids = np.empty(0, dtype=np.uint32)
+        self.next_doc = first_doc
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> Iterator[Block]:
+        """Append documents (`tokens` with their EOS, `lengths` per document) and yield the full blocks."""
+        docs = np.repeat(np.arange(self.next_doc, self.next_doc + len(lengths), dtype=np.uint32), lengths)
+        self.next_doc += len(lengths)
+        self.tokens = np.concatenate([self.tokens, tokens])
+        self.doc_ids = np.concatenate([self.doc_ids, docs])
+        full = len(self.tokens) // self.block_len
+        for b in range(full):
+            s = slice(b * self.block_len, (b + 1) * self.block_len)
+            yield Block(self.tokens[s], self.lang_ids, self.doc_ids[s])
+        self.tokens = self.tokens[full * self.block_len:]
+        self.doc_ids = self.doc_ids[full * self.block_len:]
 
 
-def _encode_chunk(task: tuple[str, str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Read the documents at `offsets` of `path` and encode them: (tokens with EOS after each document,
-    per-document token counts including the EOS, UTF-8 bytes of the text)."""
-    lang, path, offsets = task
+def read_documents(path: str, offsets: np.ndarray, lang: str) -> list[str]:
     texts = []
     with open(path, "rb") as f:
         for off in offsets:
@@ -84,7 +115,12 @@ def _encode_chunk(task: tuple[str, str, np.ndarray]) -> tuple[np.ndarray, np.nda
                 raise DataError(f"{path}: document at byte {int(off)} has lang {record.get('lang')!r}, "
                                 f"but the file is for {lang!r}")
             texts.append(text)
-    encodings = _WORKER["encoder"].encode_batch(texts)
+    return texts
+
+
+def encode_documents(encoder: FastEncoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens with EOS after each document, tokens per document including its EOS)."""
+    encodings = encoder.encode_batch(texts)
     lengths = np.fromiter((len(ids) + 1 for ids in encodings), dtype=np.int64, count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
     pos = 0
@@ -93,38 +129,66 @@ def _encode_chunk(task: tuple[str, str, np.ndarray]) -> tuple[np.ndarray, np.nda
         tokens[pos:pos + n] = ids
         tokens[pos + n] = EOS_ID
         pos += n + 1
-    return tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
+    return tokens, lengths
+
+
+# --- worker side ------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, settings: dict, parallel: bool) -> None:
+    if not parallel:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["encoder"] = FastEncoder(tokenizer_dir, prefer_fast=settings["fast_encoder"])
+    _WORKER.update(settings)
+
+
+def run_job(job: PackJob) -> PackResult:
+    """Read, tokenize, pack and write the shards of one (language, part)."""
+    w = _WORKER
+    prefix = f"{w['split']}-{job.lang}-{job.part:04d}"
+    writer = ShardWriter(Path(w["out_dir"]), prefix, job.lang, w["languages"], w["shard_bytes"])
+    packer = BlockPacker(job.lang_index, w["block_len"], job.first_doc)
+    stats = LanguageStats()
+    try:
+        for i in range(0, len(job.offsets), w["chunk_docs"]):
+            texts = read_documents(job.path, job.offsets[i:i + w["chunk_docs"]], job.lang)
+            tokens, lengths = encode_documents(w["encoder"], texts)
+            stats.documents += len(texts)
+            stats.tokens += len(tokens)
+            stats.utf8_bytes += sum(len(t.encode("utf-8")) for t in texts)
+            for block in packer.add(tokens, lengths):
+                writer.write(block)
+                stats.samples += 1
+    except BaseException:
+        writer.abort()
+        raise
+    stats.dropped_tokens = len(packer.tokens)
+    return PackResult(job.lang, job.part, writer.close(), stats)
 
 
 # --- parent side ------------------------------------------------------------------------------------------
 
-class _BlockPacker:
-    """Carries the unfinished tail between chunks and emits full blocks of one language."""
-
-    def __init__(self, lang_index: int, block_len: int):
-        self.block_len = block_len
-        self.lang_ids = np.full(block_len, lang_index, dtype=LANG_DTYPE)
-        self.tokens = np.empty(0, dtype=np.uint32)
-        self.doc_ids = np.empty(0, dtype=np.uint32)
-        self.next_doc = 0
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> Iterator[Block]:
-        docs = np.repeat(np.arange(self.next_doc, self.next_doc + len(lengths), dtype=np.uint32), lengths)
-        self.next_doc += len(lengths)
-        self.tokens = np.concatenate([self.tokens, tokens])
-        self.doc_ids = np.concatenate([self.doc_ids, docs])
-        full = len(self.tokens) // self.block_len
-        for b in range(full):
-            s = slice(b * self.block_len, (b + 1) * self.block_len)
-            yield Block(self.tokens[s], self.lang_ids, self.doc_ids[s])
-        self.tokens = self.tokens[full * self.block_len:]
-        self.doc_ids = self.doc_ids[full * self.block_len:]
+def plan_jobs(files: dict[str, Path], languages: list[str], seed: int, docs_per_part: int) -> list[PackJob]:
+    """Shuffle each language's documents (seeded by seed and language) and cut them into parts."""
+    jobs = []
+    for lang_index, lang in enumerate(languages):
+        if lang not in files:
+            continue
+        offsets = line_offsets(files[lang])
+        rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
+        offsets = offsets[rng.permutation(len(offsets))]
+        for part, start in enumerate(range(0, len(offsets), docs_per_part)):
+            jobs.append(PackJob(lang, lang_index, str(files[lang]), offsets[start:start + docs_per_part], start,
+                                part))
+    return jobs
 
 
 def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, split: str = "train",
          seq_len: int = 2048, languages: list[str] | None = None, shard_bytes: int = 128 << 20,
-         num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, fast_encoder: bool = True,
-         progress: bool = True) -> Path:
+         num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, docs_per_part: int = 50_000,
+         fast_encoder: bool = True, progress: bool = True) -> Path:
     """Tokenize and pack a cleaned split directory into webdataset shards plus `out_dir/manifest.json`.
 
     languages: the ordered language list the language ids index (give the same list for train and valid);
@@ -135,6 +199,8 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
         raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
     if shard_bytes < 1:
         raise DataConfigError(f"shard_bytes: must be >= 1, got {shard_bytes}")
+    if docs_per_part < 1 or chunk_docs < 1:
+        raise DataConfigError(f"docs_per_part/chunk_docs: must be >= 1, got {docs_per_part}/{chunk_docs}")
     files = language_files(corpus)
     languages = list(languages) if languages else sorted(files)
     if len(set(languages)) != len(languages):
@@ -144,74 +210,52 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
         log.warning("pack %s: ignoring %s (not in the language list)", corpus, unknown)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    block_len = seq_len + 1
-    tok = load_tokenizer(tokenizer_dir)
-    num_proc = max(1, num_proc or os.cpu_count() or 1)
+    vocab_size = load_tokenizer(tokenizer_dir).get_vocab_size()
+    import webdataset  # noqa: F401 - imported once here, not in every worker (it imports torch)
+    jobs = plan_jobs(files, languages, seed, docs_per_part)
+    num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(jobs) or 1))
+    settings = {"out_dir": str(out_dir), "split": split, "languages": languages, "block_len": seq_len + 1,
+                "shard_bytes": shard_bytes, "chunk_docs": chunk_docs, "fast_encoder": fast_encoder}
 
-    def tasks() -> Iterator[tuple[str, str, np.ndarray]]:
-        for lang in languages:
-            if lang not in files:
-                continue
-            offsets = line_offsets(files[lang])
-            rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-            offsets = offsets[rng.permutation(len(offsets))]
-            for i in range(0, len(offsets), chunk_docs):
-                yield lang, str(files[lang]), offsets[i:i + chunk_docs]
-
-    stats = {lang: LanguageStats() for lang in languages}
-    writers = {lang: ShardWriter(out_dir, f"{split}-{lang}", lang, languages, shard_bytes) for lang in languages}
-    packers = {lang: _BlockPacker(i, block_len) for i, lang in enumerate(languages)}
-    pool = None
-    if num_proc > 1:
-        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                               initargs=(str(tokenizer_dir), False, fast_encoder))
-        mapper = pool.imap
-    else:
-        _init_worker(str(tokenizer_dir), True, fast_encoder)
-        mapper = map
-    bar = tqdm(desc=f"pack {split}", unit="tok", unit_scale=True, disable=not progress)
-    # At most a few chunks per process in flight: bounded memory, and the workers never wait for the parent.
-    in_flight = threading.BoundedSemaphore(4 * num_proc)
-    langs_in_flight: deque[str] = deque()
-
-    def bounded_tasks() -> Iterator[tuple[str, str, np.ndarray]]:
-        for task in tasks():
-            in_flight.acquire()
-            langs_in_flight.append(task[0])
-            yield task
-
+    results: list[PackResult] = []
+    bar = tqdm(total=len(jobs), desc=f"pack {split}", unit="part", disable=not progress)
     try:
-        for tokens, lengths, nbytes in mapper(_encode_chunk, bounded_tasks()):
-            lang = langs_in_flight.popleft()
-            in_flight.release()
-            if True:
-                s = stats[lang]
-                s.documents += len(lengths)
-                s.tokens += len(tokens)
-                s.utf8_bytes += nbytes
-                for block in packers[lang].add(tokens, lengths):
-                    writers[lang].write(block)
-                    s.samples += 1
-                bar.update(len(tokens))
+        if num_proc > 1:
+            # Big jobs first keeps the processes busy to the end; results are re-ordered below.
+            order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].offsets))
+            with mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                                             initargs=(str(tokenizer_dir), settings, False)) as pool:
+                for result in pool.imap_unordered(run_job, [jobs[i] for i in order]):
+                    results.append(result)
+                    bar.update()
+        else:
+            _init_worker(str(tokenizer_dir), settings, True)
+            for job in jobs:
+                results.append(run_job(job))
+                bar.update()
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        for r in results:  # a failed run leaves no shards behind
+            for s in r.shards:
+                (out_dir / s.path).unlink(missing_ok=True)
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()  # every result has been consumed (or we are failing)
-            pool.join()
-    shards = []
+
+    results.sort(key=lambda r: (languages.index(r.lang), r.part))
+    stats = {lang: LanguageStats() for lang in languages}
+    shards: list[ShardInfo] = []
+    for r in results:
+        s = stats[r.lang]
+        for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
+            setattr(s, name, getattr(s, name) + getattr(r.stats, name))
+        shards += r.shards
     for lang in languages:
-        stats[lang].dropped_tokens = len(packers[lang].tokens)
-        shards += writers[lang].close()
         if stats[lang].samples == 0:
             log.warning("pack %s: language %s has %d tokens, fewer than one block of %d: no samples",
-                        split, lang, stats[lang].tokens, block_len)
+                        split, lang, stats[lang].tokens, seq_len + 1)
     manifest = Manifest(split=split, seq_len=seq_len, tokenizer_hash=tokenizer_hash(tokenizer_dir),
-                        vocab_size=tok.get_vocab_size(), eos_id=EOS_ID, languages=languages,
-                        language_stats=stats, shards=shards, seed=seed,
+                        vocab_size=vocab_size, eos_id=EOS_ID, languages=languages, language_stats=stats,
+                        shards=shards, seed=seed,
                         tokenizer_path=os.path.relpath(Path(tokenizer_dir).resolve(), out_dir.resolve()))
     path = manifest.save(out_dir / MANIFEST_NAME)
     keep = {s.path for s in shards}

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipeline.errors import ShardError
-from data_pipeline.io_utils import sha256_file
+from data_pipeline.io_utils import publish, sha256_file
 from data_pipeline.manifest import DOC_DTYPE, LANG_DTYPE, TOKEN_DTYPE, Manifest, ShardInfo
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class ShardWriter:
         self._tar = None
         self._samples = 0
         self._tokens = np.zeros(len(languages), dtype=np.int64)
-        self._index = 0  # sample index within the language, for keys
+        self._index = 0  # sample index within this writer (keys are prefix-index, unique in a dataset)
 
     def _open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ class ShardWriter:
     def write(self, block: Block) -> None:
         if self._tar is None:
             self._open()
-        self._tar.write({"__key__": f"{self.language}_{self._index:09d}", "tokens.npy": npy_bytes(block.tokens),
+        self._tar.write({"__key__": f"{self.prefix}-{self._index:09d}", "tokens.npy": npy_bytes(block.tokens),
                          "lang.npy": npy_bytes(block.lang_ids), "doc.npy": npy_bytes(block.doc_ids)})
         self._index += 1
         self._samples += 1
@@ -86,14 +86,12 @@ class ShardWriter:
     def _finish(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()  # also closes the tar stream; flush and sync the file ourselves
+        self._tar.close()  # closes the tar stream; the file object is ours to close
         if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
         name = f"{self.prefix}-{len(self.shards):05d}.tar"
         final = self.out_dir / name
-        os.replace(self._tmp, final)
+        publish(self._tmp, final)
         self.shards.append(ShardInfo(path=name, language=self.language, samples=self._samples,
                                      bytes=os.path.getsize(final), sha256=sha256_file(final),
                                      tokens_per_language={lang: int(n) for lang, n in

@@ -229,7 +229,9 @@ class MixtureDataset(IterableDataset):
             if block is not None:
                 if attempt:
                     self.skipped += attempt
-                return self.transform(self._as_tensors(block))
+                raw = self._as_tensors(block)
+                raw["position"] = g  # for transforms that draw per sample (code-switching): resumes exactly
+                return self.transform(raw)
         raise ShardError(f"{MAX_SUBSTITUTES} corrupt samples in a row at position {g}; giving up "
                          f"(on_error=skip); see the warnings above for the shards")
 

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -104,15 +105,41 @@ def _train_bpe(texts: Iterable[str], count: int, config: TokenizerConfig):
     return tok
 
 
-def _train_sentencepiece(texts: Iterable[str], config: TokenizerConfig, num_threads: int) -> bytes:
+def character_coverage(texts: Iterable[str], vocab_size: int, ceiling: float = 0.9995,
+                       floor: float = 0.98) -> float:
+    """The share of characters sentencepiece must cover with its own pieces: 0.9995 unless that needs more
+    than half the vocabulary (small vocabularies with CJK text), never below sentencepiece's minimum 0.98;
+    byte fallback covers the rest."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(text)
+    freqs = sorted(counts.values(), reverse=True)
+    total = sum(freqs)
+    budget = max(1, (vocab_size - 259) // 2)
+    coverage = ceiling if len(freqs) <= budget else max(floor, min(ceiling, sum(freqs[:budget]) / total))
+    running, needed = 0, 0
+    for f in freqs:  # characters sentencepiece will require at this coverage
+        if running >= coverage * total:
+            break
+        running += f
+        needed += 1
+    if needed + 259 > vocab_size:
+        raise DataConfigError(f"vocab_size: {vocab_size} is too small for the sentencepiece backend on this "
+                              f"corpus: covering {coverage:.1%} of its characters takes {needed} pieces; use "
+                              f"at least {needed + 259 + 64} or the bpe backend")
+    return coverage
+
+
+def _train_sentencepiece(texts: list[str], config: TokenizerConfig, num_threads: int) -> bytes:
     import sentencepiece as spm
     model = io.BytesIO()
+    coverage = character_coverage(texts, config.vocab_size)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=config.vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=False, normalization_rule_name="identity",  # nmt_nfkc is lossy
-        add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=0.9995,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=coverage,
         unk_id=1, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=[EOS_TOKEN],  # EOS takes id 0
-        max_sentence_length=1 << 20, num_threads=num_threads, minloglevel=2, random_seed=config.seed)
+        max_sentence_length=1 << 20, num_threads=num_threads, minloglevel=2)
     return model.getvalue()
 
 
@@ -141,13 +168,20 @@ def sentencepiece_to_tokenizers(model_proto: bytes):
 
 
 def save_hf_tokenizer(tok, out_dir: Path, config: TokenizerConfig, backend: str) -> None:
-    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
-    cls = GPT2TokenizerFast if backend == "bpe" else PreTrainedTokenizerFast
-    hf = cls(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
-             if backend == "bpe" else "<unk>", model_max_length=config.model_max_length)
-    if hf.eos_token_id != EOS_ID or hf.bos_token_id != EOS_ID:
-        raise DataError(f"tokenizer: EOS/BOS must be id {EOS_ID}, got {hf.eos_token_id}/{hf.bos_token_id}")
-    hf.save_pretrained(str(out_dir))
+    """tokenizer.json plus the small config files transformers reads (written directly, so the pipeline does
+    not need transformers; a test loads the result with AutoTokenizer)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN,
+               "unk_token": EOS_TOKEN if backend == "bpe" else "<unk>"}
+    tokenizer_config = {
+        # GPT2TokenizerFast in transformers 4 (AutoTokenizer adds "Fast"); GPT2Tokenizer is the same class in 5.
+        "tokenizer_class": "GPT2Tokenizer" if backend == "bpe" else "PreTrainedTokenizerFast",
+        **special, "model_max_length": config.model_max_length, "add_prefix_space": False,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+    }
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    write_json(out_dir / "special_tokens_map.json", special)
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
@@ -184,7 +218,7 @@ def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerCo
     if config.backend == "bpe":
         tok = _train_bpe(_interleave(samples), count, config)
     else:
-        proto = _train_sentencepiece(_interleave(samples), config, num_threads)
+        proto = _train_sentencepiece(list(_interleave(samples)), config, num_threads)
         (out_dir / "spm.model").write_bytes(proto)
         tok = sentencepiece_to_tokenizers(proto)
     if tok.token_to_id(EOS_TOKEN) != EOS_ID:

@@ -233,7 +233,7 @@ def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Ca
 
 
 def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, hidden: int = HIDDEN,
-              vocab: int = VOCAB) -> Case:
+              vocab: int = VOCAB, vocab_chunk: int | None = None) -> Case:
     h = (torch.randn(tokens, hidden, device=device) / math.sqrt(hidden)).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, device=device) * 0.02).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device=device)
@@ -243,9 +243,10 @@ def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, hidde
     compiled = _compiled(linear_cross_entropy_torch, compile_)
     if compiled:
         providers["compile"] = lambda: compiled(h, w, labels)
-    providers["chunked_torch"] = lambda: linear_cross_entropy_chunked(h, w, labels)
+    providers["chunked_torch"] = lambda: linear_cross_entropy_chunked(h, w, labels, vocab_chunk=vocab_chunk)
     if triton_ok:
-        providers["triton"] = lambda: linear_cross_entropy_chunked(h, w, labels, use_triton=True)
+        providers["triton"] = lambda: linear_cross_entropy_chunked(h, w, labels, vocab_chunk=vocab_chunk,
+                                                                   use_triton=True)
 
     def liger():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -284,12 +285,17 @@ def _rss_mb(field_name: str) -> float:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _flce_cpu_child(variant: str, tokens: int, hidden: int, vocab: int, reps: int, queue) -> None:
+def _flce_cpu_child(variant: str, tokens: int, hidden: int, vocab: int, vocab_chunk: int | None, reps: int,
+                    queue) -> None:
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden).div_(math.sqrt(hidden)).requires_grad_()
     w = torch.randn(vocab, hidden).mul_(0.02).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,))
-    fn = linear_cross_entropy_torch if variant == "eager" else linear_cross_entropy_chunked
+    if variant == "eager":
+        fn = linear_cross_entropy_torch
+    else:
+        def fn(a, b, c):
+            return linear_cross_entropy_chunked(a, b, c, vocab_chunk=vocab_chunk)
     peaks, times = [], []
     for _ in range(reps):
         h.grad = w.grad = None
@@ -306,12 +312,13 @@ def _flce_cpu_child(variant: str, tokens: int, hidden: int, vocab: int, reps: in
     queue.put({"variant": variant, "peak_mem_mb": max(peaks), "full_ms": statistics.median(times), "loss": loss})
 
 
-def flce_cpu_memory(tokens: int, hidden: int, vocab: int, reps: int) -> dict[str, dict]:
+def flce_cpu_memory(tokens: int, hidden: int, vocab: int, vocab_chunk: int | None, reps: int
+                    ) -> dict[str, dict]:
     ctx = multiprocessing.get_context("spawn")
     out = {}
     for variant in ("eager", "chunked_torch"):
         queue = ctx.Queue()
-        proc = ctx.Process(target=_flce_cpu_child, args=(variant, tokens, hidden, vocab, reps, queue))
+        proc = ctx.Process(target=_flce_cpu_child, args=(variant, tokens, hidden, vocab, vocab_chunk, reps, queue))
         proc.start()
         out[variant] = queue.get()
         proc.join()
@@ -406,6 +413,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flce-cpu-tokens", type=int, default=2048)
     parser.add_argument("--flce-cpu-hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--vocab-chunk", type=int, default=None,
+                        help="vocab columns per chunk of the fused loss (default: kernels.default_vocab_chunk)")
     parser.add_argument("--out", default="runs/bench/kernels", help="folder for kernels.csv/.md/.png")
 
 
@@ -429,14 +438,15 @@ def run(args: argparse.Namespace) -> dict:
         for tokens in tokens_list:
             case = CASE_BUILDERS[kernel](tokens, dtype, device, not args.no_compile, triton_ok) \
                 if kernel != "flce" else flce_case(tokens, dtype, device, not args.no_compile, triton_ok,
-                                                   vocab=args.vocab)
+                                                   vocab=args.vocab, vocab_chunk=args.vocab_chunk)
             rows.extend(run_case(case, device, args.reps, bandwidth))
             del case
             print(f"  {kernel} x {tokens} tokens done")
 
     summary = _headline(rows, bandwidth, device, dtype)
     if "flce" in args.kernels and not on_gpu:
-        mem = flce_cpu_memory(args.flce_cpu_tokens, args.flce_cpu_hidden, args.vocab, reps=3)
+        mem = flce_cpu_memory(args.flce_cpu_tokens, args.flce_cpu_hidden, args.vocab, args.vocab_chunk,
+                              reps=args.reps)
         for variant, m in mem.items():
             rows.append(Result("flce", variant, args.flce_cpu_tokens, full_ms=m["full_ms"],
                                peak_mem_mb=m["peak_mem_mb"],

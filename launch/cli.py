@@ -65,20 +65,13 @@ def cmd_convert_from_hf(args) -> int:
 
 
 def cmd_upcycle(args) -> int:
-    from checkpoints.model_checkpoint import check_tensor_names, read_model_config, save_model_checkpoint
-    from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
-    from model import build_model
+    from checkpoints.upcycle_checkpoint import upcycle_checkpoint
     from model.config import MoEConfig
-    from model.upcycle import upcycle_config, upcycle_tensors
 
-    dense = read_model_config(args.checkpoint)
-    expected = {k: tuple(v.shape) for k, v in build_model(dense, device="meta").state_dict().items()}
-    check_tensor_names(expected, tensor_shapes(args.checkpoint), args.checkpoint)
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, layers=args.layers,
                     top1_code_compat=args.top1_code_compat, original_languages=args.original_languages)
-    config = upcycle_config(dense, moe)
-    out = save_model_checkpoint(upcycle_tensors(iter_tensors(args.checkpoint), config, seed=args.seed), config,
-                                args.out, max_shard_bytes=parse_size(args.shard_size))
+    out = upcycle_checkpoint(args.checkpoint, args.out, moe, seed=args.seed,
+                             max_shard_bytes=parse_size(args.shard_size))
     print(f"wrote {moe.num_experts}-expert top-{moe.top_k} MoE checkpoint to {out}")
     return 0
 
@@ -116,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--shard-size", default="5GB")
     from_hf.set_defaults(func=cmd_convert_from_hf)
 
+    from data_pipeline import cli as data_cli
     from pretrain import cli as pretrain_cli
+
+    data_cli.register(sub)
 
     pretrain = sub.add_parser("pretrain", help="train (or resume) a model: --config <run.yaml> [--set k=v]")
     pretrain_cli.add_arguments(pretrain)
@@ -138,30 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_name", required=True)
     for name, module_name in BENCHMARKS.items():
         bench_parser = bench_sub.add_parser(name, help=f"{name} benchmark ({module_name})")
-        try:
-            importlib.import_module(module_name).add_arguments(bench_parser)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            bench_parser.set_defaults(func=lambda a, n=name: _missing_bench(n))
-            continue
+        importlib.import_module(module_name).add_arguments(bench_parser)
         bench_parser.set_defaults(func=cmd_bench)
     return parser
 
 
-def _missing_bench(name: str) -> int:
-    print(f"fuxi bench {name}: this benchmark is not part of this installation", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    from model.typed_config import ConfigError
     from checkpoints import CheckpointError
+    from data_pipeline.errors import DataError
+    from model.typed_config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, DataError) as err:
         print(f"fuxi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

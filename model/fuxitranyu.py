@@ -136,8 +136,11 @@ class FuxiTranyuModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None):
+    def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None, output_hidden_states=False):
+        """-> (final hidden states, kv cache), plus, with `output_hidden_states`, a tuple of L + 1 tensors: the
+        embedding output and every block's output (before the final norm), for per-layer analyses (PreAlign)."""
         x = self.embed_tokens(input_ids)
+        all_hidden = [x] if output_hidden_states else None
         if positions is None:
             past = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].shape[1]
             positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
@@ -153,6 +156,10 @@ class FuxiTranyuModel(nn.Module):
                 x, layer_cache = layer(x, cos, sin, doc_ids, layer_cache)
             if new_cache is not None:
                 new_cache.append(layer_cache)
+            if all_hidden is not None:
+                all_hidden.append(x)
+        if all_hidden is not None:
+            return self.norm(x), new_cache, tuple(all_hidden)
         return self.norm(x), new_cache
 
 
@@ -187,14 +194,15 @@ class FuxiTranyuForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 kv_cache: list | None = None, return_logits: bool | None = None,
-                z_loss: float = 0.0) -> CausalLMOutput:
+                z_loss: float = 0.0, output_hidden_states: bool = False) -> CausalLMOutput:
         """labels are already shifted (labels[t] is the token after input_ids[t]); -100 is ignored.
 
         With labels the loss goes through the fused linear cross-entropy and logits are not built unless
-        `return_logits` is set; without labels the logits are returned.
+        `return_logits` is set; without labels the logits are returned. `output_hidden_states` adds the
+        embedding output and every block output (out.hidden_states, L + 1 tensors).
         """
-        hidden, kv_cache = self.model(input_ids, positions, doc_ids, kv_cache)
-        out = CausalLMOutput(kv_cache=kv_cache)
+        hidden, kv_cache, *per_layer = self.model(input_ids, positions, doc_ids, kv_cache, output_hidden_states)
+        out = CausalLMOutput(kv_cache=kv_cache, hidden_states=per_layer[0] if per_layer else None)
         if labels is not None:
             token_losses = self.lm_head(hidden, labels, z_loss)
             out.token_losses = token_losses

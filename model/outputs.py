@@ -18,3 +18,5 @@ class CausalLMOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # Per-layer key/value cache for generation.
     kv_cache: list | None = None
+    # With output_hidden_states: the embedding output and every block output (L + 1 tensors [batch, seq, h]).
+    hidden_states: tuple | None = None

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         "parameters": model.num_parameters(), "step_time_s": step_time,
         "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
         "tflops_per_device": tokens_per_s * flops_per_token / 1e12 / ctx.world_size,
-        "peak_tflops": peak, "mfu": mfu(tokens_per_s, flops_per_token, peak, ctx.world_size),
+        "peak_tflops": peak, "mfu": mfu(tokens_per_s, flops_per_token, peak, ctx.world_size) if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if ctx.device.type == "cuda" else None,
     }
     if ctx.is_main:

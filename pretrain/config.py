@@ -139,8 +139,51 @@ class RunConfig:
     max_consecutive_bad_steps: int = 5
     # Export to Hugging Face format at the end of training (into <output_dir>/hf).
     export_hf: bool = False
+    # Write the last checkpoint's consolidated weights to <output_dir>/final (our plain format, what
+    # `checkpoint.init_from` reads; e.g. MoE-LPR stage 2 starts from stage 1's). export_hf implies it.
+    export_final: bool = False
     # The tokenizer the data was built with (copied into checkpoints and the HF export).
     tokenizer: str | None = None
+
+
+PREALIGN_ALPHA_WEIGHTS = ("lm", "align")
+
+
+@dataclass
+class PreAlignConfig:
+    """The prealign_init stage (pretrain/prealign_stage.py, methods.md 3.3). Entries per batch are
+    schedule.global_batch (one concept per sample); negatives come from one micro-step across ranks.
+
+    alpha_weights "lm": L = L_align + alpha * L_LM (the issue's reading; default); "align": L = L_LM + alpha *
+    L_align (the released multi-way trainer). docs/prealign.md explains the choice."""
+
+    # Alignment table (JSONL, data_pipeline/align_table.py); default: the shipped table.
+    table: str | None = None
+    temperature: float = 0.1
+    alpha: float = 0.1
+    alpha_weights: str = "lm"
+    # Words of one concept per sample: 2 is a translation pair; more gives the multi-way (supervised) form.
+    words_per_entry: int = 2
+    # Words tokenised longer than this are left out of the stage (logged).
+    max_word_tokens: int = 16
+    # Use only these languages' words (default: all in the table).
+    languages: list[str] | None = None
+    # Concepts measured by the end-of-run alignment report.
+    report_concepts: int = 512
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha: must be >= 0, got {self.alpha}")
+        if self.alpha_weights not in PREALIGN_ALPHA_WEIGHTS:
+            raise ConfigError(f"alpha_weights: {self.alpha_weights!r} is not one of {list(PREALIGN_ALPHA_WEIGHTS)}")
+        if self.words_per_entry < 2:
+            raise ConfigError(f"words_per_entry: must be >= 2 (a word and a translation), got {self.words_per_entry}")
+        if self.max_word_tokens < 1 or self.report_concepts < 2:
+            raise ConfigError("max_word_tokens must be >= 1 and report_concepts >= 2")
+        if self.table is not None and not self.table:
+            raise ConfigError("table: empty path; use null for the shipped table")
 
 
 @dataclass
@@ -154,10 +197,15 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     stage: str = "pretrain"
+    # Only read by stage prealign_init.
+    prealign: PreAlignConfig = field(default_factory=PreAlignConfig)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage: {self.stage!r} is not one of {list(STAGES)}")
+        if self.stage == "prealign_init" and self.parallelism.zero_stage == 3:
+            raise ConfigError("parallelism.zero_stage: prealign_init reads the output-embedding rows outside the "
+                              "module's forward, which ZeRO-3 partitions; use zero_stage 0, 1 or 2")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")

@@ -16,7 +16,7 @@ PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 # Dense bf16 peak TFLOP/s per device (no sparsity), for MFU.
 PEAK_TFLOPS = {
     "H100-SXM": 989.4, "H100 80GB HBM3": 989.4, "H100-PCIE": 756.0, "H200": 989.4, "A100": 312.0,
-    "A800": 312.0, "L40S": 362.0, "cpu": 1.0,
+    "A800": 312.0, "L40S": 362.0,
 }
 
 
@@ -101,11 +101,11 @@ def format_report(report: ModelReport) -> str:
     return "\n".join(lines)
 
 
-def device_peak_tflops(override: float | None = None) -> float:
+def device_peak_tflops(override: float | None = None) -> float | None:
+    """Dense bf16 peak of this device: the override, else the table entry for the CUDA device's name, else None
+    (a CPU or an unknown accelerator: MFU is then not reported unless logging.peak_tflops is set)."""
     if override:
         return override
     if torch.cuda.is_available():
-        found = peak_tflops_for(torch.cuda.get_device_name())
-        if found:
-            return found
-    return PEAK_TFLOPS["cpu"]
+        return peak_tflops_for(torch.cuda.get_device_name())
+    return None

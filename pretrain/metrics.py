@@ -53,7 +53,7 @@ def per_language_report(sums: torch.Tensor, counts: torch.Tensor, languages: lis
 class SpeedMonitor:
     """Tokens/s, TFLOP/s and MFU over the window since the last read (OLMo-core's speed monitor, simplified)."""
 
-    def __init__(self, flops_per_token: float, peak_tflops: float, world_size: int):
+    def __init__(self, flops_per_token: float, peak_tflops: float | None, world_size: int):
         self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
         self.tokens, self.start = 0, time.perf_counter()
 
@@ -65,7 +65,8 @@ class SpeedMonitor:
         tokens_per_s = self.tokens * self.world_size / elapsed
         tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size
         self.tokens, self.start = 0, time.perf_counter()
-        return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / self.peak_tflops}
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": mfu}
 
 
 def memory_stats(device: torch.device) -> dict:
@@ -128,7 +129,8 @@ def _flatten(metrics: dict, prefix: str = "") -> dict:
 def console_line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step:>6}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"gnorm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "gnorm -",
-             f"tok/s {m['tokens_per_s']:,.0f}", f"mfu {100 * m['mfu']:.1f}%"]
+             f"tok/s {m['tokens_per_s']:,.0f}",
+             f"mfu {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else f"TFLOP/s {m['tflops_per_device']:.3f}"]
     if m.get("loss_scale") not in (None, 1.0):
         parts.append(f"scale {m['loss_scale']:.0f}")
     if m.get("skipped_steps"):

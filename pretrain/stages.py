@@ -36,6 +36,16 @@ class PretrainStage:
                      z_loss=self.cfg.optimizer.z_loss)
         return StepLoss(out.loss, out.loss.detach(), out.token_losses)
 
+    def log_metrics(self) -> dict:
+        """Stage-specific metrics for the current logging window, merged into the "train" record. Collective:
+        every rank calls it at each log step."""
+        return {}
+
+    def end_of_run(self, engine, val_batches: dict, out_dir, ctx) -> dict:
+        """Collective, after the final validation: stage-specific end-of-run metrics (logged as a "stage"
+        record); rank 0 may write files into out_dir."""
+        return {}
+
 
 _STAGES = {"pretrain": PretrainStage}
 
@@ -48,3 +58,8 @@ def build_stage(cfg: TrainConfig, languages: list[str]):
     if cfg.stage not in _STAGES:
         raise ValueError(f"stage: {cfg.stage!r} is not available; known: {sorted(_STAGES)}")
     return _STAGES[cfg.stage](cfg, languages)
+
+
+# Stages defined in their own modules register themselves on import (after the names above exist).
+from pretrain import moe_stages  # noqa: E402,F401
+from pretrain import prealign_stage  # noqa: E402,F401

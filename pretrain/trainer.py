@@ -184,7 +184,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0),
                           "skipped_steps": skipped, "global_batch": global_batch,
                           "per_language": per_language_report(sums, counts, data.languages, data.bytes_per_token),
-                          **speed.read_and_reset(), **memory_stats(ctx.device)}
+                          **speed.read_and_reset(), **memory_stats(ctx.device), **stage.log_metrics()}
                 metrics.log("train", step, record)
                 if ctx.is_main:
                     log.info(console_line(step, cfg.schedule.total_steps, record))
@@ -202,22 +202,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     final_val = {}
     if not preempted and val_batches:
         final_val = validate()
+    if not preempted:
+        stage_report = stage.end_of_run(engine, val_batches, out_dir, ctx)  # e.g. MoE router statistics
+        if stage_report:
+            metrics.log("stage", step, {"stage": cfg.stage, **stage_report})
     metrics.close()
     if ctx.is_main and not preempted:
         if val_batches:
             plot_loss_per_language(out_dir / "metrics.jsonl", out_dir / "loss_per_language.png")
-        if cfg.run.export_hf and last_checkpoint:
-            export_final(last_checkpoint, out_dir, cfg.run.tokenizer)
+        if (cfg.run.export_hf or cfg.run.export_final) and last_checkpoint:
+            export_final(last_checkpoint, out_dir, cfg.run.tokenizer, hf=cfg.run.export_hf)
     barrier()
     return TrainResult(step, preempted, last_checkpoint, final_val, start_val, skipped)
 
 
-def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None) -> Path:
+def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None, hf: bool = True) -> Path:
     """The last training checkpoint -> <out_dir>/final (our plain format) -> <out_dir>/hf (Hugging Face)."""
     from checkpoints import export_to_hf
     from checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint
 
     plain = consolidate_deepspeed_checkpoint(checkpoint, out_dir / "final")
+    if not hf:
+        log.info("exported %s -> %s (ours)", checkpoint, plain)
+        return plain
     hf_dir = export_to_hf(plain, out_dir / "hf", dtype="float32", tokenizer_dir=tokenizer)
     log.info("exported %s -> %s (ours) -> %s (Hugging Face)", checkpoint, plain, hf_dir)
     return hf_dir

@@ -61,3 +61,20 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     assert all((back.state_dict()[k] == v).all() for k, v in model.state_dict().items())
     assert main(["convert", "to-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_upcycle_cli_preserves_the_dense_function(tmp_path):
+    import torch
+
+    from checkpoints import load_model, save_model
+    from tests.model_helpers import multilingual_ids, tiny_model
+
+    dense = tiny_model()
+    save_model(dense, tmp_path / "dense")
+    assert main(["upcycle", "--checkpoint", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2",
+                 "--out", str(tmp_path / "moe"), "--original-languages", "en", "zh"]) == 0
+    moe = load_model(tmp_path / "moe").eval()
+    assert moe.config.type == "fuxitranyu_moe" and moe.config.moe.num_experts == 4
+    ids = multilingual_ids()
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max() <= 1e-5

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import kernels
 from kernels.cross_entropy import default_vocab_chunk, linear_cross_entropy_torch
+from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "torch"]
@@ -156,6 +157,24 @@ def test_autocast_bf16_matches_eager_autocast():
         want = linear_cross_entropy_torch(h, w, labels)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_torch_chunked_bf16_within_flash_rule():
+    """bf16 CPU path (no interpreter involved): error vs an fp32 reference at most 2x (losses) / 3x (gradients)
+    the error of the eager bf16 loss."""
+    h, w, labels = _problem(33, 96, 1000, n_ignored=4, seed=3)
+    g = torch.rand(33, device=DEVICE)
+    runs = {}
+    for name, dtype, fn in (("ref", torch.float32, linear_cross_entropy_torch),
+                            ("eager", torch.bfloat16, linear_cross_entropy_torch),
+                            ("chunked", torch.bfloat16, lambda a, b, c: kernels.linear_cross_entropy(
+                                a, b, c, impl="torch", vocab_chunk=256))):
+        a, b = h.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        losses = fn(a, b, labels)
+        losses.backward(g)
+        runs[name] = (losses.detach(), a.grad, b.grad)
+    for i, factor in enumerate((FORWARD_FACTOR, GRADIENT_FACTOR, GRADIENT_FACTOR)):
+        assert_within_reference_error(f"output {i}", runs["chunked"][i], runs["eager"][i], runs["ref"][i], factor)
 
 
 def test_default_vocab_chunk():

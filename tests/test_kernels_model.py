@@ -96,5 +96,5 @@ def test_fifty_steps_converge_to_the_same_loss(one_thread):
     triton_losses = _train(triton_model, 50)
     torch_losses = _train(torch_model, 50)
     assert torch_losses[-1] < 0.5 * torch_losses[0]  # it learns
-    assert abs(triton_losses[-1] - torch_losses[-1]) <= 1e-3 * torch_losses[-1]
-    assert max(abs(a - b) for a, b in zip(triton_losses, torch_losses)) <= 1e-3 * max(torch_losses)
+    assert abs(triton_losses[-1] - torch_losses[-1]) <= 2e-4 * torch_losses[-1]
+    assert max(abs(a - b) for a, b in zip(triton_losses, torch_losses)) <= 2e-4 * max(torch_losses)

@@ -1,0 +1,31 @@
+"""A small real dataset for tests in every room, built once per test process from the bundled corpus.
+
+    from data_helpers import tiny_dataset
+
+    @pytest.fixture(scope="session")
+    def data(tmp_path_factory):
+        return tiny_dataset(tmp_path_factory)      # PreparedData(tokenizer_dir, train_manifest, val_manifest)
+
+    cfg = data.data_config(num_workers=0)          # a DataConfig for build_train_loader / build_val_batches
+
+29 languages (25 natural, 4 code), at most 24 documents each per split, a 1024-token byte-level BPE
+tokenizer (EOS/BOS id 0), seq_len 64. Building takes a few seconds on 2 cores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_pipeline.prepare import PreparedData, prepare_dataset
+
+TINY = dict(vocab_size=1024, seq_len=64, max_docs_per_language=24, shard_bytes=128 << 10, seed=0)
+_CACHE: dict[tuple, PreparedData] = {}
+
+
+def tiny_dataset(tmp_path_factory, **overrides) -> PreparedData:
+    """The cached tiny dataset (keyword arguments of prepare_dataset override the defaults above)."""
+    kwargs = {**TINY, **overrides}
+    key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    if key not in _CACHE:
+        out: Path = tmp_path_factory.mktemp("fuxi_tiny_data")
+        _CACHE[key] = prepare_dataset(out, **kwargs)
+    return _CACHE[key]

@@ -1,0 +1,130 @@
+"""Bad input: clear errors naming the shard, language or field; on_error="skip" counts what it skips."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from data_pipeline.errors import DataError, ManifestError, ShardError
+from data_pipeline.loader import build_train_loader, build_val_batches
+from data_pipeline.manifest import load_manifest
+from data_pipeline.pack import pack
+from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from data_helpers import tiny_dataset
+
+LANGS = ["hi", "th"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+@pytest.fixture
+def small(data, tmp_path):
+    """A private copy: two languages, several shards each, that a test may damage."""
+    clean_train = data.train_manifest.parent.parent / "clean" / "train"
+    path = pack(clean_train, data.tokenizer_dir, tmp_path / "shards", seq_len=64, languages=LANGS,
+                shard_bytes=40_000, num_proc=1, progress=False)
+    return path, data.data_config(train_manifest=str(path), val_manifest=None, num_workers=0)
+
+
+def _first_shard(manifest_path):
+    m = load_manifest(manifest_path)
+    return m, m.shard_path(m.shards[0])
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_truncated_shard(small, caplog):
+    path, cfg = small
+    manifest, shard = _first_shard(path)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ShardError, match=f"{shard.name}.*bytes on disk"):
+        build_train_loader(cfg, batch_size=4)
+    cfg.on_error = "skip"
+    loader = build_train_loader(cfg, batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        batches = _take(loader, loader.plan.epoch_samples // 4)  # a whole epoch touches every shard
+    assert all(b["input_ids"].shape == (4, 64) for b in batches)
+    assert loader.skipped >= manifest.shards[0].samples // 2 - 1  # the lost half of the shard, replaced
+    assert loader.state_dict()["skipped"] == loader.skipped
+    assert shard.name in caplog.text and "skip" in caplog.text
+
+
+def test_corrupt_shard_checksum_and_sample(small):
+    path, cfg = small
+    manifest, shard = _first_shard(path)
+    data = bytearray(shard.read_bytes())
+    start = data.index(b"\x93NUMPY")  # the first member's npy header: corrupt it in place
+    data[start + 10:start + 20] = b"#" * 10
+    shard.write_bytes(bytes(data))
+    loader = build_train_loader(cfg, batch_size=4)  # sizes agree: the sha256 is checked when read
+    with pytest.raises(ShardError, match=f"{shard.name}: sha256"):
+        _take(loader, loader.plan.epoch_samples // 4)
+    cfg.verify_checksums = False
+    with pytest.raises(ShardError, match=f"{shard.name}: sample .* is corrupt"):
+        _take(build_train_loader(cfg, batch_size=4), loader.plan.epoch_samples // 4)
+    cfg.on_error = "skip"
+    loader = build_train_loader(cfg, batch_size=4)
+    _take(loader, loader.plan.epoch_samples // 4)
+    assert loader.skipped >= 1
+
+
+def test_manifest_disagreements(small, data, tmp_path):
+    path, cfg = small
+    raw = json.loads(path.read_text())
+    raw["shards"][0]["sha256"] = "0" * 64
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=f"{raw['shards'][0]['path']}: sha256"):
+        load_manifest(path).check_files(checksums=True)
+    # a sequence length other than the manifest's
+    cfg.seq_len = 128
+    with pytest.raises(ManifestError, match="^seq_len: .*64"):
+        build_train_loader(cfg, batch_size=2)
+    cfg.seq_len = 64
+    # a tokenizer other than the one the shards were packed with
+    other = train_tokenizer(data.train_manifest.parent.parent / "clean" / "train", tmp_path / "other_tok",
+                            TokenizerConfig(vocab_size=600, max_docs_per_language=2))
+    cfg.tokenizer = str(other)
+    with pytest.raises(ManifestError, match="^tokenizer: .*hash"):
+        build_train_loader(cfg, batch_size=2)
+    # broken manifests name the field
+    raw.pop("seq_len")
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="seq_len: missing"):
+        load_manifest(path)
+    path.write_text("{oops")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(path)
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "nowhere.json")
+
+
+def test_language_without_data(small, data):
+    path, cfg = small
+    cfg.languages = ["hi", "xx"]
+    with pytest.raises(DataError, match="languages: \\['xx'\\] have no data"):
+        build_train_loader(cfg, batch_size=2)
+    cfg.languages = None
+    cfg.mixing, cfg.weights = "weights", {"hi": 1.0, "yy": 1.0}
+    with pytest.raises(DataError, match="yy"):
+        build_train_loader(cfg, batch_size=2)
+    val_cfg = data.data_config(languages=["hi", "zz"])
+    with pytest.raises(DataError, match="zz"):
+        build_val_batches(val_cfg, batch_size=2)
+
+
+def test_missing_shard_is_named(small):
+    path, cfg = small
+    _, shard = _first_shard(path)
+    os.remove(shard)
+    with pytest.raises(ShardError, match=f"{shard.name}: missing"):
+        build_train_loader(cfg, batch_size=2)

@@ -1,0 +1,107 @@
+"""Stages 3-4: packing into blocks with language/document ids, shards and the manifest."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.manifest import load_manifest
+from data_pipeline.pack import pack, plan_jobs, language_files, read_documents
+from data_pipeline.shards import ShardReader, iter_blocks
+from data_pipeline.tokenizer import load_tokenizer
+from data_helpers import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def _blocks_by_language(manifest, languages=None):
+    """All blocks of each language in manifest order, read with our random-access reader."""
+    out = {}
+    for shard in manifest.shards:
+        if languages is not None and shard.language not in languages:
+            continue
+        reader = ShardReader(manifest, shard)
+        out.setdefault(shard.language, []).extend(reader.read(i) for i in range(len(reader)))
+    return out
+
+
+def test_blocks_reproduce_the_shuffled_token_stream(data, tmp_path):
+    """Independent reference: tokenize each part's documents in the planned order with the HF tokenizer,
+    append EOS, concatenate, cut into blocks; the shards must hold exactly those blocks."""
+    clean_train = data.train_manifest.parent.parent / "clean" / "train"
+    # parts of 7 documents, so languages have several parts (each dropping its own tail)
+    langs = ["code_python", "en", "hi", "zh"]
+    path = pack(clean_train, data.tokenizer_dir, tmp_path / "p", seq_len=64, docs_per_part=7, shard_bytes=40_000,
+                num_proc=2, progress=False, languages=langs)
+    manifest = load_manifest(path)
+    tok = load_tokenizer(data.tokenizer_dir)
+    blocks = _blocks_by_language(manifest)
+    jobs = plan_jobs(language_files(clean_train), manifest.languages, seed=0, docs_per_part=7)
+    assert manifest.languages == langs
+    for lang in langs:
+        expected_tokens, expected_docs = [], []
+        for job in (j for j in jobs if j.lang == lang):
+            stream, docs = [], []
+            for k, text in enumerate(read_documents(job.path, job.offsets, lang)):
+                ids = tok.encode(text, add_special_tokens=False).ids + [0]
+                stream += ids
+                docs += [job.first_doc + k] * len(ids)
+            full = len(stream) // 65 * 65
+            expected_tokens += stream[:full]
+            expected_docs += docs[:full]
+        got = blocks[lang]
+        assert np.array_equal(np.concatenate([b.tokens for b in got]), np.array(expected_tokens, np.uint32)), lang
+        assert np.array_equal(np.concatenate([b.doc_ids for b in got]), np.array(expected_docs, np.uint32)), lang
+        assert all((b.lang_ids == manifest.languages.index(lang)).all() for b in got)
+        assert all(b.tokens.dtype == np.uint32 and b.lang_ids.dtype == np.uint16 for b in got)
+    stats = manifest.language_stats["en"]
+    assert stats.samples * 65 + stats.dropped_tokens == stats.tokens
+    assert len({s.path for s in manifest.shards if s.language == "en"}) > 1
+
+
+def test_document_ids_change_exactly_after_eos(data):
+    manifest = load_manifest(data.train_manifest)
+    for blocks in _blocks_by_language(manifest, {"en", "ja", "ar", "code_c"}).values():
+        for b in blocks[:20]:
+            changes = np.flatnonzero(np.diff(b.doc_ids.astype(np.int64)) != 0)
+            assert np.all(b.tokens[changes] == 0)  # a new document starts only after an EOS
+            assert np.all(np.diff(b.doc_ids.astype(np.int64)) >= 0)
+
+
+def test_manifest_records_counts_hashes_and_bytes_per_token(data):
+    manifest = load_manifest(data.train_manifest)
+    manifest.check_files(checksums=True)
+    raw = json.loads(data.train_manifest.read_text())
+    assert raw["block_len"] == 65 and raw["dtypes"]["tokens"] == "uint32"
+    for shard in manifest.shards:
+        assert sum(shard.tokens_per_language.values()) == shard.samples * 65
+    tokens = manifest.tokens_per_language()
+    for lang, s in manifest.language_stats.items():
+        assert tokens[lang] == s.samples * 65
+        assert manifest.bytes_per_token[lang] == pytest.approx(s.utf8_bytes / s.tokens)
+        assert raw["language_stats"][lang]["bytes_per_token"] == pytest.approx(s.utf8_bytes / s.tokens)
+    assert load_manifest(data.val_manifest).languages == manifest.languages
+
+
+def test_webdataset_reads_the_same_samples(data):
+    manifest = load_manifest(data.val_manifest)
+    ours = [b for blocks in _blocks_by_language(manifest).values() for b in blocks]
+    theirs = [b for _, b in iter_blocks(manifest)]
+    assert len(ours) == len(theirs) == sum(s.samples for s in manifest.shards)
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.doc_ids, b.doc_ids)
+
+
+def test_pack_is_deterministic_across_process_counts(data, tmp_path):
+    clean_valid = data.val_manifest.parent.parent / "clean" / "valid"
+    one = load_manifest(pack(clean_valid, data.tokenizer_dir, tmp_path / "a", split="valid", seq_len=64,
+                             num_proc=1, progress=False))
+    two = load_manifest(pack(clean_valid, data.tokenizer_dir, tmp_path / "b", split="valid", seq_len=64,
+                             num_proc=2, progress=False, fast_encoder=False))
+    assert [(s.path, s.sha256) for s in one.shards] == [(s.path, s.sha256) for s in two.shards]
+    assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {0o644}

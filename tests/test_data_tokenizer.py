@@ -1,0 +1,108 @@
+"""Stage 2: the tokenizer (both backends), its HF files, the fast encoders and the fertility report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.clean import clean
+from data_pipeline.corpus import bundled_corpus, iter_documents
+from data_pipeline.encoders import PROBE, FastEncoder
+from data_pipeline.errors import DataConfigError
+from data_pipeline.fertility import fertility, plot_fertility
+from data_pipeline.textstats import word_units
+from data_pipeline.tokenizer import (EOS_ID, EOS_TOKEN, META_FILE, TokenizerConfig, load_tokenizer, tokenizer_hash,
+                                     train_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok_clean")
+    clean(bundled_corpus(), out, max_docs_per_language=12, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe(cleaned, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe")
+    return train_tokenizer(cleaned / "train", out, TokenizerConfig(vocab_size=1500, max_docs_per_language=8))
+
+
+@pytest.fixture(scope="module")
+def valid_texts(cleaned):
+    return [d.text for d in iter_documents(cleaned / "valid")]
+
+
+def test_bpe_files_load_with_autotokenizer(bpe, valid_texts):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(bpe))
+    assert type(hf).__name__ in ("GPT2TokenizerFast", "GPT2Tokenizer")
+    assert hf.eos_token == hf.bos_token == EOS_TOKEN and hf.eos_token_id == hf.bos_token_id == EOS_ID
+    tok = load_tokenizer(bpe)
+    assert tok.get_vocab_size() == 1500 and tok.token_to_id(EOS_TOKEN) == 0
+    for text in valid_texts[:40]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids
+        assert tok.decode(ids) == text  # byte-level BPE is lossless on every script
+        assert hf.decode(ids) == text
+    meta = json.loads((bpe / META_FILE).read_text())
+    assert meta["hash"] == tokenizer_hash(bpe) and meta["eos_id"] == 0
+    assert max(meta["training_docs_per_language"].values()) <= 8  # per-language cap
+    assert len(meta["training_docs_per_language"]) >= 25
+
+
+def test_gpt2_pretokenization_keeps_digit_runs(bpe):
+    tok = load_tokenizer(bpe)
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("In 2024 there were 123456 tokens")]
+    assert pieces == ["In", "Ġ2024", "Ġthere", "Ġwere", "Ġ123456", "Ġtokens"]
+    # a literal EOS string inside a document is text, not the EOS id
+    assert EOS_ID not in tok.encode("a <|endoftext|> b", add_special_tokens=False).ids
+
+
+def test_fast_encoder_matches_hf(bpe, valid_texts):
+    enc = FastEncoder(bpe)
+    reference = load_tokenizer(bpe)
+    expected = [e.ids for e in reference.encode_batch(valid_texts + [PROBE], add_special_tokens=False)]
+    assert enc.encode_batch(valid_texts + [PROBE]) == expected
+    assert FastEncoder(bpe, prefer_fast=False).encode_batch(valid_texts[:5]) == expected[:5]
+
+
+def test_sentencepiece_backend_is_equivalent_to_its_hf_export(cleaned, valid_texts, tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    out = train_tokenizer(cleaned / "train", tmp_path / "spm",
+                          TokenizerConfig(vocab_size=1200, backend="sentencepiece", max_docs_per_language=8))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    tok = load_tokenizer(out)
+    assert sp.id_to_piece(0) == EOS_TOKEN and tok.token_to_id(EOS_TOKEN) == 0
+    hf_ids = [e.ids for e in tok.encode_batch(valid_texts, add_special_tokens=False)]
+    assert hf_ids == sp.encode(valid_texts)  # the HF conversion reproduces sentencepiece token for token
+    assert all(tok.decode(ids) == text for ids, text in zip(hf_ids, valid_texts))
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert hf.eos_token_id == hf.bos_token_id == 0
+    assert hf(valid_texts[0], add_special_tokens=False)["input_ids"] == hf_ids[0]
+    assert FastEncoder(out).name == "sentencepiece"
+    with pytest.raises(DataConfigError, match="vocab_size"):
+        train_tokenizer(cleaned / "train", tmp_path / "tiny", TokenizerConfig(vocab_size=400, backend="sentencepiece"))
+
+
+def test_tokenizer_config_errors():
+    with pytest.raises(DataConfigError, match="^backend"):
+        TokenizerConfig(backend="wordpiece").validate()
+    with pytest.raises(DataConfigError, match="^vocab_size"):
+        TokenizerConfig(vocab_size=100).validate()
+
+
+def test_fertility_matches_direct_counts(bpe, cleaned, tmp_path):
+    stats = fertility(bpe, cleaned / "valid")
+    tok = load_tokenizer(bpe)
+    for lang in ("en", "zh", "th"):
+        texts = [d.text for d in iter_documents(cleaned / "valid" / f"{lang}.jsonl")]
+        tokens = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts)
+        words = sum(len(word_units(t)) for t in texts)
+        assert stats[lang]["tokens_per_word"] == pytest.approx(tokens / words)
+        assert stats[lang]["bytes_per_token"] == pytest.approx(sum(len(t.encode()) for t in texts) / tokens)
+    # trained on a capped number of documents per language, the tokenizer merges bytes in every language
+    assert all(s["bytes_per_token"] > 1.2 for s in stats.values()), stats
+    png = plot_fertility(stats, tmp_path / "fertility.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,116 @@
+"""GPU tier: bf16 Triton kernels on CUDA under FlashAttention's rule — error against an fp32 reference at most 2x
+(forward) / 3x (gradients) the error of the plain PyTorch version in bf16 — plus impl='auto' dispatch and the fused
+loss's memory at the real vocabulary. Skipped without a CUDA device."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.cross_entropy import linear_cross_entropy_torch
+from kernels.gelu import bias_gelu_torch
+from kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
+from kernels.rope import apply_rope_torch, rope_cos_sin
+from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_()
+
+
+def _outputs_and_grads(fn, inputs, grad_outputs):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grad_outputs)])
+    return [o.detach() for o in outs], [t.grad.detach() for t in inputs]
+
+
+def check_flash_rule(name, kernel_fn, torch_fn, inputs_fp32, grad_outputs):
+    """Runs kernel (bf16), torch (bf16) and torch (fp32, the reference) on the same values."""
+    ref_out, ref_grads = _outputs_and_grads(torch_fn, [_leaf(t, torch.float32) for t in inputs_fp32], grad_outputs)
+    pt_out, pt_grads = _outputs_and_grads(torch_fn, [_leaf(t, torch.bfloat16) for t in inputs_fp32], grad_outputs)
+    k_out, k_grads = _outputs_and_grads(kernel_fn, [_leaf(t, torch.bfloat16) for t in inputs_fp32], grad_outputs)
+    for i, (k, p, r) in enumerate(zip(k_out, pt_out, ref_out)):
+        assert_within_reference_error(f"{name} output {i}", k, p, r, FORWARD_FACTOR)
+    for i, (k, p, r) in enumerate(zip(k_grads, pt_grads, ref_grads)):
+        assert_within_reference_error(f"{name} grad {i}", k, p, r, GRADIENT_FACTOR)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (33, 1000), (4096, 4096)])
+def test_rms_norm_bf16(rows, hidden):
+    x = torch.randn(rows, hidden, device=DEVICE)
+    w = 1 + 0.1 * torch.randn(hidden, device=DEVICE)
+    dy = torch.randn(rows, hidden, device=DEVICE)
+    check_flash_rule("rms_norm", lambda a, b: kernels.rms_norm(a, b, 1e-5, impl="triton"),
+                     lambda a, b: rms_norm_torch(a, b, 1e-5), [x, w], [dy])
+
+
+def test_add_rms_norm_bf16():
+    x, res = torch.randn(2048, 4096, device=DEVICE), torch.randn(2048, 4096, device=DEVICE)
+    w = 1 + 0.1 * torch.randn(4096, device=DEVICE)
+    dy, dres = torch.randn_like(x), torch.randn_like(x)
+    check_flash_rule("add_rms_norm", lambda a, r, b: kernels.add_rms_norm(a, r, b, 1e-5, impl="triton"),
+                     lambda a, r, b: add_rms_norm_torch(a, r, b, 1e-5), [x, res, w], [dy, dres])
+
+
+@pytest.mark.parametrize("rows,cols", [(7, 1000), (4096, 16384)])
+def test_bias_gelu_bf16(rows, cols):
+    x = 2 * torch.randn(rows, cols, device=DEVICE)
+    b = 0.1 * torch.randn(cols, device=DEVICE)
+    dy = torch.randn(rows, cols, device=DEVICE)
+    check_flash_rule("bias_gelu", lambda a, c: kernels.bias_gelu(a, c, impl="triton"), bias_gelu_torch, [x, b], [dy])
+
+
+@pytest.mark.parametrize("batch,seq,heads,head_dim", [(2, 33, 5, 96), (1, 4096, 32, 128)])
+def test_rope_bf16(batch, seq, heads, head_dim):
+    cos, sin = rope_cos_sin(torch.arange(seq, device=DEVICE)[None], head_dim, 10_000.0)
+    q = torch.randn(batch, seq, heads, head_dim, device=DEVICE)
+    k = torch.randn(batch, seq, heads, head_dim, device=DEVICE)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    # cos/sin in the activations' dtype, as the model passes them
+    def tables(a):
+        return cos.to(a.dtype), sin.to(a.dtype)
+    check_flash_rule("rope", lambda a, b: kernels.apply_rope(a, b, *tables(a), impl="triton"),
+                     lambda a, b: apply_rope_torch(a, b, *tables(a)), [q, k], [dq, dk])
+
+
+@pytest.mark.parametrize("tokens,hidden,vocab", [(33, 96, 1000), (2048, 1024, 50_000)])
+def test_linear_cross_entropy_bf16(tokens, hidden, vocab):
+    h = torch.randn(tokens, hidden, device=DEVICE) / math.sqrt(hidden)
+    w = 0.5 * torch.randn(vocab, hidden, device=DEVICE)
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    labels[::7] = kernels.IGNORE_INDEX
+    g = torch.rand(tokens, device=DEVICE)
+    check_flash_rule("linear_cross_entropy",
+                     lambda a, b: kernels.linear_cross_entropy(a, b, labels, z_loss=1e-4, impl="triton"),
+                     lambda a, b: linear_cross_entropy_torch(a, b, labels, z_loss=1e-4), [h, w], [g])
+
+
+def test_auto_picks_triton_on_cuda():
+    assert kernels.use_triton("auto", torch.empty(1, device=DEVICE))
+    assert not kernels.use_triton("auto", torch.empty(1))
+
+
+def test_fused_loss_peak_memory_at_real_vocab():
+    """The issue's goal shape — vocab 250,680, 8,192 tokens, hidden 4,096, bf16: the fused loss's forward+backward
+    peak above the inputs (weight gradient included for both) is at most 1/8 of eager's."""
+    tokens, hidden, vocab = 8192, 4096, 250_680
+    h = (torch.randn(tokens, hidden, device=DEVICE) / 64).bfloat16().requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, device=DEVICE)).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE)
+
+    def peak(fn):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(h, w, labels).mean().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    fused = peak(lambda a, b, c: kernels.linear_cross_entropy(a, b, c, impl="triton"))
+    eager = peak(linear_cross_entropy_torch)
+    assert fused <= eager / 8, (fused / 2**20, eager / 2**20)

@@ -1,0 +1,93 @@
+"""The prealign_init stage end to end through `fuxi pretrain` (DeepSpeed on CPU): it trains on the shipped
+table, logs the alignment loss, reports per-layer alignment and exports the weights stage 2 starts from; stage 2
+(pretrain with code-switching) starts from them; 2 torchrun ranks give the 1-process loss (checklist 3.8.5,
+3.8.7). The shipped run configs load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.typed_config import ConfigError
+from pretrain.config import load_train_config
+from tests.trainer_helpers import REPO, run_config, run_pretrain, tiny_dataset, write_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("prealign_data"))
+
+
+def prealign_config(data, out_dir: Path, micro_batch: int = 16, steps: int = 12) -> dict:
+    return run_config(data, out_dir, stage="prealign_init",
+                      prealign={"temperature": 0.1, "alpha": 0.1, "max_word_tokens": 12, "report_concepts": 128},
+                      optimizer={"lr": 5e-3},
+                      schedule={"total_steps": steps, "warmup_steps": 2, "global_batch": 16},
+                      parallelism={"zero_stage": 1, "micro_batch": micro_batch, "precision": "fp32"},
+                      checkpoint={"every_steps": 100, "keep_last": 1},
+                      run={"output_dir": str(out_dir), "seed": 7, "export_final": True,
+                           "tokenizer": str(data.tokenizer_dir)})
+
+
+def records(out_dir: Path, kind: str) -> list[dict]:
+    with open(out_dir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_prealign_init_then_codeswitched_pretraining(data, tmp_path):
+    init_dir = tmp_path / "init"
+    run_pretrain(write_config(prealign_config(data, init_dir), tmp_path / "init.yaml"))
+    train = records(init_dir, "train")
+    align = [r["align/loss"] for r in train]
+    assert len(align) == 12 and all(f"align/loss/layer {i}" in train[0] for i in (1, 2))
+    assert sum(align[-3:]) / 3 < sum(align[:3]) / 3
+    report = json.loads((init_dir / "alignment_report.json").read_text())
+    assert report["spaces"] == ["embedding", "layer 1", "layer 2", "output embedding"]
+    assert all(gap > 0 for gap in report["gap"]), report
+    assert (init_dir / "alignment_per_layer.png").stat().st_size > 0
+    stage = records(init_dir, "stage")[-1]
+    assert stage["stage"] == "prealign_init" and stage["align/gap/layer 2"] == report["gap"][2]
+    assert (init_dir / "final").is_dir()
+
+    # stage 2: LM pretraining from the aligned weights with code-switching (the pipeline of checklist 3.8.7)
+    lm_dir = tmp_path / "lm"
+    cfg = run_config(data, lm_dir, data={"codeswitch_ratio": 0.05},
+                     checkpoint={"every_steps": 100, "keep_last": 1, "init_from": str(init_dir / "final")},
+                     schedule={"total_steps": 4, "warmup_steps": 1, "global_batch": 4})
+    result = run_pretrain(write_config(cfg, tmp_path / "lm.yaml"))
+    assert "code-switching: ratio 0.050" in result.stdout + result.stderr
+    losses = [r["loss"] for r in records(lm_dir, "train")]
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses)
+
+
+@pytest.mark.slow
+def test_two_ranks_log_the_single_process_alignment_loss(data, tmp_path):
+    """The same global batch of 16 entries: 1 process x 16 or 2 gloo ranks x 8, negatives gathered across ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_pretrain(write_config(prealign_config(data, one, micro_batch=16, steps=3), tmp_path / "one.yaml"))
+    run_pretrain(write_config(prealign_config(data, two, micro_batch=8, steps=3), tmp_path / "two.yaml"), nproc=2)
+    a, b = records(one, "train"), records(two, "train")
+    for ra, rb in zip(a, b):
+        assert ra["align/loss"] == pytest.approx(rb["align/loss"], rel=1e-4, abs=1e-5), (ra["step"], ra, rb)
+    assert a[0]["align/loss"] == pytest.approx(b[0]["align/loss"], rel=1e-6)
+
+
+def test_shipped_prealign_configs_load_and_zero3_is_refused(data, tmp_path):
+    init = load_train_config(REPO / "configs/train/prealign-init.yaml")
+    assert init.stage == "prealign_init" and init.prealign.temperature == 0.1 and init.prealign.alpha == 0.1
+    assert init.schedule.global_batch == init.parallelism.micro_batch  # the contrastive batch is the global batch
+    stage2 = load_train_config(REPO / "configs/train/prealign-pretrain.yaml")
+    assert stage2.data.codeswitch_ratio == 0.05 and stage2.checkpoint.init_from == "runs/prealign-init/final"
+    cfg = prealign_config(data, tmp_path)
+    cfg["parallelism"]["zero_stage"] = 3
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_train_config(None, data=cfg)
+    cfg["parallelism"]["zero_stage"] = 1
+    for key, value, field in [("alpha_weights", "both", "alpha_weights"), ("words_per_entry", 1, "words_per_entry"),
+                              ("temperature", 0.0, "temperature")]:
+        bad = json.loads(json.dumps(cfg))
+        bad["prealign"][key] = value
+        with pytest.raises(ConfigError, match=field):
+            load_train_config(None, data=bad)
