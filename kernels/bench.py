@@ -354,20 +354,28 @@ def write_plot(rows: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     kernel_names = [k for k in KERNELS if any(r.kernel == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kernel_names), figsize=(4.5 * len(kernel_names), 4), squeeze=False)
-    for ax, kernel in zip(axes[0], kernel_names):
-        mine = [r for r in rows if r.kernel == kernel]
+    flce_mem = [r for r in rows if r.kernel == "flce" and not math.isnan(r.peak_mem_mb)]
+    panels = len(kernel_names) + (1 if flce_mem else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
+
+    def bars(ax, mine, value, ylabel, title):
         providers = list(dict.fromkeys(r.provider for r in mine))
         tokens = sorted({r.tokens for r in mine})
         width = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):
-            ys = [next((r.full_ms for r in mine if r.provider == p and r.tokens == t), math.nan) for t in tokens]
+            ys = [next((value(r) for r in mine if r.provider == p and r.tokens == t), math.nan) for t in tokens]
             ax.bar([j + i * width for j in range(len(tokens))], ys, width, label=p)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tokens))], [str(t) for t in tokens])
-        ax.set_title(f"{kernel}: forward + backward")
+        ax.set_title(title)
         ax.set_xlabel("tokens")
-        ax.set_ylabel("ms (median)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
+
+    for ax, kernel in zip(axes[0], kernel_names):
+        bars(ax, [r for r in rows if r.kernel == kernel], lambda r: r.full_ms, "ms (median)",
+             f"{kernel}: forward + backward")
+    if flce_mem:
+        bars(axes[0][-1], flce_mem, lambda r: r.peak_mem_mb, "MiB above inputs", "flce: peak memory")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -24,12 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is installed on Linux; the torch path needs nothing else
-    triton = None
-    tl = None
+from kernels.triton_runtime import next_power_of_2, tl, triton
 
 GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
 _ACT_CODE = {name: code for code, name in enumerate(GHOST_ACTIVATIONS)}
@@ -91,221 +86,222 @@ def ghost_gru_scan_torch(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels (defined everywhere; launched only where kernels.triton_runtime.can_launch says so)
 # ----------------------------------------------------------------------------------------------------------
-if triton is not None:
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
-    @triton.jit
-    def _tanh(x):
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
-    @triton.jit
-    def _matmul_acc(acc, a, b):
-        """acc += a @ b with fp32 accumulation; exact fp32 products (no TF32) when the weights are fp32."""
-        if b.dtype == tl.float32:
-            return tl.dot(a.to(tl.float32), b, acc=acc, input_precision="ieee")
-        return tl.dot(a.to(b.dtype), b, acc=acc)
+@triton.jit
+def _matmul_acc(acc, a, b):
+    """acc += a @ b with fp32 accumulation; exact fp32 products (no TF32) when the weights are fp32."""
+    if b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b, acc=acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc=acc)
 
-    @triton.jit
-    def _ghost_gru_fwd_kernel(
-        gx_ptr, keep_ptr, w_rz_t_ptr, w_n_t_ptr, b_hh_ptr, a_t_ptr, c_ptr, states_ptr, gates_ptr,
-        B, T, M, G, K_RZ, K_N,
-        stride_gx_b, stride_gx_t, stride_keep_b, stride_st_b, stride_st_t, stride_ga_b, stride_ga_t,
-        ACT: tl.constexpr, HAS_RESET: tl.constexpr, SAVE_GATES: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-    ):
-        """states [B, T+1, H]: row 0 holds h0, row t+1 receives out_t. gates [B, T, 4m]: r, z, n, U_n h + b_hn.
 
-        w_rz_t [K_rz, 2m], w_n_t [K_n, m], a_t [m, G] are the transposed weights (coalesced tile loads).
-        """
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        for t in range(T):
-            prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
-            cur_ptr = prev_ptr + stride_st_t
-            gx_row = gx_ptr + offs_b[:, None] * stride_gx_b + t * stride_gx_t
+@triton.jit
+def _ghost_gru_fwd_kernel(
+    gx_ptr, keep_ptr, w_rz_t_ptr, w_n_t_ptr, b_hh_ptr, a_t_ptr, c_ptr, states_ptr, gates_ptr,
+    B, T, M, G, K_RZ, K_N,
+    stride_gx_b, stride_gx_t, stride_keep_b, stride_st_b, stride_st_t, stride_ga_b, stride_ga_t,
+    ACT: tl.constexpr, HAS_RESET: tl.constexpr, SAVE_GATES: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """states [B, T+1, H]: row 0 holds h0, row t+1 receives out_t. gates [B, T, 4m]: r, z, n, U_n h + b_hn.
+
+    w_rz_t [K_rz, 2m], w_n_t [K_n, m], a_t [m, G] are the transposed weights (coalesced tile loads).
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    for t in range(T):
+        prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
+        cur_ptr = prev_ptr + stride_st_t
+        gx_row = gx_ptr + offs_b[:, None] * stride_gx_b + t * stride_gx_t
+        if HAS_RESET:
+            keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
+        # Phase 1: the intrinsic GRU units, BLOCK_M at a time.
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_bm = mask_b[:, None] & (offs_m < M)[None, :]
+            acc_r = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+            acc_z = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+            acc_n = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K_RZ, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K_RZ
+                h = tl.load(prev_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+                if HAS_RESET:
+                    h = h * keep[:, None]
+                w_mask = mask_k[:, None] & (offs_m < M)[None, :]
+                w_r = tl.load(w_rz_t_ptr + offs_k[:, None] * (2 * M) + offs_m[None, :], mask=w_mask, other=0.0)
+                w_z = tl.load(w_rz_t_ptr + offs_k[:, None] * (2 * M) + M + offs_m[None, :], mask=w_mask,
+                              other=0.0)
+                acc_r = _matmul_acc(acc_r, h, w_r)
+                acc_z = _matmul_acc(acc_z, h, w_z)
+            for k0 in range(0, K_N, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K_N
+                h = tl.load(prev_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+                if HAS_RESET:
+                    h = h * keep[:, None]
+                w_n = tl.load(w_n_t_ptr + offs_k[:, None] * M + offs_m[None, :],
+                              mask=mask_k[:, None] & (offs_m < M)[None, :], other=0.0)
+                acc_n = _matmul_acc(acc_n, h, w_n)
+            mask_m = offs_m < M
+            b_r = tl.load(b_hh_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+            b_z = tl.load(b_hh_ptr + M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+            b_n = tl.load(b_hh_ptr + 2 * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+            gx_r = tl.load(gx_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            gx_z = tl.load(gx_row + M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            gx_n = tl.load(gx_row + 2 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            r = tl.sigmoid(gx_r + acc_r + b_r[None, :])
+            z = tl.sigmoid(gx_z + acc_z + b_z[None, :])
+            hn = acc_n + b_n[None, :]
+            n = _tanh(gx_n + r * hn)
+            h_carry = tl.load(prev_ptr + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
             if HAS_RESET:
-                keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
-            # Phase 1: the intrinsic GRU units, BLOCK_M at a time.
-            for m0 in range(0, M, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                mask_bm = mask_b[:, None] & (offs_m < M)[None, :]
-                acc_r = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-                acc_z = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-                acc_n = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-                for k0 in range(0, K_RZ, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < K_RZ
-                    h = tl.load(prev_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-                    if HAS_RESET:
-                        h = h * keep[:, None]
-                    w_mask = mask_k[:, None] & (offs_m < M)[None, :]
-                    w_r = tl.load(w_rz_t_ptr + offs_k[:, None] * (2 * M) + offs_m[None, :], mask=w_mask, other=0.0)
-                    w_z = tl.load(w_rz_t_ptr + offs_k[:, None] * (2 * M) + M + offs_m[None, :], mask=w_mask,
-                                  other=0.0)
-                    acc_r = _matmul_acc(acc_r, h, w_r)
-                    acc_z = _matmul_acc(acc_z, h, w_z)
-                for k0 in range(0, K_N, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < K_N
-                    h = tl.load(prev_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-                    if HAS_RESET:
-                        h = h * keep[:, None]
-                    w_n = tl.load(w_n_t_ptr + offs_k[:, None] * M + offs_m[None, :],
-                                  mask=mask_k[:, None] & (offs_m < M)[None, :], other=0.0)
-                    acc_n = _matmul_acc(acc_n, h, w_n)
-                mask_m = offs_m < M
-                b_r = tl.load(b_hh_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-                b_z = tl.load(b_hh_ptr + M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-                b_n = tl.load(b_hh_ptr + 2 * M + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-                gx_r = tl.load(gx_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                gx_z = tl.load(gx_row + M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                gx_n = tl.load(gx_row + 2 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                r = tl.sigmoid(gx_r + acc_r + b_r[None, :])
-                z = tl.sigmoid(gx_z + acc_z + b_z[None, :])
-                hn = acc_n + b_n[None, :]
-                n = _tanh(gx_n + r * hn)
-                h_carry = tl.load(prev_ptr + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                if HAS_RESET:
-                    h_carry = h_carry * keep[:, None]
-                intrinsic = n + z * (h_carry - n)
-                tl.store(cur_ptr + offs_m[None, :], intrinsic.to(states_ptr.dtype.element_ty), mask=mask_bm)
-                if SAVE_GATES:
-                    ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t + offs_m[None, :]
-                    tl.store(ga_row, r.to(gates_ptr.dtype.element_ty), mask=mask_bm)
-                    tl.store(ga_row + M, z.to(gates_ptr.dtype.element_ty), mask=mask_bm)
-                    tl.store(ga_row + 2 * M, n.to(gates_ptr.dtype.element_ty), mask=mask_bm)
-                    tl.store(ga_row + 3 * M, hn.to(gates_ptr.dtype.element_ty), mask=mask_bm)
-            tl.debug_barrier()  # every intrinsic unit of step t is written before the ghosts read them
-            # Phase 2: ghost units g = act(A i + c).
-            for g0 in range(0, G, BLOCK_G):
-                offs_g = g0 + tl.arange(0, BLOCK_G)
-                mask_g = offs_g < G
-                acc = tl.zeros((BLOCK_B, BLOCK_G), dtype=tl.float32)
-                for k0 in range(0, M, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < M
-                    i_tile = tl.load(cur_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-                    a = tl.load(a_t_ptr + offs_k[:, None] * G + offs_g[None, :],
-                                mask=mask_k[:, None] & mask_g[None, :], other=0.0)
-                    acc = _matmul_acc(acc, i_tile, a)
-                q = acc + tl.load(c_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)[None, :]
-                if ACT == 1:
-                    q = _tanh(q)
-                elif ACT == 2:
-                    q = tl.maximum(q, 0.0)
-                elif ACT == 3:
-                    q = tl.sigmoid(q)
-                tl.store(cur_ptr + M + offs_g[None, :], q.to(states_ptr.dtype.element_ty),
-                         mask=mask_b[:, None] & mask_g[None, :])
-            tl.debug_barrier()  # step t is complete before step t+1 reads it
+                h_carry = h_carry * keep[:, None]
+            intrinsic = n + z * (h_carry - n)
+            tl.store(cur_ptr + offs_m[None, :], intrinsic.to(states_ptr.dtype.element_ty), mask=mask_bm)
+            if SAVE_GATES:
+                ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t + offs_m[None, :]
+                tl.store(ga_row, r.to(gates_ptr.dtype.element_ty), mask=mask_bm)
+                tl.store(ga_row + M, z.to(gates_ptr.dtype.element_ty), mask=mask_bm)
+                tl.store(ga_row + 2 * M, n.to(gates_ptr.dtype.element_ty), mask=mask_bm)
+                tl.store(ga_row + 3 * M, hn.to(gates_ptr.dtype.element_ty), mask=mask_bm)
+        tl.debug_barrier()  # every intrinsic unit of step t is written before the ghosts read them
+        # Phase 2: ghost units g = act(A i + c).
+        for g0 in range(0, G, BLOCK_G):
+            offs_g = g0 + tl.arange(0, BLOCK_G)
+            mask_g = offs_g < G
+            acc = tl.zeros((BLOCK_B, BLOCK_G), dtype=tl.float32)
+            for k0 in range(0, M, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < M
+                i_tile = tl.load(cur_ptr + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+                a = tl.load(a_t_ptr + offs_k[:, None] * G + offs_g[None, :],
+                            mask=mask_k[:, None] & mask_g[None, :], other=0.0)
+                acc = _matmul_acc(acc, i_tile, a)
+            q = acc + tl.load(c_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                q = _tanh(q)
+            elif ACT == 2:
+                q = tl.maximum(q, 0.0)
+            elif ACT == 3:
+                q = tl.sigmoid(q)
+            tl.store(cur_ptr + M + offs_g[None, :], q.to(states_ptr.dtype.element_ty),
+                     mask=mask_b[:, None] & mask_g[None, :])
+        tl.debug_barrier()  # step t is complete before step t+1 reads it
 
-    @triton.jit
-    def _ghost_gru_bwd_kernel(
-        grad_out_ptr, states_ptr, gates_ptr, keep_ptr, w_rz_ptr, w_n_ptr, a_ptr,
-        dh_ptr, dcarry_ptr, dgates_ptr, dq_ptr,
-        B, T, M, G, K_RZ, K_N, HS,
-        stride_go_b, stride_go_t, stride_st_b, stride_st_t, stride_ga_b, stride_ga_t, stride_keep_b,
-        stride_dh_b, stride_dc_b, stride_dg_b, stride_dg_t, stride_dq_b, stride_dq_t,
-        ACT: tl.constexpr, HAS_RESET: tl.constexpr, FEED_GHOSTS: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):
-        """Reverse-time loop. dh [B, H] fp32 carries dL/dstate (in: zeros; out: dL/dh0).
 
-        Writes per step dgates [B, T, 4m] = (da_r, da_z, da_n, d(U_n h + b_hn)) and dq [B, T, G] = dL/d(A i + c),
-        the pre-activation gradients from which every weight gradient is one matmul afterwards.
-        """
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        dh_row = dh_ptr + offs_b[:, None] * stride_dh_b
-        dc_row = dcarry_ptr + offs_b[:, None] * stride_dc_b
-        for step in range(T):
-            t = T - 1 - step
-            prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
-            cur_ptr = prev_ptr + stride_st_t
-            go_row = grad_out_ptr + offs_b[:, None] * stride_go_b + t * stride_go_t
-            dq_row = dq_ptr + offs_b[:, None] * stride_dq_b + t * stride_dq_t
-            dg_row = dgates_ptr + offs_b[:, None] * stride_dg_b + t * stride_dg_t
-            ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t
+@triton.jit
+def _ghost_gru_bwd_kernel(
+    grad_out_ptr, states_ptr, gates_ptr, keep_ptr, w_rz_ptr, w_n_ptr, a_ptr,
+    dh_ptr, dcarry_ptr, dgates_ptr, dq_ptr,
+    B, T, M, G, K_RZ, K_N, HS,
+    stride_go_b, stride_go_t, stride_st_b, stride_st_t, stride_ga_b, stride_ga_t, stride_keep_b,
+    stride_dh_b, stride_dc_b, stride_dg_b, stride_dg_t, stride_dq_b, stride_dq_t,
+    ACT: tl.constexpr, HAS_RESET: tl.constexpr, FEED_GHOSTS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Reverse-time loop. dh [B, H] fp32 carries dL/dstate (in: zeros; out: dL/dh0).
+
+    Writes per step dgates [B, T, 4m] = (da_r, da_z, da_n, d(U_n h + b_hn)) and dq [B, T, G] = dL/d(A i + c),
+    the pre-activation gradients from which every weight gradient is one matmul afterwards.
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    dh_row = dh_ptr + offs_b[:, None] * stride_dh_b
+    dc_row = dcarry_ptr + offs_b[:, None] * stride_dc_b
+    for step in range(T):
+        t = T - 1 - step
+        prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
+        cur_ptr = prev_ptr + stride_st_t
+        go_row = grad_out_ptr + offs_b[:, None] * stride_go_b + t * stride_go_t
+        dq_row = dq_ptr + offs_b[:, None] * stride_dq_b + t * stride_dq_t
+        dg_row = dgates_ptr + offs_b[:, None] * stride_dg_b + t * stride_dg_t
+        ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t
+        if HAS_RESET:
+            keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
+        # Phase 1: through the ghost activation.
+        for g0 in range(0, G, BLOCK_G):
+            offs_g = g0 + tl.arange(0, BLOCK_G)
+            mask_bg = mask_b[:, None] & (offs_g < G)[None, :]
+            d_ghost = tl.load(go_row + M + offs_g[None, :], mask=mask_bg, other=0.0).to(tl.float32)
+            if FEED_GHOSTS:
+                d_ghost += tl.load(dh_row + M + offs_g[None, :], mask=mask_bg, other=0.0)
+            ghost = tl.load(cur_ptr + M + offs_g[None, :], mask=mask_bg, other=0.0).to(tl.float32)
+            if ACT == 1:
+                d_ghost = d_ghost * (1.0 - ghost * ghost)
+            elif ACT == 2:
+                d_ghost = tl.where(ghost > 0.0, d_ghost, 0.0)
+            elif ACT == 3:
+                d_ghost = d_ghost * ghost * (1.0 - ghost)
+            tl.store(dq_row + offs_g[None, :], d_ghost, mask=mask_bg)
+        tl.debug_barrier()
+        # Phase 2: into the intrinsic units and their gates.
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            mask_bm = mask_b[:, None] & mask_m[None, :]
+            d_i = tl.load(go_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            d_i += tl.load(dh_row + offs_m[None, :], mask=mask_bm, other=0.0)
+            for k0 in range(0, G, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < G
+                dq = tl.load(dq_row + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_k[:, None] * M + offs_m[None, :],
+                            mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+                d_i = _matmul_acc(d_i, dq, a)
+            r = tl.load(ga_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            z = tl.load(ga_row + M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            n = tl.load(ga_row + 2 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            hn = tl.load(ga_row + 3 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
+            h_carry = tl.load(prev_ptr + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
             if HAS_RESET:
-                keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
-            # Phase 1: through the ghost activation.
-            for g0 in range(0, G, BLOCK_G):
-                offs_g = g0 + tl.arange(0, BLOCK_G)
-                mask_bg = mask_b[:, None] & (offs_g < G)[None, :]
-                d_ghost = tl.load(go_row + M + offs_g[None, :], mask=mask_bg, other=0.0).to(tl.float32)
-                if FEED_GHOSTS:
-                    d_ghost += tl.load(dh_row + M + offs_g[None, :], mask=mask_bg, other=0.0)
-                ghost = tl.load(cur_ptr + M + offs_g[None, :], mask=mask_bg, other=0.0).to(tl.float32)
-                if ACT == 1:
-                    d_ghost = d_ghost * (1.0 - ghost * ghost)
-                elif ACT == 2:
-                    d_ghost = tl.where(ghost > 0.0, d_ghost, 0.0)
-                elif ACT == 3:
-                    d_ghost = d_ghost * ghost * (1.0 - ghost)
-                tl.store(dq_row + offs_g[None, :], d_ghost, mask=mask_bg)
-            tl.debug_barrier()
-            # Phase 2: into the intrinsic units and their gates.
-            for m0 in range(0, M, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < M
-                mask_bm = mask_b[:, None] & mask_m[None, :]
-                d_i = tl.load(go_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                d_i += tl.load(dh_row + offs_m[None, :], mask=mask_bm, other=0.0)
-                for k0 in range(0, G, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < G
-                    dq = tl.load(dq_row + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-                    a = tl.load(a_ptr + offs_k[:, None] * M + offs_m[None, :],
-                                mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-                    d_i = _matmul_acc(d_i, dq, a)
-                r = tl.load(ga_row + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                z = tl.load(ga_row + M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                n = tl.load(ga_row + 2 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                hn = tl.load(ga_row + 3 * M + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                h_carry = tl.load(prev_ptr + offs_m[None, :], mask=mask_bm, other=0.0).to(tl.float32)
-                if HAS_RESET:
-                    h_carry = h_carry * keep[:, None]
-                da_n = d_i * (1.0 - z) * (1.0 - n * n)
-                da_z = d_i * (h_carry - n) * z * (1.0 - z)
-                da_r = da_n * hn * r * (1.0 - r)
-                d_hn = da_n * r
-                tl.store(dg_row + offs_m[None, :], da_r, mask=mask_bm)
-                tl.store(dg_row + M + offs_m[None, :], da_z, mask=mask_bm)
-                tl.store(dg_row + 2 * M + offs_m[None, :], da_n, mask=mask_bm)
-                tl.store(dg_row + 3 * M + offs_m[None, :], d_hn, mask=mask_bm)
-                tl.store(dc_row + offs_m[None, :], d_i * z, mask=mask_bm)
-            tl.debug_barrier()
-            # Phase 3: dL/dh_{t-1} = [da_r, da_z] U_rz + d_hn U_n + d_i * z (on the intrinsic slice).
-            for col0 in range(0, HS, BLOCK_H):
-                offs_h = col0 + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < HS
-                acc = tl.load(dc_row + offs_h[None, :], mask=mask_b[:, None] & (offs_h < M)[None, :], other=0.0)
-                for k0 in range(0, M, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_bk = mask_b[:, None] & (offs_k < M)[None, :]
-                    da_r = tl.load(dg_row + offs_k[None, :], mask=mask_bk, other=0.0)
-                    da_z = tl.load(dg_row + M + offs_k[None, :], mask=mask_bk, other=0.0)
-                    d_hn = tl.load(dg_row + 3 * M + offs_k[None, :], mask=mask_bk, other=0.0)
-                    rz_mask = (offs_k < M)[:, None] & (offs_h < K_RZ)[None, :]
-                    w_r = tl.load(w_rz_ptr + offs_k[:, None] * K_RZ + offs_h[None, :], mask=rz_mask, other=0.0)
-                    w_z = tl.load(w_rz_ptr + (M + offs_k[:, None]) * K_RZ + offs_h[None, :], mask=rz_mask,
-                                  other=0.0)
-                    w_n = tl.load(w_n_ptr + offs_k[:, None] * K_N + offs_h[None, :],
-                                  mask=(offs_k < M)[:, None] & (offs_h < K_N)[None, :], other=0.0)
-                    acc = _matmul_acc(acc, da_r, w_r)
-                    acc = _matmul_acc(acc, da_z, w_z)
-                    acc = _matmul_acc(acc, d_hn, w_n)
-                if HAS_RESET:
-                    acc = acc * keep[:, None]
-                tl.store(dh_row + offs_h[None, :], acc, mask=mask_b[:, None] & mask_h[None, :])
-            tl.debug_barrier()
+                h_carry = h_carry * keep[:, None]
+            da_n = d_i * (1.0 - z) * (1.0 - n * n)
+            da_z = d_i * (h_carry - n) * z * (1.0 - z)
+            da_r = da_n * hn * r * (1.0 - r)
+            d_hn = da_n * r
+            tl.store(dg_row + offs_m[None, :], da_r, mask=mask_bm)
+            tl.store(dg_row + M + offs_m[None, :], da_z, mask=mask_bm)
+            tl.store(dg_row + 2 * M + offs_m[None, :], da_n, mask=mask_bm)
+            tl.store(dg_row + 3 * M + offs_m[None, :], d_hn, mask=mask_bm)
+            tl.store(dc_row + offs_m[None, :], d_i * z, mask=mask_bm)
+        tl.debug_barrier()
+        # Phase 3: dL/dh_{t-1} = [da_r, da_z] U_rz + d_hn U_n + d_i * z (on the intrinsic slice).
+        for col0 in range(0, HS, BLOCK_H):
+            offs_h = col0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < HS
+            acc = tl.load(dc_row + offs_h[None, :], mask=mask_b[:, None] & (offs_h < M)[None, :], other=0.0)
+            for k0 in range(0, M, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_bk = mask_b[:, None] & (offs_k < M)[None, :]
+                da_r = tl.load(dg_row + offs_k[None, :], mask=mask_bk, other=0.0)
+                da_z = tl.load(dg_row + M + offs_k[None, :], mask=mask_bk, other=0.0)
+                d_hn = tl.load(dg_row + 3 * M + offs_k[None, :], mask=mask_bk, other=0.0)
+                rz_mask = (offs_k < M)[:, None] & (offs_h < K_RZ)[None, :]
+                w_r = tl.load(w_rz_ptr + offs_k[:, None] * K_RZ + offs_h[None, :], mask=rz_mask, other=0.0)
+                w_z = tl.load(w_rz_ptr + (M + offs_k[:, None]) * K_RZ + offs_h[None, :], mask=rz_mask,
+                              other=0.0)
+                w_n = tl.load(w_n_ptr + offs_k[:, None] * K_N + offs_h[None, :],
+                              mask=(offs_k < M)[:, None] & (offs_h < K_N)[None, :], other=0.0)
+                acc = _matmul_acc(acc, da_r, w_r)
+                acc = _matmul_acc(acc, da_z, w_z)
+                acc = _matmul_acc(acc, d_hn, w_n)
+            if HAS_RESET:
+                acc = acc * keep[:, None]
+            tl.store(dh_row + offs_h[None, :], acc, mask=mask_b[:, None] & mask_h[None, :])
+        tl.debug_barrier()
 
 
 def _pow2_block(n: int, cap: int) -> int:
     """A power-of-two tile width, at least 16 (tl.dot's minimum) and at most `cap`."""
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+    return max(16, min(cap, next_power_of_2(max(int(n), 1))))
 
 
 class GhostGRUScanTriton(torch.autograd.Function):
@@ -404,18 +400,6 @@ def _block_sizes(m: int, ghosts: int, state_size: int, override: dict | None) ->
 # ----------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------
-def _use_triton(impl: str, tensor: torch.Tensor) -> bool:
-    if impl == "torch":
-        return False
-    if impl == "triton":
-        if triton is None:
-            raise RuntimeError("kernels: impl='triton' but triton is not installed")
-        return True
-    if impl == "auto":
-        return triton is not None and tensor.is_cuda
-    raise ValueError(f"kernels: unknown implementation {impl!r}; expected auto, triton or torch")
-
-
 def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh: torch.Tensor,
                    ghost_weight: torch.Tensor, ghost_bias: torch.Tensor, h0: torch.Tensor,
                    keep: torch.Tensor | None = None, act: str = "tanh", impl: str = "auto",
@@ -433,6 +417,8 @@ def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh
         raise ValueError(f"keep: expected {list(gx.shape[:2])}, got {list(keep.shape)}")
     if gx.shape[1] == 0:
         return gx.new_zeros(gx.shape[0], 0, m + ghost_weight.shape[0])
-    if _use_triton(impl, gx):
+    from kernels import use_triton  # late: kernels/__init__ may one day import this module
+
+    if use_triton(impl, gx, "ghost_gru"):
         return GhostGRUScanTriton.apply(gx, w_rz, w_n, b_hh, ghost_weight, ghost_bias, h0, keep, act, block_sizes)
     return ghost_gru_scan_torch(gx, w_rz, w_n, b_hh, ghost_weight, ghost_bias, h0, keep, act)

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions on CPU (GPU: do_bench)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _time_cpu(fn, repeats: int) -> float:
@@ -51,6 +52,8 @@ def _time_gpu(fn) -> float:
 def run(args: argparse.Namespace) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     on_gpu = device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch = args.batch or (64 if on_gpu else 32)
     steps = args.seq_len or (256 if on_gpu else 64)
     hidden = args.hidden or (512 if on_gpu else 256)
@@ -93,8 +96,8 @@ def run(args: argparse.Namespace) -> dict:
         row["us_per_step_fwd"] = 1e3 * row["fwd_ms"] / steps
 
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"GhostGRU vs nn.GRU on {device_name}: batch {batch}, {steps} steps, H = D = {hidden}, "
-          f"{args.layers} layer(s), {args.dtype}")
+    print(f"GhostGRU vs nn.GRU on {device_name} ({torch.get_num_threads()} CPU threads): batch {batch}, "
+          f"{steps} steps, H = D = {hidden}, {args.layers} layer(s), {args.dtype}")
     header = f"{'layer':<26}{'params':>10}{'MACs/step':>11}{'state':>7}{'fwd ms':>9}{'fwd+bwd ms':>12}" \
              f"{'fwd x':>7}{'f+b x':>7}"
     print(header)
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{row['name']:<26}{row['params']:>10,}{row['macs_per_step']:>11,}{row['state_floats']:>7}"
               f"{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}{row['fwd_speedup_vs_gru']:>7.2f}"
               f"{row['fwd_bwd_speedup_vs_gru']:>7.2f}")
-    result = {"device": device_name, "impl": impl, "batch": batch, "seq_len": steps, "hidden": hidden,
+    result = {"device": device_name, "threads": torch.get_num_threads(), "impl": impl, "batch": batch, "seq_len": steps, "hidden": hidden,
               "layers": args.layers, "dtype": args.dtype, "rows": rows}
     for row in rows[1:]:
         key = row["name"].split(" (")[0].replace("GhostGRU ", "").replace("=", "").replace(" ", "_").lower()

@@ -107,7 +107,8 @@ def _launch_forward(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.T
     _rms_norm_fwd_kernel[grid](x2, res_in, y, res_out, weight, rstd,
                                x2.stride(0), res_in.stride(0), y.stride(0), res_out.stride(0),
                                n_rows, n_cols, eps, HAS_RESIDUAL=res2 is not None,
-                               COMPUTE=compute_dtype(res_dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
+                               COMPUTE=compute_dtype(res_dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                               num_warps=num_warps_for(block_m * block_n))
     return y, (res_out if res2 is not None else None), rstd
 
 
@@ -160,13 +161,10 @@ class AddRMSNormFunction(torch.autograd.Function):
         return y.view(x.shape), new_res.view(x.shape)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, dres: torch.Tensor | None):
+    def backward(ctx, dy: torch.Tensor, dres: torch.Tensor):
+        # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         new_res, weight, rstd = ctx.saved_tensors
-        if dy is None:  # only the residual output was used downstream
-            dy = torch.zeros(ctx.shape, dtype=torch.promote_types(new_res.dtype, weight.dtype),
-                             device=new_res.device)
-        dres2 = _as_rows(dres) if dres is not None else None
-        dsum, dw = _launch_backward(_as_rows(dy), new_res, weight, rstd, dres2)
+        dsum, dw = _launch_backward(_as_rows(dy), new_res, weight, rstd, _as_rows(dres))
         dsum = dsum.view(ctx.shape)
         return dsum.to(ctx.x_dtype), dsum.to(ctx.res_dtype), dw, None
 

@@ -31,6 +31,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one fused kernel: the residual add before a pre-norm."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps, impl=self.impl)
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for absolute positions, computed on the fly in fp32 (cheap next to attention)."""
@@ -60,7 +64,7 @@ class Attention(nn.Module):
         shape = (batch, seq, self.num_heads, self.head_dim)
         q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape)
-        q, k = kernels.apply_rope(q, k, cos, sin, impl=self.impl)
+        q, k = kernels.apply_rope(q, k, cos, sin, impl=self.impl, inplace=True)  # q, k are fresh projections
         if kv_cache is not None:  # (k, v) of earlier positions, [batch, past, heads, head_dim]
             if kv_cache[0] is not None:
                 k, v = torch.cat([kv_cache[0], k], dim=1), torch.cat([kv_cache[1], v], dim=1)
@@ -104,9 +108,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv_cache
+        h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
+        return x + self.mlp(h), kv_cache
 
 
 class LMHead(nn.Linear):

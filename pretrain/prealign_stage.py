@@ -448,10 +448,22 @@ class PreAlignInitStage(PretrainStage):
             log.warning("prealign_init: checkpoint.init_from is set; PreAlign starts from a random init")
         self.pa = cfg.prealign
         self._window: list[torch.Tensor] = []
-        self._model = None
+        self._entries: DictionaryEntries | None = None
+        self._before: dict | None = None
 
     def configure(self, model: torch.nn.Module) -> None:
-        self._model = model
+        """Measure the alignment of the initial weights, for the before/after report at the end of the run."""
+        self._before = self._report(model, model.lm_head.weight, torch.device("cpu"))
+
+    def _report(self, model, output_embedding: torch.Tensor, device) -> dict:
+        from data_pipeline.align_table import SHIPPED_TABLE
+
+        if self._entries is None:
+            tokenizer = self.cfg.data.tokenizer or self.cfg.run.tokenizer
+            self._entries = DictionaryEntries.from_table(self.pa.table or SHIPPED_TABLE, tokenizer, self.languages,
+                                                         self.pa.max_word_tokens, self.pa.languages)
+        return alignment_report(model, output_embedding, self._entries, self.cfg.model.num_layers,
+                                max_concepts=self.pa.report_concepts, seed=self.cfg.run.seed, device=device)
 
     def output_embedding(self, engine) -> torch.Tensor:
         module = getattr(engine, "module", engine)
@@ -473,21 +485,23 @@ class PreAlignInitStage(PretrainStage):
                 **{f"align/loss/{name}": float(v) for name, v in zip(names, per_space)}}
 
     def end_of_run(self, engine, val_batches: dict, out_dir, ctx) -> dict:
-        from data_pipeline.align_table import SHIPPED_TABLE
-
-        tokenizer = self.cfg.data.tokenizer or self.cfg.run.tokenizer
-        entries = DictionaryEntries.from_table(self.pa.table or SHIPPED_TABLE, tokenizer, self.languages,
-                                               self.pa.max_word_tokens, self.pa.languages)
-        report = alignment_report(engine, self.output_embedding(engine), entries, self.cfg.model.num_layers,
-                                  max_concepts=self.pa.report_concepts, seed=self.cfg.run.seed, device=ctx.device)
+        """Per-space alignment of the initial and the final weights: alignment_report.json (+ PNG)."""
+        after = self._report(engine, self.output_embedding(engine), ctx.device)
         if ctx.is_main:
-            out_dir = Path(out_dir)
             from pretrain.checkpointing import atomic_write
-            atomic_write(out_dir / "alignment_report.json", json.dumps(report, indent=1))
-            plot_alignment_report({"after prealign_init": report}, out_dir / "alignment_per_layer.png",
+
+            out_dir = Path(out_dir)
+            atomic_write(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},
+                                                                        indent=1))
+            reports = {"initial weights": self._before, "after prealign_init": after}
+            plot_alignment_report({k: v for k, v in reports.items() if v}, out_dir / "alignment_per_layer.png",
                                   "Word alignment per representation space")
-            log.info("prealign_init: alignment per space\n%s", format_alignment_report(report))
-        return {f"align/gap/{name}": gap for name, gap in zip(report["spaces"], report["gap"])}
+            log.info("prealign_init: alignment per space, after the stage\n%s", format_alignment_report(after))
+        record = {f"align/gap/{name}": gap for name, gap in zip(after["spaces"], after["gap"])}
+        if self._before:
+            record.update({f"align/gap_initial/{name}": gap
+                           for name, gap in zip(self._before["spaces"], self._before["gap"])})
+        return record
 
 
 register_stage(PreAlignInitStage.name, PreAlignInitStage)

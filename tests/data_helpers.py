@@ -1,6 +1,6 @@
 """A small real dataset for tests in every room, built once per test process from the bundled corpus.
 
-    from data_helpers import tiny_dataset
+    from tests.data_helpers import tiny_dataset
 
     @pytest.fixture(scope="session")
     def data(tmp_path_factory):

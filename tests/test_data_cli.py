@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data_pipeline.cli import main, register
-from data_helpers import tiny_dataset
+from tests.data_helpers import tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from data_pipeline.loader import build_train_loader, build_val_batches
 from data_pipeline.manifest import load_manifest
 from data_pipeline.pack import pack
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from data_helpers import tiny_dataset
+from tests.data_helpers import tiny_dataset
 
 LANGS = ["hi", "th"]
 

@@ -10,7 +10,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.pack import pack, plan_jobs, language_files, read_documents
 from data_pipeline.shards import ShardReader, iter_blocks
 from data_pipeline.tokenizer import load_tokenizer
-from data_helpers import tiny_dataset
+from tests.data_helpers import tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from data_pipeline.loader import build_plan, build_train_loader, build_val_batch
 from data_pipeline.manifest import load_manifest
 from data_pipeline.shards import ShardReader
 from data_pipeline.stream import MixtureOrder, default_transform
-from data_helpers import tiny_dataset
+from tests.data_helpers import tiny_dataset
 
 SMALL = ["hi", "th"]  # 8 shards in all: fewer than the 5 ranks x 2 workers below
 

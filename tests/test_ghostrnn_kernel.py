@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels.ghost_gru import ghost_gru_scan, ghost_gru_scan_torch
+from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
 from model.config import GhostRNNConfig, ModelConfig
 from model.ghostrnn import GhostGRU
 from model.registry import build_model
@@ -149,10 +150,10 @@ def test_gpu_auto_uses_triton_and_bf16_error_within_twice_torch():
     torch_out, torch_grads = forward_and_grads(bf16, "torch")
     out, grads = forward_and_grads(bf16, "auto")
     assert out.grad_fn is not None and "GhostGRUScanTriton" in type(out.grad_fn).__name__
-    err = lambda a, b: (a.float() - b.float()).abs().max().item()
-    assert err(out, ref_out) <= 2 * err(torch_out, ref_out) + 1e-6
+    assert_within_reference_error("out", out, torch_out, ref_out, FORWARD_FACTOR)
     for name in ref_grads:
-        assert err(grads[name], ref_grads[name]) <= 3 * err(torch_grads[name], ref_grads[name]) + 1e-5, name
+        assert_within_reference_error(f"grad of {name}", grads[name], torch_grads[name], ref_grads[name],
+                                      GRADIENT_FACTOR, floor=1e-5)
 
 
 @pytest.mark.gpu

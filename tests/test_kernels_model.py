@@ -1,6 +1,5 @@
 """The kernels inside the model: a tiny FuxiTranyu with kernels='triton' (interpreter on CPU) against the same
 model with the torch references — loss, per-token losses and every parameter gradient, then 50 training steps."""
-import copy
 
 import pytest
 import torch
@@ -53,7 +52,8 @@ def test_triton_model_uses_every_kernel_and_matches_torch(monkeypatch, one_threa
     triton_model, torch_model = _twin_models()
     inputs, labels = _batch(2, 33, seed=1)
     calls = []
-    for name in ("rms_norm_triton", "bias_gelu_triton", "apply_rope_triton", "linear_cross_entropy_chunked"):
+    for name in ("rms_norm_triton", "add_rms_norm_triton", "bias_gelu_triton", "apply_rope_triton",
+                 "linear_cross_entropy_chunked"):
         original = getattr(kernels, name)
 
         def recording(*args, _original=original, _name=name, **kw):
@@ -64,10 +64,11 @@ def test_triton_model_uses_every_kernel_and_matches_torch(monkeypatch, one_threa
     out_t = triton_model(inputs, labels=labels, z_loss=1e-4)
     out_t.loss.backward()
     monkeypatch.undo()
-    # 2 layers x 2 norms + the final norm, a GELU and a RoPE per layer, one loss (with its Triton steps).
-    assert sorted(set(calls)) == [("apply_rope_triton", True), ("bias_gelu_triton", True),
-                                  ("linear_cross_entropy_chunked", True), ("rms_norm_triton", True)]
-    assert len(calls) == 5 + 2 + 2 + 1
+    # Per layer: a norm, a fused residual-add + norm, a GELU and a RoPE; the final norm; one loss.
+    assert sorted(set(calls)) == [("add_rms_norm_triton", True), ("apply_rope_triton", True),
+                                  ("bias_gelu_triton", True), ("linear_cross_entropy_chunked", True),
+                                  ("rms_norm_triton", True)]
+    assert len(calls) == 2 * 4 + 1 + 1
     out_r = torch_model(inputs, labels=labels, z_loss=1e-4)
     out_r.loss.backward()
     torch.testing.assert_close(out_t.loss, out_r.loss, atol=1e-5, rtol=1e-5)

@@ -11,17 +11,33 @@ import pytest
 
 from model.typed_config import ConfigError
 from pretrain.config import load_train_config
-from tests.trainer_helpers import REPO, run_config, run_pretrain, tiny_dataset, write_config
+from tests.trainer_helpers import REPO, run_config, run_pretrain, tiny_training_dataset, write_config
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("prealign_data"))
+    return tiny_training_dataset(tmp_path_factory)
 
 
-def prealign_config(data, out_dir: Path, micro_batch: int = 16, steps: int = 12) -> dict:
+def toy_table(data, path: Path, concepts: int = 30) -> Path:
+    """Pairs of distinct one-token words of the tiny tokenizer: a dictionary a few steps can align (the shipped
+    table's words are long byte sequences for a 512-token vocabulary)."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data.tokenizer_dir)
+    words = sorted(t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha())
+    assert len(words) >= 2 * concepts
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(concepts):
+            f.write(json.dumps({"src_text": words[2 * i], "tgt_text": words[2 * i + 1], "src_lang": "en",
+                                "tgt_lang": "ru"}) + "\n")
+    return path
+
+
+def prealign_config(data, out_dir: Path, micro_batch: int = 16, steps: int = 12, table: Path | None = None) -> dict:
     return run_config(data, out_dir, stage="prealign_init",
-                      prealign={"temperature": 0.1, "alpha": 0.1, "max_word_tokens": 12, "report_concepts": 128},
+                      prealign={"temperature": 0.1, "alpha": 0.1, "max_word_tokens": 12, "report_concepts": 128,
+                                "table": str(table) if table else None},
                       optimizer={"lr": 5e-3},
                       schedule={"total_steps": steps, "warmup_steps": 2, "global_batch": 16},
                       parallelism={"zero_stage": 1, "micro_batch": micro_batch, "precision": "fp32"},
@@ -38,17 +54,20 @@ def records(out_dir: Path, kind: str) -> list[dict]:
 @pytest.mark.slow
 def test_prealign_init_then_codeswitched_pretraining(data, tmp_path):
     init_dir = tmp_path / "init"
-    run_pretrain(write_config(prealign_config(data, init_dir), tmp_path / "init.yaml"))
+    cfg = prealign_config(data, init_dir, steps=16, table=toy_table(data, tmp_path / "table.jsonl"))
+    run_pretrain(write_config(cfg, tmp_path / "init.yaml"))
     train = records(init_dir, "train")
     align = [r["align/loss"] for r in train]
-    assert len(align) == 12 and all(f"align/loss/layer {i}" in train[0] for i in (1, 2))
-    assert sum(align[-3:]) / 3 < sum(align[:3]) / 3
+    assert len(align) == 16 and all(f"align/loss/layer {i}" in train[0] for i in (1, 2))
+    assert sum(align[-4:]) / 4 < 0.7 * sum(align[:4]) / 4
     report = json.loads((init_dir / "alignment_report.json").read_text())
-    assert report["spaces"] == ["embedding", "layer 1", "layer 2", "output embedding"]
-    assert all(gap > 0 for gap in report["gap"]), report
+    before, after = report["before"], report["after"]
+    assert after["spaces"] == ["embedding", "layer 1", "layer 2", "output embedding"]
+    assert all(gap > 0.1 for gap in after["gap"]), after
+    assert all(a > b + 0.1 for a, b in zip(after["gap"], before["gap"])), report
     assert (init_dir / "alignment_per_layer.png").stat().st_size > 0
     stage = records(init_dir, "stage")[-1]
-    assert stage["stage"] == "prealign_init" and stage["align/gap/layer 2"] == report["gap"][2]
+    assert stage["stage"] == "prealign_init" and stage["align/gap/layer 2"] == after["gap"][2]
     assert (init_dir / "final").is_dir()
 
     # stage 2: LM pretraining from the aligned weights with code-switching (the pipeline of checklist 3.8.7)

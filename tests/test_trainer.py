@@ -11,13 +11,14 @@ import torch
 from model.typed_config import ConfigError
 from pretrain.config import load_train_config
 from pretrain.metrics import LanguageLoss, per_language_report
-from tests.trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env, tiny_dataset,
+from tests.trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env,
+                                   tiny_training_dataset,
                                    train_losses, write_config)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+    return tiny_training_dataset(tmp_path_factory)
 
 
 def wait_for(predicate, process, timeout=240):

@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 LANGUAGES = ["en", "zh", "ru", "code_python"]
 
 
-def tiny_dataset(out_dir: Path):
-    """Tokenizer + train/valid shards for four languages of the bundled corpus (built once per test session)."""
-    from data_pipeline.prepare import prepare_dataset
+def tiny_training_dataset(tmp_path_factory):
+    """Tokenizer + train/valid shards for four languages of the bundled corpus (cached per test process)."""
+    from tests.data_helpers import tiny_dataset
 
-    return prepare_dataset(out_dir, vocab_size=512, seq_len=32, max_docs_per_language=12, languages=LANGUAGES)
+    return tiny_dataset(tmp_path_factory, vocab_size=512, seq_len=32, max_docs_per_language=12,
+                        languages=LANGUAGES)
 
 
 def run_config(dataset, out_dir: Path, **sections) -> dict:

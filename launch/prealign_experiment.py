@@ -1,0 +1,519 @@
+"""PreAlign in the English -> English-Clone setting (methods.md 3.5), at tiny scale, in one driver.
+
+The world. A small synthetic English (persons, cities, jobs, colours, objects; a few sentence templates) is
+tokenised with a byte-level BPE trained on it. English-Clone is the same language with a disjoint vocabulary:
+every English token id t becomes t + V (EOS is shared), a bijection per token, so the word-level alignment
+table is exactly that bijection on the generator's words. The two languages share no token, only the model.
+
+The data. English documents hold general sentences, facts about every person ("kelo lives in brimford .",
+"kelo works as a baker .") and a question-answering skill ("... what color is the cup ? it is red ."). Clone
+documents (a quarter of the tokens, other documents) hold general sentences and the facts of the *filler*
+persons only, never the QA format. So the facts about the *fact* persons and the QA skill are seen in English
+only.
+
+The arms (same seed, same blocks in the same order, same steps):
+  joint       random init -> LM on English + Clone                             (the baseline)
+  prealign    random init -> alignment init on the table -> LM with input-only code-switching
+  init only   alignment init, then plain LM          (ablation)
+  cs only     random init, LM with code-switching     (ablation)
+
+Measured on held-out data: Clone (and English) LM loss; zero-shot cross-lingual transfer (the QA skill asked
+in Clone, answer among all Clone colours); cross-lingual knowledge application (English-only facts queried in
+Clone, answer among all Clone cities / jobs); word alignment per layer (aligned vs random pairs).
+
+    python -m launch.prealign_experiment --out runs/prealign_experiment
+
+Writes results.json, report.md and prealign_english_clone.png under --out; prints tables and, last, one JSON
+line. Runs in a few minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, tokenizer_word_starts
+from data_pipeline.stream import default_transform
+from model import ModelConfig, build_model
+from pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
+                                     format_alignment_report, prealign_loss)
+
+log = logging.getLogger(__name__)
+EOS = 0
+ARMS = {  # name -> (alignment init, code-switching)
+    "joint": (False, False),
+    "prealign": (True, True),
+    "init only": (True, False),
+    "cs only": (False, True),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/prealign_experiment", help="output folder")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab", type=int, default=384, help="English BPE vocabulary (Clone doubles it)")
+    parser.add_argument("--english-docs", type=int, default=2400)
+    parser.add_argument("--clone-docs", type=int, default=800)
+    parser.add_argument("--hidden", type=int, default=96)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=700, help="LM steps per arm")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--init-steps", type=int, default=300, help="alignment-init steps")
+    parser.add_argument("--init-batch", type=int, default=64, help="dictionary entries per init step")
+    parser.add_argument("--init-lr", type=float, default=3e-3)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--codeswitch-ratio", type=float, default=0.05)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+# ---- 1. the world ----------------------------------------------------------------------------------------
+
+CITIES = ["avalon", "brimford", "corvale", "dunmore", "elmstead", "fairhold", "glenrock", "harlow", "ivywood",
+          "jarrow", "kestrel", "lowmoor"]
+JOBS = ["baker", "doctor", "farmer", "pilot", "teacher", "singer", "painter", "tailor", "miner", "sailor",
+        "judge", "nurse"]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
+NOUNS = ["ball", "cup", "hat", "book", "box", "car", "dog", "cat", "bag", "pen", "lamp", "kite", "chair", "bowl",
+         "coat", "shoe"]
+ADJECTIVES = ["big", "small", "old", "new", "happy", "quiet", "fast", "slow", "warm", "cold"]
+PLACES = ["park", "garden", "market", "school", "library", "kitchen", "river", "forest"]
+VERBS = ["saw", "found", "bought", "lost", "painted", "carried", "washed", "sold"]
+SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vi", "dor", "el", "nu", "ba", "ri", "ko", "tha", "ze", "mon"]
+
+
+@dataclass
+class World:
+    fact_persons: list[str]  # their facts appear in English only
+    filler_persons: list[str]  # their facts appear in both languages
+    lives_in: dict[str, str]
+    works_as: dict[str, str]
+
+    @property
+    def persons(self) -> list[str]:
+        return self.fact_persons + self.filler_persons
+
+    def vocabulary(self) -> list[str]:
+        function = ["a", "the", "in", "and", "to", "from", "has", "is", "it", "of", "lives", "works", "as", "went",
+                    "likes", "job", "home", "what", "color", "met", "with", "."]
+        words = function + CITIES + JOBS + COLORS + NOUNS + ADJECTIVES + PLACES + VERBS + self.persons + ["?"]
+        return list(dict.fromkeys(words))
+
+
+def make_world(rng: np.random.Generator, fact_persons: int = 24, filler_persons: int = 24) -> World:
+    names: list[str] = []
+    while len(names) < fact_persons + filler_persons:
+        name = "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
+        if name not in names:
+            names.append(name)
+    return World(names[:fact_persons], names[fact_persons:],
+                 {p: str(rng.choice(CITIES)) for p in names}, {p: str(rng.choice(JOBS)) for p in names})
+
+
+def general_sentence(rng: np.random.Generator, world: World) -> str:
+    p, q = rng.choice(world.persons, size=2, replace=False)
+    pick = lambda items: str(rng.choice(items))  # noqa: E731
+    templates = [
+        lambda: f"{p} saw a {pick(ADJECTIVES)} {pick(NOUNS)} in the {pick(PLACES)} .",
+        lambda: f"the {pick(NOUNS)} in the {pick(PLACES)} is {pick(COLORS)} .",
+        lambda: f"{p} and {q} went to the {pick(PLACES)} .",
+        lambda: f"{p} {pick(VERBS)} the {pick(COLORS)} {pick(NOUNS)} .",
+        lambda: f"a {pick(JOBS)} from {pick(CITIES)} {pick(VERBS)} a {pick(NOUNS)} .",
+        lambda: f"{pick(CITIES)} has a {pick(ADJECTIVES)} {pick(PLACES)} .",
+        lambda: f"{p} likes the {pick(ADJECTIVES)} {pick(NOUNS)} .",
+        lambda: f"{p} met a {pick(JOBS)} in the {pick(PLACES)} .",
+        lambda: f"{p} has a {pick(COLORS)} {pick(NOUNS)} .",
+    ]
+    return templates[int(rng.integers(len(templates)))]()
+
+
+def fact_sentence(rng: np.random.Generator, world: World, person: str) -> str:
+    city, job = world.lives_in[person], world.works_as[person]
+    return [f"{person} lives in {city} .", f"the home of {person} is in {city} .",
+            f"{person} works as a {job} .", f"the job of {person} is {job} ."][int(rng.integers(4))]
+
+
+def qa_example(rng: np.random.Generator, world: World) -> tuple[str, str]:
+    """(prompt, answer): two coloured objects, a question about one of them."""
+    person = str(rng.choice(world.persons))
+    (c1, c2), (n1, n2) = rng.choice(COLORS, 2, replace=False), rng.choice(NOUNS, 2, replace=False)
+    first = bool(rng.integers(2))
+    noun, color = (n1, c1) if first else (n2, c2)
+    return f"{person} has a {c1} {n1} and a {c2} {n2} . what color is the {noun} ? it is", color
+
+
+def make_documents(rng: np.random.Generator, world: World, n_docs: int, clone: bool) -> list[str]:
+    """English: general + facts of everyone + QA; Clone: general + facts of filler persons only."""
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(int(rng.integers(4, 9))):
+            kind = rng.random()
+            if kind < 0.3:
+                persons = world.filler_persons if clone else world.persons
+                sentences.append(fact_sentence(rng, world, str(rng.choice(persons))))
+            elif kind < 0.45 and not clone:
+                prompt, answer = qa_example(rng, world)
+                sentences.append(f"{prompt} {answer} .")
+            else:
+                sentences.append(general_sentence(rng, world))
+        docs.append(" " + " ".join(sentences))
+    return docs
+
+
+class EnglishClone:
+    """The English BPE and its clone: ids t -> t + V (EOS shared); word starts and the word table."""
+
+    def __init__(self, tokenizer_dir: Path):
+        from data_pipeline.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.english_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        word_start, special = tokenizer_word_starts(self.tok)
+        self.word_start = np.concatenate([word_start, word_start])
+        self.special = np.concatenate([special, special])
+        self.special[self.english_vocab + EOS] = False  # the clone of EOS is never used
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 * self.english_vocab
+
+    def encode(self, text: str, clone: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return self.clone(ids) if clone else ids
+
+    def clone(self, ids) -> list[int]:
+        return [t if t == EOS else t + self.english_vocab for t in ids]
+
+    def word_pairs(self, words: list[str]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The alignment table: each word as it appears after a space, in English and in Clone."""
+        return [(tuple(self.encode(" " + w)), tuple(self.encode(" " + w, clone=True))) for w in words]
+
+
+def pack_blocks(docs: list[list[int]], lang: int, block_len: int) -> dict[str, np.ndarray]:
+    """Concatenate documents with EOS separators and cut blocks of block_len (= seq_len + 1) tokens."""
+    tokens, doc_ids = [], []
+    for d, doc in enumerate(docs):
+        tokens += [EOS] + doc
+        doc_ids += [d] * (len(doc) + 1)
+    n = len(tokens) // block_len
+    t = np.asarray(tokens[:n * block_len], dtype=np.int64).reshape(n, block_len)
+    return {"tokens": t, "lang_ids": np.full_like(t, lang),
+            "doc_ids": np.asarray(doc_ids[:n * block_len], dtype=np.int64).reshape(n, block_len)}
+
+
+def concat_blocks(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---- 2. training and evaluation ------------------------------------------------------------------------
+
+def build(args, vocab_size: int) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                         num_heads=args.heads, ffn_hidden_size=4 * args.hidden, max_seq_len=args.seq_len,
+                         init_std=0.02, kernels="torch")
+    config.validate()
+    return build_model(config)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def alignment_init(model, entries: DictionaryEntries, args) -> list[float]:
+    """Stage 1 in-process: the same loss as the trainer's prealign_init stage."""
+    source = DictionaryBatches(entries, 2, seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.init_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    losses = []
+    for step in tqdm(range(args.init_steps), desc="alignment init", leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.init_steps, args.init_lr, max(1, args.init_steps // 20))
+        batch = source.batch(list(range(step * args.init_batch, (step + 1) * args.init_batch)))
+        out = prealign_loss(model, batch, model.lm_head.weight, 2, args.temperature, args.alpha)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(out.align.value)
+    return losses
+
+
+def make_batch(blocks: dict[str, np.ndarray], rows: np.ndarray, positions: np.ndarray, transform) -> dict:
+    samples = []
+    for r, g in zip(rows, positions):
+        raw = {k: torch.from_numpy(v[r]) for k, v in blocks.items()}
+        raw["position"] = int(g)
+        samples.append(transform(raw))
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+@torch.no_grad()
+def lm_loss(model, blocks: dict[str, np.ndarray], batch: int = 32) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks["tokens"]), batch):
+        b = make_batch(blocks, np.arange(start, min(start + batch, len(blocks["tokens"]))),
+                       np.zeros(batch, dtype=np.int64), default_transform)
+        out = model(b["input_ids"], labels=b["labels"])
+        n = int((b["labels"] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def choice_accuracy(model, prompts: list[list[int]], candidates: list[list[int]], answers: list[int]) -> float:
+    """Fraction of prompts whose answer candidate has the highest total log-probability."""
+    model.eval()
+    correct = 0
+    for prompt, answer in zip(prompts, answers):
+        seqs = [[EOS] + prompt + c for c in candidates]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [EOS] * (width - len(s)) for s in seqs])
+        logp = F.log_softmax(model(ids).logits.float(), -1)
+        scores = []
+        for i, c in enumerate(candidates):
+            start = 1 + len(prompt)
+            targets = torch.tensor(c)
+            scores.append(float(logp[i, start - 1:start - 1 + len(c)].gather(1, targets[:, None]).sum()))
+        correct += int(np.argmax(scores) == answer)
+    model.train()
+    return correct / len(prompts)
+
+
+@dataclass
+class EvalSets:
+    valid: dict[str, dict[str, np.ndarray]]  # language -> blocks
+    knowledge: dict[str, tuple]  # language -> (prompts, candidates, answers) per relation, flattened
+    transfer: dict[str, tuple]
+
+
+def build_eval_sets(rng, world: World, ec: EnglishClone, args) -> EvalSets:
+    valid = {"english": pack_blocks([ec.encode(d) for d in make_documents(rng, world, 120, clone=False)], 0,
+                                    args.seq_len + 1),
+             "clone": pack_blocks([ec.encode(d, clone=True) for d in make_documents(rng, world, 120, clone=True)],
+                                  1, args.seq_len + 1)}
+    knowledge, transfer = {}, {}
+    qa = [qa_example(rng, world) for _ in range(96)]
+    for lang, clone in (("english", False), ("clone", True)):
+        prompts, candidates, answers = [], [], []
+        for person in world.fact_persons:
+            for template, options, truth in ((f" {person} lives in", CITIES, world.lives_in[person]),
+                                             (f" {person} works as a", JOBS, world.works_as[person])):
+                prompts.append((ec.encode(template, clone), [ec.encode(" " + o, clone) for o in options],
+                                options.index(truth)))
+        knowledge[lang] = prompts
+        transfer[lang] = [(ec.encode(" " + p, clone), [ec.encode(" " + c, clone) for c in COLORS],
+                           COLORS.index(a)) for p, a in qa]
+    return EvalSets(valid, knowledge, transfer)
+
+
+def evaluate(model, sets: EvalSets) -> dict:
+    out = {f"loss_{lang}": lm_loss(model, blocks) for lang, blocks in sets.valid.items()}
+    for name, data in (("knowledge", sets.knowledge), ("transfer", sets.transfer)):
+        for lang, items in data.items():
+            acc = 0.0
+            for prompt, candidates, answer in items:
+                acc += choice_accuracy(model, [prompt], candidates, [answer])
+            out[f"{name}_{lang}"] = acc / len(items)
+    return out
+
+
+def train_lm(model, blocks, transform, sets: EvalSets, args, desc: str) -> list[dict]:
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    order = np.random.default_rng(args.seed + 1).permutation(len(blocks["tokens"]))
+    model.train()
+    curve = []
+    for step in tqdm(range(args.steps), desc=desc, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, max(1, args.steps // 20))
+        positions = np.arange(step * args.batch, (step + 1) * args.batch)
+        batch = make_batch(blocks, order[positions % len(order)], positions, transform)
+        out = model(batch["input_ids"], labels=batch["labels"])
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append({"step": step + 1, "train_loss": out.loss.item(),
+                          "loss_clone": lm_loss(model, sets.valid["clone"]),
+                          "loss_english": lm_loss(model, sets.valid["english"])})
+    return curve
+
+
+# ---- 3. the run ---------------------------------------------------------------------------------------------
+
+def plot(out: Path, results: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for name, arm in arms.items():
+        steps = [p["step"] for p in arm["curve"]]
+        ax.plot(steps, [p["loss_clone"] for p in arm["curve"]], "-o", ms=3, label=f"{name}: Clone")
+    ax.set_xlabel("LM step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Clone language modelling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    metrics = ["transfer_english", "transfer_clone", "knowledge_english", "knowledge_clone"]
+    width = 0.8 / len(arms)
+    for i, (name, arm) in enumerate(arms.items()):
+        ax.bar(np.arange(len(metrics)) + i * width, [100 * arm["final"][m] for m in metrics], width, label=name)
+    ax.axhline(100 / len(COLORS), color="gray", ls=":", lw=1)
+    ax.axhline(100 / len(CITIES), color="gray", ls="--", lw=1)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2,
+                  ["QA transfer\nEnglish", "QA transfer\nClone", "facts\nEnglish", "facts\nClone"])
+    ax.set_ylabel("accuracy (%)  (dotted: chance QA, dashed: chance facts)")
+    ax.set_title("Zero-shot transfer and knowledge application")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    for name, arm in arms.items():
+        report = arm["alignment_end"]
+        ax.plot(range(len(report["gap"])), report["gap"], "-o", ms=3, label=f"{name}: end of LM")
+    if "alignment_after_init" in results:
+        report = results["alignment_after_init"]
+        ax.plot(range(len(report["gap"])), report["gap"], "k--x", label="after alignment init")
+    ax.set_xticks(range(len(report["spaces"])), report["spaces"], rotation=30, ha="right")
+    ax.set_ylabel("cos(aligned) - cos(random)")
+    ax.set_title("Word alignment per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "prealign_english_clone.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    world = make_world(rng)
+    english = make_documents(rng, world, args.english_docs, clone=False)
+    clone = make_documents(rng, world, args.clone_docs, clone=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        with open(corpus / "en.jsonl", "w", encoding="utf-8") as f:
+            for doc in english:
+                f.write(json.dumps({"text": doc, "lang": "en"}) + "\n")
+        tok_dir = train_tokenizer(corpus, Path(tmp) / "tokenizer", TokenizerConfig(vocab_size=args.vocab))
+        ec = EnglishClone(tok_dir)
+    pairs = ec.word_pairs(world.vocabulary())
+    tokens_per_word = float(np.mean([len(e) for e, _ in pairs]))
+    blocks = concat_blocks(pack_blocks([ec.encode(d) for d in english], 0, args.seq_len + 1),
+                           pack_blocks([ec.encode(d, clone=True) for d in clone], 1, args.seq_len + 1))
+    n_en = int((blocks["lang_ids"][:, 0] == 0).sum())
+    sets = build_eval_sets(rng, world, ec, args)
+    table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special)
+    entries = DictionaryEntries.from_token_concepts([[(e, 0), (c, 1)] for e, c in pairs], ["english", "clone"])
+    print(f"English-Clone: {len(pairs)} words ({tokens_per_word:.2f} tokens/word), vocab {ec.english_vocab} + "
+          f"{ec.english_vocab}; {n_en} English + {len(blocks['tokens']) - n_en} Clone blocks of {args.seq_len}; "
+          f"{len(world.fact_persons)} fact persons x 2 facts in English only")
+
+    results: dict = {"config": vars(args), "words": len(pairs), "tokens_per_word": tokens_per_word,
+                     "blocks": {"english": n_en, "clone": len(blocks["tokens"]) - n_en}, "arms": {}}
+    init_state = None
+    for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
+        if name not in ARMS:
+            raise SystemExit(f"--arms: unknown arm {name!r}; choose from {list(ARMS)}")
+        use_init, use_cs = ARMS[name]
+        t0 = time.time()
+        model = build(args, ec.vocab_size)
+        if use_init:
+            if init_state is None:  # the alignment init is shared by the arms that use it
+                before = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+                init_losses = alignment_init(model, entries, args)
+                after = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+                init_state = {k: v.clone() for k, v in model.state_dict().items()}
+                results.update(alignment_before_init=before, alignment_after_init=after, init_losses=init_losses,
+                               init_s=time.time() - t0)
+                print(f"alignment init: {args.init_steps} steps, InfoNCE {init_losses[0]:.3f} -> "
+                      f"{np.mean(init_losses[-10:]):.3f}\n{format_alignment_report(after)}")
+            model.load_state_dict(init_state)
+        transform = CodeSwitchTransform(table, args.codeswitch_ratio, args.seed) if use_cs else default_transform
+        curve = train_lm(model, blocks, transform, sets, args, desc=name)
+        final = evaluate(model, sets)
+        report = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+        results["arms"][name] = {"curve": curve, "final": final, "alignment_end": report,
+                                 "seconds": time.time() - t0}
+        print(f"{name:<10} clone loss {final['loss_clone']:.3f}  english loss {final['loss_english']:.3f}  "
+              f"transfer en/clone {final['transfer_english']:.2f}/{final['transfer_clone']:.2f}  "
+              f"facts en/clone {final['knowledge_english']:.2f}/{final['knowledge_clone']:.2f}  "
+              f"({time.time() - t0:.0f} s)")
+
+    lines = ["| arm | Clone loss | English loss | QA transfer en | QA transfer Clone | facts en | facts Clone | "
+             "mean alignment gap |", "|---|---|---|---|---|---|---|---|"]
+    for name, arm in results["arms"].items():
+        f = arm["final"]
+        lines.append(f"| {name} | {f['loss_clone']:.3f} | {f['loss_english']:.3f} | "
+                     f"{100 * f['transfer_english']:.1f}% | {100 * f['transfer_clone']:.1f}% | "
+                     f"{100 * f['knowledge_english']:.1f}% | {100 * f['knowledge_clone']:.1f}% | "
+                     f"{np.mean(arm['alignment_end']['gap']):.3f} |")
+    table_md = "\n".join(lines)
+    print("\n" + table_md + "\n")
+    results["plot"] = plot(out, results)
+    results["seconds"] = time.time() - started
+    report_md = ["# PreAlign, English -> English-Clone (tiny scale)", "", table_md, "",
+                 f"Chance: QA {100 / len(COLORS):.1f}%, facts {100 / len(CITIES):.1f}%. "
+                 f"Total {results['seconds']:.0f} s.", ""]
+    if "alignment_after_init" in results:
+        report_md += ["Alignment after the init stage:", "", "```",
+                      format_alignment_report(results["alignment_after_init"]), "```", ""]
+    (out / "report.md").write_text("\n".join(report_md), encoding="utf-8")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
+    tmp.replace(out / "results.json")
+    headline = {"out": str(out), "seconds": round(results["seconds"], 1)}
+    for name, arm in results["arms"].items():
+        key = name.replace(" ", "_")
+        headline.update({f"{key}_{m}": round(v, 4) for m, v in arm["final"].items()})
+    print(json.dumps(headline))
+    return headline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
