@@ -15,7 +15,7 @@ import torch
 
 from model.ghostrnn import GhostGRU, GhostGRUShape
 
-VARIANTS = {  # name -> (ratio, feed_ghost_back, gate_input); ratio from --ratios replaces the 2
+VARIANTS = {  # name -> (feed_ghost_back, gate_input); each runs at every ratio of --ratios
     "A": (True, "full"),
     "B": (False, "intrinsic"),
 }
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{row['name']:<26}{row['params']:>10,}{row['macs_per_step']:>11,}{row['state_floats']:>7}"
               f"{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}{row['fwd_speedup_vs_gru']:>7.2f}"
               f"{row['fwd_bwd_speedup_vs_gru']:>7.2f}")
-    result = {"device": device_name, "threads": torch.get_num_threads(), "impl": impl, "batch": batch, "seq_len": steps, "hidden": hidden,
+    result = {"device": device_name, "threads": torch.get_num_threads(), "impl": impl, "batch": batch,
+              "seq_len": steps, "hidden": hidden,
               "layers": args.layers, "dtype": args.dtype, "rows": rows}
     for row in rows[1:]:
         key = row["name"].split(" (")[0].replace("GhostGRU ", "").replace("=", "").replace(" ", "_").lower()

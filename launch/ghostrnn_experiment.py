@@ -94,7 +94,8 @@ def format_costs(rows: list[dict], hidden: int) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['intrinsic']} | {r['ghosts']} | {r['params']:,} | "
                      f"{100 * r['params_vs_gru']:.1f}% | {r['macs_per_step']:,} | {100 * r['macs_vs_gru']:.1f}% | "
-                     f"{r['state_floats']} floats = {r['state_bytes_fp32']:,} B | {r['saved_floats_per_step']} floats |")
+                     f"{r['state_floats']} floats = {r['state_bytes_fp32']:,} B | "
+                     f"{r['saved_floats_per_step']} floats |")
     return "\n".join(lines)
 
 
@@ -320,7 +321,8 @@ def run_kws(args) -> list[dict]:
         acc = torch.tensor(accuracies)
         rows.append({"variant": name, "rnn_params": sum(p.numel() for p in model.rnn.parameters()),
                      "total_params": sum(p.numel() for p in model.parameters()), "test_accuracies": accuracies,
-                     "test_accuracy": acc.mean().item(), "test_accuracy_std": acc.std().item() if len(acc) > 1 else 0.0})
+                     "test_accuracy": acc.mean().item(),
+                     "test_accuracy_std": acc.std().item() if len(acc) > 1 else 0.0})
     base = rows[0]["rnn_params"]
     for row in rows:
         row["rnn_param_saving"] = 1 - row["rnn_params"] / base
@@ -453,7 +455,8 @@ def run(args: argparse.Namespace) -> dict:
         headline.update({f"val_bpb_{k.replace(' ', '').replace('=', '')}": round(v["val_bpb_mean"], 4)
                          for k, v in results["lm"].items()})
     if "redundancy" in results:
-        headline.update({f"redundancy_{k}": round(v["frac_abs_cos_gt_0.9"], 5) for k, v in results["redundancy"].items()})
+        headline.update({f"redundancy_{k}": round(v["frac_abs_cos_gt_0.9"], 5)
+                         for k, v in results["redundancy"].items()})
     if "kws" in results:
         headline.update({f"kws_acc_{r['variant'].replace(' ', '').replace('=', '')}": round(r["test_accuracy"], 4)
                          for r in results["kws"]})

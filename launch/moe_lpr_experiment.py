@@ -320,6 +320,7 @@ def write_report(out: Path, args, original, expansion, evals, summary, phases, c
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)  # the in-process evaluation; oversubscribed threads are slow on CPU
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     original, expansion = args.original.split(","), args.expansion.split(",")

@@ -66,12 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=384, help="English BPE vocabulary (Clone doubles it)")
     parser.add_argument("--english-docs", type=int, default=2400)
     parser.add_argument("--clone-docs", type=int, default=800)
-    parser.add_argument("--hidden", type=int, default=96)
+    parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=700, help="LM steps per arm")
+    parser.add_argument("--steps", type=int, default=600, help="LM steps per arm")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--init-steps", type=int, default=300, help="alignment-init steps")
     parser.add_argument("--init-batch", type=int, default=64, help="dictionary entries per init step")
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--codeswitch-ratio", type=float, default=0.05)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest at these shapes)")
 
 
 # ---- 1. the world ----------------------------------------------------------------------------------------
@@ -150,12 +150,9 @@ def fact_sentence(rng: np.random.Generator, world: World, person: str) -> str:
 
 
 def qa_example(rng: np.random.Generator, world: World) -> tuple[str, str]:
-    """(prompt, answer): two coloured objects, a question about one of them."""
-    person = str(rng.choice(world.persons))
-    (c1, c2), (n1, n2) = rng.choice(COLORS, 2, replace=False), rng.choice(NOUNS, 2, replace=False)
-    first = bool(rng.integers(2))
-    noun, color = (n1, c1) if first else (n2, c2)
-    return f"{person} has a {c1} {n1} and a {c2} {n2} . what color is the {noun} ? it is", color
+    """(prompt, answer): an object with a colour, then a question about its colour."""
+    person, color, noun = str(rng.choice(world.persons)), str(rng.choice(COLORS)), str(rng.choice(NOUNS))
+    return f"{person} has a {color} {noun} . what color is the {noun} of {person} ? it is", color
 
 
 def make_documents(rng: np.random.Generator, world: World, n_docs: int, clone: bool) -> list[str]:

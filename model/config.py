@@ -155,10 +155,6 @@ class ModelConfig:
         for name in ("vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads",
                      "ffn_hidden_size", "max_seq_len", "rms_norm_eps", "rope_theta", "init_std"):
             positive(name)
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
-        if self.head_dim % 2:
-            raise ConfigError(f"num_heads: head_dim {self.head_dim} must be even for rotary embeddings")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
         if self.kernels not in KERNEL_CHOICES:
@@ -170,7 +166,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
         from model.registry import validate_model_type  # late: the registry imports the model files
 
-        validate_model_type(self)
+        validate_model_type(self)  # what only one architecture needs (attention heads, MoE or GhostRNN blocks)
 
     def check_tokenizer(self, tokenizer_vocab_size: int, source: str = "tokenizer") -> None:
         """The embedding must have a row for every id the tokenizer can produce."""

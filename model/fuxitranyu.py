@@ -19,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from model.attention import causal_attention
 from model.config import ModelConfig
+from model.typed_config import ConfigError
+from model.lm_head import LMHead, generate_tokens
 from model.outputs import CausalLMOutput
 
 
@@ -112,22 +114,6 @@ class Block(nn.Module):
         return x + self.mlp(h), kv_cache
 
 
-class LMHead(nn.Linear):
-    """The output projection (no bias). Given labels it returns per-token losses through the fused linear
-    cross-entropy, which never materialises the [tokens, vocab] logits; otherwise it returns logits."""
-
-    def __init__(self, hidden_size: int, vocab_rows: int, impl: str):
-        super().__init__(hidden_size, vocab_rows, bias=False)
-        self.impl = impl
-
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, z_loss: float = 0.0):
-        if labels is None:
-            return F.linear(hidden, self.weight)
-        losses = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight,
-                                              labels.reshape(-1), z_loss=z_loss, impl=self.impl)
-        return losses.view(labels.shape)
-
-
 class FuxiTranyuModel(nn.Module):
     """The trunk: embeddings, blocks, final norm. Returns the last hidden states."""
 
@@ -176,7 +162,10 @@ class FuxiTranyuForCausalLM(nn.Module):
 
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:
-        """Nothing beyond ModelConfig.validate: every field is meaningful for this architecture."""
+        if config.hidden_size % config.num_heads:
+            raise ConfigError(f"num_heads: {config.num_heads} does not divide hidden_size {config.hidden_size}")
+        if config.head_dim % 2:
+            raise ConfigError(f"num_heads: head_dim {config.head_dim} must be even for rotary embeddings")
 
     def reset_parameters(self) -> None:
         """normal(0, init_std) for weights and embeddings, zero biases, unit norms; o_proj and down_proj get
@@ -238,27 +227,12 @@ class FuxiTranyuForCausalLM(nn.Module):
         """Greedy (temperature 0) or sampled continuation with a KV cache. Rows stop at eos (then pad eos)."""
         was_training = self.training
         self.eval()
-        cache = self.empty_kv_cache()
-        tokens, step_input = input_ids, input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            out = self(step_input, kv_cache=cache)
-            cache = out.kv_cache
-            logits = out.logits[:, -1, : self.config.vocab_size].float()
-            if temperature <= 0:
-                next_token = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                finished |= next_token == eos_token_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            step_input = next_token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
-                break
+
+        def step(ids, cache):
+            out = self(ids, kv_cache=cache)
+            return out.logits, out.kv_cache
+
+        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
+                                 eos_token_id, generator, cache=self.empty_kv_cache())
         self.train(was_training)
         return tokens

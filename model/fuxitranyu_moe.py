@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
 from model.config import ModelConfig
 from model.fuxitranyu import Attention, Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
+from model.lm_head import LMHead
 from model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
 from model.outputs import CausalLMOutput
 from model.typed_config import ConfigError
@@ -50,8 +50,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache)
-        x = x + attn_out
-        mlp_out, routing = self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
+        mlp_out, routing = self.mlp(h)
         return x + mlp_out, kv_cache, routing
 
 
@@ -99,11 +99,12 @@ class FuxiTranyuMoEForCausalLM(FuxiTranyuForCausalLM):
         nn.Module.__init__(self)
         self.config = config
         self.model = FuxiTranyuMoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.padded_vocab_size, config.kernels)
         self.reset_parameters()
 
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:
+        super().validate_config(config)
         if config.moe is None:
             raise ConfigError("moe: required when type is 'fuxitranyu_moe' (num_experts, top_k, ...)")
         bad = [i for i in config.moe.layers or [] if i >= config.num_layers]
@@ -132,15 +133,8 @@ class FuxiTranyuMoEForCausalLM(FuxiTranyuForCausalLM):
             if mask is not None and mask.shape != input_ids.shape:
                 raise ValueError(f"{name}: shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
         hidden, kv_cache, routing = self.model(input_ids, positions, doc_ids, kv_cache)
-        out = MoECausalLMOutput(kv_cache=kv_cache, routing=routing)
-        if labels is not None:
-            token_losses = kernels.linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1),
-                z_loss=z_loss, impl=self.config.kernels).view(labels.shape)
-            out.token_losses = token_losses
-            out.loss = token_losses.sum() / (labels != kernels.IGNORE_INDEX).sum().clamp(min=1)
-        if labels is None or return_logits:
-            out.logits = self.lm_head(hidden)
+        out = self.lm_head.output(hidden, labels, z_loss, return_logits,
+                                  MoECausalLMOutput(kv_cache=kv_cache, routing=routing))
         lpr_mask = original_mask
         if original_mask is not None and loss_mask is not None:
             lpr_mask = original_mask.bool() & loss_mask.bool()

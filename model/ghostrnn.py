@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
 from model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
+from model.lm_head import LMHead, generate_tokens
 from model.outputs import CausalLMOutput
 from model.typed_config import ConfigError
 
@@ -234,7 +235,7 @@ class GhostRNNForCausalLM(nn.Module):
         self.rnn = GhostGRU(config.hidden_size, config.hidden_size, config.num_layers, ghost.ratio,
                             ghost.feed_ghost_back, ghost.gate_input, ghost.ghost_act, impl=config.kernels,
                             checkpoint_layers=config.activation_checkpointing)
-        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.padded_vocab_size, config.kernels)
         self.reset_parameters()
         shape = self.layer_shape
         gru = GhostGRUShape.of(config.hidden_size, config.hidden_size, 1)
@@ -297,16 +298,7 @@ class GhostRNNForCausalLM(nn.Module):
                 raise ValueError(f"doc_ids: expected shape {list(input_ids.shape)}, got {list(doc_ids.shape)}")
             keep = self.document_keep_mask(doc_ids)
         hidden, final_state = self.rnn(self.embed_tokens(input_ids), state, keep)
-        out = CausalLMOutput(kv_cache=final_state)
-        if labels is not None:
-            token_losses = kernels.linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1),
-                z_loss=z_loss, impl=self.config.kernels).view(labels.shape)
-            out.token_losses = token_losses
-            out.loss = token_losses.sum() / (labels != kernels.IGNORE_INDEX).sum().clamp(min=1)
-        if labels is None or return_logits:
-            out.logits = self.lm_head(hidden)
-        return out
+        return self.lm_head.output(hidden, labels, z_loss, return_logits, CausalLMOutput(kv_cache=final_state))
 
     # ---- accounting used by `fuxi info`, the trainer's MFU and the tests -------------------------------
 
@@ -337,28 +329,13 @@ class GhostRNNForCausalLM(nn.Module):
         """Greedy (temperature 0) or sampled continuation carrying the recurrent state. Rows stop at eos."""
         was_training = self.training
         self.eval()
-        state = None
-        tokens, step_input = input_ids, input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            out = self(step_input, state=state)
-            state = out.kv_cache
-            logits = out.logits[:, -1, : self.config.vocab_size].float()
-            if temperature <= 0:
-                next_token = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-            if eos_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-                finished |= next_token == eos_token_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            step_input = next_token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
-                break
+
+        def step(ids, state):
+            out = self(ids, state=state)
+            return out.logits, out.kv_cache
+
+        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
+                                 eos_token_id, generator)
         self.train(was_training)
         return tokens
 

@@ -91,7 +91,7 @@ def format_report(report: ModelReport) -> str:
         f"model type                      {report.model_type}",
         f"parameters                      {report.parameters:,}",
         f"parameters without embedding    {report.parameters_without_embedding:,}",
-        f"training FLOPs per token        {report.flops_per_token / 1e9:,.2f} GFLOP  (6N + 12*L*h*s, s={report.seq_len})",
+        f"training FLOPs per token        {report.flops_per_token / 1e9:,.2f} GFLOP  (the model's own count at seq {report.seq_len}: 6N + 12Lhs for attention models)",
         f"model states per rank, {report.world_size} ranks (16 bytes/param, ZeRO paper):",
     ]
     for stage, gb in report.model_state_gb_per_rank.items():

@@ -40,7 +40,8 @@ def make_inputs(batch, steps, hidden, ratio, feed, gate, device="cpu", dtype=tor
         return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
 
     return dict(gx=rand(batch, steps, 3 * m), w_rz=rand(2 * m, k_rz, scale=0.4), w_n=rand(m, state, scale=0.4),
-                b_hh=rand(3 * m, scale=0.2), ghost_weight=rand(ghosts, m, scale=0.4), ghost_bias=rand(ghosts, scale=0.2),
+                b_hh=rand(3 * m, scale=0.2), ghost_weight=rand(ghosts, m, scale=0.4),
+                ghost_bias=rand(ghosts, scale=0.2),
                 h0=rand(batch, state, scale=0.5))
 
 

@@ -44,7 +44,7 @@ def toy_entries(num_concepts=24, words_per_concept=2, vocab=300, seed=0) -> Dict
     return DictionaryEntries.from_token_concepts(concepts, [f"l{i}" for i in range(words_per_concept)])
 
 
-def reference_loss(vectors, concepts, words, tau=TAU) -> float:
+def reference_loss(vectors, concepts, words, tau=TAU) -> torch.Tensor:
     """Naive loops: for each space and anchor, -mean over positives of log softmax over allowed candidates."""
     total = []
     for s in range(vectors.shape[0]):
@@ -60,7 +60,7 @@ def reference_loss(vectors, concepts, words, tau=TAU) -> float:
                        and (j in positives or words[j] != words[i])]
             logits = torch.stack([z[i] @ z[j] / tau for j in allowed])
             log_prob = logits - torch.logsumexp(logits, 0)
-            losses.append(-sum(float(log_prob[allowed.index(p)]) for p in positives) / len(positives))
+            losses.append(-sum(log_prob[allowed.index(p)] for p in positives) / len(positives))
         total.append(sum(losses) / len(losses))
     return sum(total) / len(total)
 
@@ -103,12 +103,15 @@ def test_contrastive_loss_matches_naive_reference(case):
     else:  # 3 words per entry; one empty slot; word 4 appears under two concepts
         concepts = torch.tensor([0, 0, 0, 1, 1, -1, 2, 2, 2])
         words = torch.tensor([0, 1, 4, 3, 4, -1, 5, 6, 7])
-    vectors = torch.randn(3, len(concepts), 16)
+    vectors = torch.randn(3, len(concepts), 16, requires_grad=True)
     got = contrastive_alignment_loss(vectors, concepts, words, TAU)
     expected = reference_loss(vectors, concepts.tolist(), words.tolist())
-    assert math.isclose(float(got.loss), expected, rel_tol=1e-5)
-    assert math.isclose(got.value, expected, rel_tol=1e-5)
+    assert math.isclose(float(got.loss), float(expected), rel_tol=1e-5)
+    assert math.isclose(got.value, float(expected), rel_tol=1e-5)
     assert got.anchors == int((concepts >= 0).sum())
+    grad, = torch.autograd.grad(got.loss, vectors)
+    expected_grad, = torch.autograd.grad(expected, vectors)
+    torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_loss_is_low_for_aligned_and_high_for_shuffled_vectors():

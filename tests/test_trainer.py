@@ -171,3 +171,27 @@ def test_shipped_run_configs_load():
         cfg = load_train_config(path)
         assert cfg.data.seq_len <= cfg.model.max_seq_len
     assert load_train_config("configs/train/fuxitranyu-8b.yaml").model.num_layers == 30
+
+
+def test_ghostrnn_lm_trains_checkpoints_and_resumes_exactly_through_the_trainer(data, tmp_path):
+    """model.type ghostrnn_lm on the same stream, checkpointed and resumed the same way (in-process)."""
+    import shutil
+
+    from pretrain.trainer import train
+
+    model = {"type": "ghostrnn_lm", "vocab_size": 512, "hidden_size": 32, "num_layers": 2, "max_seq_len": 32,
+             "kernels": "torch", "ghostrnn": {"ratio": 2, "feed_ghost_back": True}}
+    out = tmp_path / "ghost"
+    cfg = load_train_config(None, data=run_config(data, out, model=model, schedule={"total_steps": 4},
+                                                  checkpoint={"every_steps": 2}, run={"output_dir": str(out)}))
+    assert train(cfg).step == 4
+    reference = train_losses(out)
+    checkpoints = out / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text("step_00000002\n")
+    (out / "metrics.jsonl").unlink()
+    train(cfg)
+    resumed = train_losses(out)
+    assert sorted(resumed) == [3, 4]
+    assert all(resumed[s] == reference[s] for s in (3, 4))
+    assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()

@@ -5,14 +5,13 @@ full rotary RoPE (rotate-half) and untied embeddings (arXiv 2408.06273).
 Self-contained on purpose (only public transformers APIs), so it loads across transformers releases.
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:

@@ -1,0 +1,95 @@
+"""The English-Clone generator of launch/prealign_experiment.py (methods.md 3.5, checklist 3.8.8): the clone
+vocabulary is disjoint from English, a bijection per token, the alignment table is exactly that bijection at word
+level, and the English-only material (facts of the fact persons, the QA format) never reaches Clone."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
+from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from launch.prealign_experiment import (EOS, EnglishClone, choice_accuracy, make_documents, make_world, pack_blocks,
+                                        qa_example)
+
+
+@pytest.fixture(scope="module")
+def world_and_clone(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    world = make_world(rng)
+    docs = make_documents(rng, world, 300, clone=False)
+    corpus = tmp_path_factory.mktemp("clone_corpus")
+    (corpus / "en.jsonl").write_text("".join(json.dumps({"text": d, "lang": "en"}) + "\n" for d in docs))
+    tok_dir = train_tokenizer(corpus, tmp_path_factory.mktemp("clone_tok"), TokenizerConfig(vocab_size=320))
+    return world, EnglishClone(tok_dir), rng
+
+
+def test_clone_vocabulary_is_a_disjoint_bijection(world_and_clone):
+    world, ec, rng = world_and_clone
+    V = ec.english_vocab
+    english_ids = list(range(1, V))
+    clone_ids = ec.clone(english_ids)
+    assert set(clone_ids).isdisjoint(range(V)) and max(clone_ids) < ec.vocab_size
+    assert len(set(clone_ids)) == len(english_ids)  # injective, and t = clone(t) - V inverts it
+    assert [c - V for c in clone_ids] == english_ids and ec.clone([EOS]) == [EOS]
+    # word starts and specials carry over token for token
+    assert np.array_equal(ec.word_start[V:], ec.word_start[:V])
+    text = make_documents(rng, world, 1, clone=True)[0]
+    en, cl = ec.encode(text), ec.encode(text, clone=True)
+    assert cl == ec.clone(en) and set(cl).isdisjoint(range(1, V))
+    assert split_words(np.array(cl), ec.word_start, ec.special) == \
+        [tuple(ec.clone(w)) for w in split_words(np.array(en), ec.word_start, ec.special)]
+
+
+def test_alignment_table_is_the_word_level_bijection(world_and_clone):
+    world, ec, _ = world_and_clone
+    words = world.vocabulary()
+    pairs = ec.word_pairs(words)
+    assert len(pairs) == len(words) == len(set(words))
+    for w, (en, cl) in zip(words, pairs):
+        assert list(en) == ec.tok.encode(" " + w).ids and list(cl) == ec.clone(list(en))
+    assert len({en for en, _ in pairs}) == len(pairs)  # distinct words, distinct token tuples
+    table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special)
+    assert {k: v for k, v in table.translations.items()} == \
+        {**{en: [cl] for en, cl in pairs}, **{cl: [en] for en, cl in pairs}}
+    # code-switching an English sentence at ratio 1 gives its Clone words (all but the block's last word)
+    sentence = " kelo saw a big red ball in the park ."
+    tokens = np.array([EOS] + ec.encode(sentence))
+    ids, *_ = CodeSwitchTransform(table, 1.0, 0).switch(tokens, np.zeros_like(tokens), np.zeros_like(tokens),
+                                                        np.random.default_rng(0))
+    words_in = split_words(tokens, ec.word_start, ec.special)
+    expected = [EOS] + [t for w in words_in[1:-1] for t in (ec.clone(list(w)) if w in table.translations else w)]
+    assert ids.tolist() == expected + list(words_in[-1])
+
+
+def test_english_only_material_never_reaches_clone(world_and_clone):
+    world, ec, rng = world_and_clone
+    clone_docs = " ".join(make_documents(rng, world, 400, clone=True))
+    english_docs = " ".join(make_documents(rng, world, 400, clone=False))
+    assert "what color" not in clone_docs and "what color" in english_docs
+    for person in world.fact_persons:
+        assert not re.search(rf"\b{person} (lives in|works as)|of {person} is", clone_docs), person
+        assert re.search(rf"\b{person}\b", clone_docs)  # the person still appears in Clone text
+    assert any(re.search(rf"\b{p} lives in", clone_docs) for p in world.filler_persons)
+    prompt, answer = qa_example(rng, world)
+    assert prompt.endswith("it is") and answer in prompt.split(" . ")[0]
+
+
+def test_blocks_and_choice_scoring():
+    blocks = pack_blocks([[5, 6, 7], [8, 9]], lang=1, block_len=4)
+    assert blocks["tokens"].tolist() == [[0, 5, 6, 7]]  # EOS-separated documents, the incomplete tail dropped
+    assert blocks["doc_ids"].tolist() == [[0, 0, 0, 0]] and (blocks["lang_ids"] == 1).all()
+
+    class Oracle(torch.nn.Module):
+        """Predicts token t + 1 after token t: the candidate continuing the prompt that way wins."""
+
+        def forward(self, ids):
+            logits = torch.full((*ids.shape, 20), -10.0)
+            logits.scatter_(2, ((ids + 1) % 20)[..., None], 10.0)
+            return type("Out", (), {"logits": logits})()
+
+    assert choice_accuracy(Oracle(), [[3, 4], [7]], [[9, 10], [5, 6], [8, 9]], [1, 2]) == 1.0
+    assert choice_accuracy(Oracle(), [[3, 4]], [[9, 10], [5, 6]], [0]) == 0.0
