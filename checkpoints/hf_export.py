@@ -45,7 +45,6 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
         "initializer_range": config.init_std,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
         "attention_bias": True,
         "mlp_bias": True,
         "attention_dropout": config.attention_dropout,

@@ -33,7 +33,7 @@ def greedy_samples(hf_dir: Path, prompts: dict[str, str], max_new_tokens: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, local_files_only=True,
                                                  dtype=torch.float32)
     samples = {}

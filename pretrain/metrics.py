@@ -159,15 +159,17 @@ def plot_loss_per_language(jsonl_path: str | Path, png_path: str | Path, kind: s
     if not records:
         return None
     languages = sorted({lang for r in records for lang in r["per_language"]})
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for lang in languages:
+    fig, ax = plt.subplots(figsize=(11, 6))
+    colors, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
+    for i, lang in enumerate(languages):  # 20 colours x 3 line styles: distinct up to 60 languages
         points = [(r["step"], r["per_language"][lang]["loss"]) for r in records if lang in r["per_language"]]
-        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=lang)
+        ax.plot(*zip(*points), color=colors[i % 20], linestyle=styles[(i // 20) % 3],
+                marker="o" if len(points) < 30 else None, markersize=3, label=lang)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"{kind} loss (nats/token)")
     ax.set_title(f"{kind} loss per language")
     ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
+    ax.legend(ncol=1 + len(languages) // 20, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -199,6 +199,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     log.warning("preemption signal received: checkpoint %s written, exiting", last_checkpoint)
                 break
 
+    if ctx.is_main:
+        log.info("language mix on rank 0, target vs realised:\n%s", data.loader.mixture_report())
     final_val = {}
     if not preempted and val_batches:
         final_val = validate()
