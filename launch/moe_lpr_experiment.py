@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of (a) and of (b), the same token budget (default: the stage-1 template's)")
     parser.add_argument("--expansion-lr", type=float, default=None, help="lr of (a) and (b) (default: stage 1's)")
     parser.add_argument("--review-steps", type=int, default=None, help="stage-2 steps (default: the template's)")
+    parser.add_argument("--review-lr", type=float, default=None, help="stage-2 lr (default: the template's)")
     parser.add_argument("--original-weight", type=float, default=1.0,
                         help="replay mix: total weight of the original languages (expansion languages: 2)")
     parser.add_argument("--val-batches", type=int, default=4, help="held-out batches of 16 blocks per language")
@@ -108,6 +109,14 @@ def schedule_with_steps(template: str, steps: int | None) -> dict:
     return schedule
 
 
+def shown(path: Path) -> str:
+    """A path as a person would type it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def subprocess_env(threads: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
@@ -135,7 +144,7 @@ def train_phase(name: str, cfg: dict, out: Path, args, commands: list[str]) -> d
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     command = [sys.executable, "-m", "launch.cli", "pretrain", "--config", str(config_path)]
-    commands.append(f"OMP_NUM_THREADS={args.threads} fuxi pretrain --config {config_path}")
+    commands.append(f"OMP_NUM_THREADS={args.threads} fuxi pretrain --config {shown(config_path)}")
     wall = None
     if not (args.reuse and (run_dir / "final" / "config.yaml").is_file()):
         import shutil
@@ -155,7 +164,7 @@ def upcycle_phase(out: Path, args, original: list[str], commands: list[str]) -> 
     command = [sys.executable, "-m", "launch.cli", "upcycle", "--checkpoint", str(out / "dense" / "final"),
                "--experts", str(args.experts), "--top-k", str(args.top_k), "--out", str(target),
                "--original-languages", *original, "--seed", str(args.seed)]
-    commands.append("fuxi " + shlex.join(command[3:]))
+    commands.append("fuxi " + shlex.join(shown(Path(c)) if "/" in c else c for c in command[3:]))
     if not (args.reuse and (target / "config.yaml").is_file()):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         run_command(command, out / "logs" / "upcycle.log", args.threads)
@@ -378,7 +387,8 @@ def run(args: argparse.Namespace) -> dict:
     review = schedule_with_steps("stage2", args.review_steps)
     phases["(c) moe-stage2"] = train_phase("moe_stage2", run_config(
         "stage2", out, data_dir, "moe_stage2", model=moe_model_section(upcycled, "moe_lpr_stage2"),
-        data={"mixing": "weights", "weights": weights, "languages": None}, optimizer={"lr": expansion_lr},
+        data={"mixing": "weights", "weights": weights, "languages": None},
+        optimizer={"lr": args.review_lr or load_template("stage2")["optimizer"]["lr"]},
         schedule=review, checkpoint={"init_from": str(out / "moe_stage1" / "final")}, run=seed),
         out, args, commands)
     progress.update()
@@ -396,11 +406,13 @@ def run(args: argparse.Namespace) -> dict:
 
     summary = summarise({k: v for k, v in evals.items() if k in MODELS}, original, expansion)
     png = plot(evals, original, expansion, out / "forgetting.png")
-    if args.docs_png:
+    if args.docs_png:  # the comparison, and the trainer's router plot of the stage-2 run beside it
         import shutil
 
-        Path(args.docs_png).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, args.docs_png)
+        docs_png = Path(args.docs_png)
+        docs_png.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, docs_png)
+        shutil.copyfile(out / "moe_stage2" / "router_shares.png", docs_png.with_name(f"{docs_png.stem}_router.png"))
     report = write_report(out, args, original, expansion, evals, summary, phases, commands, png)
     results = {"original": original, "expansion": expansion, "phases": phases, "evals": evals,
                "summary": summary, "commands": commands, "wall_s": time.perf_counter() - started}

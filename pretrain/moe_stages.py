@@ -200,9 +200,10 @@ def router_stats_on_batches(engine, batches: dict[str, list[dict]], num_language
             index = ctx.rank + i * ctx.world_size
             batch = {k: v.to(ctx.device) for k, v in lang_batches[index % len(lang_batches)].items()}
             out = engine(batch["input_ids"])
-            stats = router_statistics(out, batch["lang_ids"], num_languages, batch["lang_ids"] >= 0)
-            if index < len(lang_batches):
-                meter.add(stats)
+            # A repeated batch counts no token, but is still added: every rank then holds the meter's tensors
+            # and joins the all-reduce below.
+            counted = (batch["lang_ids"] >= 0) & (index < len(lang_batches))
+            meter.add(router_statistics(out, batch["lang_ids"], num_languages, counted))
     if was_training:
         engine.train()
     stats, _ = meter.reduce_and_reset()

@@ -113,11 +113,16 @@ def test_stages_freeze_everything_but_their_trainable_set_under_deepspeed(data, 
 
     # The stage's extras reach metrics.jsonl: unweighted aux losses and per-language router statistics.
     for run_dir, langs in ((first, EXPANSION), (second, ORIGINAL + EXPANSION)):
+        seen = set()
         for record in records(run_dir, "train"):
             assert record["aux/balance"] > 0 and math.isfinite(record["aux/lpr"])
-            for lang in langs:
+            present = [lang for lang in langs if f"router/g0/{lang}" in record]  # languages in this window
+            assert set(present) == set(record["per_language"])
+            for lang in present:
                 shares = [record[f"router/share/{lang}/e{j}"] for j in range(4)]
                 assert 0 < record[f"router/g0/{lang}"] < 1 and sum(shares) == pytest.approx(1.0, abs=1e-5)
+            seen.update(present)
+        assert seen & set(EXPANSION) and seen <= set(langs)
         final = records(run_dir, "stage")[-1]
         assert final["router_source"] == "validation" and (run_dir / "router_shares.png").stat().st_size > 0
         saved = json.loads((run_dir / "router_stats.json").read_text())
@@ -222,6 +227,12 @@ def test_router_meter_equals_statistics_of_the_whole_batch():
     assert torch.allclose(stats.mean_g0, whole.mean_g0, atol=1e-6)
     assert torch.allclose(stats.expert_share, whole.expert_share, atol=1e-6)
     assert meter.reduce_and_reset()[0].token_counts.sum() == 0  # reset
+    # A batch that counts no token (a rank's padding repeat in validation) still allocates the sums, so that
+    # every rank joins the all-reduce.
+    empty = RouterStatsMeter(3)
+    empty.add(router_statistics(model(first["input_ids"]), first["lang_ids"], 3, torch.zeros(2, 16, dtype=bool)))
+    stats, _ = empty.reduce_and_reset()
+    assert stats.token_counts.sum() == 0 and torch.isnan(stats.mean_g0).all()
 
 
 @pytest.mark.parametrize("stage, moe, fragment", [
