@@ -199,7 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     log.warning("preemption signal received: checkpoint %s written, exiting", last_checkpoint)
                 break
 
-    if ctx.is_main:
+    if ctx.is_main and hasattr(data.loader, "mixture_report"):  # stream loaders; a stage's own data may lack it
         log.info("language mix on rank 0, target vs realised:\n%s", data.loader.mixture_report())
     final_val = {}
     if not preempted and val_batches:
