@@ -21,7 +21,6 @@ dictionary's first sense. A translation is kept however the tokenizer splits it 
 """
 from __future__ import annotations
 
-import base64
 import gzip
 import json
 import logging

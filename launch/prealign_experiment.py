@@ -6,10 +6,10 @@ every English token id t becomes t + V (EOS is shared), a bijection per token, s
 table is exactly that bijection on the generator's words. The two languages share no token, only the model.
 
 The data. English documents hold general sentences, facts about every person ("kelo lives in brimford .",
-"kelo works as a baker .") and a question-answering skill ("... what color is the cup ? it is red ."). Clone
-documents (a quarter of the tokens, other documents) hold general sentences and the facts of the *filler*
-persons only, never the QA format. So the facts about the *fact* persons and the QA skill are seen in English
-only.
+"kelo works as a baker .") and a labelling task ("kelo found a warm cup . it was a good day .": five adjectives
+mean a good day, five a bad one). Clone documents (a quarter of the tokens, other documents) hold general
+sentences and the facts of the *filler* persons only, never the labelling task. So the facts about the *fact*
+persons and the task are seen in English only.
 
 The arms (same seed, same blocks in the same order, same steps):
   joint       random init -> LM on English + Clone                             (the baseline)
@@ -17,9 +17,10 @@ The arms (same seed, same blocks in the same order, same steps):
   init only   alignment init, then plain LM          (ablation)
   cs only     random init, LM with code-switching     (ablation)
 
-Measured on held-out data: Clone (and English) LM loss; zero-shot cross-lingual transfer (the QA skill asked
-in Clone, answer among all Clone colours); cross-lingual knowledge application (English-only facts queried in
-Clone, answer among all Clone cities / jobs); word alignment per layer (aligned vs random pairs).
+Measured on held-out data: Clone (and English) LM loss; zero-shot cross-lingual transfer (the labelling task
+asked in Clone: Clone "good" vs Clone "bad", words Clone text never contains); cross-lingual knowledge
+application (English-only facts queried in Clone, answer among all Clone cities / jobs); word alignment per
+layer (aligned vs random pairs).
 
     python -m launch.prealign_experiment --out runs/prealign_experiment
 
@@ -62,7 +63,8 @@ ARMS = {  # name -> (alignment init, code-switching)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/prealign_experiment", help="output folder")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds to run (world, data and weights change)")
     parser.add_argument("--vocab", type=int, default=384, help="English BPE vocabulary (Clone doubles it)")
     parser.add_argument("--english-docs", type=int, default=2400)
     parser.add_argument("--clone-docs", type=int, default=800)
@@ -92,7 +94,10 @@ JOBS = ["baker", "doctor", "farmer", "pilot", "teacher", "singer", "painter", "t
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
 NOUNS = ["ball", "cup", "hat", "book", "box", "car", "dog", "cat", "bag", "pen", "lamp", "kite", "chair", "bowl",
          "coat", "shoe"]
-ADJECTIVES = ["big", "small", "old", "new", "happy", "quiet", "fast", "slow", "warm", "cold"]
+POSITIVE = ["big", "new", "happy", "fast", "warm"]
+NEGATIVE = ["small", "old", "quiet", "slow", "cold"]
+ADJECTIVES = POSITIVE + NEGATIVE
+MOODS = ["good", "bad"]
 PLACES = ["park", "garden", "market", "school", "library", "kitchen", "river", "forest"]
 VERBS = ["saw", "found", "bought", "lost", "painted", "carried", "washed", "sold"]
 SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vi", "dor", "el", "nu", "ba", "ri", "ko", "tha", "ze", "mon"]
@@ -111,8 +116,8 @@ class World:
 
     def vocabulary(self) -> list[str]:
         function = ["a", "the", "in", "and", "to", "from", "has", "is", "it", "of", "lives", "works", "as", "went",
-                    "likes", "job", "home", "what", "color", "met", "with", "."]
-        words = function + CITIES + JOBS + COLORS + NOUNS + ADJECTIVES + PLACES + VERBS + self.persons + ["?"]
+                    "likes", "job", "home", "met", "was", "day", "."]
+        words = function + CITIES + JOBS + COLORS + NOUNS + ADJECTIVES + PLACES + VERBS + MOODS + self.persons
         return list(dict.fromkeys(words))
 
 
@@ -149,14 +154,14 @@ def fact_sentence(rng: np.random.Generator, world: World, person: str) -> str:
             f"{person} works as a {job} .", f"the job of {person} is {job} ."][int(rng.integers(4))]
 
 
-def qa_example(rng: np.random.Generator, world: World) -> tuple[str, str]:
-    """(prompt, answer): an object with a colour, then a question about its colour."""
-    person, color, noun = str(rng.choice(world.persons)), str(rng.choice(COLORS)), str(rng.choice(NOUNS))
-    return f"{person} has a {color} {noun} . what color is the {noun} of {person} ? it is", color
+def mood_example(rng: np.random.Generator, world: World) -> tuple[str, str]:
+    """(prompt, answer) of the English-only labelling task: the adjective decides a good or a bad day."""
+    person, adjective, noun = str(rng.choice(world.persons)), str(rng.choice(ADJECTIVES)), str(rng.choice(NOUNS))
+    return f"{person} found a {adjective} {noun} . it was a", MOODS[adjective in NEGATIVE]
 
 
 def make_documents(rng: np.random.Generator, world: World, n_docs: int, clone: bool) -> list[str]:
-    """English: general + facts of everyone + QA; Clone: general + facts of filler persons only."""
+    """English: general + facts of everyone + the labelling task; Clone: general + facts of filler persons."""
     docs = []
     for _ in range(n_docs):
         sentences = []
@@ -166,8 +171,8 @@ def make_documents(rng: np.random.Generator, world: World, n_docs: int, clone: b
                 persons = world.filler_persons if clone else world.persons
                 sentences.append(fact_sentence(rng, world, str(rng.choice(persons))))
             elif kind < 0.45 and not clone:
-                prompt, answer = qa_example(rng, world)
-                sentences.append(f"{prompt} {answer} .")
+                prompt, answer = mood_example(rng, world)
+                sentences.append(f"{prompt} {answer} day .")
             else:
                 sentences.append(general_sentence(rng, world))
         docs.append(" " + " ".join(sentences))
@@ -281,23 +286,26 @@ def lm_loss(model, blocks: dict[str, np.ndarray], batch: int = 32) -> float:
 
 
 @torch.no_grad()
-def choice_accuracy(model, prompts: list[list[int]], candidates: list[list[int]], answers: list[int]) -> float:
-    """Fraction of prompts whose answer candidate has the highest total log-probability."""
+def choice_accuracy(model, prompts: list[list[int]], candidates: list[list[int]], answers: list[int],
+                    chunk: int = 512) -> float:
+    """Fraction of prompts whose answer candidate has the highest total log-probability (all prompt x
+    candidate sequences scored in right-padded chunks; causal attention makes the padding harmless)."""
+    was_training = model.training
     model.eval()
-    correct = 0
-    for prompt, answer in zip(prompts, answers):
-        seqs = [[EOS] + prompt + c for c in candidates]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [EOS] * (width - len(s)) for s in seqs])
+    seqs = [[EOS] + p + c for p in prompts for c in candidates]
+    spans = [(1 + len(p), c) for p in prompts for c in candidates]
+    scores = []
+    for start in range(0, len(seqs), chunk):
+        part = seqs[start:start + chunk]
+        width = max(len(s) for s in part)
+        ids = torch.tensor([s + [EOS] * (width - len(s)) for s in part])
         logp = F.log_softmax(model(ids).logits.float(), -1)
-        scores = []
-        for i, c in enumerate(candidates):
-            start = 1 + len(prompt)
-            targets = torch.tensor(c)
-            scores.append(float(logp[i, start - 1:start - 1 + len(c)].gather(1, targets[:, None]).sum()))
-        correct += int(np.argmax(scores) == answer)
-    model.train()
-    return correct / len(prompts)
+        for row, (begin, cand) in enumerate(spans[start:start + chunk]):
+            targets = torch.tensor(cand)[:, None]
+            scores.append(float(logp[row, begin - 1:begin - 1 + len(cand)].gather(1, targets).sum()))
+    model.train(was_training)
+    best = np.asarray(scores).reshape(len(prompts), len(candidates)).argmax(1)
+    return float(np.mean(best == np.asarray(answers)))
 
 
 @dataclass
@@ -313,17 +321,17 @@ def build_eval_sets(rng, world: World, ec: EnglishClone, args) -> EvalSets:
              "clone": pack_blocks([ec.encode(d, clone=True) for d in make_documents(rng, world, 120, clone=True)],
                                   1, args.seq_len + 1)}
     knowledge, transfer = {}, {}
-    qa = [qa_example(rng, world) for _ in range(96)]
+    moods = [mood_example(rng, world) for _ in range(100)]
     for lang, clone in (("english", False), ("clone", True)):
-        prompts, candidates, answers = [], [], []
+        items = []  # (prompt, candidates, index of the answer)
         for person in world.fact_persons:
             for template, options, truth in ((f" {person} lives in", CITIES, world.lives_in[person]),
                                              (f" {person} works as a", JOBS, world.works_as[person])):
-                prompts.append((ec.encode(template, clone), [ec.encode(" " + o, clone) for o in options],
-                                options.index(truth)))
-        knowledge[lang] = prompts
-        transfer[lang] = [(ec.encode(" " + p, clone), [ec.encode(" " + c, clone) for c in COLORS],
-                           COLORS.index(a)) for p, a in qa]
+                items.append((ec.encode(template, clone), [ec.encode(" " + o, clone) for o in options],
+                              options.index(truth)))
+        knowledge[lang] = items
+        transfer[lang] = [(ec.encode(" " + p, clone), [ec.encode(" " + m, clone) for m in MOODS], MOODS.index(a))
+                          for p, a in moods]
     return EvalSets(valid, knowledge, transfer)
 
 
@@ -331,10 +339,14 @@ def evaluate(model, sets: EvalSets) -> dict:
     out = {f"loss_{lang}": lm_loss(model, blocks) for lang, blocks in sets.valid.items()}
     for name, data in (("knowledge", sets.knowledge), ("transfer", sets.transfer)):
         for lang, items in data.items():
-            acc = 0.0
-            for prompt, candidates, answer in items:
-                acc += choice_accuracy(model, [prompt], candidates, [answer])
-            out[f"{name}_{lang}"] = acc / len(items)
+            groups: dict[tuple, list] = {}  # items sharing a candidate list are scored together
+            for item in items:
+                groups.setdefault(tuple(map(tuple, item[1])), []).append(item)
+            correct = 0.0
+            for group in groups.values():
+                prompts, answers = [g[0] for g in group], [g[2] for g in group]
+                correct += len(group) * choice_accuracy(model, prompts, group[0][1], answers)
+            out[f"{name}_{lang}"] = correct / len(items)
     return out
 
 
@@ -362,44 +374,65 @@ def train_lm(model, blocks, transform, sets: EvalSets, args, desc: str) -> list[
 
 # ---- 3. the run ---------------------------------------------------------------------------------------------
 
-def plot(out: Path, results: dict) -> str:
+METRICS = ["loss_clone", "loss_english", "transfer_english", "transfer_clone", "knowledge_english",
+           "knowledge_clone"]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per arm and metric: mean, std and the per-seed values; plus the mean alignment gap per space."""
+    summary = {}
+    for name in runs[0]["arms"]:
+        arm = {}
+        for metric in METRICS:
+            values = [r["arms"][name]["final"][metric] for r in runs]
+            arm[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+        gaps = np.array([r["arms"][name]["alignment_end"]["gap"] for r in runs])
+        arm["alignment_gap"] = gaps.mean(0).tolist()
+        summary[name] = arm
+    return summary
+
+
+def plot(out: Path, runs: list[dict], summary: dict) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = results["arms"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    for name, arm in arms.items():
-        steps = [p["step"] for p in arm["curve"]]
-        ax.plot(steps, [p["loss_clone"] for p in arm["curve"]], "-o", ms=3, label=f"{name}: Clone")
+    for i, name in enumerate(summary):
+        curves = np.array([[p["loss_clone"] for p in r["arms"][name]["curve"]] for r in runs])
+        steps = [p["step"] for p in runs[0]["arms"][name]["curve"]]
+        ax.plot(steps, curves.mean(0), "-o", ms=3, color=f"C{i}", label=name)
+        if len(runs) > 1:
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.15)
     ax.set_xlabel("LM step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Clone language modelling")
+    ax.set_ylabel("held-out Clone loss (nats/token)")
+    ax.set_title(f"Clone language modelling (mean of {len(runs)} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
     ax = axes[1]
     metrics = ["transfer_english", "transfer_clone", "knowledge_english", "knowledge_clone"]
-    width = 0.8 / len(arms)
-    for i, (name, arm) in enumerate(arms.items()):
-        ax.bar(np.arange(len(metrics)) + i * width, [100 * arm["final"][m] for m in metrics], width, label=name)
-    ax.axhline(100 / len(COLORS), color="gray", ls=":", lw=1)
-    ax.axhline(100 / len(CITIES), color="gray", ls="--", lw=1)
+    width = 0.8 / len(summary)
+    for i, (name, arm) in enumerate(summary.items()):
+        ax.bar(np.arange(len(metrics)) + i * width, [100 * arm[m]["mean"] for m in metrics], width,
+               yerr=[100 * arm[m]["std"] for m in metrics] if len(runs) > 1 else None, capsize=2, label=name)
+    ax.axhline(100 / len(MOODS), color="gray", ls=":", lw=1, label="chance, task")
+    ax.axhline(100 / len(CITIES), color="gray", ls="--", lw=1, label="chance, facts")
     ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2,
-                  ["QA transfer\nEnglish", "QA transfer\nClone", "facts\nEnglish", "facts\nClone"])
-    ax.set_ylabel("accuracy (%)  (dotted: chance QA, dashed: chance facts)")
+                  ["task\nEnglish", "task transfer\nClone", "facts\nEnglish", "facts\nClone"])
+    ax.set_ylabel("accuracy (%)")
     ax.set_title("Zero-shot transfer and knowledge application")
     ax.legend(fontsize=8)
 
     ax = axes[2]
-    for name, arm in arms.items():
-        report = arm["alignment_end"]
-        ax.plot(range(len(report["gap"])), report["gap"], "-o", ms=3, label=f"{name}: end of LM")
-    if "alignment_after_init" in results:
-        report = results["alignment_after_init"]
-        ax.plot(range(len(report["gap"])), report["gap"], "k--x", label="after alignment init")
-    ax.set_xticks(range(len(report["spaces"])), report["spaces"], rotation=30, ha="right")
+    spaces = runs[0]["arms"][next(iter(summary))]["alignment_end"]["spaces"]
+    for i, (name, arm) in enumerate(summary.items()):
+        ax.plot(range(len(spaces)), arm["alignment_gap"], "-o", ms=3, color=f"C{i}", label=f"{name}: end of LM")
+    after = [r["alignment_after_init"]["gap"] for r in runs if "alignment_after_init" in r]
+    if after:
+        ax.plot(range(len(spaces)), np.mean(after, 0), "k--x", label="after alignment init")
+    ax.set_xticks(range(len(spaces)), spaces, rotation=30, ha="right")
     ax.set_ylabel("cos(aligned) - cos(random)")
     ax.set_title("Word alignment per layer")
     ax.grid(alpha=0.3)
@@ -411,15 +444,12 @@ def plot(out: Path, results: dict) -> str:
     return str(path)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    """Every arm of one seed: world, tokenizer, data, evaluation sets and initial weights all follow the seed."""
     from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    rng = np.random.default_rng(seed)
     world = make_world(rng)
     english = make_documents(rng, world, args.english_docs, clone=False)
     clone = make_documents(rng, world, args.clone_docs, clone=True)
@@ -429,7 +459,7 @@ def run(args: argparse.Namespace) -> dict:
         with open(corpus / "en.jsonl", "w", encoding="utf-8") as f:
             for doc in english:
                 f.write(json.dumps({"text": doc, "lang": "en"}) + "\n")
-        tok_dir = train_tokenizer(corpus, Path(tmp) / "tokenizer", TokenizerConfig(vocab_size=args.vocab))
+        tok_dir = train_tokenizer(corpus, Path(tmp) / "tokenizer", TokenizerConfig(vocab_size=args.vocab, seed=seed))
         ec = EnglishClone(tok_dir)
     pairs = ec.word_pairs(world.vocabulary())
     tokens_per_word = float(np.mean([len(e) for e, _ in pairs]))
@@ -439,67 +469,90 @@ def run(args: argparse.Namespace) -> dict:
     sets = build_eval_sets(rng, world, ec, args)
     table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special)
     entries = DictionaryEntries.from_token_concepts([[(e, 0), (c, 1)] for e, c in pairs], ["english", "clone"])
-    print(f"English-Clone: {len(pairs)} words ({tokens_per_word:.2f} tokens/word), vocab {ec.english_vocab} + "
+    print(f"seed {seed}: {len(pairs)} words ({tokens_per_word:.2f} tokens/word), vocab {ec.english_vocab} + "
           f"{ec.english_vocab}; {n_en} English + {len(blocks['tokens']) - n_en} Clone blocks of {args.seq_len}; "
           f"{len(world.fact_persons)} fact persons x 2 facts in English only")
 
-    results: dict = {"config": vars(args), "words": len(pairs), "tokens_per_word": tokens_per_word,
+    results: dict = {"seed": seed, "words": len(pairs), "tokens_per_word": tokens_per_word,
                      "blocks": {"english": n_en, "clone": len(blocks["tokens"]) - n_en}, "arms": {}}
     init_state = None
     for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
-        if name not in ARMS:
-            raise SystemExit(f"--arms: unknown arm {name!r}; choose from {list(ARMS)}")
         use_init, use_cs = ARMS[name]
         t0 = time.time()
         model = build(args, ec.vocab_size)
         if use_init:
             if init_state is None:  # the alignment init is shared by the arms that use it
-                before = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+                before = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
                 init_losses = alignment_init(model, entries, args)
-                after = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+                after = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
                 init_state = {k: v.clone() for k, v in model.state_dict().items()}
                 results.update(alignment_before_init=before, alignment_after_init=after, init_losses=init_losses,
                                init_s=time.time() - t0)
                 print(f"alignment init: {args.init_steps} steps, InfoNCE {init_losses[0]:.3f} -> "
                       f"{np.mean(init_losses[-10:]):.3f}\n{format_alignment_report(after)}")
             model.load_state_dict(init_state)
-        transform = CodeSwitchTransform(table, args.codeswitch_ratio, args.seed) if use_cs else default_transform
-        curve = train_lm(model, blocks, transform, sets, args, desc=name)
+        transform = CodeSwitchTransform(table, args.codeswitch_ratio, seed) if use_cs else default_transform
+        curve = train_lm(model, blocks, transform, sets, args, desc=f"{name} (seed {seed})")
         final = evaluate(model, sets)
-        report = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=args.seed)
+        report = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
         results["arms"][name] = {"curve": curve, "final": final, "alignment_end": report,
                                  "seconds": time.time() - t0}
         print(f"{name:<10} clone loss {final['loss_clone']:.3f}  english loss {final['loss_english']:.3f}  "
-              f"transfer en/clone {final['transfer_english']:.2f}/{final['transfer_clone']:.2f}  "
+              f"task en/clone {final['transfer_english']:.2f}/{final['transfer_clone']:.2f}  "
               f"facts en/clone {final['knowledge_english']:.2f}/{final['knowledge_clone']:.2f}  "
               f"({time.time() - t0:.0f} s)")
+    return results
 
-    lines = ["| arm | Clone loss | English loss | QA transfer en | QA transfer Clone | facts en | facts Clone | "
-             "mean alignment gap |", "|---|---|---|---|---|---|---|---|"]
-    for name, arm in results["arms"].items():
-        f = arm["final"]
-        lines.append(f"| {name} | {f['loss_clone']:.3f} | {f['loss_english']:.3f} | "
-                     f"{100 * f['transfer_english']:.1f}% | {100 * f['transfer_clone']:.1f}% | "
-                     f"{100 * f['knowledge_english']:.1f}% | {100 * f['knowledge_clone']:.1f}% | "
-                     f"{np.mean(arm['alignment_end']['gap']):.3f} |")
-    table_md = "\n".join(lines)
+
+def results_table(summary: dict) -> str:
+    def cell(arm, metric, percent):
+        m = arm[metric]
+        scale = 100 if percent else 1
+        text = f"{scale * m['mean']:.1f}%" if percent else f"{m['mean']:.3f}"
+        if len(m["values"]) > 1:
+            text += f" ± {scale * m['std']:.1f}" if percent else f" ± {m['std']:.3f}"
+        return text
+
+    lines = ["| arm | Clone loss | English loss | task, English | task transfer, Clone | facts, English | "
+             "facts, Clone | mean alignment gap |", "|---|---|---|---|---|---|---|---|"]
+    for name, arm in summary.items():
+        lines.append(f"| {name} | {cell(arm, 'loss_clone', False)} | {cell(arm, 'loss_english', False)} | "
+                     f"{cell(arm, 'transfer_english', True)} | {cell(arm, 'transfer_clone', True)} | "
+                     f"{cell(arm, 'knowledge_english', True)} | {cell(arm, 'knowledge_clone', True)} | "
+                     f"{np.mean(arm['alignment_gap']):.3f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    unknown = [a for a in args.arms.split(",") if a.strip() and a.strip() not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [run_seed(args, args.seed + k) for k in range(args.seeds)]
+    summary = summarise(runs)
+    table_md = results_table(summary)
     print("\n" + table_md + "\n")
-    results["plot"] = plot(out, results)
-    results["seconds"] = time.time() - started
+    seconds = time.time() - started
+    results = {"config": vars(args), "seeds": [r["seed"] for r in runs], "summary": summary, "runs": runs,
+               "seconds": seconds}
+    results["plot"] = plot(out, runs, summary)
     report_md = ["# PreAlign, English -> English-Clone (tiny scale)", "", table_md, "",
-                 f"Chance: QA {100 / len(COLORS):.1f}%, facts {100 / len(CITIES):.1f}%. "
-                 f"Total {results['seconds']:.0f} s.", ""]
-    if "alignment_after_init" in results:
-        report_md += ["Alignment after the init stage:", "", "```",
-                      format_alignment_report(results["alignment_after_init"]), "```", ""]
+                 f"Mean ± std over seeds {results['seeds']}. Chance: task {100 / len(MOODS):.0f}%, facts "
+                 f"{100 / len(CITIES):.1f}%. Total {seconds:.0f} s.", ""]
+    for r in runs:
+        if "alignment_after_init" in r:
+            report_md += [f"Alignment after the init stage (seed {r['seed']}):", "", "```",
+                          format_alignment_report(r["alignment_after_init"]), "```", ""]
     (out / "report.md").write_text("\n".join(report_md), encoding="utf-8")
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
     tmp.replace(out / "results.json")
-    headline = {"out": str(out), "seconds": round(results["seconds"], 1)}
-    for name, arm in results["arms"].items():
-        key = name.replace(" ", "_")
-        headline.update({f"{key}_{m}": round(v, 4) for m, v in arm["final"].items()})
+    headline = {"out": str(out), "seconds": round(seconds, 1), "seeds": len(runs)}
+    for name, arm in summary.items():
+        headline.update({f"{name.replace(' ', '_')}_{m}": round(arm[m]["mean"], 4) for m in METRICS})
     print(json.dumps(headline))
     return headline
 

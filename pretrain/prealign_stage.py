@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +205,15 @@ class DictionaryLoader:
         self.batches = int(state["batches"])
         self.tokens_seen = torch.tensor(state["tokens_seen"], dtype=torch.int64)
 
+    def mixture_report(self) -> str:
+        """Word tokens consumed per language on this rank (the trainer logs it at the end of a run)."""
+        from data_pipeline.tables import format_table
+
+        total = max(int(self.tokens_seen.sum()), 1)
+        rows = [[lang, int(n), f"{100 * int(n) / total:.1f}%"]
+                for lang, n in zip(self.languages, self.tokens_seen.tolist()) if n]
+        return format_table(["lang", "word tokens", "share"], rows)
+
     def __iter__(self):
         while True:
             first = self.batches * self.batch_size
@@ -290,7 +298,7 @@ def _world_size() -> int:
 class AlignLoss:
     loss: torch.Tensor  # this rank's share, to backpropagate (ranks' mean = loss of the whole batch)
     per_space: torch.Tensor  # [S] detached loss of the whole batch across ranks, per space
-    anchors: int  # anchors across ranks
+    anchors: torch.Tensor  # number of anchors across ranks
 
     @property
     def value(self) -> float:
@@ -319,13 +327,12 @@ def contrastive_alignment_loss(vectors: torch.Tensor, concept_ids: torch.Tensor,
     log_prob = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
     per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1).clamp(min=1)  # [S, n_local]
     local_sum = (per_anchor * anchor).sum(-1)  # [S]
-    counts = torch.tensor(float(anchor.sum()), device=vectors.device)
-    totals = torch.cat([local_sum.detach().double(), counts.double()[None]])
+    totals = torch.cat([local_sum.detach().double(), anchor.sum().double()[None]])
     if _world_size() > 1:
-        dist.all_reduce(totals)
-    anchors = float(totals[-1])
-    scale = _world_size() / max(anchors, 1.0)
-    return AlignLoss((local_sum * scale).mean(), (totals[:-1] / max(anchors, 1.0)).float(), int(anchors))
+        dist.all_reduce(totals)  # no host sync: the scale stays on the device
+    anchors = totals[-1].clamp(min=1)
+    scale = (_world_size() / anchors).float()
+    return AlignLoss((local_sum * scale).mean(), (totals[:-1] / anchors).float(), totals[-1])
 
 
 @dataclass
@@ -444,16 +451,16 @@ class PreAlignInitStage(PretrainStage):
         super().__init__(cfg, languages)
         if cfg.model.type != "fuxitranyu":
             raise ConfigError(f"model.type: prealign_init aligns a dense 'fuxitranyu' model, got {cfg.model.type!r}")
+        if cfg.model.max_seq_len < cfg.prealign.max_word_tokens + 1:
+            raise ConfigError(f"prealign.max_word_tokens: {cfg.prealign.max_word_tokens} + BOS exceeds "
+                              f"model.max_seq_len {cfg.model.max_seq_len}")
         if cfg.checkpoint.init_from:
             log.warning("prealign_init: checkpoint.init_from is set; PreAlign starts from a random init")
         self.pa = cfg.prealign
         self._window: list[torch.Tensor] = []
         self._entries: DictionaryEntries | None = None
-        self._before: dict | None = None
-
-    def configure(self, model: torch.nn.Module) -> None:
-        """Measure the alignment of the initial weights, for the before/after report at the end of the run."""
-        self._before = self._report(model, model.lm_head.weight, torch.device("cpu"))
+        self._before: dict | None = None  # alignment of the initial weights (not measured on a resumed run)
+        self._measured_initial = False
 
     def _report(self, model, output_embedding: torch.Tensor, device) -> dict:
         from data_pipeline.align_table import SHIPPED_TABLE
@@ -470,6 +477,10 @@ class PreAlignInitStage(PretrainStage):
         return module.lm_head.weight
 
     def compute_loss(self, engine, batch: dict) -> StepLoss:
+        if not self._measured_initial:  # the first micro-batch of a fresh run sees the initial weights
+            self._measured_initial = True
+            if getattr(engine, "global_steps", 0) == 0:
+                self._before = self._report(engine, self.output_embedding(engine), batch["input_ids"].device)
         out = prealign_loss(engine, batch, self.output_embedding(engine), self.pa.words_per_entry,
                             self.pa.temperature, self.pa.alpha, self.pa.alpha_weights)
         self._window.append(out.align.per_space)

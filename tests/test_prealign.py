@@ -106,9 +106,9 @@ def test_contrastive_loss_matches_naive_reference(case):
     vectors = torch.randn(3, len(concepts), 16, requires_grad=True)
     got = contrastive_alignment_loss(vectors, concepts, words, TAU)
     expected = reference_loss(vectors, concepts.tolist(), words.tolist())
-    assert math.isclose(float(got.loss), float(expected), rel_tol=1e-5)
-    assert math.isclose(got.value, float(expected), rel_tol=1e-5)
-    assert got.anchors == int((concepts >= 0).sum())
+    assert math.isclose(got.loss.item(), expected.item(), rel_tol=1e-5)
+    assert math.isclose(got.value, expected.item(), rel_tol=1e-5)
+    assert int(got.anchors) == int((concepts >= 0).sum())
     grad, = torch.autograd.grad(got.loss, vectors)
     expected_grad, = torch.autograd.grad(expected, vectors)
     torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-4, atol=1e-6)
@@ -177,6 +177,11 @@ def test_dictionary_batches_are_deterministic_resumable_and_split_by_rank():
     assert all(torch.equal(got[k], expected[k]) for k in got)
     with pytest.raises(ConfigError, match="sample order"):
         DictionaryLoader(source, 3, 0, 1).load_state_dict(state)
+    # word tokens per language: every masked word token is counted once
+    counted = sum(int(b["word_mask"].sum()) for b in [next(iter(DictionaryLoader(source, 5, 0, 1)))])
+    fresh = DictionaryLoader(source, 5, 0, 1)
+    next(iter(fresh))
+    assert int(fresh.tokens_seen.sum()) == counted and "l0" in fresh.mixture_report()
 
 
 def test_toy_dictionary_gets_aligned_at_every_layer_and_loss_decreases():

@@ -1,6 +1,6 @@
 """The English-Clone generator of launch/prealign_experiment.py (methods.md 3.5, checklist 3.8.8): the clone
 vocabulary is disjoint from English, a bijection per token, the alignment table is exactly that bijection at word
-level, and the English-only material (facts of the fact persons, the QA format) never reaches Clone."""
+level, and the English-only material (facts of the fact persons, the labelling task) never reaches Clone."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import torch
 
 from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from launch.prealign_experiment import (EOS, EnglishClone, choice_accuracy, make_documents, make_world, pack_blocks,
-                                        qa_example)
+from launch.prealign_experiment import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
+                                        make_world, mood_example, pack_blocks)
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,15 @@ def test_english_only_material_never_reaches_clone(world_and_clone):
     world, ec, rng = world_and_clone
     clone_docs = " ".join(make_documents(rng, world, 400, clone=True))
     english_docs = " ".join(make_documents(rng, world, 400, clone=False))
-    assert "what color" not in clone_docs and "what color" in english_docs
+    assert "it was a" not in clone_docs and "it was a" in english_docs
+    assert not any(f" {m} " in clone_docs for m in MOODS)  # the task's answers are never Clone text
     for person in world.fact_persons:
         assert not re.search(rf"\b{person} (lives in|works as)|of {person} is", clone_docs), person
         assert re.search(rf"\b{person}\b", clone_docs)  # the person still appears in Clone text
     assert any(re.search(rf"\b{p} lives in", clone_docs) for p in world.filler_persons)
-    prompt, answer = qa_example(rng, world)
-    assert prompt.endswith("it is") and answer in prompt.split(" . ")[0]
+    prompt, answer = mood_example(rng, world)
+    adjective = prompt.split(" found a ")[1].split()[0]
+    assert prompt.endswith("it was a") and answer == ("bad" if adjective in NEGATIVE else "good")
 
 
 def test_blocks_and_choice_scoring():
@@ -93,3 +95,20 @@ def test_blocks_and_choice_scoring():
 
     assert choice_accuracy(Oracle(), [[3, 4], [7]], [[9, 10], [5, 6], [8, 9]], [1, 2]) == 1.0
     assert choice_accuracy(Oracle(), [[3, 4]], [[9, 10], [5, 6]], [0]) == 0.0
+
+
+def test_experiment_driver_end_to_end_smoke(tmp_path, capsys):
+    """The driver runs every stage at toy size and writes its files; the last printed line is the JSON."""
+    from launch.prealign_experiment import main
+
+    out = tmp_path / "exp"
+    assert main(["--out", str(out), "--arms", "joint,prealign", "--english-docs", "60", "--clone-docs", "20",
+                 "--hidden", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
+                 "--steps", "4", "--init-steps", "3", "--init-batch", "8", "--eval-every", "2"]) == 0
+    headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(headline) >= {"joint_loss_clone", "prealign_knowledge_clone", "prealign_transfer_clone"}
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"][0]
+    assert [p["step"] for p in run["arms"]["joint"]["curve"]] == [2, 4]
+    assert len(run["alignment_after_init"]["gap"]) == 1 + 2  # embedding, 1 layer, output embedding
+    assert (out / "prealign_english_clone.png").stat().st_size > 0 and (out / "report.md").is_file()
