@@ -104,7 +104,9 @@ class TrainLoader:
         shards = hashlib.sha256("".join(s.sha256 for s in self.manifest.shards).encode()).hexdigest()
         return {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "mixing_window": self.cfg.mixing_window,
-                "plan": {lang: self.plan.counts[lang] for lang in self.plan.languages}, "shards": shards}
+                "plan": {lang: self.plan.counts[lang] for lang in self.plan.languages}, "shards": shards,
+                # the code-switching transform changes the samples, so it is part of what must match
+                "codeswitch": [self.cfg.codeswitch_ratio, self.cfg.codeswitch_table]}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "batches": self.batches, "skipped": self.skipped,
