@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_runtime import HAS_TRITON, check_launchable, next_power_of_2, rows_per_program, tl, triton
+from kernels import use_triton
+from kernels.triton_runtime import next_power_of_2, rows_per_program, tl, triton
 
 IMPLEMENTATIONS = ("auto", "triton", "torch")
 
@@ -172,17 +173,6 @@ class _CombineTokens(torch.autograd.Function):
 
 # ---- the seam the MoE layer calls -------------------------------------------------------------------------
 
-def _use_triton(impl: str, tensor: torch.Tensor, kernel: str) -> bool:
-    if impl == "torch":
-        return False
-    if impl == "auto":
-        return HAS_TRITON and tensor.is_cuda
-    if impl == "triton":
-        check_launchable(tensor, kernel)
-        return True
-    raise ValueError(f"kernels.{kernel}: unknown implementation {impl!r}; expected one of {list(IMPLEMENTATIONS)}")
-
-
 def _check_positions(kernel: str, positions: torch.Tensor, n_tokens: int, what: str) -> None:
     if positions.dim() != 2 or positions.shape[0] != n_tokens:
         raise ValueError(f"kernels.{kernel}: positions must be [{n_tokens} tokens, top_k] ({what}), got "
@@ -196,7 +186,7 @@ def permute_tokens(x: torch.Tensor, positions: torch.Tensor, impl: str = "auto")
     if x.dim() != 2:
         raise ValueError(f"kernels.permute_tokens: x must be [tokens, hidden], got {tuple(x.shape)}")
     _check_positions("permute_tokens", positions, x.shape[0], "one row per token of x")
-    if not _use_triton(impl, x, "permute_tokens") or not x.numel():
+    if not use_triton(impl, x, "permute_tokens") or not x.numel():
         return permute_tokens_torch(x, positions)
     return _PermuteTokens.apply(x.contiguous(), positions.contiguous())
 
@@ -211,6 +201,6 @@ def combine_tokens(y: torch.Tensor, positions: torch.Tensor, weights: torch.Tens
     if weights.shape != positions.shape or positions.numel() != y.shape[0]:
         raise ValueError(f"kernels.combine_tokens: weights {tuple(weights.shape)} and positions "
                          f"{tuple(positions.shape)} must match and cover the {y.shape[0]} rows of y")
-    if not _use_triton(impl, y, "combine_tokens") or not y.numel():
+    if not use_triton(impl, y, "combine_tokens") or not y.numel():
         return combine_tokens_torch(y, positions, weights)
     return _CombineTokens.apply(y.contiguous(), positions.contiguous(), weights.contiguous())

@@ -10,9 +10,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `pytest -n 2` on 2 cores: two threads per worker would oversubscribe the cores (small ops slow ~8x).
-    torch.set_num_threads(1)
+# Tests use tiny shapes: one intra-op thread is as fast, and `pytest -n 2` on 2 cores (or a busy machine) does
+# not oversubscribe the cores (small ops run ~8x slower when it does).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,14 +23,6 @@ from model.typed_config import ConfigError, from_dict
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids OpenMP oversubscription (pytest -n 2, other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (feed_ghost_back, gate_input): variant A with full gates, variant A with intrinsic gates, variant B.
 SWITCHES = [(True, "full"), (True, "intrinsic"), (False, "intrinsic")]
 ACTS = {"identity": lambda q: q, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}

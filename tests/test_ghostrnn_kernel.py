@@ -19,15 +19,6 @@ from model.registry import build_model
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_G": 16, "BLOCK_H": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids OpenMP oversubscription (pytest -n 2, other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(batch, steps, hidden, ratio, feed, gate, device="cpu", dtype=torch.float32, seed=0):
     """Random recurrence inputs with the widths a GhostGRU layer of these switches has."""
     gen = torch.Generator().manual_seed(seed)

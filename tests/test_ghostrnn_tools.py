@@ -13,15 +13,6 @@ from launch.ghostrnn_experiment import (ByteStream, cost_rows, keyword_data, red
                                         validation_windows, build_byte_lm)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread avoids OpenMP oversubscription (pytest -n 2, other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def layer_formula(d: int, h: int, ratio: int, feed: bool) -> int:
     m = math.ceil(h / ratio)
     k = h if feed else m  # methods.md 4.3, variant A (full gates) or B

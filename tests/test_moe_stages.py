@@ -29,15 +29,6 @@ ORIGINAL = ["en", "zh"]
 EXPANSION = ["ru", "code_python"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: more threads than cores make each op many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_training_dataset(tmp_path_factory)

@@ -20,15 +20,6 @@ from tests.model_helpers import tiny_model
 TAU = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is ~10x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_entries(num_concepts=24, words_per_concept=2, vocab=300, seed=0) -> DictionaryEntries:
     """Concepts whose words (1-3 tokens) live in disjoint vocabulary ranges, one per language."""
     g = torch.Generator().manual_seed(seed)
