@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import atomic_write, write_json
+from data_pipeline.io_utils import atomic_write, iter_json_records, write_json
 from data_pipeline.textstats import word_units
 
 log = logging.getLogger(__name__)
@@ -117,50 +117,40 @@ def read_alignment_table(path: str | Path) -> AlignmentTable:
     by_index: dict[int, Concept] = {}
     order: list[int] = []
     next_free = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            origin = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{origin}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{origin}: expected a JSON object")
-            if "words" in record:
-                raw = record["words"]
-                words = raw.split("$") if isinstance(raw, str) else raw
-                if not isinstance(words, list):
-                    raise DataError(f"{origin}: words must be a ' $ '-separated string or a list")
-                words = [_check_word(w, origin, "words") for w in words]
-                langs = record.get("langs", [None] * len(words))
-                if not isinstance(langs, list) or len(langs) != len(words):
-                    raise DataError(f"{origin}: langs must list one language per word ({len(words)} words)")
-                index = record.get("index", None)
-                if index is None:
-                    index = next_free
-                if not isinstance(index, int) or isinstance(index, bool):
-                    raise DataError(f"{origin}: index must be an integer, got {index!r}")
-            elif "src_text" in record and "tgt_text" in record:
-                words = [_check_word(record["src_text"], origin, "src_text"),
-                         _check_word(record["tgt_text"], origin, "tgt_text")]
-                langs = [record.get("src_lang"), record.get("tgt_lang")]
-                index = record.get("index", next_free)
-            else:
-                raise DataError(f"{origin}: expected {{\"words\": \"a $ b\", \"index\": k}} or "
-                                f"{{\"src_text\": ..., \"tgt_text\": ...}}, got keys {sorted(record)}")
-            sources = record.get("sources", [])
-            if index in by_index:
-                concept = by_index[index]
-                for w, lang in zip(words, langs):
-                    if (w, lang) not in zip(concept.words, concept.langs):
-                        concept.words.append(w)
-                        concept.langs.append(lang)
-            else:
-                by_index[index] = Concept(index, list(words), list(langs), list(sources))
-                order.append(index)
-            next_free = max(next_free, index + 1)
+    for origin, record in iter_json_records(path):
+        if "words" in record:
+            raw = record["words"]
+            words = raw.split("$") if isinstance(raw, str) else raw
+            if not isinstance(words, list):
+                raise DataError(f"{origin}: words must be a ' $ '-separated string or a list")
+            words = [_check_word(w, origin, "words") for w in words]
+            langs = record.get("langs", [None] * len(words))
+            if not isinstance(langs, list) or len(langs) != len(words):
+                raise DataError(f"{origin}: langs must list one language per word ({len(words)} words)")
+            index = record.get("index", None)
+            if index is None:
+                index = next_free
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise DataError(f"{origin}: index must be an integer, got {index!r}")
+        elif "src_text" in record and "tgt_text" in record:
+            words = [_check_word(record["src_text"], origin, "src_text"),
+                     _check_word(record["tgt_text"], origin, "tgt_text")]
+            langs = [record.get("src_lang"), record.get("tgt_lang")]
+            index = record.get("index", next_free)
+        else:
+            raise DataError(f"{origin}: expected {{\"words\": \"a $ b\", \"index\": k}} or "
+                            f"{{\"src_text\": ..., \"tgt_text\": ...}}, got keys {sorted(record)}")
+        sources = record.get("sources", [])
+        if index in by_index:
+            concept = by_index[index]
+            for w, lang in zip(words, langs):
+                if (w, lang) not in zip(concept.words, concept.langs):
+                    concept.words.append(w)
+                    concept.langs.append(lang)
+        else:
+            by_index[index] = Concept(index, list(words), list(langs), list(sources))
+            order.append(index)
+        next_free = max(next_free, index + 1)
     concepts = [by_index[i] for i in order]
     small = [c.index for c in concepts if len(c.words) < 2]
     if small:

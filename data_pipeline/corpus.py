@@ -3,12 +3,12 @@ small multilingual corpus bundled with the repo (built by `data_pipeline/build_c
 from __future__ import annotations
 
 import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.errors import DataError
+from data_pipeline.io_utils import iter_json_records
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"
 # Labels that mean "no language given": such documents are labelled by the language identifier.
@@ -42,19 +42,10 @@ def _open_text(path: Path):
 def iter_jsonl(path: Path) -> Iterator[Document]:
     """Documents of one JSONL file; a bad line is an error naming file and line."""
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                origin = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{origin}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"{origin}: expected an object with a string field \"text\"")
-                yield Document(record["text"], normalize_language(record.get("lang")), origin,
-                               record.get("source"))
+        for origin, record in iter_json_records(path, _open_text):
+            if not isinstance(record.get("text"), str):
+                raise DataError(f"{origin}: expected an object with a string field \"text\"")
+            yield Document(record["text"], normalize_language(record.get("lang")), origin, record.get("source"))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 ({err})") from None
 

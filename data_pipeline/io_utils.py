@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from data_pipeline.errors import DataError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False) -> Iterator[IO[Any]]:
@@ -50,3 +52,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _open_utf8(path: str | Path):
+    return open(path, encoding="utf-8")
+
+
+def iter_json_records(path: str | Path, opener=_open_utf8) -> Iterator[tuple[str, dict]]:
+    """(origin "file:line", record) for every non-empty line of a JSONL file; a line that is not a JSON object
+    is a DataError naming the file and line."""
+    with opener(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{origin}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{origin}: expected a JSON object")
+            yield origin, record
