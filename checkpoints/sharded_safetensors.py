@@ -24,8 +24,12 @@ class CheckpointError(ValueError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, fsync, rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

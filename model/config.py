@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels import IMPLEMENTATIONS
 from model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash")
 GHOST_GATE_INPUTS = ("full", "intrinsic")
 GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")  # kept equal to kernels.ghost_gru's (a test checks)
@@ -157,8 +157,8 @@ class ModelConfig:
             positive(name)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ConfigError(f"kernels: {self.kernels!r} is not one of {list(KERNEL_CHOICES)}")
+        if self.kernels not in IMPLEMENTATIONS:
+            raise ConfigError(f"kernels: {self.kernels!r} is not one of {list(IMPLEMENTATIONS)}")
         if self.attention not in ATTENTION_CHOICES:
             raise ConfigError(f"attention: {self.attention!r} is not one of {list(ATTENTION_CHOICES)}")
         for name in ("bos_token_id", "eos_token_id"):

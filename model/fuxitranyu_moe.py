@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.fuxitranyu import Attention, Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
+from model.fuxitranyu import Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
 from model.lm_head import LMHead
 from model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
 from model.outputs import CausalLMOutput
@@ -38,14 +38,11 @@ class MoECausalLMOutput(CausalLMOutput):
         return torch.stack([r.expert_ids for r in self.routing])
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(Block):
     """The dense block with an MoE feed-forward; the router reads the post-attention-norm hidden state."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        super().__init__(config)
         self.mlp = MoEFeedForward(config)
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):

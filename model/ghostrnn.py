@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
 from kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
 from model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
 from model.lm_head import LMHead, generate_tokens

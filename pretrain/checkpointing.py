@@ -23,20 +23,12 @@ import numpy as np
 import torch
 import yaml
 
+from checkpoints.sharded_safetensors import atomic_write_text
 from model.typed_config import to_dict
 from pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng_state() -> dict:
@@ -94,13 +86,13 @@ class CheckpointManager:
         os.replace(tmp, rank_file)
         barrier()
         if self.rank == 0:
-            atomic_write(tag_dir / "model_config.yaml", yaml.safe_dump({"model": to_dict(model_config)},
+            atomic_write_text(tag_dir / "model_config.yaml", yaml.safe_dump({"model": to_dict(model_config)},
                                                                        sort_keys=False))
-            atomic_write(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
             if tokenizer_dir:
                 shutil.copytree(tokenizer_dir, tag_dir / "tokenizer", dirs_exist_ok=True)
-            atomic_write(tag_dir / COMPLETE, tag + "\n")
-            atomic_write(self.root / "latest", tag + "\n")
+            atomic_write_text(tag_dir / COMPLETE, tag + "\n")
+            atomic_write_text(self.root / "latest", tag + "\n")
             self._prune(keep=tag)
         barrier()
         return tag_dir

@@ -22,10 +22,13 @@ class LanguageLoss:
 
     def add(self, token_losses: torch.Tensor, lang_ids: torch.Tensor, labels: torch.Tensor,
             ignore_index: int = -100) -> None:
-        valid = (labels != ignore_index).flatten()
-        langs = lang_ids.flatten()[valid]
-        self.loss_sum.index_add_(0, langs, token_losses.detach().flatten()[valid].double())
-        self.count.index_add_(0, langs, torch.ones_like(langs, dtype=torch.float64))
+        # Weights instead of a boolean index, so the training step never waits on the host; ignored positions
+        # may carry any language id (a stage's own data uses -1), so they are pointed at row 0 with weight 0.
+        keep = (labels != ignore_index).flatten()
+        langs = torch.where(keep, lang_ids.flatten(), 0)
+        weight = keep.double()
+        self.loss_sum.index_add_(0, langs, token_losses.detach().flatten().double() * weight)
+        self.count.index_add_(0, langs, weight)
 
     def reduce_and_reset(self) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = all_reduce_sum(self.loss_sum.clone()), all_reduce_sum(self.count.clone())

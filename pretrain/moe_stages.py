@@ -29,7 +29,7 @@ from model.moe import original_language_mask
 from model.moe_stats import RouterStats, plot_router_shares, router_statistics
 from model.typed_config import ConfigError
 from model.upcycle import stage1_trainable, stage2_trainable
-from pretrain.checkpointing import atomic_write
+from checkpoints.sharded_safetensors import atomic_write_text
 from pretrain.config import TrainConfig
 from pretrain.distributed import all_reduce_sum
 from pretrain.stages import PretrainStage, StepLoss, register_stage
@@ -166,7 +166,7 @@ class MoELPRStage(PretrainStage):
             return {}
         record = {"router_source": source, **stats.as_log(self.languages)}
         if ctx.is_main:
-            atomic_write(out_dir / "router_stats.json", json.dumps({
+            atomic_write_text(out_dir / "router_stats.json", json.dumps({
                 "stage": self.name, "source": source, "languages": self.languages,
                 "original_languages": list(self.moe.original_languages),
                 "token_counts": stats.token_counts.tolist(),

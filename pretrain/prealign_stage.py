@@ -499,10 +499,10 @@ class PreAlignInitStage(PretrainStage):
         """Per-space alignment of the initial and the final weights: alignment_report.json (+ PNG)."""
         after = self._report(engine, self.output_embedding(engine), ctx.device)
         if ctx.is_main:
-            from pretrain.checkpointing import atomic_write
+            from checkpoints.sharded_safetensors import atomic_write_text
 
             out_dir = Path(out_dir)
-            atomic_write(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},
+            atomic_write_text(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},
                                                                         indent=1))
             reports = {"initial weights": self._before, "after prealign_init": after}
             plot_alignment_report({k: v for k, v in reports.items() if v}, out_dir / "alignment_per_layer.png",

@@ -35,28 +35,32 @@ def wait_for(predicate, process, timeout=240):
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_bitwise_identical_losses(data, tmp_path):
-    """N steps, SIGKILL, resume for N more == 2N steps uninterrupted (losses compared bitwise)."""
-    schedule = {"total_steps": 8, "warmup_steps": 2, "global_batch": 4}
+    """Train, SIGKILL right after the first checkpoint (step 4), resume to the end: every loss equals the
+    uninterrupted run's, bitwise. The run is long (48 steps) so the kill always lands mid-training."""
+    total = 48
+    schedule = {"total_steps": total, "warmup_steps": 2, "global_batch": 4}
     full = write_config(run_config(data, tmp_path / "full", schedule=schedule), tmp_path / "full.yaml")
     run_pretrain(full)
     reference = train_losses(tmp_path / "full")
-    assert sorted(reference) == list(range(1, 9))
+    assert sorted(reference) == list(range(1, total + 1))
 
     resumed_dir = tmp_path / "resumed"
-    config = write_config(run_config(data, resumed_dir, schedule=schedule, data={"num_workers": 2}),
-                          tmp_path / "resumed.yaml")
+    config = write_config(run_config(data, resumed_dir, schedule=schedule, data={"num_workers": 2},
+                                     checkpoint={"every_steps": 4, "keep_last": 100}), tmp_path / "resumed.yaml")
     process = subprocess.Popen(pretrain_command(config), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    latest = resumed_dir / "checkpoints" / "latest"
-    wait_for(lambda: latest.is_file() and latest.read_text().strip() == "step_00000004", process)
+    first = resumed_dir / "checkpoints" / "step_00000004" / "COMPLETE"
+    wait_for(first.is_file, process)
     process.send_signal(signal.SIGKILL)  # no chance to clean up or save
     process.wait()
     assert process.returncode == -signal.SIGKILL
+    killed_at = (resumed_dir / "checkpoints" / "latest").read_text().strip()
+    assert killed_at != f"step_{total:08d}", "the run finished before it could be killed"
     run_pretrain(config)
     resumed = train_losses(resumed_dir)
-    for step in range(1, 9):
+    for step in range(1, total + 1):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
-    assert resumed[8] < resumed[1]
+    assert resumed[total] < resumed[1]
 
 
 @pytest.mark.slow
@@ -141,7 +145,7 @@ def test_nan_guard_skips_steps_and_stops_after_k_in_a_row(data, tmp_path, monkey
 def test_language_loss_meter_and_bits_per_byte():
     meter = LanguageLoss(3, torch.device("cpu"))
     losses = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    langs = torch.tensor([[0, 0, 2, 2]])
+    langs = torch.tensor([[0, 0, 2, -1]])  # an ignored position may carry no language (-1)
     labels = torch.tensor([[5, 5, 5, -100]])
     meter.add(losses, langs, labels)
     report = per_language_report(*meter.reduce_and_reset(), ["en", "zh", "ru"], {"en": 4.0, "ru": 2.0})
