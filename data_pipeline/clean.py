@@ -243,7 +243,7 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
                                   f"its output folder as a whole, so name a new or empty folder")
     fingerprint = settings.fingerprint()
     report_path = out_dir / REPORT_NAME
-    if report_path.is_file() and executor.executor == "local":
+    if report_path.is_file():
         previous = CleanReport.load(report_path)
         if previous.fingerprint == fingerprint:
             log.info("clean: %s is up to date with its inputs and settings", out_dir)

@@ -61,11 +61,13 @@ class ExecutorConfig:
     partition: str | None = None
     time: str = "24:00:00"
     cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 4.0
+    mem_per_cpu_gb: int = 4
     qos: str | None = None
     env_command: str | None = None  # e.g. "source /path/venv/bin/activate" (default: this interpreter's venv)
     sbatch_args: dict = field(default_factory=dict)
     progress: bool = True
+    # slurm: write the job scripts (and print them) instead of calling sbatch
+    dry_run: bool = False
 
     def validate(self) -> None:
         if self.executor not in EXECUTORS:
@@ -262,6 +264,27 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
     return executors
 
 
+def render_slurm_scripts(executors: list) -> list[dict]:
+    """What `sbatch` would be given for each stage, without submitting: datatrove's own launch path runs with its
+    sbatch call replaced by a recorder (job ids DRYRUN-<n>). Each entry: the script, the sbatch arguments
+    (dependencies) and where datatrove saved the script."""
+    import datatrove.executor.slurm as slurm
+    calls: list[tuple[str, tuple]] = []
+
+    def record(contents: str, retriever, *args) -> str:
+        calls.append((contents, args))
+        return f"DRYRUN-{len(calls)}"
+
+    original, slurm.launch_slurm_job = slurm.launch_slurm_job, record
+    try:
+        executors[-1].run()
+    finally:
+        slurm.launch_slurm_job = original
+    arrays = [(c, a) for c, a in calls if "launch_pickled_pipeline" in c]  # the stats-merging jobs aside
+    return [{"script": c, "sbatch_args": list(a), "job_id": e.job_id,
+             "path": e.logging_dir.resolve_paths("launch_script.slurm")} for (c, a), e in zip(arrays, executors)]
+
+
 def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> bool:
     """Run (local) or submit (slurm, ray) the stages in order. True when they all ran here to the end; False
     when they were submitted to a cluster or only some tasks ran on this machine."""
@@ -280,6 +303,12 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
             log.info("%s: %d tasks in %.1fs", stage.name, stage.tasks, time.time() - started)
         return True
     if cfg.executor == "slurm":
+        if cfg.dry_run:
+            scripts = render_slurm_scripts(executors)
+            for stage, script in zip(stages, scripts):
+                print(f"# --- {stage.name}: sbatch {' '.join(script['sbatch_args'])} {script['path']}\n"
+                      f"{script['script']}")
+            return False
         executors[-1].run()  # launches the whole chain through `depends`
         ids = [str(e.job_id) for e in executors]
         write_json(Path(work_dir) / "slurm_jobs.json", {s.name: i for s, i in zip(stages, ids)})

@@ -23,7 +23,7 @@ from data_pipeline.dedup import DedupConfig
 from data_pipeline.filters import FilterConfig
 from data_pipeline.io_utils import write_json
 from data_pipeline.pack import language_files, pack
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +48,44 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
                     holdout_fraction: float = 0.05, shard_bytes: int = 4 << 20, num_proc: int | None = None,
                     seed: int = 0, filters: FilterConfig | None = None, dedup: DedupConfig | None = None,
                     langid: LangIdConfig | None = None, tokenizer_dir: str | Path | None = None,
-                    progress: bool = False) -> PreparedData:
+                    progress: bool = False, executor=None) -> PreparedData | None:
     """Build a ready-to-stream dataset from `corpus` (default: the bundled corpus).
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
     documents are held out. `max_docs_per_language` reads only that many documents per language and split
-    (quick tests). `tokenizer_dir`: reuse an existing tokenizer instead of training one.
+    (quick tests). `tokenizer_dir`: reuse an existing tokenizer instead of training one. executor: an
+    `engine.ExecutorConfig` (default: local, `num_proc` processes). With slurm or ray each stage is submitted
+    when the one before has finished: None is returned after a submission; run the same call again when the
+    jobs have finished (finished stages are not redone).
     """
+    from data_pipeline.engine import ExecutorConfig
+    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
     out_dir = Path(out_dir)
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
     splits = find_splits(corpus)
     report = clean(splits, out_dir / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
                    max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
-                   num_proc=num_proc, progress=progress)
+                   executor=executor)
+    if report is None:
+        return None
     log.info("clean report\n%s", report.table())
     tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
                                  max_docs_per_language=tokenizer_docs_per_language, seed=seed,
                                  model_max_length=max(seq_len, 1024))
     if tokenizer_dir is None:
-        tokenizer_dir = train_tokenizer(out_dir / "clean" / "train", out_dir / "tokenizer", tok_config)
+        tokenizer_dir = train_tokenizer_task(out_dir / "clean" / "train", out_dir / "tokenizer", tok_config, executor)
+        if tokenizer_dir is None:
+            return None
     tokenizer_dir = Path(tokenizer_dir)
     pack_languages = sorted(language_files(out_dir / "clean" / "train"))
     train = pack(out_dir / "clean" / "train", tokenizer_dir, out_dir / "train", split="train", seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
-                 progress=progress)
+                 languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
     valid = pack(out_dir / "clean" / "valid", tokenizer_dir, out_dir / "valid", split="valid", seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
-                 progress=progress)
+                 languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
+    if train is None or valid is None:
+        return None
     prepared = PreparedData(tokenizer_dir, train, valid)
     write_json(out_dir / "prepare.json", {
         "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
