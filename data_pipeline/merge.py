@@ -108,7 +108,7 @@ def merge_manifests(sources: list[str | Path], out_dir: str | Path, verify: bool
                                     shard.sha256, shard.tokens_per_language))
     shards.sort(key=lambda s: (first.languages.index(s.language), Path(s.path).name))
     if tokenizer_path is None and first.tokenizer_path is not None:
-        tokenizer_path = os.path.relpath((first.root / tokenizer_path).resolve(), out_dir)
+        tokenizer_path = os.path.relpath((first.root / first.tokenizer_path).resolve(), out_dir)
     merged = Manifest(split=first.split, seq_len=first.seq_len, tokenizer_hash=first.tokenizer_hash,
                       vocab_size=first.vocab_size, eos_id=first.eos_id, languages=first.languages,
                       language_stats=stats, shards=shards, seed=first.seed, tokenizer_path=tokenizer_path)
