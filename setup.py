@@ -17,7 +17,10 @@ install_requires = [
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
-    "datasketch>=1.6",
+    # the data engine: executors (local, Slurm, Ray), completion markers, per-task stats; its MinHash stage
+    # (used side by side in `fuxi bench data --scale`) fails with xxhash 4
+    "datatrove>=0.10.1,<0.11",
+    "xxhash>=3.0,<4",
     "py3langid>=0.2.2",
     "tiktoken>=0.7",  # data_pipeline/encoders.py: 3x faster packing, checked equal to the HF tokenizer
     "tensorboard>=2.14",
@@ -38,6 +41,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2"],
         "flash": ["flash-attn>=2.5"],
+        "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`
     },
     entry_points={"console_scripts": ["fuxi=launch.cli:main"]},
 )
