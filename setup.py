@@ -21,6 +21,7 @@ install_requires = [
     # (used side by side in `fuxi bench data --scale`) fails with xxhash 4
     "datatrove>=0.10.1,<0.11",
     "xxhash>=3.0,<4",
+    "orjson>=3.9",  # datatrove's JSONL reader (the datatrove side of `fuxi bench data --scale`)
     "py3langid>=0.2.2",
     "tiktoken>=0.7",  # data_pipeline/encoders.py: 3x faster packing, checked equal to the HF tokenizer
     "tensorboard>=2.14",

@@ -6,7 +6,7 @@ file comes last and marks the chunk done, so a re-run of a killed task skips the
     plan.json                        the input chunks
     docs/<chunk>.jsonl               documents that passed the filters, as output lines
     docs/<chunk>.index.json          [local id, split, language] per line
-    shingles/<chunk>.{ids,offsets,values}.npy, sig/<chunk>.npy, exact/<chunk>.npy   (dedup_stages.py)
+    shingles/<chunk>.{ids,offsets}.npy + .values.u32, sig/<chunk>.npy, exact/<chunk>.npy (dedup_stages.py)
     meta/<chunk>.json                per split and language: input, filters, language-ID fills
     dedup/{edges-<band>,exact_drop,near_drop}.npy, holdout.json
     written/<chunk>.json             per split and language: duplicates, kept, held out
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.chunks import Chunk, doc_id, plan_chunks, read_chunk
+from data_pipeline.chunks import ID_BITS, Chunk, doc_id, plan_chunks, read_chunk
 from data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
                                  merge_counters, ordered_stats)
 from data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
@@ -129,9 +129,14 @@ class ProcessChunks(_ChunkStep):
         keep = set(s.languages) if s.languages else None
         stats: dict = defaultdict(lambda: defaultdict(Counter))
         index, exact_rows = [], []
-        sh_ids, sh_offsets, sh_values, sigs, seeds = [], [0], [], [], []
+        signatures = _SignatureBatches(s.dedup, chunk.index)
         docs_in = 0
-        with atomic_write(root / "docs" / f"{name}.jsonl") as out:
+        # Shingle values stream to disk; per document only a few small numbers stay in memory, so a task's
+        # memory does not grow with the chunk size.
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(atomic_write(root / "docs" / f"{name}.jsonl"))
+            values = stack.enter_context(atomic_write(root / "shingles" / f"{name}.values.u32", "wb")) \
+                if s.dedup.near else None
             for local, doc in enumerate(read_chunk(chunk)):
                 docs_in += 1
                 text, lang, filled, reason = processor(doc.text, doc.lang)
@@ -150,36 +155,65 @@ class ProcessChunks(_ChunkStep):
                     record["source"] = doc.source
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index.append([local, chunk.split, lang])
-                did = doc_id(chunk.index, local)
                 if s.dedup.exact:
-                    exact_rows.append((*exact_key_words(text), did))
-                if s.dedup.near:
+                    exact_rows.append((*exact_key_words(text), doc_id(chunk.index, local)))
+                if values is not None:
                     sh = shingles(text, s.dedup.ngram)
-                    sh_ids.append(local)
-                    sh_values.append(sh)
-                    sh_offsets.append(sh_offsets[-1] + len(sh))
-                    sigs.append(minhash_signature(sh, s.dedup))
-                    seeds.append(language_seed(lang))
+                    values.write(sh.tobytes())
+                    signatures.add(local, sh, lang)
         write_json(root / "docs" / f"{name}.index.json", index)
         if s.dedup.near:
-            save_npy(root / "shingles" / f"{name}.ids.npy", np.asarray(sh_ids, dtype=np.int64))
-            save_npy(root / "shingles" / f"{name}.offsets.npy", np.asarray(sh_offsets, dtype=np.int64))
-            save_npy(root / "shingles" / f"{name}.values.npy",
-                     np.concatenate(sh_values) if sh_values else np.empty(0, dtype=np.uint32))
-            n_bands = s.dedup.bands[0]
-            runs = np.empty((n_bands, len(sigs), 2), dtype=np.uint64)
-            if sigs:
-                keys = band_keys(np.stack(sigs), np.asarray(seeds, dtype=np.uint64), s.dedup)
-                ids = np.array([doc_id(chunk.index, i) for i in sh_ids], dtype=np.uint64)
-                for b in range(n_bands):
-                    order = np.lexsort((ids, keys[b]))
-                    runs[b, :, 0] = keys[b][order]
-                    runs[b, :, 1] = ids[order]
+            ids, offsets, runs = signatures.finish()
+            save_npy(root / "shingles" / f"{name}.ids.npy", ids)
+            save_npy(root / "shingles" / f"{name}.offsets.npy", offsets)
             save_npy(root / "sig" / f"{name}.npy", runs)
         rows = np.array(sorted(exact_rows), dtype=np.uint64).reshape(-1, 3)
         save_npy(root / "exact" / f"{name}.npy", rows)
         write_json(root / "meta" / f"{name}.json", ordered_stats(stats))
         return docs_in, len(index)
+
+
+class _SignatureBatches:
+    """MinHash signatures turned into band keys a batch of documents at a time (a chunk's signatures are
+    never all in memory), then each band's (key, id) rows sorted: the chunk's sorted runs."""
+
+    BATCH = 512
+
+    def __init__(self, config, chunk: int):
+        self.config = config
+        self.chunk = chunk
+        self.ids: list[int] = []
+        self.offsets = [0]
+        self._sigs: list[np.ndarray] = []
+        self._seeds: list[int] = []
+        self._keys: list[np.ndarray] = []
+
+    def add(self, local: int, sh: np.ndarray, lang: str) -> None:
+        self.ids.append(local)
+        self.offsets.append(self.offsets[-1] + len(sh))
+        self._sigs.append(minhash_signature(sh, self.config))
+        self._seeds.append(language_seed(lang))
+        if len(self._sigs) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._sigs:
+            self._keys.append(band_keys(np.stack(self._sigs), np.asarray(self._seeds, dtype=np.uint64),
+                                        self.config))
+            self._sigs, self._seeds = [], []
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._flush()
+        n_bands = self.config.bands[0]
+        runs = np.empty((n_bands, len(self.ids), 2), dtype=np.uint64)
+        if self.ids:
+            keys = np.concatenate(self._keys, axis=1)
+            ids = (np.uint64(self.chunk) << np.uint64(ID_BITS)) | np.asarray(self.ids, dtype=np.uint64)
+            for b in range(n_bands):
+                order = np.lexsort((ids, keys[b]))
+                runs[b, :, 0] = keys[b][order]
+                runs[b, :, 1] = ids[order]
+        return np.asarray(self.ids, dtype=np.int64), np.asarray(self.offsets, dtype=np.int64), runs
 
 
 def _drops_in(drop: np.ndarray, chunk: int) -> set[int]:

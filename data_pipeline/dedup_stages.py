@@ -85,8 +85,10 @@ class ShingleStore:
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))
             base = self.root / "shingles" / f"{chunk:06d}"
+            values = Path(f"{base}.values.u32")
             self._open[chunk] = (np.load(f"{base}.ids.npy"), np.load(f"{base}.offsets.npy"),
-                                 np.load(f"{base}.values.npy", mmap_mode="r"))
+                                 np.memmap(values, dtype=np.uint32, mode="r") if values.stat().st_size
+                                 else np.empty(0, dtype=np.uint32))
         return self._open[chunk]
 
     def __getitem__(self, doc: int) -> np.ndarray:

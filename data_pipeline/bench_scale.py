@@ -1,0 +1,464 @@
+"""`fuxi bench data --scale`: the data engine at growing corpus sizes, against the single-process clean it
+replaced and against datatrove's own MinHash and tokenizer, side by side in one run.
+
+Corpora: the bundled corpus grown 4x, 16x and 64x by sentence reshuffling (copy k > 0 of a document is as many
+sentences drawn from its language's pool, so only planted pairs are near duplicates), and a 4x variant where
+20% of the training documents get a copy with 0.3-2% of their word units edited (planted pairs; the true
+Jaccard of each pair is computed on the shingle sets).
+
+Every job runs in a child process under a subreaper (prctl PR_SET_CHILD_SUBREAPER): datatrove's and our
+executors fork workers, some of which outlive their parent, and all of them are reaped here, so the CPU
+seconds (RUSAGE_CHILDREN) are the whole job's. Peak memory is the largest sum over the job's processes of
+their proportional set size (PSS, so pages shared by forked workers count once), sampled every 50 ms.
+
+The baseline ("today's clean"/"today's pack") is the code of `--baseline-ref` (default: the last commit
+before the engine), extracted with `git archive` and run from its own folder. The last printed line is one
+JSON object.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+BASELINE_REF = "23c7dc2"  # the single-process clean and the pool-based pack (issue 13's measurements)
+REPO = Path(__file__).resolve().parents[1]
+_SENTENCE_RE = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("--scale: the data engine at 4x/16x/64x (bench_scale.py)")
+    g.add_argument("--scale", action="store_true", help="run the scaling benchmark instead")
+    g.add_argument("--scales", type=int, nargs="+", default=[4, 16, 64])
+    g.add_argument("--peer-scale", type=int, default=16, help="corpus size for datatrove's MinHash + tokenizer")
+    g.add_argument("--multi-machine-scale", type=int, default=16)
+    g.add_argument("--tasks", type=int, default=4)
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of today's clean and pack")
+    g.add_argument("--no-peer", action="store_true", help="skip datatrove's MinHash + tokenizer")
+
+
+# --- corpora ---------------------------------------------------------------------------------------------------
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_RE.split(text) if s and s.strip()]
+
+
+def _joiner(lang: str, text: str) -> str:
+    from data_pipeline.textstats import spaceless_fraction
+    if lang.startswith("code_"):
+        return "\n"
+    return "" if spaceless_fraction(text) > 0.5 else " "
+
+
+def grow_corpus(source: Path, out: Path, factor: int, seed: int = 0, planted: float = 0.0) -> list[dict]:
+    """`factor` x the corpus by sentence reshuffling; with `planted`, that fraction of the training documents
+    gets an edited copy at the end of its file. Returns the planted pairs (lang, original, copy)."""
+    from data_pipeline.corpus import iter_jsonl
+    from data_pipeline.textstats import word_units
+    rng = random.Random(seed)
+    pairs = []
+    for split in ("valid", "train"):
+        for path in sorted((source / split).glob("*.jsonl")):
+            lang = path.stem
+            docs = [d.text for d in iter_jsonl(path)]
+            pool = [s for t in docs for s in _sentences(t)]
+            written = []
+            target = out / split / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "w", encoding="utf-8") as f:
+                for copy in range(factor):
+                    for text in docs:
+                        if copy:
+                            n = max(1, len(_sentences(text)))
+                            text = _joiner(lang, text).join(rng.sample(pool, min(n, len(pool))))
+                        f.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
+                        written.append(text)
+                if planted and split == "train":
+                    for text in rng.sample(written, round(planted * len(written))):
+                        units = word_units(text)
+                        if len(units) < 20:
+                            continue
+                        copy = _edit(text, units, rng.uniform(0.003, 0.02), rng)
+                        f.write(json.dumps({"text": copy, "lang": lang}, ensure_ascii=False) + "\n")
+                        pairs.append({"lang": lang, "original": text, "copy": copy})
+    return pairs
+
+
+def _edit(text: str, units: list[str], fraction: float, rng: random.Random) -> str:
+    """Replace `fraction` of the word units (at least one) by other units of the same text, in place."""
+    from data_pipeline.textstats import word_unit_spans
+    n = max(1, round(fraction * len(units)))
+    spans = word_unit_spans(text)
+    chosen = sorted(rng.sample(range(len(spans)), n), reverse=True)
+    for i in chosen:
+        a, b = spans[i]
+        text = text[:a] + units[(i + 7) % len(units)] + text[b:]
+    return text
+
+
+# --- measuring a job -------------------------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += _children(pid)
+    return seen
+
+
+def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict:
+    """Run `python -c code` and return its CPU seconds (all descendants), peak summed PSS and wall time."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = os.getpid()
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pids = [p for p in _tree(me) if p != me]
+            peak[0] = max(peak[0], sum(_pss_kb(p) for p in pids))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
+    sampler.start()
+    rc = proc.wait()
+    while True:  # orphaned grandchildren were re-parented to us: wait for them too
+        try:
+            pid, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    if log:
+        out.close()
+    if rc != 0:
+        tail = log.read_text()[-3000:] if log else ""
+        raise RuntimeError(f"benchmark job failed (exit {rc}):\n{tail}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"cpu_s": round(cpu, 2), "peak_mb": round(peak[0] / 1024, 1), "wall_s": round(wall, 2)}
+
+
+# --- the jobs --------------------------------------------------------------------------------------------------
+
+def _ours_clean(corpus: Path, out: Path, tasks: int, workers: int) -> str:
+    return (f"from data_pipeline.clean import clean; from data_pipeline.engine import ExecutorConfig; "
+            f"clean({str(corpus)!r}, {str(out)!r}, executor=ExecutorConfig(tasks={tasks}, workers={workers}, "
+            f"progress=False))")
+
+
+def _old_clean(corpus: Path, out: Path, workers: int) -> str:
+    return (f"from data_pipeline.clean import clean; "
+            f"clean({str(corpus)!r}, {str(out)!r}, num_proc={workers}, progress=False)")
+
+
+def _ours_pack(split: Path, tok: Path, out: Path, tasks: int, workers: int, extra: str = "") -> str:
+    return (f"from data_pipeline.pack import pack; from data_pipeline.engine import ExecutorConfig; "
+            f"pack({str(split)!r}, {str(tok)!r}, {str(out)!r}, seq_len=2048, shard_bytes=64 << 20, "
+            f"executor=ExecutorConfig(tasks={tasks}, workers={workers}, progress=False{extra}))")
+
+
+def _old_pack(split: Path, tok: Path, out: Path, workers: int) -> str:
+    return (f"from data_pipeline.pack import pack; pack({str(split)!r}, {str(tok)!r}, {str(out)!r}, seq_len=2048, "
+            f"shard_bytes=64 << 20, num_proc={workers}, progress=False)")
+
+
+def _peer_minhash(corpus: Path, work: Path, out: Path, workers: int) -> str:
+    """datatrove's four MinHash stages with its default configuration (5-grams, 14 buckets x 8 hashes), and
+    a whitespace word splitter (its English default needs spaCy, which this project does not install)."""
+    return f"""
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                              MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+class Whitespace(WordTokenizer):
+    def word_tokenize(self, text): return text.split()
+    def sent_tokenize(self, text): return text.split("\\n")
+    def span_tokenize(self, text): raise NotImplementedError
+
+cfg = MinhashConfig()
+w, work = {workers}, {str(work)!r}
+read = lambda: JsonlReader({str(corpus)!r}, glob_pattern="*/*.jsonl")
+s1 = LocalPipelineExecutor([read(), MinhashDedupSignature(work + "/sigs", cfg, language=Whitespace())],
+                           tasks=w, workers=w, logging_dir=work + "/logs/s1")
+s2 = LocalPipelineExecutor([MinhashDedupBuckets(work + "/sigs", work + "/buckets", config=cfg)],
+                           tasks=cfg.num_buckets, workers=w, logging_dir=work + "/logs/s2", depends=s1)
+s3 = LocalPipelineExecutor([MinhashDedupCluster(work + "/buckets", work + "/remove", config=cfg)],
+                           tasks=1, logging_dir=work + "/logs/s3", depends=s2)
+s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(work + "/remove"), JsonlWriter({str(out)!r})],
+                           tasks=w, workers=w, logging_dir=work + "/logs/s4", depends=s3)
+s4.run()
+"""
+
+
+def _peer_tokenize(split: Path, tok: Path, work: Path, workers: int) -> str:
+    return f"""
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
+LocalPipelineExecutor([JsonlReader({str(split)!r}, glob_pattern="*.jsonl"),
+                       DocumentTokenizer({str(work)!r} + "/tokens", tokenizer_name_or_path={str(tok / 'tokenizer.json')!r},
+                                         eos_token="<|endoftext|>")],
+                      tasks={workers}, workers={workers}, logging_dir={str(work)!r} + "/logs").run()
+"""
+
+
+def _token_count(manifest: Path) -> int:
+    data = json.loads(manifest.read_text())
+    return sum(s["tokens"] for s in data["language_stats"].values())
+
+
+def _kept_texts(folder: Path) -> set[str]:
+    out = set()
+    for path in folder.rglob("*.jsonl*"):
+        import gzip
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            out.update(json.loads(line)["text"] for line in f if line.strip())
+    return out
+
+
+def _recall(pairs: list[dict], kept: set[str], near_dups: int | None, originals_kept: bool = True) -> dict:
+    """Recall per script over pairs with true Jaccard >= 0.8 whose original survived the other filters;
+    precision = such copies removed / all near duplicates removed."""
+    from data_pipeline.dedup import jaccard, shingles
+    from data_pipeline.textstats import dominant_script
+    per_script: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    bins: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    true_removed = 0
+    for p in pairs:
+        j = jaccard(shingles(p["original"], 5), shingles(p["copy"], 5))
+        if j < 0.8 or (originals_kept and p["original"] not in kept):
+            continue
+        script = dominant_script(p["original"])
+        script = {"KANA": "CJK", "HANGUL": "CJK"}.get(script, script)
+        found = p["copy"] not in kept
+        per_script[script][0] += found
+        per_script[script][1] += 1
+        b = "0.80-0.85" if j < 0.85 else "0.85-0.90" if j < 0.9 else "0.90-1.00"
+        bins[b][0] += found
+        bins[b][1] += 1
+        true_removed += found
+    total = [sum(v[0] for v in per_script.values()), sum(v[1] for v in per_script.values())]
+    return {"recall": round(total[0] / max(1, total[1]), 4), "pairs": total[1],
+            "per_script": {s: round(v[0] / v[1], 4) for s, v in sorted(per_script.items())},
+            "pairs_per_script": {s: v[1] for s, v in sorted(per_script.items())},
+            "per_jaccard": {b: round(v[0] / v[1], 4) for b, v in sorted(bins.items())},
+            "precision": None if near_dups is None else round(true_removed / max(1, near_dups), 4)}
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+def _baseline(ref: str, into: Path) -> Path | None:
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "data_pipeline"], check=True,
+                                 capture_output=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        print(f"baseline {ref}: not available ({err}); skipping today's clean/pack")
+        return None
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run(args) -> dict:
+    from data_pipeline.corpus import bundled_corpus
+    from data_pipeline.tables import format_table
+    from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-scale-"))
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "tasks": args.tasks,
+                    "workers": args.workers, "load_average_start": round(os.getloadavg()[0], 2)}
+    old_env = None
+    base = _baseline(args.baseline_ref, work / "baseline")
+    if base is not None:
+        old_env = {"PYTHONPATH": str(base)}
+    ours_env = {"PYTHONPATH": str(REPO)}
+    try:
+        corpora = {}
+        for k in sorted(set(args.scales) | {args.peer_scale, args.multi_machine_scale}):
+            corpora[k] = work / f"corpus{k}x"
+            grow_corpus(bundled_corpus(), corpora[k], k)
+        planted_dir = work / "corpus4x-planted"
+        pairs = grow_corpus(bundled_corpus(), planted_dir, 4, seed=1, planted=0.2)
+        mb = {k: sum(p.stat().st_size for p in c.rglob("*.jsonl")) / 1e6 for k, c in corpora.items()}
+
+        rows, scale = [], {}
+        for k in args.scales:
+            ours = measure(_ours_clean(corpora[k], work / f"clean{k}x", args.tasks, args.workers), ours_env,
+                           logs / f"clean{k}x.log")
+            entry = {"mb": round(mb[k], 1), "ours": ours, "ours_cpu_s_per_mb": round(ours["cpu_s"] / mb[k], 4)}
+            if old_env:
+                old = measure(_old_clean(corpora[k], work / f"oldclean{k}x", args.workers), old_env,
+                              logs / f"oldclean{k}x.log")
+                entry.update(today=old, today_cpu_s_per_mb=round(old["cpu_s"] / mb[k], 4),
+                             cpu_per_mb_ratio=round(ours["cpu_s"] / old["cpu_s"], 3))
+                same = _kept_texts(work / f"clean{k}x") == _kept_texts(work / f"oldclean{k}x")
+                entry["same_kept_documents_as_today"] = same
+            scale[k] = entry
+            rows.append([f"clean {k}x", entry["mb"], ours["cpu_s"], entry["ours_cpu_s_per_mb"], ours["peak_mb"],
+                         entry.get("today", {}).get("cpu_s", "-"), entry.get("today_cpu_s_per_mb", "-"),
+                         entry.get("today", {}).get("peak_mb", "-"), entry.get("cpu_per_mb_ratio", "-")])
+        result["clean"] = scale
+        lo, hi = min(args.scales), max(args.scales)
+        result["peak_memory_ratio"] = round(scale[hi]["ours"]["peak_mb"] / scale[lo]["ours"]["peak_mb"], 3)
+        if old_env:
+            result["worst_cpu_per_mb_ratio"] = max(e["cpu_per_mb_ratio"] for e in scale.values())
+
+        # near-dup recall/precision on the planted 4x variant
+        planted = measure(_ours_clean(planted_dir, work / "clean4x-planted", args.tasks, args.workers), ours_env,
+                          logs / "planted.log")
+        report = json.loads((work / "clean4x-planted" / "clean_report.json").read_text())
+        near = sum(c.get("near_dup", 0) for langs in report["stats"].values() for c in langs.values())
+        result["near_dup"] = {"ours": _recall(pairs, _kept_texts(work / "clean4x-planted"), near),
+                              "ours_job": planted, "planted_pairs": len(pairs)}
+
+        # pack: tokens per CPU-second, ours and today's, on the cleaned train split
+        tok = train_tokenizer(work / f"clean{lo}x" / "train", work / "tokenizer", TokenizerConfig(vocab_size=32768))
+        split = work / f"clean{hi}x" / "train"
+        packs = {"ours": measure(_ours_pack(split, tok, work / "pack", args.tasks, args.workers), ours_env,
+                                 logs / "pack.log")}
+        tokens = _token_count(work / "pack" / "manifest.json")
+        packs["ours"]["tokens_per_cpu_s"] = round(tokens / packs["ours"]["cpu_s"])
+        if old_env:
+            packs["today"] = measure(_old_pack(split, tok, work / "oldpack", args.workers), old_env,
+                                     logs / "oldpack.log")
+            packs["today"]["tokens_per_cpu_s"] = round(tokens / packs["today"]["cpu_s"])
+        result["pack"] = {"tokens": tokens, "corpus": f"{hi}x", **packs}
+        rows.append([f"pack {hi}x ({tokens:,} tokens)", round(mb[hi], 1), packs["ours"]["cpu_s"],
+                     f"{packs['ours']['tokens_per_cpu_s'] / 1e6:.2f}M tok/CPU-s", packs["ours"]["peak_mb"],
+                     packs.get("today", {}).get("cpu_s", "-"),
+                     f"{packs['today']['tokens_per_cpu_s'] / 1e6:.2f}M tok/CPU-s" if "today" in packs else "-",
+                     packs.get("today", {}).get("peak_mb", "-"), "-"])
+
+        if not args.no_peer:
+            k = args.peer_scale
+            peer = {"minhash": measure(_peer_minhash(corpora[k], work / "peer", work / "peer-out", args.workers),
+                                       ours_env, logs / "peer-minhash.log")}
+            ours_k = scale[k]["ours"] if k in scale else measure(
+                _ours_clean(corpora[k], work / f"clean{k}x", args.tasks, args.workers), ours_env,
+                logs / f"clean{k}x.log")
+            peer["minhash_cpu_vs_our_clean"] = round(peer["minhash"]["cpu_s"] / ours_k["cpu_s"], 3)
+            peer["minhash_memory_vs_our_clean"] = round(peer["minhash"]["peak_mb"] / ours_k["peak_mb"], 3)
+            p_planted = measure(_peer_minhash(planted_dir, work / "peer-planted", work / "peer-planted-out",
+                                              args.workers), ours_env, logs / "peer-planted.log")
+            peer["near_dup"] = _recall(pairs, _kept_texts(work / "peer-planted-out"), None)
+            peer["planted_job"] = p_planted
+            ptok = measure(_peer_tokenize(work / f"clean{k}x" / "train", tok, work / "peer-tok", args.workers),
+                           ours_env, logs / "peer-tok.log")
+            ours_tok = measure(_ours_pack(work / f"clean{k}x" / "train", tok, work / f"pack{k}x", args.tasks,
+                                          args.workers), ours_env, logs / f"pack{k}x.log")
+            peer_tokens = _token_count(work / f"pack{k}x" / "manifest.json")
+            peer["tokenize"] = ptok
+            peer["our_pack"] = ours_tok
+            peer["tokenize_cpu_vs_our_pack"] = round(ptok["cpu_s"] / ours_tok["cpu_s"], 3)
+            peer["tokenize_memory_vs_our_pack"] = round(ptok["peak_mb"] / ours_tok["peak_mb"], 3)
+            peer["corpus"] = f"{k}x"
+            peer["tokens"] = peer_tokens
+            result["datatrove"] = peer
+            rows.append([f"datatrove MinHash {k}x", round(mb[k], 1), peer["minhash"]["cpu_s"],
+                         round(peer["minhash"]["cpu_s"] / mb[k], 4), peer["minhash"]["peak_mb"], "-", "-", "-",
+                         f"{peer['minhash_cpu_vs_our_clean']}x our clean"])
+            rows.append([f"datatrove tokenizer {k}x", "-", ptok["cpu_s"], "-", ptok["peak_mb"], "-", "-", "-",
+                         f"{peer['tokenize_cpu_vs_our_pack']}x our pack"])
+
+        # several machines, simulated: clean --tasks 4 vs 1, then pack --tasks 4 on four "machines" + merge
+        k = args.multi_machine_scale
+        one, four = work / f"mm-clean1-{k}x", work / f"clean{k}x"
+        if not four.exists():
+            measure(_ours_clean(corpora[k], four, 4, args.workers), ours_env, logs / "mm-clean4.log")
+        measure(_ours_clean(corpora[k], one, 1, 1), ours_env, logs / "mm-clean1.log")
+        same_docs = _kept_texts(one) == _kept_texts(four) and all(
+            (one / p.relative_to(four)).read_bytes() == p.read_bytes() for p in four.rglob("*.jsonl"))
+        measure(_ours_pack(one / "train", tok, work / "mm-pack1", 1, 1), ours_env, logs / "mm-pack1.log")
+        for r in range(4):
+            measure(_ours_pack(four / "train", tok, work / f"mm-machine{r}", 4, 1,
+                               extra=f", local_tasks=1, rank_offset={r}"), ours_env, logs / f"mm-machine{r}.log")
+        from data_pipeline.manifest import load_manifest
+        from data_pipeline.merge import merge_manifests
+        merged = load_manifest(merge_manifests([work / f"mm-machine{r}" for r in range(4)], work / "mm-merged"))
+        single = load_manifest(work / "mm-pack1" / "manifest.json")
+        result["multi_machine"] = {
+            "corpus": f"{k}x", "same_kept_documents": same_docs,
+            "same_tokens": [s.sha256 for s in merged.shards] == [s.sha256 for s in single.shards]
+            and merged.tokens_per_language() == single.tokens_per_language(),
+            "tokens": sum(merged.tokens_per_language().values())}
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
+    nd = result["near_dup"]["ours"]
+    goals = {
+        "memory_64x_within_1.25x_of_4x": result["peak_memory_ratio"] <= 1.25,
+        "cpu_per_mb_within_1.2x_of_today": result.get("worst_cpu_per_mb_ratio", 99) <= 1.2,
+        "pack_at_least_1.5M_tokens_per_cpu_s": result["pack"]["ours"]["tokens_per_cpu_s"] >= 1_500_000,
+        "near_dup_recall_95_in_every_script": min(nd["per_script"].values()) >= 0.95,
+        "near_dup_precision_99": (nd["precision"] or 0) >= 0.99,
+        "multi_machine_equal": result["multi_machine"]["same_kept_documents"] and
+        result["multi_machine"]["same_tokens"],
+    }
+    result["goals"] = goals
+    print(format_table(["job", "MB", "CPU-s", "CPU-s/MB", "peak MB (all processes)", "today CPU-s",
+                        "today CPU-s/MB", "today peak MB", "ratio"], rows))
+    print(format_table(["near-dup (4x, 20% planted)", "recall", "pairs", "per script", "per Jaccard",
+                        "precision"],
+                       [["ours", nd["recall"], nd["pairs"], json.dumps(nd["per_script"]), json.dumps(nd["per_jaccard"]),
+                         nd["precision"]]] +
+                       ([["datatrove", result["datatrove"]["near_dup"]["recall"], result["datatrove"]["near_dup"]["pairs"],
+                          json.dumps(result["datatrove"]["near_dup"]["per_script"]),
+                          json.dumps(result["datatrove"]["near_dup"]["per_jaccard"]), "-"]]
+                        if "datatrove" in result else [])))
+    print(format_table(["goal", "met"], [[k, v] for k, v in goals.items()]))
+    print(f"{os.cpu_count()} CPUs; load average {result['load_average_start']} at the start, "
+          f"{result['load_average_end']} at the end (CPU-seconds do not depend on other jobs, wall time does)")
+    print(json.dumps(result))
+    return result
