@@ -105,7 +105,9 @@ def _edit(text: str, units: list[str], fraction: float, rng: random.Random) -> s
     chosen = sorted(rng.sample(range(len(spans)), n), reverse=True)
     for i in chosen:
         a, b = spans[i]
-        text = text[:a] + units[(i + 7) % len(units)] + text[b:]
+        other = next((u for k in range(7, 7 + len(units)) if (u := units[(i + k) % len(units)]) != units[i]),
+                     units[i] + "x")  # a different unit, so the copy really differs
+        text = text[:a] + other + text[b:]
     return text
 
 

@@ -51,7 +51,8 @@ def _edit(text: str, fraction: float, rng: random.Random) -> str:
     spaced = " " in text.strip() and len(text.split()) > len(units) / 2
     n = max(1, round(fraction * len(units)))
     for i in rng.sample(range(len(units)), n):
-        units[i] = units[(i + 7) % len(units)] + ("x" if spaced else "")
+        units[i] = next((u for k in range(7, 7 + len(units)) if (u := units[(i + k) % len(units)]) != units[i]),
+                        units[i] + "x") + ("x" if spaced else "")
     return " ".join(units) if spaced else "".join(units)
 
 
