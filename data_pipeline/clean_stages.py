@@ -29,7 +29,7 @@ from data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, Docume
                                  merge_counters, ordered_stats)
 from data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
 from data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
-from data_pipeline.engine import Stage, TaskStep, TaskError
+from data_pipeline.engine import Stage, TaskError, TaskStep, deal
 from data_pipeline.errors import DataError
 from data_pipeline.io_utils import atomic_write, write_json
 from data_pipeline.staging import switch_folder
@@ -40,25 +40,14 @@ def load_plan(root: Path) -> list[Chunk]:
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:
-    """Chunks per task: largest first to the least loaded task (deterministic; the output does not depend on
-    it, only the balance does)."""
-    tasks: list[list[Chunk]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for chunk in sorted(chunks, key=lambda c: (-c.bytes, c.index)):
-        t = min(range(world_size), key=lambda i: (load[i], i))
-        tasks[t].append(chunk)
-        load[t] += chunk.bytes
-    return [sorted(t, key=lambda c: c.index) for t in tasks]
+    """Chunks per task, balanced by bytes."""
+    return [[chunks[i] for i in mine] for mine in deal([c.bytes for c in chunks], world_size)]
 
 
 class _ChunkStep(TaskStep):
     """A step that works chunk by chunk; `done_dir` holds each finished chunk's marker file."""
 
     done_dir = ""
-
-    def __init__(self, settings: CleanSettings):
-        super().__init__()
-        self.settings = settings
 
     @property
     def root(self) -> Path:
@@ -93,8 +82,7 @@ class _ChunkStep(TaskStep):
             figures["docs_out"] += docs_out
         for k, v in figures.items():
             self.count(k, v)
-        write_json(self.root / "taskstats" / self.name / f"{rank:05d}.json",
-                   {"seconds": round(time.time() - started, 3), **figures})
+        self.save_task_stats(self.root, rank, {"seconds": round(time.time() - started, 3), **figures})
 
     def process(self, chunk: Chunk) -> tuple[int, int]:
         raise NotImplementedError
@@ -102,10 +90,6 @@ class _ChunkStep(TaskStep):
 
 class PlanChunks(TaskStep):
     name = "plan"
-
-    def __init__(self, settings: CleanSettings):
-        super().__init__()
-        self.settings = settings
 
     def run_task(self, rank: int, world_size: int) -> None:
         s = self.settings
@@ -236,10 +220,6 @@ class HoldoutOffsets(TaskStep):
 
     name = "holdout"
 
-    def __init__(self, settings: CleanSettings):
-        super().__init__()
-        self.settings = settings
-
     def run_task(self, rank: int, world_size: int) -> None:
         root = Path(self.settings.work_dir)
         exact, near = _load_drops(root)
@@ -304,10 +284,6 @@ class Gather(TaskStep):
 
     name = "gather"
 
-    def __init__(self, settings: CleanSettings):
-        super().__init__()
-        self.settings = settings
-
     def _pairs(self) -> list[Path]:
         parts = Path(self.settings.work_dir) / "parts"
         return sorted(p for p in parts.glob("*/*") if p.is_dir()) if parts.is_dir() else []
@@ -326,8 +302,7 @@ class Gather(TaskStep):
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 22)
             self.count("files")
-        write_json(root / "taskstats" / self.name / f"{rank:05d}.json",
-                   {"seconds": round(time.time() - started, 3)})
+        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3)})
 
 
 class Publish(TaskStep):
@@ -337,8 +312,7 @@ class Publish(TaskStep):
     name = "publish"
 
     def __init__(self, settings: CleanSettings, fingerprint: str):
-        super().__init__()
-        self.settings = settings
+        super().__init__(settings)
         self.fingerprint = fingerprint
 
     def run_task(self, rank: int, world_size: int) -> None:

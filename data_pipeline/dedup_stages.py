@@ -24,7 +24,7 @@ import numpy as np
 from data_pipeline.chunks import ID_BITS
 from data_pipeline.dedup import DedupConfig, UnionFind, jaccard
 from data_pipeline.engine import TaskStep
-from data_pipeline.io_utils import atomic_write, write_json
+from data_pipeline.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 ROUND_ENTRIES = 1 << 20  # entries merged at once (16-24 MB)
@@ -153,9 +153,8 @@ class FindDuplicates(TaskStep):
                 self._band(root, chunks, item, counts)
         for k, v in counts.items():
             self.count(k, v)
-        write_json(root / "taskstats" / self.name / f"{rank:05d}.json",
-                   {"seconds": round(time.time() - started, 3), "docs_in": counts["entries"],
-                    "docs_out": counts["confirmed"] + counts["exact_duplicates"], **counts})
+        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3), "docs_in": counts["entries"],
+                                          "docs_out": counts["confirmed"] + counts["exact_duplicates"], **counts})
 
     def _exact(self, root: Path, chunks: list[int], counts: dict) -> None:
         runs = [r for c in chunks if len(r := np.load(root / "exact" / f"{c:06d}.npy", mmap_mode="r"))]
@@ -202,6 +201,5 @@ class Clusters(TaskStep):
         save_npy(root / "dedup" / "near_drop.npy", drop)
         self.count("edges", edges)
         self.count("near_duplicates", len(drop))
-        write_json(root / "taskstats" / self.name / f"{rank:05d}.json",
-                   {"seconds": round(time.time() - started, 3), "docs_in": len(components.parent),
-                    "docs_out": len(drop), "edges": edges})
+        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3),
+                                          "docs_in": len(components.parent), "docs_out": len(drop), "edges": edges})

@@ -112,6 +112,10 @@ class TaskStep(PipelineStep):
 
     type = "fuxi"
 
+    def __init__(self, settings=None):
+        super().__init__()
+        self.settings = settings
+
     def run_task(self, rank: int, world_size: int) -> None:
         raise NotImplementedError
 
@@ -132,6 +136,22 @@ class TaskStep(PipelineStep):
     def count(self, name: str, value: int = 1) -> None:
         """A counter in datatrove's per-task stats (`<work>/logs/<stage>/stats/`)."""
         self.stat_update(name, value=value, unit="task")
+
+    def save_task_stats(self, work_dir: str | Path, rank: int, figures: dict) -> None:
+        """Our per-task figures (`<work>/taskstats/<stage>/<rank>.json`), merged into the job's report."""
+        write_json(Path(work_dir) / "taskstats" / self.name / f"{rank:05d}.json", figures)
+
+
+def deal(weights: list[int], world_size: int) -> list[list[int]]:
+    """Item indices per task: the heaviest item first, to the least loaded task (deterministic; the results
+    of our stages never depend on it, only the balance does)."""
+    tasks: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        t = min(range(world_size), key=lambda k: (load[k], k))
+        tasks[t].append(i)
+        load[t] += weights[i]
+    return [sorted(t) for t in tasks]
 
 
 # --- local execution ------------------------------------------------------------------------------------------

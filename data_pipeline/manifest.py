@@ -41,6 +41,10 @@ class LanguageStats:
     def bytes_per_token(self) -> float:
         return self.utf8_bytes / self.tokens if self.tokens else float("nan")
 
+    def add(self, other: "LanguageStats") -> None:
+        for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass
 class Manifest:

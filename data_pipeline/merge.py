@@ -96,9 +96,7 @@ def merge_manifests(sources: list[str | Path], out_dir: str | Path, verify: bool
         m.check_files(checksums=verify)
         check_token_counts(m)
         for lang, s in m.language_stats.items():
-            total = stats.setdefault(lang, LanguageStats())
-            for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
-                setattr(total, name, getattr(total, name) + getattr(s, name))
+            stats.setdefault(lang, LanguageStats()).add(s)
         for shard in m.shards:
             path = m.shard_path(shard).resolve()
             if path in seen:

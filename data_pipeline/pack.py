@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
 from data_pipeline.encoders import FastEncoder
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo

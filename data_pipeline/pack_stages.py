@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.encoders import FastEncoder
-from data_pipeline.engine import Stage, TaskStep
+from data_pipeline.engine import Stage, TaskStep, deal
 from data_pipeline.io_utils import write_json
 from data_pipeline.manifest import LanguageStats, Manifest, ShardInfo
 from data_pipeline.merge import MANIFEST_NAME, merge_manifests, task_manifest_name
@@ -35,22 +35,12 @@ def _load_plan(work: Path) -> dict:
 
 
 def _deal(jobs: list[dict], world_size: int) -> list[list[int]]:
-    """Job indices per task: biggest first to the least loaded task."""
-    tasks: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for j in sorted(range(len(jobs)), key=lambda j: (-jobs[j]["count"], j)):
-        t = min(range(world_size), key=lambda i: (load[i], i))
-        tasks[t].append(j)
-        load[t] += jobs[j]["count"]
-    return [sorted(t) for t in tasks]
+    """Job indices per task, balanced by documents."""
+    return deal([j["count"] for j in jobs], world_size)
 
 
 class PlanPack(TaskStep):
     name = "plan"
-
-    def __init__(self, settings: PackSettings):
-        super().__init__()
-        self.settings = settings
 
     def run_task(self, rank: int, world_size: int) -> None:
         s = self.settings
@@ -78,10 +68,6 @@ class PackTasks(TaskStep):
     """Run the jobs dealt to this task; write its shards and its task manifest into the staging folder."""
 
     name = "pack"
-
-    def __init__(self, settings: PackSettings):
-        super().__init__()
-        self.settings = settings
 
     def describe(self, rank: int, world_size: int) -> str:
         try:
@@ -119,9 +105,7 @@ class PackTasks(TaskStep):
         results.sort(key=lambda r: (languages.index(r.lang), r.part))
         stats = {lang: LanguageStats() for lang in languages}
         for r in results:
-            total = stats[r.lang]
-            for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
-                setattr(total, name, getattr(total, name) + getattr(r.stats, name))
+            stats[r.lang].add(r.stats)
         manifest = Manifest(
             split=s.split, seq_len=s.seq_len, tokenizer_hash=tokenizer_hash(s.tokenizer_dir),
             vocab_size=load_tokenizer(s.tokenizer_dir).get_vocab_size(), eos_id=EOS_ID, languages=languages,
@@ -132,7 +116,7 @@ class PackTasks(TaskStep):
         tokens = sum(st.tokens for st in stats.values())
         self.count("documents", sum(st.documents for st in stats.values()))
         self.count("tokens", tokens)
-        write_json(work / "taskstats" / f"{rank:05d}.json", {
+        self.save_task_stats(work, rank, {
             "seconds": round(time.time() - started, 3), "jobs": len(results),
             "docs_in": sum(st.documents for st in stats.values()), "tokens": tokens,
             "samples": sum(st.samples for st in stats.values()), "shards": len(manifest.shards)})
@@ -147,10 +131,6 @@ class MergeTasks(TaskStep):
     """Check and combine the task manifests into manifest.json, then switch the new folder into place."""
 
     name = "merge"
-
-    def __init__(self, settings: PackSettings):
-        super().__init__()
-        self.settings = settings
 
     def run_task(self, rank: int, world_size: int) -> None:
         s = self.settings
@@ -167,7 +147,7 @@ class MergeTasks(TaskStep):
             if st["samples"] == 0:
                 log.warning("pack %s: language %s has %d tokens, fewer than one block of %d: no samples",
                             s.split, lang, st["tokens"], s.seq_len + 1)
-        tasks = {p.stem: json.loads(p.read_text()) for p in sorted((work / "taskstats").glob("*.json"))}
+        tasks = {p.stem: json.loads(p.read_text()) for p in sorted((work / "taskstats" / "pack").glob("*.json"))}
         write_json(staging / "pack_report.json", {"split": s.split, "job": s.job, "tasks": tasks})
         switch_folder(staging, s.out_dir)
 
