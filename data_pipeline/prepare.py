@@ -10,6 +10,7 @@ Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). La
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -90,5 +91,19 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     write_json(out_dir / "prepare.json", {
         "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
         "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-        "seconds": round(time.time() - started, 2), "data_config": asdict(prepared.data_config())})
+        "seconds": round(time.time() - started, 2), "data_config": asdict(prepared.data_config()),
+        "report": stage_report(report, train, valid)})
     return prepared
+
+
+def stage_report(report, *manifests: Path) -> dict:
+    """One report of the whole job: documents in and out per split, language and filter (clean), then per
+    stage and task, and tokens per language and per pack task."""
+    out = {"clean": {"per_language": report.stats, "tasks": report.tasks}}
+    for path in manifests:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        tasks = json.loads((Path(path).parent / "pack_report.json").read_text(encoding="utf-8"))["tasks"]
+        out[f"pack_{data['split']}"] = {"tokens": {k: v["tokens"] for k, v in data["language_stats"].items()},
+                                        "samples": {k: v["samples"] for k, v in data["language_stats"].items()},
+                                        "tasks": tasks}
+    return out

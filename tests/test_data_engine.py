@@ -226,6 +226,18 @@ def test_four_machines_merged_equal_one_task(data, tmp_path):
         merge_manifests(folders, tmp_path / "bad")
 
 
+def test_prepare_writes_one_report_of_every_stage_and_task(data):
+    report = json.loads((data.train_manifest.parent.parent / "prepare.json").read_text())["report"]
+    clean_stats, train = report["clean"], report["pack_train"]
+    assert set(clean_stats["tasks"]) >= {"process", "buckets", "clusters", "write", "gather"}
+    kept = sum(c["kept"] for c in clean_stats["per_language"]["train"].values())
+    assert kept == sum(t["docs_out"] for t in clean_stats["tasks"]["write"].values()) - \
+        sum(c["kept"] for c in clean_stats["per_language"]["valid"].values())
+    manifest = load_manifest(data.train_manifest)
+    assert sum(t["tokens"] for t in train["tasks"].values()) == sum(train["tokens"].values()) == \
+        sum(s.tokens for s in manifest.language_stats.values())
+
+
 def test_slurm_scripts_render_and_their_pickled_tasks_run(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path)
     executor = ExecutorConfig(executor="slurm", partition="cpu", tasks=3, time="2:00:00", dry_run=True, **LOCAL)
