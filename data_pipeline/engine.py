@@ -35,6 +35,7 @@ from pathlib import Path
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import PipelineStats
+from tqdm import tqdm
 
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.io_utils import write_json
@@ -170,11 +171,13 @@ def _quiet_datatrove() -> None:
 
 
 class LocalExecutor(LocalPipelineExecutor):
-    """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring)."""
+    """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring). datatrove's
+    console logging is lowered to errors (its per-task log files keep everything); a progress bar counts the
+    stage's tasks instead."""
 
-    def __init__(self, *args, quiet: bool = False, stage: str = "", describe=None, **kwargs):
+    def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.quiet = quiet
+        self.progress = progress
         self.stage = stage
         self.describe = describe or (lambda rank: "")
 
@@ -184,10 +187,9 @@ class LocalExecutor(LocalPipelineExecutor):
             f.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
         try:
             # local_rank != 0 only lowers datatrove's console log level to errors (the log files keep all)
-            return super()._run_for_rank(rank, local_rank=1 if self.quiet else local_rank, node_rank=node_rank)
+            return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
         finally:
-            if self.quiet:
-                _quiet_datatrove()
+            _quiet_datatrove()
 
     def _dead_tasks(self, ranks: list[int]) -> list[int]:
         return [r for r in ranks if self.logging_dir.isfile(f"running/{r:05d}") and not self.is_rank_completed(r)]
@@ -203,17 +205,21 @@ class LocalExecutor(LocalPipelineExecutor):
         self.save_executor_as_json()
         stats = []
         workers = min(self.workers, len(ranks))
+        bar = tqdm(total=len(ranks), desc=self.stage, unit="task", disable=not self.progress, leave=False)
         if workers <= 1:
             pipeline = self.pipeline
             for rank in ranks:
                 self.pipeline = deepcopy(pipeline)
                 stats.append(self._run_for_rank(rank))
+                bar.update()
             self.pipeline = pipeline
         else:
             _FORKED["executor"] = self
             try:
                 with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
                     futures = {pool.submit(_run_forked, rank): rank for rank in ranks}
+                    for fut in futures:
+                        fut.add_done_callback(lambda _: bar.update())
                     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                     for fut in futures:
                         if fut in done and fut.exception() is None:
@@ -232,6 +238,7 @@ class LocalExecutor(LocalPipelineExecutor):
                             raise err
             finally:
                 _FORKED.clear()
+        bar.close()
         merged = sum(stats, start=PipelineStats())
         with self.logging_dir.open("stats.json", "wt") as f:
             merged.save_to_disk(f)
@@ -262,7 +269,7 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
             step = stage.step
             executors.append(LocalExecutor(
                 [step], tasks=stage.tasks, workers=workers, logging_dir=logging_dir, local_tasks=local_tasks,
-                local_rank_offset=offset, quiet=not cfg.progress, stage=stage.name,
+                local_rank_offset=offset, progress=cfg.progress, stage=stage.name,
                 describe=lambda rank, step=step, n=stage.tasks: step.describe(rank, n)))
         elif cfg.executor == "slurm":
             from datatrove.executor.slurm import SlurmPipelineExecutor
@@ -310,8 +317,7 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
     when they were submitted to a cluster or only some tasks ran on this machine."""
     executors = build_executors(stages, work_dir, cfg)
     if cfg.executor == "local":
-        if not cfg.progress:
-            _quiet_datatrove()
+        _quiet_datatrove()
         for stage, executor in zip(stages, executors):
             started = time.time()
             executor.run()
