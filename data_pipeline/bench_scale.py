@@ -12,8 +12,8 @@ seconds (RUSAGE_CHILDREN) are the whole job's. Peak memory is the largest sum ov
 their proportional set size (PSS, so pages shared by forked workers count once), sampled every 50 ms.
 
 The baseline ("today's clean"/"today's pack") is the code of `--baseline-ref` (default: the last commit
-before the engine), extracted with `git archive` and run from its own folder. The last printed line is one
-JSON object.
+before the engine), extracted with `git archive` and run from its own folder. With `--workdir`, measurements
+are saved as they finish and a re-run continues where it stopped. The last printed line is one JSON object.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("--scale: the data engine at 4x/16x/64x (bench_scale.py)")
     g.add_argument("--scale", action="store_true", help="run the scaling benchmark instead")
     g.add_argument("--scales", type=int, nargs="+", default=[4, 16, 64])
-    g.add_argument("--peer-scale", type=int, default=16, help="corpus size for datatrove's MinHash + tokenizer")
+    g.add_argument("--peer-scale", type=int, default=4,
+                   help="datatrove's MinHash + tokenizer on the planted corpus of this size (4: the 4x variant)")
     g.add_argument("--multi-machine-scale", type=int, default=16)
     g.add_argument("--tasks", type=int, default=4)
     g.add_argument("--workers", type=int, default=2)
@@ -184,6 +185,24 @@ def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict
     return {"cpu_s": round(cpu, 2), "peak_mb": round(peak[0] / 1024, 1), "wall_s": round(wall, 2)}
 
 
+class Results:
+    """Measurements saved as they finish (`<workdir>/results.json`): a re-run with the same --workdir skips
+    the jobs it has, so a long benchmark interrupted half way continues."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def measure(self, key: str, code: str, env: dict | None, log: Path, outputs: Path | None = None) -> dict:
+        if key in self.data and (outputs is None or outputs.exists()):
+            return self.data[key]
+        if outputs is not None and outputs.exists():
+            shutil.rmtree(outputs)
+        self.data[key] = measure(code, env, log)
+        self.path.write_text(json.dumps(self.data, indent=1))
+        return self.data[key]
+
+
 # --- the jobs --------------------------------------------------------------------------------------------------
 
 def _ours_clean(corpus: Path, out: Path, tasks: int, workers: int) -> str:
@@ -304,6 +323,7 @@ def _baseline(ref: str, into: Path) -> Path | None:
     except (subprocess.CalledProcessError, FileNotFoundError) as err:
         print(f"baseline {ref}: not available ({err}); skipping today's clean/pack")
         return None
+    shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -324,23 +344,26 @@ def run(args) -> dict:
     if base is not None:
         old_env = {"PYTHONPATH": str(base)}
     ours_env = {"PYTHONPATH": str(REPO)}
+    done = Results(work / "results.json")
     try:
         corpora = {}
-        for k in sorted(set(args.scales) | {args.peer_scale, args.multi_machine_scale}):
+        for k in sorted(set(args.scales) | {args.multi_machine_scale}):
             corpora[k] = work / f"corpus{k}x"
-            grow_corpus(bundled_corpus(), corpora[k], k)
-        planted_dir = work / "corpus4x-planted"
-        pairs = grow_corpus(bundled_corpus(), planted_dir, 4, seed=1, planted=0.2)
+            if not (corpora[k] / "train").is_dir():
+                grow_corpus(bundled_corpus(), corpora[k], k)
+        planted_dir = work / f"corpus{args.peer_scale}x-planted"
+        shutil.rmtree(planted_dir, ignore_errors=True)
+        pairs = grow_corpus(bundled_corpus(), planted_dir, args.peer_scale, seed=1, planted=0.2)
         mb = {k: sum(p.stat().st_size for p in c.rglob("*.jsonl")) / 1e6 for k, c in corpora.items()}
 
         rows, scale = [], {}
         for k in args.scales:
-            ours = measure(_ours_clean(corpora[k], work / f"clean{k}x", args.tasks, args.workers), ours_env,
-                           logs / f"clean{k}x.log")
+            ours = done.measure(f"clean{k}x", _ours_clean(corpora[k], work / f"clean{k}x", args.tasks, args.workers),
+                                ours_env, logs / f"clean{k}x.log", work / f"clean{k}x")
             entry = {"mb": round(mb[k], 1), "ours": ours, "ours_cpu_s_per_mb": round(ours["cpu_s"] / mb[k], 4)}
             if old_env:
-                old = measure(_old_clean(corpora[k], work / f"oldclean{k}x", args.workers), old_env,
-                              logs / f"oldclean{k}x.log")
+                old = done.measure(f"oldclean{k}x", _old_clean(corpora[k], work / f"oldclean{k}x", args.workers),
+                                   old_env, logs / f"oldclean{k}x.log", work / f"oldclean{k}x")
                 entry.update(today=old, today_cpu_s_per_mb=round(old["cpu_s"] / mb[k], 4),
                              cpu_per_mb_ratio=round(ours["cpu_s"] / old["cpu_s"], 3))
                 same = _kept_texts(work / f"clean{k}x") == _kept_texts(work / f"oldclean{k}x")
@@ -356,23 +379,27 @@ def run(args) -> dict:
             result["worst_cpu_per_mb_ratio"] = max(e["cpu_per_mb_ratio"] for e in scale.values())
 
         # near-dup recall/precision on the planted 4x variant
-        planted = measure(_ours_clean(planted_dir, work / "clean4x-planted", args.tasks, args.workers), ours_env,
-                          logs / "planted.log")
-        report = json.loads((work / "clean4x-planted" / "clean_report.json").read_text())
+        planted_out = work / "clean-planted"
+        planted = done.measure("planted", _ours_clean(planted_dir, planted_out, args.tasks, args.workers), ours_env,
+                               logs / "planted.log", planted_out)
+        report = json.loads((planted_out / "clean_report.json").read_text())
         near = sum(c.get("near_dup", 0) for langs in report["stats"].values() for c in langs.values())
-        result["near_dup"] = {"ours": _recall(pairs, _kept_texts(work / "clean4x-planted"), near),
+        result["near_dup"] = {"corpus": f"{args.peer_scale}x with 20% planted",
+                              "ours": _recall(pairs, _kept_texts(planted_out), near),
                               "ours_job": planted, "planted_pairs": len(pairs)}
 
         # pack: tokens per CPU-second, ours and today's, on the cleaned train split
-        tok = train_tokenizer(work / f"clean{lo}x" / "train", work / "tokenizer", TokenizerConfig(vocab_size=32768))
+        tok = work / "tokenizer"
+        if not (tok / "tokenizer.json").is_file():
+            train_tokenizer(work / f"clean{lo}x" / "train", tok, TokenizerConfig(vocab_size=32768))
         split = work / f"clean{hi}x" / "train"
-        packs = {"ours": measure(_ours_pack(split, tok, work / "pack", args.tasks, args.workers), ours_env,
-                                 logs / "pack.log")}
+        packs = {"ours": done.measure("pack", _ours_pack(split, tok, work / "pack", args.tasks, args.workers),
+                                      ours_env, logs / "pack.log", work / "pack")}
         tokens = _token_count(work / "pack" / "manifest.json")
         packs["ours"]["tokens_per_cpu_s"] = round(tokens / packs["ours"]["cpu_s"])
         if old_env:
-            packs["today"] = measure(_old_pack(split, tok, work / "oldpack", args.workers), old_env,
-                                     logs / "oldpack.log")
+            packs["today"] = done.measure("oldpack", _old_pack(split, tok, work / "oldpack", args.workers), old_env,
+                                          logs / "oldpack.log", work / "oldpack")
             packs["today"]["tokens_per_cpu_s"] = round(tokens / packs["today"]["cpu_s"])
         result["pack"] = {"tokens": tokens, "corpus": f"{hi}x", **packs}
         rows.append([f"pack {hi}x ({tokens:,} tokens)", round(mb[hi], 1), packs["ours"]["cpu_s"],
@@ -382,48 +409,53 @@ def run(args) -> dict:
                      packs.get("today", {}).get("peak_mb", "-"), "-"])
 
         if not args.no_peer:
+            # datatrove's stock MinHash on the planted corpus (recall, CPU, memory next to our whole clean of it),
+            # then its tokenizer on our cleaned output next to our pack of the same
             k = args.peer_scale
-            peer = {"minhash": measure(_peer_minhash(corpora[k], work / "peer", work / "peer-out", args.workers),
-                                       ours_env, logs / "peer-minhash.log")}
-            ours_k = scale[k]["ours"] if k in scale else measure(
-                _ours_clean(corpora[k], work / f"clean{k}x", args.tasks, args.workers), ours_env,
-                logs / f"clean{k}x.log")
-            peer["minhash_cpu_vs_our_clean"] = round(peer["minhash"]["cpu_s"] / ours_k["cpu_s"], 3)
-            peer["minhash_memory_vs_our_clean"] = round(peer["minhash"]["peak_mb"] / ours_k["peak_mb"], 3)
-            p_planted = measure(_peer_minhash(planted_dir, work / "peer-planted", work / "peer-planted-out",
-                                              args.workers), ours_env, logs / "peer-planted.log")
-            peer["near_dup"] = _recall(pairs, _kept_texts(work / "peer-planted-out"), None)
-            peer["planted_job"] = p_planted
-            ptok = measure(_peer_tokenize(work / f"clean{k}x" / "train", tok, work / "peer-tok", args.workers),
-                           ours_env, logs / "peer-tok.log")
-            ours_tok = measure(_ours_pack(work / f"clean{k}x" / "train", tok, work / f"pack{k}x", args.tasks,
-                                          args.workers), ours_env, logs / f"pack{k}x.log")
-            peer_tokens = _token_count(work / f"pack{k}x" / "manifest.json")
+            peer = {"corpus": f"{k}x with 20% planted",
+                    "minhash": done.measure("peer-minhash", _peer_minhash(planted_dir, work / "peer", work / "peer-out",
+                                                                          args.workers),
+                                            ours_env, logs / "peer-minhash.log", work / "peer-out")}
+            shutil.rmtree(work / "peer", ignore_errors=True)
+            peer["minhash_cpu_vs_our_clean"] = round(peer["minhash"]["cpu_s"] / planted["cpu_s"], 3)
+            peer["minhash_memory_vs_our_clean"] = round(peer["minhash"]["peak_mb"] / planted["peak_mb"], 3)
+            peer["near_dup"] = _recall(pairs, _kept_texts(work / "peer-out"), None)
+            ptok = done.measure("peer-tokenize", _peer_tokenize(planted_out / "train", tok, work / "peer-tok",
+                                                                args.workers),
+                                ours_env, logs / "peer-tok.log", work / "peer-tok")
+            ours_tok = done.measure("pack-planted", _ours_pack(planted_out / "train", tok, work / "pack-planted",
+                                                              args.tasks, args.workers),
+                                    ours_env, logs / "pack-planted.log", work / "pack-planted")
             peer["tokenize"] = ptok
             peer["our_pack"] = ours_tok
+            peer["tokens"] = _token_count(work / "pack-planted" / "manifest.json")
             peer["tokenize_cpu_vs_our_pack"] = round(ptok["cpu_s"] / ours_tok["cpu_s"], 3)
             peer["tokenize_memory_vs_our_pack"] = round(ptok["peak_mb"] / ours_tok["peak_mb"], 3)
-            peer["corpus"] = f"{k}x"
-            peer["tokens"] = peer_tokens
             result["datatrove"] = peer
-            rows.append([f"datatrove MinHash {k}x", round(mb[k], 1), peer["minhash"]["cpu_s"],
-                         round(peer["minhash"]["cpu_s"] / mb[k], 4), peer["minhash"]["peak_mb"], "-", "-", "-",
+            pmb = sum(p.stat().st_size for p in planted_dir.rglob("*.jsonl")) / 1e6
+            rows.append([f"ours, {k}x planted", round(pmb, 1), planted["cpu_s"], round(planted["cpu_s"] / pmb, 4),
+                         planted["peak_mb"], "-", "-", "-", "-"])
+            rows.append([f"datatrove MinHash, {k}x planted", round(pmb, 1), peer["minhash"]["cpu_s"],
+                         round(peer["minhash"]["cpu_s"] / pmb, 4), peer["minhash"]["peak_mb"], "-", "-", "-",
                          f"{peer['minhash_cpu_vs_our_clean']}x our clean"])
-            rows.append([f"datatrove tokenizer {k}x", "-", ptok["cpu_s"], "-", ptok["peak_mb"], "-", "-", "-",
-                         f"{peer['tokenize_cpu_vs_our_pack']}x our pack"])
+            rows.append([f"datatrove tokenizer ({peer['tokens']:,} tokens)", "-", ptok["cpu_s"], "-", ptok["peak_mb"],
+                         "-", "-", "-", f"{peer['tokenize_cpu_vs_our_pack']}x our pack ({ours_tok['cpu_s']} CPU-s)"])
 
         # several machines, simulated: clean --tasks 4 vs 1, then pack --tasks 4 on four "machines" + merge
         k = args.multi_machine_scale
         one, four = work / f"mm-clean1-{k}x", work / f"clean{k}x"
         if not four.exists():
-            measure(_ours_clean(corpora[k], four, 4, args.workers), ours_env, logs / "mm-clean4.log")
-        measure(_ours_clean(corpora[k], one, 1, 1), ours_env, logs / "mm-clean1.log")
+            done.measure("mm-clean4", _ours_clean(corpora[k], four, 4, args.workers), ours_env,
+                         logs / "mm-clean4.log", four)
+        done.measure("mm-clean1", _ours_clean(corpora[k], one, 1, 1), ours_env, logs / "mm-clean1.log", one)
         same_docs = _kept_texts(one) == _kept_texts(four) and all(
             (one / p.relative_to(four)).read_bytes() == p.read_bytes() for p in four.rglob("*.jsonl"))
-        measure(_ours_pack(one / "train", tok, work / "mm-pack1", 1, 1), ours_env, logs / "mm-pack1.log")
+        done.measure("mm-pack1", _ours_pack(one / "train", tok, work / "mm-pack1", 1, 1), ours_env,
+                     logs / "mm-pack1.log", work / "mm-pack1")
         for r in range(4):
-            measure(_ours_pack(four / "train", tok, work / f"mm-machine{r}", 4, 1,
-                               extra=f", local_tasks=1, rank_offset={r}"), ours_env, logs / f"mm-machine{r}.log")
+            done.measure(f"mm-machine{r}", _ours_pack(four / "train", tok, work / f"mm-machine{r}", 4, 1,
+                                                      extra=f", local_tasks=1, rank_offset={r}"),
+                         ours_env, logs / f"mm-machine{r}.log", work / f"mm-machine{r}")
         from data_pipeline.manifest import load_manifest
         from data_pipeline.merge import merge_manifests
         merged = load_manifest(merge_manifests([work / f"mm-machine{r}" for r in range(4)], work / "mm-merged"))
