@@ -195,7 +195,7 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
           langid: LangIdConfig | None = None, languages: list[str] | None = None,
           max_docs_per_language: int | None = None, holdout_fraction: float = 0.0,
           num_proc: int | None = None, progress: bool = True, executor=None, work_dir: str | Path | None = None,
-          chunk_mb: float = 32.0, keep_work: bool = False) -> CleanReport | None:
+          chunk_mb: float = 8.0, keep_work: bool = False) -> CleanReport | None:
     """Clean `inputs` into `out_dir/<split>/<lang>.jsonl`; returns the report (None when the job was submitted
     to a cluster or only some of its tasks ran on this machine).
 

@@ -5,7 +5,7 @@ file comes last and marks the chunk done, so a re-run of a killed task skips the
 
     plan.json                        the input chunks
     docs/<chunk>.jsonl               documents that passed the filters, as output lines
-    docs/<chunk>.index.json          [local id, split, language] per line
+    docs/<chunk>.index.npy, .labels.json   per line: local id, split, language (indexes into the labels), chars
     shingles/<chunk>.{ids,offsets}.npy + .values.u32, sig/<chunk>.npy, exact/<chunk>.npy (dedup_stages.py)
     meta/<chunk>.json                per split and language: input, filters, language-ID fills
     dedup/{edges-<band>,exact_drop,near_drop}.npy, holdout.json
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+from array import array
 import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -112,7 +114,8 @@ class ProcessChunks(_ChunkStep):
         processor = DocumentProcessor(s.filters, s.langid)
         keep = set(s.languages) if s.languages else None
         stats: dict = defaultdict(lambda: defaultdict(Counter))
-        index, exact_rows = [], []
+        index = _ChunkIndex()
+        exact_rows = array("Q")
         signatures = _SignatureBatches(s.dedup, chunk.index)
         docs_in = 0
         # Shingle values stream to disk; per document only a few small numbers stay in memory, so a task's
@@ -138,23 +141,51 @@ class ProcessChunks(_ChunkStep):
                 if doc.source:
                     record["source"] = doc.source
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                index.append([local, chunk.split, lang])
+                index.add(local, chunk.split, lang, len(text))
                 if s.dedup.exact:
-                    exact_rows.append((*exact_key_words(text), doc_id(chunk.index, local)))
+                    exact_rows.extend((*exact_key_words(text), doc_id(chunk.index, local)))
                 if values is not None:
                     sh = shingles(text, s.dedup.ngram)
                     values.write(sh.tobytes())
                     signatures.add(local, sh, lang)
-        write_json(root / "docs" / f"{name}.index.json", index)
+        index.save(root / "docs" / name)
         if s.dedup.near:
             ids, offsets, runs = signatures.finish()
             save_npy(root / "shingles" / f"{name}.ids.npy", ids)
             save_npy(root / "shingles" / f"{name}.offsets.npy", offsets)
             save_npy(root / "sig" / f"{name}.npy", runs)
-        rows = np.array(sorted(exact_rows), dtype=np.uint64).reshape(-1, 3)
-        save_npy(root / "exact" / f"{name}.npy", rows)
+        rows = np.frombuffer(exact_rows, dtype=np.uint64).reshape(-1, 3)
+        save_npy(root / "exact" / f"{name}.npy", rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))])
         write_json(root / "meta" / f"{name}.json", ordered_stats(stats))
         return docs_in, len(index)
+
+
+class _ChunkIndex:
+    """Per document line of a chunk: local id, split, language, characters, in flat arrays (a few bytes per
+    document: a task's memory must not grow with the chunk)."""
+
+    def __init__(self):
+        self.rows = array("q")
+        self.labels: dict[str, dict[str, int]] = {"splits": {}, "langs": {}}
+
+    def add(self, local: int, split: str, lang: str, chars: int) -> None:
+        splits, langs = self.labels["splits"], self.labels["langs"]
+        self.rows.extend((local, splits.setdefault(split, len(splits)), langs.setdefault(lang, len(langs)), chars))
+
+    def __len__(self) -> int:
+        return len(self.rows) // 4
+
+    def save(self, base: Path) -> None:
+        write_json(Path(f"{base}.labels.json"), {k: list(v) for k, v in self.labels.items()})
+        save_npy(Path(f"{base}.index.npy"), np.frombuffer(self.rows, dtype=np.int64).reshape(-1, 4))
+
+    @staticmethod
+    def load(base: Path) -> Iterator[tuple[int, str, str, int]]:
+        labels = json.loads(Path(f"{base}.labels.json").read_text(encoding="utf-8"))
+        rows = np.load(f"{base}.index.npy")
+        for i in range(0, len(rows), 4096):
+            for local, s, g, chars in rows[i:i + 4096].tolist():
+                yield local, labels["splits"][s], labels["langs"][g], chars
 
 
 class _SignatureBatches:
@@ -166,8 +197,8 @@ class _SignatureBatches:
     def __init__(self, config, chunk: int):
         self.config = config
         self.chunk = chunk
-        self.ids: list[int] = []
-        self.offsets = [0]
+        self.ids = array("q")
+        self.offsets = array("q", [0])
         self._sigs: list[np.ndarray] = []
         self._seeds: list[int] = []
         self._keys: list[np.ndarray] = []
@@ -228,7 +259,7 @@ class HoldoutOffsets(TaskStep):
         for chunk in load_plan(root):
             offsets[chunk.index] = dict(counts)
             dropped = _drops_in(exact, chunk.index) | _drops_in(near, chunk.index)
-            for local, split, lang in json.loads((root / "docs" / f"{chunk.index:06d}.index.json").read_text()):
+            for local, split, lang, _ in _ChunkIndex.load(root / "docs" / f"{chunk.index:06d}"):
                 if split == "train" and local not in dropped:
                     counts[lang] += 1
         write_json(root / "dedup" / "holdout.json", offsets)
@@ -249,12 +280,12 @@ class WriteKept(_ChunkStep):
         held = Counter()
         if every:
             held.update(json.loads((root / "dedup" / "holdout.json").read_text())[str(chunk.index)])
-        index = json.loads((root / "docs" / f"{name}.index.json").read_text(encoding="utf-8"))
         stats: dict = defaultdict(lambda: defaultdict(Counter))
-        kept = 0
+        kept = docs = 0
         with contextlib.ExitStack() as stack, open(root / "docs" / f"{name}.jsonl", "rb") as lines:
             writers = {}
-            for (local, split, lang), line in zip(index, lines):
+            for (local, split, lang, chars), line in zip(_ChunkIndex.load(root / "docs" / name), lines):
+                docs += 1
                 c = stats[split][lang]
                 if local in exact:
                     c["exact_dup"] += 1
@@ -269,14 +300,14 @@ class WriteKept(_ChunkStep):
                         c["held_out"] += 1
                     held[lang] += 1
                 c["kept"] += 1
-                c["chars_kept"] += len(json.loads(line)["text"])
+                c["chars_kept"] += chars
                 if (target, lang) not in writers:
                     writers[target, lang] = stack.enter_context(
                         atomic_write(root / "parts" / target / lang / f"{name}.jsonl", "wb"))
                 writers[target, lang].write(line)
                 kept += 1
         write_json(root / "written" / f"{name}.json", ordered_stats(stats))
-        return len(index), kept
+        return docs, kept
 
 
 class Gather(TaskStep):

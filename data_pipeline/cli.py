@@ -262,7 +262,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-near-dedup", action="store_true")
     p.add_argument("--no-langid", action="store_true", help="drop unlabelled documents instead of identifying")
     p.add_argument("--langid-min-confidence", type=float, default=0.5)
-    p.add_argument("--chunk-mb", type=float, default=32.0, help="input chunk size (the unit of work of a task)")
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="input chunk size (the unit of work of a task)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     p.add_argument("--quiet", action="store_true")
     add_executor_arguments(p)
