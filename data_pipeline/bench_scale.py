@@ -286,10 +286,14 @@ def _kept_texts(folder: Path) -> set[str]:
 
 
 def _recall(pairs: list[dict], kept: set[str], near_dups: int | None, originals_kept: bool = True) -> dict:
-    """Recall per script over pairs with true Jaccard >= 0.8 whose original survived the other filters;
-    precision = such copies removed / all near duplicates removed."""
-    from data_pipeline.dedup import jaccard, shingles
-    from data_pipeline.textstats import dominant_script
+    """Recall per script over pairs with true Jaccard >= 0.8 whose original survived the other filters.
+    Precision = planted copies removed as near duplicates / all near-duplicate removals, where a removed copy
+    counts only if it passes the filters and is not an exact duplicate (else it was removed for that)."""
+    from data_pipeline.dedup import exact_key, jaccard, shingles
+    from data_pipeline.filters import DocumentFilter
+    from data_pipeline.textstats import dominant_script, nfc
+    doc_filter = DocumentFilter()
+    originals = {exact_key(nfc(p["original"])) for p in pairs}
     per_script: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     bins: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     true_removed = 0
@@ -305,7 +309,9 @@ def _recall(pairs: list[dict], kept: set[str], near_dups: int | None, originals_
         b = "0.80-0.85" if j < 0.85 else "0.85-0.90" if j < 0.9 else "0.90-1.00"
         bins[b][0] += found
         bins[b][1] += 1
-        true_removed += found
+        copy = nfc(p["copy"])
+        true_removed += found and doc_filter.reject_reason(copy, p["lang"]) is None and \
+            exact_key(copy) not in originals
     total = [sum(v[0] for v in per_script.values()), sum(v[1] for v in per_script.values())]
     return {"recall": round(total[0] / max(1, total[1]), 4), "pairs": total[1],
             "per_script": {s: round(v[0] / v[1], 4) for s, v in sorted(per_script.items())},
