@@ -151,12 +151,15 @@ def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = os.getpid()
+    others = set(_children(me))  # children this process had before (not the job's)
     peak = [0]
+    seen: set[int] = set()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            pids = [p for p in _tree(me) if p != me]
+            pids = [p for p in _tree(me) if p != me and p not in others]
+            seen.update(pids)
             peak[0] = max(peak[0], sum(_pss_kb(p) for p in pids))
             time.sleep(0.05)
 
@@ -167,11 +170,17 @@ def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict
                             stderr=subprocess.STDOUT)
     sampler.start()
     rc = proc.wait()
-    while True:  # orphaned grandchildren were re-parented to us: wait for them too
-        try:
-            pid, _ = os.waitpid(-1, 0)
-        except ChildProcessError:
+    deadline = time.time() + 600
+    while time.time() < deadline:  # the job's orphans are re-parented to us: reap them (their CPU counts then)
+        alive = [p for p in seen | set(_tree(me)) - others - {me} if os.path.exists(f"/proc/{p}")]
+        for pid in alive:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass  # not (yet) our child: its parent is still running
+        if not alive:
             break
+        time.sleep(0.05)
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
