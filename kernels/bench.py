@@ -356,6 +356,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_csv(rows: list[Result], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    _write_atomic(path, buffer.getvalue())
+
+
 def _fmt(v: float, digits: int = 3) -> str:
     return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}g}"
 
@@ -489,7 +498,8 @@ def run(args: argparse.Namespace) -> dict:
                                                    vocab_chunk=args.vocab_chunk)
             rows.extend(run_case(case, device, args.reps, bandwidth))
             del case
-            print(f"  {kernel} x {tokens} tokens done")
+            _write_csv(rows, out_dir / "kernels.csv")  # after every case: a run killed later keeps these rows
+            print(f"  {kernel} x {tokens} tokens done", flush=True)
 
     summary = _headline(rows, bandwidth, device, dtype, "triton" if triton_ok else "compile")
     if args.interpret:
@@ -512,12 +522,7 @@ def run(args: argparse.Namespace) -> dict:
             "flce_mean_loss_abs_diff": abs(mem["eager"]["loss"] - mem["chunked_torch"]["loss"]),
         })
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(asdict(r))
-    _write_atomic(out_dir / "kernels.csv", buffer.getvalue())
+    _write_csv(rows, out_dir / "kernels.csv")
     table = markdown_table(rows)
     _write_atomic(out_dir / "kernels.md", table + "\n")
     if rows:

@@ -28,6 +28,7 @@ import csv
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,10 @@ class Step:
     min_s: int                         # reserved for it while earlier steps run
     argv: Callable[["Context"], list[str] | None]
     after: Callable[["Context", dict], None] | None = None   # adds parsed results to the step's record
+    keep_lines: str | None = None      # a regex: matching output lines are kept in the record ("lines")
+    # A second attempt after a failure whose output matches `retry_on`, if the budget allows: its command.
+    retry_on: str | None = None
+    retry_argv: Callable[["Context"], list[str]] | None = None
     env: dict = field(default_factory=dict)
 
 
@@ -129,18 +134,31 @@ def wheels_after(ctx: Context, record: dict) -> None:
 def pytest_argv(ctx: Context) -> list[str]:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                    if "mark.gpu" in p.read_text(encoding="utf-8"))
-    argv = [ctx.python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfE",
+    if ctx.dry_run:
+        return [ctx.python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "--collect-only", *files]
+    # -v: one line per finished test, so a run killed at its time box still tells which tests passed.
+    return [ctx.python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "-rfE",
             f"--junitxml={ctx.work_dir('pytest_gpu') / 'junit.xml'}", *files]
-    return argv + (["--collect-only"] if ctx.dry_run else [])
+
+
+PYTEST_LINE = r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED)|\d+ tests? collected)"
 
 
 def pytest_after(ctx: Context, record: dict) -> None:
     import xml.etree.ElementTree as ET
 
     junit = ctx.work / "pytest_gpu" / "junit.xml"
-    if ctx.dry_run or not junit.is_file():
-        lines = [line for line in record.get("tail", []) if "collected" in line or "tests" in line]
-        record["result"] = {"collected": lines[-1] if lines else None}
+    lines = record.get("lines", [])
+    if ctx.dry_run:
+        collected = [line for line in lines if "collected" in line]
+        record["result"] = {"collected": collected[-1] if collected else None}
+        return
+    if not junit.is_file():  # killed before pytest wrote its report: count the verbose lines
+        outcome = {word: sum(f" {word}" in line for line in lines) for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        record["result"] = {"tests": sum(outcome.values()), "failures": outcome["FAILED"], "errors": outcome["ERROR"],
+                            "skipped": outcome["SKIPPED"], "incomplete": True,
+                            "failed_tests": [{"test": line.split(" ")[0], "message": ""} for line in lines
+                                             if " FAILED" in line or " ERROR" in line]}
         return
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -184,17 +202,18 @@ def bench_csv_after(png_name: str) -> Callable[[Context, dict], None]:
     return after
 
 
-def train_argv(ctx: Context, checkpointing: bool) -> list[str]:
-    extra = ["--activation-checkpointing"] if checkpointing else []
+def train_argv(ctx: Context, checkpointing: bool, memory_fraction: float = 0.9) -> list[str]:
+    extra = ["--activation-checkpointing", "--warmup-steps", "1", "--steps", "3"] if checkpointing \
+        else ["--warmup-steps", "2", "--steps", "4"]
     if ctx.dry_run:
         return _cli(ctx, "bench", "train", "--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "256",
                     "--vocab", "512", "--seq-len", "64", "--micro-batch", "2", "--grad-accum", "1", "--steps", "1",
                     "--warmup-steps", "1", "--kernels", "triton", *extra)
     # The checkpointed run keeps the first run's layer count, so the two differ only in recomputation.
     first = (ctx.records.get("bench_train", {}).get("result") or {}).get("layers")
-    layers = str(first) if checkpointing and first else "auto"
-    return _cli(ctx, "bench", "train", "--layers", layers, "--grad-accum", "8", "--warmup-steps", "2",
-                "--steps", "4", *extra)
+    layers = str(first) if checkpointing and first and memory_fraction == 0.9 else "auto"
+    return _cli(ctx, "bench", "train", "--layers", layers, "--memory-fraction", str(memory_fraction),
+                "--grad-accum", "8", *extra)
 
 
 def moe_argv(ctx: Context) -> list[str]:
@@ -223,19 +242,22 @@ def sanity_after(ctx: Context, record: dict) -> None:
         record["files"] = [png.name]
 
 
+OOM = r"OutOfMemoryError|CUDA out of memory"
+
 STEPS = [
     Step("wheels", "carried wheels installed (pip --target, no network)", 60, 5, wheels_argv, wheels_after),
     Step("env", "versions, device, imports", 60, 5, lambda ctx: [ctx.python, "-m", "launch.gpu_check",
                                                                  "--env-report"] + (["--dry-run"] if ctx.dry_run else [])),
-    Step("pytest_gpu", "a. pytest -m gpu", 100, 30, pytest_argv, pytest_after),
+    Step("pytest_gpu", "a. pytest -m gpu", 110, 30, pytest_argv, pytest_after, keep_lines=PYTEST_LINE),
     Step("bench_kernels", "b. fuxi bench kernels: RMSNorm, bias-GELU, RoPE", 120, 40, kernels_argv,
          bench_csv_after("kernels.png")),
     Step("bench_flce", "b. fuxi bench kernels: fused linear cross-entropy", 60, 20, flce_argv,
          bench_csv_after("flce.png")),
+    # Out of memory (the layer fit is an estimate): once more, planning for 75% of the GPU's memory.
     Step("bench_train", "c. fuxi bench train: 8B-shaped layers, ZeRO-2, bf16", 90, 40,
-         lambda ctx: train_argv(ctx, False)),
+         lambda ctx: train_argv(ctx, False), retry_on=OOM, retry_argv=lambda ctx: train_argv(ctx, False, 0.75)),
     Step("bench_train_ac", "c. fuxi bench train: the same with activation checkpointing", 60, 30,
-         lambda ctx: train_argv(ctx, True)),
+         lambda ctx: train_argv(ctx, True), retry_on=OOM, retry_argv=lambda ctx: train_argv(ctx, True, 0.75)),
     Step("bench_moe", "d. fuxi bench moe: grouped GEMM vs expert loop", 45, 15, moe_argv),
     Step("bench_ghostgru", "d. fuxi bench ghostrnn: GhostGRU kernel vs cuDNN GRU", 45, 15, ghostgru_argv),
     Step("pretrain_sanity", "e. fuxi pretrain, 20 steps: GPU bf16 vs CPU fp32", 100, 40, sanity_argv,
@@ -245,10 +267,10 @@ STEPS = [
 
 # ---- running one step ------------------------------------------------------------------------------------
 
-def run_step(step: Step, ctx: Context, timeout: float, log) -> dict:
+def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | None = None) -> dict:
     record = {"name": step.name, "title": step.title, "timeout_s": round(timeout), "status": "skipped",
               "seconds": 0.0, "result": None}
-    argv = step.argv(ctx)
+    argv = argv or step.argv(ctx)
     if argv is None:
         record["reason"] = "nothing to do: no .whl/ folder (run `make gpu-wheels` where there is a network)"
         record["skipped_for"] = "nothing to do"
@@ -260,12 +282,20 @@ def run_step(step: Step, ctx: Context, timeout: float, log) -> dict:
     proc = subprocess.Popen(argv, cwd=REPO, env={**ctx.env, **step.env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     tail: deque[str] = deque(maxlen=60)
+    kept: list[str] = []
+    keep = re.compile(step.keep_lines) if step.keep_lines else None
+    retry = re.compile(step.retry_on) if step.retry_on else None
     last_json: list[dict] = []
     written = [0]
+    retry_matched = [False]
 
     def pump() -> None:
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
+            if keep is not None and keep.search(line) and len(kept) < 1000:
+                kept.append(line.strip())
+            if retry is not None and retry.search(line):
+                retry_matched[0] = True
             if line.startswith("{"):
                 try:
                     value = json.loads(line)
@@ -295,6 +325,9 @@ def run_step(step: Step, ctx: Context, timeout: float, log) -> dict:
     log.flush()
     record["result"] = last_json[0] if last_json else None
     record["tail"] = list(tail)[-25:]
+    if keep is not None:
+        record["lines"] = kept
+    record["retry_matched"] = retry_matched[0]
     if step.after is not None:
         try:
             step.after(ctx, record)
@@ -481,6 +514,14 @@ def run_check(args: argparse.Namespace) -> dict:
                                     "later steps their minimum"}
             else:
                 record = run_step(step, ctx, box, log)
+                left = budget - (time.monotonic() - started)
+                box = time_box(selected, i, left, DRY_RUN_SLACK if args.dry_run else 1.0)
+                if record["status"] == "failed" and record.pop("retry_matched") and box > 0:
+                    first = {k: record[k] for k in ("status", "seconds", "returncode", "command", "tail")}
+                    print(f"  {step.name:<16} {record['status']:<8} {record['seconds']:>6.1f} s  retrying", flush=True)
+                    record = run_step(step, ctx, box, log, argv=step.retry_argv(ctx))
+                    record["first_attempt"] = first
+                record.pop("retry_matched", None)
             ctx.records[step.name] = record
             print(f"  {step.name:<16} {record['status']:<8} {record['seconds']:>6.1f} s  {step.title}", flush=True)
             report["seconds"] = round(time.monotonic() - started, 1)

@@ -137,3 +137,22 @@ def test_carried_bytes_are_counted():
     size = gpu_check.carry_size_bytes()
     assert 0 < size["tree_bytes"] < size["limit_bytes"]
     assert size["total_bytes"] == size["tree_bytes"] + size["wheels_bytes"] < size["limit_bytes"]
+
+
+def test_an_out_of_memory_step_is_retried_with_its_retry_command(tmp_path, monkeypatch):
+    """bench_train's layer fit is an estimate: an OOM gets one more attempt (planning for less memory)."""
+    fails = [sys.executable, "-c", "print('torch.OutOfMemoryError: CUDA out of memory'); raise SystemExit(1)"]
+    works = [sys.executable, "-c", "import json; print(json.dumps({'layers': 5}))"]
+    step = gpu_check.Step("bench_train", "train", 30, 1, lambda ctx: fails, retry_on=gpu_check.OOM,
+                          retry_argv=lambda ctx: works)
+    other = _step("bench_moe", "raise SystemExit(3)")  # fails without the OOM text: no retry
+    monkeypatch.setattr(gpu_check, "STEPS", [step, other])
+    args = argparse.Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), dry_run=True, budget=200,
+                              only=None, argv_echo=["--dry-run"])
+    report = gpu_check.run_check(args)
+    train, moe = report["steps"]["bench_train"], report["steps"]["bench_moe"]
+    assert train["status"] == "ok" and train["result"] == {"layers": 5}
+    assert train["first_attempt"]["status"] == "failed" and "OutOfMemoryError" in train["first_attempt"]["tail"][0]
+    assert moe["status"] == "failed" and "first_attempt" not in moe
+    assert report["status"] == "failed"
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]["bench_train"]["status"] == "ok"
