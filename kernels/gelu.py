@@ -122,16 +122,18 @@ def _row_groups(x2: torch.Tensor, tile: dict | None) -> int:
 
 
 def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tile: dict | None = None) -> torch.Tensor:
-    """y = gelu_fast(x2 + bias) for x2 [rows, F]. tile (BLOCK_M, BLOCK_N, num_warps): the autotuned kernel
-    on CUDA when None, else that fixed launch (the interpreter's large tiles by default)."""
+                      tile: dict | None = None, tuned=None) -> torch.Tensor:
+    """y = gelu_fast(x2 + bias) for x2 [rows, F]. With `tile` (BLOCK_M, BLOCK_N, num_warps): that fixed launch.
+    Without: the autotuned kernel on CUDA (`tuned`, for tests: another autotuner of the same kernel), else the
+    interpreter's large tiles."""
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     args = (x2, bias if bias is not None else x2, y, n_rows, n_cols)
     consts = dict(HAS_BIAS=bias is not None, COMPUTE=compute_dtype(out_dtype))
-    if tile is None and _bias_gelu_fwd_tuned is not None and x2.is_cuda:
-        _bias_gelu_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),
-                                           triton.cdiv(n_cols, meta["BLOCK_N"]))](*args, **consts)
+    tuned = None if tile is not None else (tuned or (_bias_gelu_fwd_tuned if x2.is_cuda else None))
+    if tuned is not None:
+        tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))](
+            *args, **consts)
     else:
         tile = tile or _interpreter_tile(n_rows, n_cols)
         grid = (triton.cdiv(n_rows, tile["BLOCK_M"]), triton.cdiv(n_cols, tile["BLOCK_N"]))
@@ -140,21 +142,21 @@ def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor | None, out_dtype: to
 
 
 def bias_gelu_backward(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor | None,
-                       tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dx, dbias in fp32) for dy2, x2 [rows, F]; `tile` as in bias_gelu_forward."""
+                       tile: dict | None = None, tuned=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dbias in fp32) for dy2, x2 [rows, F]; `tile` and `tuned` as in bias_gelu_forward."""
     n_rows, n_cols = x2.shape
-    tuned = tile is None and _bias_gelu_bwd_tuned is not None and x2.is_cuda
-    if not tuned:
+    tuned = None if tile is not None else (tuned or (_bias_gelu_bwd_tuned if x2.is_cuda else None))
+    if tuned is None:
         tile = tile or _interpreter_tile(n_rows, n_cols)
-    groups = _row_groups(x2, None if tuned else tile)
+    groups = _row_groups(x2, None if tuned is not None else tile)
     dx = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x2.dtype, dy2.dtype), device=x2.device)
     has_bias = bias is not None
     db_partial = torch.empty((groups, n_cols) if has_bias else (1,), dtype=stats_dtype(dx.dtype),
                              device=x2.device)
     args = (dy2, x2, bias if has_bias else x2, dx, db_partial, n_rows, n_cols)
     consts = dict(HAS_BIAS=has_bias, COMPUTE=compute_dtype(dx.dtype))
-    if tuned:
-        _bias_gelu_bwd_tuned[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), groups)](*args, **consts)
+    if tuned is not None:
+        tuned[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), groups)](*args, **consts)
     else:
         _bias_gelu_bwd_kernel[(triton.cdiv(n_cols, tile["BLOCK_N"]), groups)](*args, **consts, **tile)
     return dx, (db_partial.sum(0) if has_bias else None)

@@ -56,6 +56,37 @@ def test_every_gpu_launch_config_is_correct(config):
     torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
 
 
+def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
+    """The GPU launch path (the autotuner choosing among the configs, grids from the chosen tile, row groups from
+    the SM count) under the interpreter, with a CPU timer in place of the CUDA-event benchmarker."""
+    import time
+
+    from kernels import gelu
+    from kernels.triton_runtime import autotuned
+
+    def cpu_timer(fn, quantiles):
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return [ms] * len(quantiles)
+
+    fwd = autotuned(gelu._bias_gelu_fwd_kernel, FWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
+    bwd = autotuned(gelu._bias_gelu_bwd_kernel, BWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
+    monkeypatch.setattr(gelu, "sm_count", lambda tensor: 132)  # an H100's
+    x = 2.0 * torch.randn(70, 1000, device=DEVICE)
+    b = torch.randn(1000, device=DEVICE)
+    dy = torch.randn(70, 1000, device=DEVICE)
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = bias_gelu_torch(xr, br)
+    ref.backward(dy)
+    y = bias_gelu_forward(x, b, torch.float32, tuned=fwd)
+    dx, db = bias_gelu_backward(dy, x, b, tuned=bwd)
+    assert fwd.best_config is not None and bwd.best_config is not None
+    torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
+
+
 def test_bias_gelu_is_torch_tanh_gelu_on_3d_input():
     """Independent reference: torch's F.gelu(approximate='tanh') of x + b, and its autograd gradients."""
     x = (3.0 * torch.randn(2, 7, 96, device=DEVICE)).requires_grad_()
