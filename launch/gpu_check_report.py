@@ -58,6 +58,18 @@ def _result(report: dict, step: str) -> dict:
     return (report["steps"].get(step) or {}).get("result") or {}
 
 
+def _table(title: str, columns: str, rows: list[list]) -> list[str]:
+    """A markdown table under a heading. `columns`: names separated by '|', a trailing ':' right-aligns one."""
+    names = [c.strip() for c in columns.split("|")]
+    head = "| " + " | ".join(n.rstrip(":") for n in names) + " |"
+    rule = "|" + "|".join("---:" if n.endswith(":") else "---" for n in names) + "|"
+    return ["", title, "", head, rule] + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def markdown_report(report: dict) -> str:
     machine = report.get("machine") or {}
     modules = machine.get("modules") or {}
@@ -71,88 +83,82 @@ def markdown_report(report: dict) -> str:
              f"{modules.get('torch', '-')} (CUDA {machine.get('torch_cuda', '-')}), triton {modules.get('triton', '-')}, "
              f"transformers {modules.get('transformers', '-')}, deepspeed {modules.get('deepspeed', '-')}, liger-kernel "
              f"{modules.get('liger_kernel') or 'not carried'}; commit {report.get('git_commit', '-')}; "
-             f"`{report.get('command', '')}` took {_num(report.get('seconds'))} s.",
-             "",
-             "| step | status | seconds |", "|---|---|---:|"]
-    for name, step in report["steps"].items():
-        lines.append(f"| {step.get('title', name)} | {step['status']} | {_num(step.get('seconds'))} |")
+             f"`{report.get('command', '')}` took {_num(report.get('seconds'))} s."]
+    lines += _table("#### Steps", "step | status | seconds:",
+                    [[step.get("title", name), step["status"], _num(step.get("seconds"))]
+                     for name, step in report["steps"].items()])
 
     pytest_result = _result(report, "pytest_gpu")
     if "tests" in pytest_result:
         lines += ["", f"pytest -m gpu: {pytest_result['tests']} tests, {pytest_result['failures']} failures, "
-                      f"{pytest_result['errors']} errors, {pytest_result['skipped']} skipped."]
+                      f"{pytest_result['errors']} errors, {pytest_result['skipped']} skipped"
+                      + (" (killed at its time box: counted from the verbose lines)." if pytest_result.get("incomplete")
+                         else ".")]
         lines += [f"- FAILED {f['test']}: {f['message']}" for f in pytest_result.get("failed_tests", [])]
 
     for step, title in (("bench_kernels", "Kernels"), ("bench_flce", "Fused linear cross-entropy")):
         rows = (report["steps"].get(step) or {}).get("rows") or []
-        if not rows:
-            continue
-        result = _result(report, step)
-        lines += ["", f"#### {title} ({result.get('dtype', '-')}; measured copy bandwidth "
-                      f"{_num(result.get('measured_bw_gbps'))} GB/s)", "",
-                  "| kernel | tokens | provider | fwd ms | bwd ms | full ms | peak MB | GB/s | % BW | TFLOP/s | note |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in rows:
-            lines.append(f"| {r['kernel']} | {r['tokens']} | {r['provider']} | {_num(r['fwd_ms'])} | "
-                         f"{_num(r['bwd_ms'])} | {_num(r['full_ms'])} | {_num(r['peak_mem_mb'], 4)} | "
-                         f"{_num(r['gbps'])} | {_num(r['pct_bw'])} | {_num(r['tflops'])} | {r.get('note', '')} |")
+        if rows:
+            result = _result(report, step)
+            lines += _table(f"#### {title} ({result.get('dtype', '-')}; measured copy bandwidth "
+                            f"{_num(result.get('measured_bw_gbps'))} GB/s)",
+                            "kernel | tokens: | provider | fwd ms: | bwd ms: | full ms: | peak MB: | GB/s: | % BW: | "
+                            "TFLOP/s: | note",
+                            [[r["kernel"], r["tokens"], r["provider"], _num(r["fwd_ms"]), _num(r["bwd_ms"]),
+                              _num(r["full_ms"]), _num(r["peak_mem_mb"], 4), _num(r["gbps"]), _num(r["pct_bw"]),
+                              _num(r["tflops"]), r.get("note", "")] for r in rows])
 
-    train = [(name, _result(report, name)) for name in ("bench_train", "bench_train_ac")]
-    train = [(name, r) for name, r in train if r]
+    train = [r for r in (_result(report, "bench_train"), _result(report, "bench_train_ac")) if r]
     if train:
-        lines += ["", "#### Training step (`fuxi bench train`, 1 GPU)", "",
-                  "| date | device | shape | AC | step s | tokens/s | TFLOP/s | MFU (spec peak) | MFU (measured "
-                  "matmul) | peak GB |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        for _, r in train:
-            shape = (f"{r.get('layers', '?')} layers x h {r.get('hidden', '?')}, {r.get('heads', '?')} heads, FFN "
-                     f"{r.get('ffn', '?')}, seq {r.get('seq_len', '?')}, V {r.get('vocab', '?')}, micro "
-                     f"{r.get('micro_batch', '?')} x accum {r.get('grad_accum', '?')}, ZeRO-{r.get('zero_stage', '?')}, "
-                     f"{r.get('precision', '?')}")
-            mfu, measured = r.get("mfu"), r.get("mfu_vs_measured_matmul")
-            lines.append(f"| {date} | {r.get('device', '-')} | {shape} | "
-                         f"{'yes' if r.get('activation_checkpointing') else 'no'} | {_num(r.get('step_time_s'))} | "
-                         f"{_num(r.get('tokens_per_s_per_device'))} | {_num(r.get('tflops_per_device'))} | "
-                         f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                         f"{'-' if measured is None else f'{100 * measured:.1f}%'} | {_num(r.get('peak_mem_gb'))} |")
-        peak = train[0][1].get("measured_matmul_tflops")
-        if peak:
-            lines.append(f"\nMeasured bf16 matmul (8192^3, random data): {_num(peak)} TFLOP/s; spec peak "
-                         f"{_num(train[0][1].get('peak_tflops'))} TFLOP/s.")
+        def shape(r: dict) -> str:
+            return (f"{r.get('layers', '?')} layers x h {r.get('hidden', '?')}, {r.get('heads', '?')} heads, FFN "
+                    f"{r.get('ffn', '?')}, seq {r.get('seq_len', '?')}, V {r.get('vocab', '?')}, micro "
+                    f"{r.get('micro_batch', '?')} x accum {r.get('grad_accum', '?')}, ZeRO-{r.get('zero_stage', '?')}, "
+                    f"{r.get('precision', '?')}")
+
+        lines += _table("#### Training step (`fuxi bench train`, 1 GPU)",
+                        "date | device | shape | AC | step s: | tokens/s: | TFLOP/s: | MFU (spec peak): | "
+                        "MFU (measured matmul): | peak GB:",
+                        [[date, r.get("device", "-"), shape(r), "yes" if r.get("activation_checkpointing") else "no",
+                          _num(r.get("step_time_s")), _num(r.get("tokens_per_s_per_device")),
+                          _num(r.get("tflops_per_device")), _percent(r.get("mfu")),
+                          _percent(r.get("mfu_vs_measured_matmul")), _num(r.get("peak_mem_gb"))] for r in train])
+        if train[0].get("measured_matmul_tflops"):
+            lines.append(f"\nMeasured bf16 matmul (8192^3, random data): {_num(train[0]['measured_matmul_tflops'])} "
+                         f"TFLOP/s; spec peak {_num(train[0].get('peak_tflops'))} TFLOP/s.")
 
     moe = _result(report, "bench_moe")
     if moe.get("rows"):
-        lines += ["", f"#### MoE layer ({moe['tokens']} tokens, h {moe['hidden']}, FFN {moe['ffn']}, {moe['experts']} "
-                      f"experts, top-{moe['top_k']}, {moe['dtype']})", "",
-                  "| expert compute | fwd ms | fwd+bwd ms | expert TFLOP/s | x loop |", "|---|---:|---:|---:|---:|"]
-        for r in moe["rows"]:
-            lines.append(f"| {r['variant']} | {_num(r['fwd_ms'])} | {_num(r['fwd_bwd_ms'])} | "
-                         f"{_num(r['expert_tflops'])} | {_num(r['fwd_bwd_speedup_vs_loop'])} |")
+        lines += _table(f"#### MoE layer ({moe['tokens']} tokens, h {moe['hidden']}, FFN {moe['ffn']}, "
+                        f"{moe['experts']} experts, top-{moe['top_k']}, {moe['dtype']})",
+                        "expert compute | fwd ms: | fwd+bwd ms: | expert TFLOP/s: | x loop:",
+                        [[r["variant"], _num(r["fwd_ms"]), _num(r["fwd_bwd_ms"]), _num(r["expert_tflops"]),
+                          _num(r["fwd_bwd_speedup_vs_loop"])] for r in moe["rows"]])
 
     ghost = _result(report, "bench_ghostgru")
     if ghost.get("rows"):
-        lines += ["", f"#### GhostGRU vs nn.GRU (batch {ghost['batch']}, {ghost['seq_len']} steps, H {ghost['hidden']}, "
-                      f"{ghost['dtype']}, {ghost['impl']})", "",
-                  "| layer | params | fwd ms | fwd+bwd ms | fwd x | fwd+bwd x |", "|---|---:|---:|---:|---:|---:|"]
-        for r in ghost["rows"]:
-            lines.append(f"| {r['name']} | {r['params']:,} | {_num(r['fwd_ms'])} | {_num(r['fwd_bwd_ms'])} | "
-                         f"{_num(r['fwd_speedup_vs_gru'])} | {_num(r['fwd_bwd_speedup_vs_gru'])} |")
+        lines += _table(f"#### GhostGRU vs nn.GRU (batch {ghost['batch']}, {ghost['seq_len']} steps, H "
+                        f"{ghost['hidden']}, {ghost['dtype']}, {ghost['impl']})",
+                        "layer | params: | fwd ms: | fwd+bwd ms: | fwd x: | fwd+bwd x:",
+                        [[r["name"], f"{r['params']:,}", _num(r["fwd_ms"]), _num(r["fwd_bwd_ms"]),
+                          _num(r["fwd_speedup_vs_gru"]), _num(r["fwd_bwd_speedup_vs_gru"])] for r in ghost["rows"]])
 
     sanity = _result(report, "pretrain_sanity")
     if "passed" in sanity:
-        lines += ["", f"#### `fuxi pretrain` sanity: {sanity.get('device_run')} ({sanity.get('precision')}) vs CPU fp32, "
-                      f"{sanity.get('steps')} steps: {'passed' if sanity['passed'] else 'FAILED'}", ""]
+        lines += ["", f"#### `fuxi pretrain` sanity: {sanity.get('device_run')} ({sanity.get('precision')}) vs CPU "
+                      f"fp32, {sanity.get('steps')} steps: {'passed' if sanity['passed'] else 'FAILED'}"]
         if "max_rel_diff_first_steps" in sanity:
-            lines.append(f"Max relative loss difference over the first steps {_num(sanity['max_rel_diff_first_steps'])} "
-                         f"(tolerance {sanity['tolerance_first_steps']}), at the last step "
-                         f"{_num(sanity['rel_diff_last_step'])} (tolerance {sanity['tolerance_last_step']}); both "
-                         f"losses fell: {sanity['both_losses_fell']}.")
+            lines += ["", f"Max relative loss difference over the first steps "
+                          f"{_num(sanity['max_rel_diff_first_steps'])} (tolerance {sanity['tolerance_first_steps']}), "
+                          f"at the last step {_num(sanity['rel_diff_last_step'])} (tolerance "
+                          f"{sanity['tolerance_last_step']}); both losses fell: {sanity['both_losses_fell']}."]
 
     goals = report.get("goals") or {}
     if goals:
-        lines += ["", "#### Goals", "", "| goal | value | target | met |", "|---|---:|---|---|"]
-        for name, g in goals.items():
-            met = {True: "yes", False: "**no**", None: "not measured" if not report["dry_run"] else "n/a (dry run)"}
-            lines.append(f"| {name} | {_num(g['value'])} | {g['goal']} | {met[g['met']]} |")
+        unmeasured = "n/a (dry run)" if report["dry_run"] else "not measured"
+        lines += _table("#### Goals", "goal | value: | target | met",
+                        [[name, _num(g["value"]), g["goal"], {True: "yes", False: "**no**", None: unmeasured}[g["met"]]]
+                         for name, g in goals.items()])
     return "\n".join(lines) + "\n"
 
 
