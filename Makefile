@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 PIN := -c $(CONSTRAINTS)
 
-.PHONY: venv install install-dev quickstart test test-gpu lock clean gpu-wheels gpu-check-dry
+.PHONY: venv install install-dev quickstart test test-gpu test-compat lock clean gpu-wheels gpu-check-dry
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 
 test-gpu: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
+
+# The Hugging Face tests on the oldest supported (4.57.x) and the newest transformers, in throwaway venvs.
+test-compat:
+	PYTHON=$(PYTHON) bash .ci/test-compat
 
 # Re-resolve setup.py's ranges in a throwaway venv and write the exact versions to constraints.txt.
 lock:

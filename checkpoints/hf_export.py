@@ -1,7 +1,14 @@
-"""Export our checkpoint to the layout TJUNLP/FuxiTranyu-8B publishes on the Hugging Face Hub.
+"""Export our checkpoint as a Hugging Face model directory.
 
-config.json (model_type `fuxitranyu`, auto_map to the shipped configuration/modeling files), safetensors
-shards with an index, generation_config.json and, when given, the tokenizer files. Works tensor by tensor.
+Layouts (`layout=`, `fuxi convert to-hf --format`):
+- `native` (default for dense FuxiTranyu): transformers' own `ArceeForCausalLM` computes FuxiTranyu exactly
+  (Llama layout, non-gated biased MLP with tanh-GELU, biased q/k/v/o, untied embeddings), so the export has no
+  Python files and loads with plain `AutoModelForCausalLM.from_pretrained(dir)`; transformers maintains the
+  class across releases, and downstream tools (lm-eval, vLLM's transformers backend, PEFT, quantisers) know it.
+- `tjunlp`: the layout of the released TJUNLP FuxiTranyu checkpoints (`model_type: fuxitranyu`, remote code
+  shipped beside the weights, `trust_remote_code=True`).
+- MoE-LPR models have no native class (non-gated experts): always remote code (`fuxitranyu_moe`).
+The tensor names are the same in every layout (ours are the Llama convention). Works tensor by tensor.
 """
 from __future__ import annotations
 
@@ -16,23 +23,32 @@ from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsW
 from model import ModelConfig
 
 HF_FILES = Path(__file__).parent / "hf_files"
-REMOTE_CODE = {"fuxitranyu": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py"),
-               "fuxitranyu_moe": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py",
-                                  "configuration_fuxitranyu_moe.py", "modeling_fuxitranyu_moe.py")}
+LAYOUTS = ("native", "tjunlp")
+REMOTE_CODE = {"tjunlp": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py"),
+               "moe": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py",
+                       "configuration_fuxitranyu_moe.py", "modeling_fuxitranyu_moe.py")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
-    """The published config.json fields (methods.md 1.2), plus `fuxi_vocab_size` for an exact round trip."""
-    if config.type not in REMOTE_CODE:
+def resolve_layout(config: ModelConfig, layout: str | None) -> str:
+    """`native` or `tjunlp` for a dense model (native by default); `moe` for an MoE-LPR model."""
+    if config.type == "fuxitranyu_moe":
+        if layout == "native":
+            raise CheckpointError("--format native: MoE-LPR has no native transformers class (its experts are "
+                                  "non-gated); its export is remote code: omit --format")
+        return "moe"
+    if config.type != "fuxitranyu":
         raise CheckpointError(f"model type {config.type!r} has no Hugging Face export")
-    fields = {
-        "architectures": ["FuxiTranyuForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_fuxitranyu.FuxiTranyuConfig",
-            "AutoModelForCausalLM": "modeling_fuxitranyu.FuxiTranyuForCausalLM",
-        },
-        "model_type": "fuxitranyu",
+    layout = layout or "native"
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"--format: {layout!r} is not one of {list(LAYOUTS)}")
+    return layout
+
+
+def common_config_fields(config: ModelConfig, dtype: str) -> dict:
+    """The fields every layout shares (methods.md 1.2), plus `fuxi_vocab_size` for an exact round trip."""
+    return {
         "vocab_size": config.padded_vocab_size,
         "fuxi_vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -40,7 +56,6 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_heads,
-        "hidden_act": "gelu_fast",
         "max_position_embeddings": config.max_seq_len,
         "initializer_range": config.init_std,
         "rms_norm_eps": config.rms_norm_eps,
@@ -51,10 +66,36 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
         "tie_word_embeddings": False,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.eos_token_id,
         "use_cache": True,
-        "torch_dtype": dtype,
+        "dtype": dtype,
     }
-    return fields if config.type == "fuxitranyu" else {**fields, **moe_hf_fields(config)}
+
+
+def hf_config_dict(config: ModelConfig, dtype: str, layout: str | None = None) -> dict:
+    layout = resolve_layout(config, layout)
+    fields = common_config_fields(config, dtype)
+    if layout == "native":
+        return {
+            "architectures": ["ArceeForCausalLM"],
+            "model_type": "arcee",
+            **fields,
+            "hidden_act": "gelu_pytorch_tanh",  # = gelu_fast, the tanh approximation
+            "head_dim": config.hidden_size // config.num_heads,
+            # transformers >= 5 reads rope_parameters, 4.x reads rope_theta: both are written.
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        }
+    tjunlp = {
+        "architectures": ["FuxiTranyuForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_fuxitranyu.FuxiTranyuConfig",
+            "AutoModelForCausalLM": "modeling_fuxitranyu.FuxiTranyuForCausalLM",
+        },
+        "model_type": "fuxitranyu",
+        **fields,
+        "hidden_act": "gelu_fast",
+    }
+    return tjunlp if layout == "tjunlp" else {**tjunlp, **moe_hf_fields(config)}
 
 
 def moe_hf_fields(config: ModelConfig) -> dict:
@@ -80,43 +121,87 @@ def moe_hf_fields(config: ModelConfig) -> dict:
     }
 
 
-def copy_tokenizer(tokenizer_dir: str | Path, out_dir: Path) -> list[str]:
+def generation_config_dict(config: ModelConfig) -> dict:
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.eos_token_id, "do_sample": False}
+    if config.padded_vocab_size > config.vocab_size:  # the dummy rows padding the vocab are never emitted
+        generation["suppress_tokens"] = list(range(config.vocab_size, config.padded_vocab_size))
+    return generation
+
+
+def _token_id(tokenizer_json: dict, token: str, path: Path) -> int:
+    for added in tokenizer_json.get("added_tokens", []):
+        if added.get("content") == token:
+            return added["id"]
+    vocab = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and token in vocab:
+        return vocab[token]
+    raise CheckpointError(f"{path}: special token {token!r} is not in the vocabulary")
+
+
+def export_tokenizer(tokenizer_dir: str | Path, out_dir: Path, config: ModelConfig) -> list[str]:
+    """Copy the tokenizer and write the small config files so that they agree with the model: the EOS token is
+    also the pad token (as generation_config.json says), `model_max_length` is the model's positions, and the
+    special tokens' ids are the ids config.json names. The class is the plain fast tokenizer, which reads
+    tokenizer.json as it is: no remote code, no prompt."""
     tokenizer_dir = Path(tokenizer_dir)
-    if not tokenizer_dir.is_dir():
-        raise CheckpointError(f"tokenizer directory not found: {tokenizer_dir}")
+    source = tokenizer_dir / "tokenizer.json"
+    if not source.is_file():
+        raise CheckpointError(f"tokenizer directory {tokenizer_dir}: no tokenizer.json")
     copied = []
-    for path in sorted(tokenizer_dir.iterdir()):
-        if path.is_file() and (path.name.startswith("tokenizer") or path.name in (
-                "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")):
-            shutil.copy2(path, out_dir / path.name)
-            copied.append(path.name)
-    if not copied:
-        raise CheckpointError(f"{tokenizer_dir}: no tokenizer files found")
-    return copied
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+            copied.append(name)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    try:
+        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        tokenizer_json = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{tokenizer_dir}: unreadable tokenizer file ({err})") from None
+    eos = tokenizer_config.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if not isinstance(eos, str):
+        raise CheckpointError(f"{config_path}: no eos_token")
+    bos = tokenizer_config.get("bos_token", eos)
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    for field, token, wanted in (("eos_token", eos, config.eos_token_id), ("bos_token", bos, config.bos_token_id)):
+        found = _token_id(tokenizer_json, token, source)
+        if found != wanted:
+            raise CheckpointError(f"{config_path}: {field} {token!r} has id {found} in tokenizer.json but the "
+                                  f"model's {field}_id is {wanted}")
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": eos}
+    if "unk_token" in tokenizer_config:
+        special["unk_token"] = tokenizer_config["unk_token"]
+    tokenizer_config.update(special, tokenizer_class="PreTrainedTokenizerFast",
+                            model_max_length=config.max_seq_len, padding_side="left")
+    tokenizer_config.pop("auto_map", None)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    return [*copied, "tokenizer_config.json", "special_tokens_map.json"]
 
 
 def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                 max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | Path | None = None) -> Path:
+                 max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | Path | None = None,
+                 layout: str | None = None) -> Path:
     """Convert our checkpoint at `ckpt_dir` into a Hugging Face directory at `out_dir` (atomically)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
     config = read_model_config(ckpt_dir)
-    hf_config = hf_config_dict(config, dtype)
+    layout = resolve_layout(config, layout)
+    hf_config = hf_config_dict(config, dtype, layout)
+    if tokenizer_dir is None and (Path(ckpt_dir) / "tokenizer").is_dir():
+        tokenizer_dir = Path(ckpt_dir) / "tokenizer"  # a checkpoint may carry the tokenizer it was trained with
     with AtomicDirectory(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, tensor in iter_tensors(ckpt_dir):
             writer.add(name, tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor)
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                      "pad_token_id": config.eos_token_id, "do_sample": False}
-        if config.padded_vocab_size > config.vocab_size:  # the dummy rows padding the vocab are never emitted
-            generation["suppress_tokens"] = list(range(config.vocab_size, config.padded_vocab_size))
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for filename in REMOTE_CODE[config.type]:
-            shutil.copy2(HF_FILES / filename, tmp / filename)
-        if tokenizer_dir is None and (Path(ckpt_dir) / "tokenizer").is_dir():
-            tokenizer_dir = Path(ckpt_dir) / "tokenizer"  # a checkpoint may carry the tokenizer it was trained with
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2) + "\n")
+        for filename in REMOTE_CODE.get(layout, ()):
+            shutil.copyfile(HF_FILES / filename, tmp / filename)
         if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
+            export_tokenizer(tokenizer_dir, tmp, config)
     return Path(out_dir)

@@ -1,7 +1,11 @@
-"""Import a Hugging Face FuxiTranyu directory (the released 8B and its intermediate checkpoints) into ours.
+"""Import a Hugging Face directory into our checkpoint: our native (`arcee`) export, the TJUNLP layout
+(`fuxitranyu`, the released 8B and its intermediate checkpoints; `fuxitranyu_moe`), or a Llama-convention
+directory holding the FuxiTranyu architecture. Anything else is refused with the config field that rules it out.
 
-Tensor names go through one mapping table, so GPT-2/NeoX-style MLP names are accepted too; GPT-2's Conv1D
-stores [in, out] weights, which are transposed. The embedding may have 250,680 or 250,752 (padded) rows.
+Tensor names go through one mapping table, so GPT-2/NeoX-style MLP names are accepted too. Whether an MLP
+matrix is stored as [out, in] (nn.Linear) or [in, out] (GPT-2's Conv1D) is read from its shape: the FFN width
+differs from the hidden width, so the shape says which layout it is, whatever the name. The embedding may have
+250,680 or 250,752 (padded) rows.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoi
 from checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
 from model import ModelConfig, build_model
 
-# Suffix of an HF MLP tensor name -> our name. Conv1D-style names store the weight transposed.
+# Suffix of an HF MLP tensor name -> (our name, stored transposed when the shape cannot tell: only when the
+# FFN is as wide as the hidden size, where the naming convention decides).
 MLP_NAME_VARIANTS: dict[str, tuple[str, bool]] = {
     "mlp.up_proj": ("mlp.up_proj", False),
     "mlp.down_proj": ("mlp.down_proj", False),
@@ -29,10 +34,13 @@ MLP_NAME_VARIANTS: dict[str, tuple[str, bool]] = {
     "mlp.c_proj": ("mlp.down_proj", True),
 }
 _MLP_KEY = re.compile(r"^(model\.layers\.\d+\.)(mlp\.[A-Za-z0-9_]+)\.(weight|bias)$")
+# model_type values that can hold the FuxiTranyu architecture.
+MODEL_TYPES = ("arcee", "fuxitranyu", "fuxitranyu_moe", "llama")
+TANH_GELU = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
 
 
 def map_hf_name(name: str) -> tuple[str, bool]:
-    """HF tensor name -> (our name, needs transpose). Names outside the MLP are already ours."""
+    """HF tensor name -> (our name, transposed by its naming convention). Names outside the MLP are ours."""
     match = _MLP_KEY.match(name)
     if match and match.group(2) in MLP_NAME_VARIANTS:
         ours, transposed = MLP_NAME_VARIANTS[match.group(2)]
@@ -40,22 +48,65 @@ def map_hf_name(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def stored_transposed(ours: str, shape: tuple, expected: dict, by_name: bool) -> bool:
+    """An MLP matrix is transposed when its shape is the reverse of ours; a square one follows its name."""
+    want = expected.get(ours)
+    if ".mlp." not in ours or want is None or len(shape) != 2 or len(want) != 2:
+        return False
+    if want[0] == want[1]:
+        return by_name
+    return tuple(shape) == tuple(reversed(want))
+
+
+def _rope_theta(cfg: dict, path: Path) -> float:
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling"):
+        raise CheckpointError(f"{path}: rope_scaling {cfg['rope_scaling']!r}: FuxiTranyu uses plain RoPE")
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{path}: rope_parameters.rope_type {rope['rope_type']!r}: FuxiTranyu uses plain RoPE")
+    if float(cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise CheckpointError(f"{path}: partial_rotary_factor: FuxiTranyu rotates the whole head")
+    return float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+
+
+def check_architecture_fields(cfg: dict, path: Path) -> None:
+    """Refuse, naming the field, a config whose architecture is not FuxiTranyu's."""
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not one of {list(MODEL_TYPES)} "
+                              "(the architectures that can hold FuxiTranyu)")
+    act = cfg.get("hidden_act", "gelu_fast")
+    if act not in TANH_GELU:
+        raise CheckpointError(f"{path}: hidden_act {act!r} is not the tanh-approximation GELU {list(TANH_GELU)}")
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field) is False:
+            raise CheckpointError(f"{path}: {field} false: FuxiTranyu's projections have biases")
+    if cfg.get("tie_word_embeddings") is True:
+        raise CheckpointError(f"{path}: tie_word_embeddings true: FuxiTranyu's embeddings are untied")
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if kv_heads != cfg["num_attention_heads"]:
+        raise CheckpointError(f"{path}: num_key_value_heads {kv_heads} != num_attention_heads "
+                              f"{cfg['num_attention_heads']}; FuxiTranyu is full multi-head attention")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise CheckpointError(f"{path}: head_dim {head_dim} x {cfg['num_attention_heads']} heads != hidden_size "
+                              f"{cfg['hidden_size']}")
+
+
 def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json")
-    cfg = json.loads(path.read_text())
-    required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not JSON ({err})") from None
+    required = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"]
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {missing}")
-    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    if kv_heads != cfg["num_attention_heads"]:
-        raise CheckpointError(f"{path}: num_key_value_heads {kv_heads} != num_attention_heads "
-                              f"{cfg['num_attention_heads']}; FuxiTranyu is full multi-head attention")
-    act = cfg.get("hidden_act", "gelu_fast")
-    if act not in ("gelu_fast", "gelu_pytorch_tanh", "gelu_new"):
-        raise CheckpointError(f"{path}: hidden_act {act!r} is not the tanh-approximation GELU")
+    check_architecture_fields(cfg, path)
     vocab = cfg.get("fuxi_vocab_size", cfg["vocab_size"])
     pad_multiple = 1
     if embedding_rows != vocab:
@@ -64,14 +115,16 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
             pad_multiple = 128
         else:
             raise CheckpointError(f"{path}: vocab_size {vocab} does not fit the {embedding_rows}-row embedding")
+    eos = cfg.get("eos_token_id", 0)
+    eos = eos[0] if isinstance(eos, list) else eos
     config = ModelConfig(
         type="fuxitranyu", vocab_size=vocab, pad_vocab_multiple=pad_multiple, hidden_size=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
         ffn_hidden_size=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 4096),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(cfg, path),
         init_std=float(cfg.get("initializer_range", 0.01)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-        bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=cfg.get("eos_token_id", 0) or 0)
+        bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=eos or 0)
     return with_moe_from_hf(config, cfg, path) if cfg.get("model_type") == "fuxitranyu_moe" else config
 
 
@@ -119,25 +172,29 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int
     config = model_config_from_hf(hf_dir, shapes["model.embed_tokens.weight"][0])
     config.validate()
     expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
-    mapped = {}
+    mapped, transpose = {}, set()
     for name, shape in shapes.items():
-        ours, transposed = map_hf_name(name)
+        ours, by_name = map_hf_name(name)
         if ours in mapped:
             raise CheckpointError(f"{hf_dir}: two tensors map to {ours!r} (one of them is {name!r})")
-        mapped[ours] = tuple(reversed(shape)) if transposed else shape
+        if stored_transposed(ours, shape, expected, by_name):
+            transpose.add(name)
+        mapped[ours] = tuple(reversed(shape)) if name in transpose else shape
     check_tensor_names(expected, mapped, str(hf_dir))
 
     def converted():
         for name, tensor in iter_tensors(hf_dir):
-            ours, transposed = map_hf_name(name)
-            yield ours, (tensor.t().contiguous() if transposed else tensor)
+            ours, _ = map_hf_name(name)
+            yield ours, (tensor.t().contiguous() if name in transpose else tensor)
 
     return save_model_checkpoint(converted(), config, out_dir, max_shard_bytes)
 
 
 def load_hf_reference(hf_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The exported directory loaded by transformers itself, offline, with the shipped remote code."""
+    """The exported directory loaded by transformers itself, offline; remote code only where the export ships
+    it (the TJUNLP and MoE layouts), so a native export proves it needs none."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=dtype,
+    remote = "auto_map" in json.loads((Path(hf_dir) / "config.json").read_text())
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=remote, dtype=dtype,
                                                 local_files_only=True)

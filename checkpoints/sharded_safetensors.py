@@ -33,6 +33,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: read it the racy way
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 class ShardedSafetensorsWriter:
     """Collects tensors in order and flushes a shard whenever the next tensor would exceed `max_shard_bytes`.
 
@@ -65,6 +76,7 @@ class ShardedSafetensorsWriter:
             return
         tmp = self.out_dir / f".shard-{len(self._written):05d}.safetensors.tmp-{os.getpid()}"
         save_file(self._pending, str(tmp), metadata=self.metadata)
+        os.chmod(tmp, new_file_mode())  # safetensors creates 0600: unreadable for the rest of a cluster group
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

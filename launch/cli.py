@@ -49,10 +49,10 @@ def cmd_convert_to_hf(args) -> int:
         with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
             plain = consolidate_deepspeed_checkpoint(args.checkpoint, Path(tmp) / "plain", shard_bytes)
             out = export_to_hf(plain, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
-                               tokenizer_dir=args.tokenizer)
+                               tokenizer_dir=args.tokenizer, layout=args.format)
     else:
         out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
-                           tokenizer_dir=args.tokenizer)
+                           tokenizer_dir=args.tokenizer, layout=args.format)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
@@ -103,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     to_hf.add_argument("--shard-size", default="5GB")
     to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the export")
+    to_hf.add_argument("--format", default=None, choices=["native", "tjunlp"],
+                       help="native (default): transformers' ArceeForCausalLM, no remote code; tjunlp: the released "
+                            "TJUNLP layout (FuxiTranyuForCausalLM, trust_remote_code). MoE models: remote code only")
     to_hf.set_defaults(func=cmd_convert_to_hf)
-    from_hf = conv_sub.add_parser("from-hf", help="HF FuxiTranyu directory -> our checkpoint")
+    from_hf = conv_sub.add_parser("from-hf", help="HF directory (native arcee, TJUNLP FuxiTranyu(-MoE) or "
+                                                  "Llama-convention) -> our checkpoint")
     from_hf.add_argument("--hf", required=True)
     from_hf.add_argument("--out", required=True)
     from_hf.add_argument("--shard-size", default="5GB")

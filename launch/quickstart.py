@@ -2,7 +2,7 @@
 
 bundled corpus -> clean/dedup -> byte-level BPE tokenizer -> packed webdataset shards -> balanced stream ->
 a tiny FuxiTranyu trained with DeepSpeed -> checkpoint -> Hugging Face export (runs/quickstart/hf), then the
-export is loaded with transformers for a per-language loss table and a few greedy samples.
+export is loaded with plain transformers (no remote code) for a few greedy samples from its cached generate.
 """
 from __future__ import annotations
 
@@ -29,20 +29,17 @@ def loss_table(start: dict, end: dict) -> str:
 
 
 def greedy_samples(hf_dir: Path, prompts: dict[str, str], max_new_tokens: int = 24) -> dict[str, str]:
-    """Load the export exactly as a user would: transformers, offline, with the shipped remote code."""
+    """Load the export exactly as a user would (plain transformers, offline, no remote code) and sample with
+    its cached `generate`, all prompts in one left-padded batch."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, local_files_only=True,
-                                                 dtype=torch.float32)
-    samples = {}
-    for lang, prompt in prompts.items():
-        ids = tokenizer(prompt, return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-        samples[lang] = tokenizer.decode(out[0], skip_special_tokens=True)
-    return samples
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
+    batch = tokenizer(list(prompts.values()), return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return dict(zip(prompts, texts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ def valid_texts(cleaned):
     return [d.text for d in iter_documents(cleaned / "valid")]
 
 
+@pytest.mark.hf
 def test_bpe_files_load_with_autotokenizer(bpe, valid_texts):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(bpe))
@@ -67,6 +68,7 @@ def test_fast_encoder_matches_hf(bpe, valid_texts):
     assert FastEncoder(bpe, prefer_fast=False).encode_batch(valid_texts[:5]) == expected[:5]
 
 
+@pytest.mark.hf
 def test_sentencepiece_backend_is_equivalent_to_its_hf_export(cleaned, valid_texts, tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer

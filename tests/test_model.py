@@ -45,6 +45,7 @@ def test_architecture_shapes_and_biases():
     assert not any("gate_proj" in n for n in names)  # non-gated MLP
 
 
+@pytest.mark.hf
 def test_gelu_fast_matches_formula_and_differs_from_erf_gelu():
     x = torch.linspace(-6, 6, 10001, dtype=torch.float64)
     formula = 0.5 * x * (1 + torch.tanh(0.7978845608 * x * (1 + 0.044715 * x**2)))

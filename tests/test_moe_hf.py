@@ -13,6 +13,8 @@ from model.config import MoEConfig
 from model.upcycle import upcycle_model
 from tests.model_helpers import multilingual_ids, tiny_model
 
+pytestmark = pytest.mark.hf
+
 SHARD = 80_000
 
 
@@ -116,3 +118,11 @@ def test_import_rejects_contradicting_routing_fields(exported, tmp_path):
     with pytest.raises(CheckpointError, match="contradicts the routing fields"):
         import_from_hf(hf, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_native_format_is_refused_for_moe(exported, tmp_path, capsys):
+    _, tmp, _ = exported
+    assert fuxi(["convert", "to-hf", "--checkpoint", str(tmp / "ours"), "--out", str(tmp_path / "hf"),
+                 "--format", "native"]) == 2
+    assert "MoE-LPR has no native transformers class" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -138,6 +138,23 @@ def _causal_mask(attention_mask, q_len, past_len, device):
     return mask
 
 
+def cache_argument(past_key_values, kwargs):
+    """The KV cache handed to forward: `cache=` since transformers 5.24, `past_key_values=` before. Both are
+    accepted; ignoring the new keyword would silently restart an empty cache at every generation step."""
+    cache = kwargs.pop("cache", None)
+    return cache if past_key_values is None else past_key_values
+
+
+def output_with_cache(output_class, cache, **fields):
+    """A model output whose cache sits under the field name this transformers release reads back."""
+    name = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+    return output_class(**fields, **{name: cache})
+
+
+def output_cache(outputs):
+    return outputs.cache if "cache" in type(outputs).__dataclass_fields__ else outputs.past_key_values
+
+
 class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
@@ -158,6 +175,7 @@ class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
                 inputs_embeds=None, use_cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        past_key_values = cache_argument(past_key_values, kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -174,8 +192,8 @@ class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, cos, sin, mask, past_key_values if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+        return output_with_cache(BaseModelOutputWithPast, past_key_values if use_cache else None,
+                                 last_hidden_state=self.norm(hidden_states))
 
 
 class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
@@ -199,6 +217,7 @@ class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        past_key_values = cache_argument(past_key_values, kwargs)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden_states = outputs.last_hidden_state
@@ -209,4 +228,4 @@ class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return output_with_cache(CausalLMOutputWithPast, output_cache(outputs), loss=loss, logits=logits)

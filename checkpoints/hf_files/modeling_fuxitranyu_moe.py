@@ -18,11 +18,13 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 try:
     from .configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
     from .modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
-                                      FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask)
+                                      FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask,
+                                      cache_argument, output_cache, output_with_cache)
 except ImportError:  # loaded as plain modules
     from configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
     from modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
-                                     FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask)
+                                     FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask,
+                                     cache_argument, output_cache, output_with_cache)
 
 
 class FuxiTranyuMoeSparseBlock(nn.Module):
@@ -114,6 +116,7 @@ class FuxiTranyuMoeModel(FuxiTranyuMoePreTrainedModel):
                 inputs_embeds=None, use_cache=None, output_router_logits=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        past_key_values = cache_argument(past_key_values, kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -133,9 +136,9 @@ class FuxiTranyuMoeModel(FuxiTranyuMoePreTrainedModel):
                                                  past_key_values if use_cache else None)
             if router_logits is not None:
                 all_router_logits.append(router_logits)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                      past_key_values=past_key_values if use_cache else None,
-                                      router_logits=tuple(all_router_logits) if output_router_logits else None)
+        return output_with_cache(MoeModelOutputWithPast, past_key_values if use_cache else None,
+                                 last_hidden_state=self.norm(hidden_states),
+                                 router_logits=tuple(all_router_logits) if output_router_logits else None)
 
 
 class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
@@ -162,6 +165,7 @@ class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
                 logits_to_keep=0, **kwargs):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        past_key_values = cache_argument(past_key_values, kwargs)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_router_logits=output_router_logits)
@@ -178,6 +182,5 @@ class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
                                            self.config.num_experts_per_tok, attention_mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
-                                         past_key_values=outputs.past_key_values,
-                                         router_logits=outputs.router_logits)
+        return output_with_cache(MoeCausalLMOutputWithPast, output_cache(outputs), loss=loss, aux_loss=aux_loss,
+                                 logits=logits, router_logits=outputs.router_logits)
