@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +67,6 @@ class Step:
     # A second attempt after a failure whose output matches `retry_on`, if the budget allows: its command.
     retry_on: str | None = None
     retry_argv: Callable[["Context"], list[str]] | None = None
-    env: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -129,6 +128,10 @@ def wheels_after(ctx: Context, record: dict) -> None:
             else f"failed: {check.stderr.strip()[-300:]}"
         if check.returncode != 0:
             record["status"] = "failed"
+
+
+def env_argv(ctx: Context) -> list[str]:
+    return [ctx.python, "-m", "launch.gpu_check", "--env-report"] + (["--dry-run"] if ctx.dry_run else [])
 
 
 def pytest_argv(ctx: Context) -> list[str]:
@@ -246,8 +249,7 @@ OOM = r"OutOfMemoryError|CUDA out of memory"
 
 STEPS = [
     Step("wheels", "carried wheels installed (pip --target, no network)", 60, 5, wheels_argv, wheels_after),
-    Step("env", "versions, device, imports", 60, 5, lambda ctx: [ctx.python, "-m", "launch.gpu_check",
-                                                                 "--env-report"] + (["--dry-run"] if ctx.dry_run else [])),
+    Step("env", "versions, device, imports", 60, 5, env_argv),
     Step("pytest_gpu", "a. pytest -m gpu", 110, 30, pytest_argv, pytest_after, keep_lines=PYTEST_LINE),
     Step("bench_kernels", "b. fuxi bench kernels: RMSNorm, bias-GELU, RoPE", 120, 40, kernels_argv,
          bench_csv_after("kernels.png")),
@@ -279,7 +281,7 @@ def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | No
     log.write(f"\n===== {step.name}: {step.title}\n$ {record['command']}\n")
     log.flush()
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=REPO, env={**ctx.env, **step.env}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv, cwd=REPO, env=ctx.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     tail: deque[str] = deque(maxlen=60)
     kept: list[str] = []
@@ -465,9 +467,10 @@ def headline(records: dict) -> dict:
             out[f"ghostgru_{key}"] = value
     if "passed" in result("pretrain_sanity"):
         out["pretrain_sanity_passed"] = result("pretrain_sanity")["passed"]
-    if isinstance(result("pytest_gpu").get("tests"), int):
-        pytest_result = result("pytest_gpu")
-        out["pytest_gpu"] = f"{pytest_result['tests'] - pytest_result['failures'] - pytest_result['errors'] - pytest_result['skipped']}/{pytest_result['tests']} passed"
+    tests = result("pytest_gpu")
+    if isinstance(tests.get("tests"), int):
+        passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
+        out["pytest_gpu"] = f"{passed}/{tests['tests']} passed"
     return out
 
 

@@ -79,11 +79,12 @@ def markdown_report(report: dict) -> str:
                                                     if report["dry_run"] else ""),
              "",
              f"Device {device}, {_num(machine.get('total_mem_gb'))} GB, {machine.get('sm_count', '-')} SMs; "
-             f"driver/clocks `{machine.get('nvidia_smi', '-')}`; python {machine.get('python', '-')}, torch "
-             f"{modules.get('torch', '-')} (CUDA {machine.get('torch_cuda', '-')}), triton {modules.get('triton', '-')}, "
-             f"transformers {modules.get('transformers', '-')}, deepspeed {modules.get('deepspeed', '-')}, liger-kernel "
-             f"{modules.get('liger_kernel') or 'not carried'}; commit {report.get('git_commit', '-')}; "
-             f"`{report.get('command', '')}` took {_num(report.get('seconds'))} s."]
+             f"driver/clocks `{machine.get('nvidia_smi', '-')}`; python {machine.get('python', '-')}, "
+             f"torch {modules.get('torch', '-')} (CUDA {machine.get('torch_cuda', '-')}), "
+             f"triton {modules.get('triton', '-')}, transformers {modules.get('transformers', '-')}, "
+             f"deepspeed {modules.get('deepspeed', '-')}, liger-kernel {modules.get('liger_kernel') or 'not carried'}; "
+             f"commit {report.get('git_commit', '-')}; `{report.get('command', '')}` took "
+             f"{_num(report.get('seconds'))} s."]
     lines += _table("#### Steps", "step | status | seconds:",
                     [[step.get("title", name), step["status"], _num(step.get("seconds"))]
                      for name, step in report["steps"].items()])
