@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     from model import ModelConfig, build_model
     from pretrain.config import OptimizerConfig, ParallelismConfig, ScheduleConfig, TrainConfig
     from pretrain.distributed import build_engine, init_distributed
-    from pretrain.estimates import device_peak_tflops, mfu
+    from pretrain.estimates import device_peak_tflops, mfu, model_report
 
     ctx = init_distributed()
     model_cfg = ModelConfig(vocab_size=args.vocab, pad_vocab_multiple=128 if args.vocab > 65536 else 1,
@@ -75,14 +75,15 @@ def run(args: argparse.Namespace) -> dict:
     step_time = statistics.median(times)
     tokens_per_step = global_batch * args.seq_len
     tokens_per_s = tokens_per_step / step_time
-    flops_per_token = model.flops_per_token(args.seq_len)
+    report = model_report(model_cfg, ctx.world_size, args.seq_len, args.micro_batch)  # ZeRO-3 safe counts
+    flops_per_token = report.flops_per_token
     peak = device_peak_tflops(args.peak_tflops)
     result = {
         "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
         "world_size": ctx.world_size, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
         "zero_stage": args.zero_stage, "precision": args.precision, "kernels": args.kernels,
-        "parameters": model.num_parameters(), "step_time_s": step_time,
+        "parameters": report.parameters, "step_time_s": step_time,
         "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
         "tflops_per_device": tokens_per_s * flops_per_token / 1e12 / ctx.world_size,
         "peak_tflops": peak, "mfu": mfu(tokens_per_s, flops_per_token, peak, ctx.world_size) if peak else None,
