@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     from model import build_model
     from pretrain.config import OptimizerConfig, ParallelismConfig, ScheduleConfig, TrainConfig
     from pretrain.distributed import build_engine, init_distributed
-    from pretrain.estimates import device_peak_tflops, mfu
+    from pretrain.estimates import device_peak_tflops, mfu, model_report
 
     ctx = init_distributed()
     on_gpu = ctx.device.type == "cuda"
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     step_time = statistics.median(times)
     tokens_per_step = global_batch * args.seq_len
     tokens_per_s = tokens_per_step / step_time
-    flops_per_token = model.flops_per_token(args.seq_len)
+    report = model_report(model_cfg, ctx.world_size, args.seq_len, args.micro_batch)  # ZeRO-3 safe counts
+    flops_per_token = report.flops_per_token
     peak = device_peak_tflops(args.peak_tflops)
     tflops = tokens_per_s * flops_per_token / 1e12 / ctx.world_size
     result = {
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "zero_stage": args.zero_stage,
         "precision": args.precision, "kernels": args.kernels,
         "activation_checkpointing": args.activation_checkpointing, "layers_fit": fit,
-        "parameters": model.num_parameters(), "flops_per_token": flops_per_token, "step_time_s": step_time,
+        "parameters": report.parameters, "flops_per_token": flops_per_token, "step_time_s": step_time,
         "step_times_s": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
         "tflops_per_device": tflops,
         "peak_tflops": peak, "mfu": mfu(tokens_per_s, flops_per_token, peak, ctx.world_size) if peak else None,
