@@ -22,7 +22,11 @@ DEFAULT_SHUTDOWN_TIMEOUT = 300
 def _act_on_first_signal_only() -> None:
     from torch.distributed.elastic.multiprocessing import api
 
-    raise_signal_exception = api._terminate_process_handler  # what torchrun installs for each handled signal
+    raise_signal_exception = getattr(api, "_terminate_process_handler", None)  # what torchrun installs
+    if raise_signal_exception is None:  # a torch release that renamed it: plain torchrun behaviour
+        print("launch.torchrun: torch.distributed.elastic has no _terminate_process_handler; a second signal "
+              "may cut the ranks' checkpoint short", file=sys.stderr)
+        return
 
     def first_signal_only(signum, frame):
         names = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
