@@ -19,6 +19,7 @@ from typing import Iterator
 
 from data_pipeline.corpus import Document, normalize_language
 from data_pipeline.errors import DataError
+from data_pipeline.io_utils import decode_utf8
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _GZ_SUFFIXES = (".jsonl.gz", ".json.gz")
@@ -134,9 +135,11 @@ def _record(path: str, line: bytes, where) -> Document | None:
     if not line.strip():
         return None
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}:{where()}: not UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        decode_utf8(line, path, where())  # raises, naming the file, line and column
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{where()}: not valid JSON ({err.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -173,11 +176,7 @@ def _jsonl_gz(chunk: Chunk) -> Iterator[Document]:
 
 def _text_files(chunk: Chunk) -> Iterator[Document]:
     for path in chunk.paths:
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{_line_number(path, err.start)}: not UTF-8 ({err.reason})") from None
-        yield Document(text, chunk.lang, path)
+        yield Document(decode_utf8(Path(path).read_bytes(), path), chunk.lang, path)
 
 
 def read_chunk(chunk: Chunk) -> Iterator[Document]:

@@ -235,12 +235,8 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         max_docs_per_language=max_docs_per_language,
         holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
         chunk_bytes=max(1, int(chunk_mb * (1 << 20))))
-    if out_dir.is_dir():
-        from data_pipeline.staging import unowned_entries
-        foreign = unowned_entries(out_dir, (REPORT_NAME, "train", "valid", *settings.splits))
-        if foreign:
-            raise DataConfigError(f"out_dir: {out_dir} holds {foreign[:5]}, which clean did not write; it replaces "
-                                  f"its output folder as a whole, so name a new or empty folder")
+    from data_pipeline.staging import refuse_foreign
+    refuse_foreign(out_dir, (REPORT_NAME, "train", "valid", *settings.splits, *_splits_of_earlier_run(out_dir)))
     fingerprint = settings.fingerprint()
     report_path = out_dir / REPORT_NAME
     if report_path.is_file():
@@ -257,6 +253,14 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _splits_of_earlier_run(out_dir: Path) -> list[str]:
+    """The split folders an earlier `clean` into out_dir wrote (its report lists them): ours to replace."""
+    try:
+        return list(json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8")).get("stats", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def merge_counters(into: dict, stats: Mapping) -> None:

@@ -108,8 +108,9 @@ class Stage:
 
 
 class TaskStep(PipelineStep):
-    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work; an error is
-    re-raised naming the task and `describe(rank, world_size)` (its inputs)."""
+    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work. Bad input
+    (a DataError, which names its file and line) is raised as it is; any other error is re-raised naming the
+    task and `describe(rank, world_size)` (its inputs)."""
 
     type = "fuxi"
 
@@ -126,7 +127,7 @@ class TaskStep(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         try:
             self.run_task(rank, world_size)
-        except TaskError:
+        except DataError:
             raise
         except Exception as err:
             where = self.describe(rank, world_size)
@@ -170,10 +171,21 @@ def _quiet_datatrove() -> None:
     logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
 
 
+def _file_only_task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
+    """datatrove's per-task log file (logs/task_<rank>.log, everything) without its console copy: a failed
+    task is reported once, by the executor, as one line naming the task or the bad input."""
+    from loguru import logger
+    logger.remove()
+    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+    logger.add(logfile, colorize=False, level="DEBUG",
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}")
+    logger.info(f"Launching pipeline for {rank=}")
+    return logfile
+
+
 class LocalExecutor(LocalPipelineExecutor):
     """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring). datatrove's
-    console logging is lowered to errors (its per-task log files keep everything); a progress bar counts the
-    stage's tasks instead."""
+    per-task logging goes to its log files only; a progress bar counts the stage's tasks instead."""
 
     def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -185,10 +197,12 @@ class LocalExecutor(LocalPipelineExecutor):
         marker = f"running/{rank:05d}"
         with self.logging_dir.open(marker, "w") as f:
             f.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
+        import datatrove.executor.base as base
+        original, base.add_task_logger = base.add_task_logger, _file_only_task_logger
         try:
-            # local_rank != 0 only lowers datatrove's console log level to errors (the log files keep all)
-            return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+            return super()._run_for_rank(rank, local_rank=local_rank, node_rank=node_rank)
         finally:
+            base.add_task_logger = original
             _quiet_datatrove()
 
     def _dead_tasks(self, ranks: list[int]) -> list[int]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from data_pipeline.encoders import FastEncoder
 from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.io_utils import decode_utf8
 from data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
 from data_pipeline.shards import Block, ShardWriter
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer
@@ -45,16 +46,18 @@ def language_files(corpus: str | Path) -> dict[str, Path]:
     return files
 
 
-def line_offsets(path: Path) -> np.ndarray:
-    """Byte offsets of the non-empty lines of a file (so documents can be read in a shuffled order)."""
-    offsets = []
+def line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and 1-based line numbers of the non-empty lines of a file (so documents can be read in a
+    shuffled order, and an error can name its line)."""
+    offsets, lines = [], []
     pos = 0
     with open(path, "rb") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
                 offsets.append(pos)
+                lines.append(lineno)
             pos += len(line)
-    return np.asarray(offsets, dtype=np.int64)
+    return np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class PackJob:
     offsets: np.ndarray  # this part's documents, in the shuffled order
     first_doc: int  # document index of the first of them (document ids are unique per language)
     part: int
+    lines: np.ndarray | None = None  # their line numbers, for error messages
 
 
 @dataclass
@@ -99,20 +103,23 @@ class BlockPacker:
         self.doc_ids = self.doc_ids[full * self.block_len:]
 
 
-def read_documents(path: str, offsets: np.ndarray, lang: str) -> list[str]:
+def read_documents(path: str, offsets: np.ndarray, lang: str, lines: np.ndarray | None = None) -> list[str]:
+    """The documents at `offsets` (byte offsets of lines); an error names the file and line (`lines`, else
+    the byte offset)."""
     texts = []
     with open(path, "rb") as f:
-        for off in offsets:
+        for k, off in enumerate(offsets):
             f.seek(int(off))
-            line = f.readline()
+            raw = f.readline()
+            where = f"{path}:{int(lines[k])}" if lines is not None else f"{path} (byte {int(off)})"
+            line = decode_utf8(raw, path, int(lines[k])) if lines is not None else decode_utf8(raw, where)
             try:
                 record = json.loads(line)
                 text = record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}: bad JSON line at byte {int(off)}") from None
+                raise DataError(f"{where}: not a JSON object with a \"text\" field") from None
             if record.get("lang", lang) != lang:
-                raise DataError(f"{path}: document at byte {int(off)} has lang {record.get('lang')!r}, "
-                                f"but the file is for {lang!r}")
+                raise DataError(f"{where}: document has lang {record.get('lang')!r}, but the file is for {lang!r}")
             texts.append(text)
     return texts
 
@@ -164,7 +171,8 @@ def run_job(job: PackJob, s: PackSettings, languages: list[str], encoder: FastEn
     stats = LanguageStats()
     try:
         for i in range(0, len(job.offsets), s.chunk_docs):
-            texts = read_documents(job.path, job.offsets[i:i + s.chunk_docs], job.lang)
+            lines = None if job.lines is None else job.lines[i:i + s.chunk_docs]
+            texts = read_documents(job.path, job.offsets[i:i + s.chunk_docs], job.lang, lines)
             tokens, lengths = encode_documents(encoder, texts)
             stats.documents += len(texts)
             stats.tokens += len(tokens)
@@ -185,12 +193,13 @@ def plan_jobs(files: dict[str, Path], languages: list[str], seed: int, docs_per_
     for lang_index, lang in enumerate(languages):
         if lang not in files:
             continue
-        offsets = line_offsets(files[lang])
-        rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-        offsets = offsets[rng.permutation(len(offsets))]
+        offsets, lines = line_offsets(files[lang])
+        order = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))]).permutation(len(offsets))
+        offsets, lines = offsets[order], lines[order]
         for part, start in enumerate(range(0, len(offsets), docs_per_part)):
-            jobs.append(PackJob(lang, lang_index, str(files[lang]), offsets[start:start + docs_per_part], start,
-                                part))
+            end = start + docs_per_part
+            jobs.append(PackJob(lang, lang_index, str(files[lang]), offsets[start:end], start, part,
+                                lines[start:end]))
     return jobs
 
 
@@ -215,7 +224,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     from data_pipeline.clean import prepare_work_dir, default_work_dir
     from data_pipeline.engine import ExecutorConfig, run_stages
     from data_pipeline.pack_stages import pack_stages
-    from data_pipeline.staging import unowned_entries
+    from data_pipeline.staging import refuse_foreign
 
     if seq_len < 1:
         raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
@@ -230,11 +239,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     executor.validate()
     out_dir = Path(out_dir).absolute()
-    if out_dir.is_dir():
-        foreign = unowned_entries(out_dir, OWNED)
-        if foreign:
-            raise DataConfigError(f"out_dir: {out_dir} holds {foreign[:5]}, which pack did not write; it replaces "
-                                  f"its output folder as a whole, so name a new or empty folder")
+    refuse_foreign(out_dir, OWNED)
     settings = PackSettings(
         corpus=str(Path(corpus).absolute()), tokenizer_dir=str(Path(tokenizer_dir).absolute()),
         out_dir=str(out_dir), work_dir=str(Path(work_dir).absolute() if work_dir else default_work_dir(out_dir)),

@@ -1,7 +1,7 @@
 """The pipeline steps of `fuxi data pack`: plan (1 task), pack (--tasks), merge (1 task).
 
 Work folder: `plan.json` (the jobs: language, part, first document id) and `offsets/<lang index>.npy` (each
-language's shuffled line offsets); `results/<job>.json` per finished job (a re-run of a killed task skips the
+language's documents in the shuffled order: byte offset, line number); `results/<job>.json` per finished job (a re-run of a killed task skips the
 jobs it had finished); `staging/`, the next output folder: shards and one task manifest per task, then
 `manifest.json` and `pack_report.json`, switched in place of the output folder by the merge step.
 """
@@ -52,8 +52,8 @@ class PlanPack(TaskStep):
             log.warning("pack %s: ignoring %s (not in the language list)", s.corpus, unknown)
         jobs = plan_jobs(files, languages, s.seed, s.docs_per_part)
         by_lang: dict[int, list[np.ndarray]] = {}
-        for job in jobs:
-            by_lang.setdefault(job.lang_index, []).append(job.offsets)
+        for job in jobs:  # per document: byte offset and line number (for errors), in the shuffled order
+            by_lang.setdefault(job.lang_index, []).append(np.stack([job.offsets, job.lines], axis=1))
         for lang_index, parts in by_lang.items():
             save_npy(work / "offsets" / f"{lang_index}.npy", np.concatenate(parts))
         records = [{"lang": j.lang, "lang_index": j.lang_index, "path": j.path, "first_doc": j.first_doc,
@@ -94,10 +94,10 @@ class PackTasks(TaskStep):
             if encoder is None:
                 encoder = FastEncoder(s.tokenizer_dir, prefer_fast=s.fast_encoder)
             rec = plan["jobs"][j]
-            offsets = np.load(work / "offsets" / f"{rec['lang_index']}.npy", mmap_mode="r")
-            job = PackJob(rec["lang"], rec["lang_index"], rec["path"],
-                          np.asarray(offsets[rec["first_doc"]:rec["first_doc"] + rec["count"]]), rec["first_doc"],
-                          rec["part"])
+            docs = np.load(work / "offsets" / f"{rec['lang_index']}.npy", mmap_mode="r")
+            docs = np.asarray(docs[rec["first_doc"]:rec["first_doc"] + rec["count"]])
+            job = PackJob(rec["lang"], rec["lang_index"], rec["path"], docs[:, 0], rec["first_doc"], rec["part"],
+                          docs[:, 1])
             result = run_job(job, s, languages, encoder)
             write_json(done, {"lang": result.lang, "part": result.part, "stats": asdict(result.stats),
                               "shards": [asdict(sh) for sh in result.shards]})

@@ -10,23 +10,27 @@ Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). La
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from data_pipeline.clean import LangIdConfig, clean
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import bundled_corpus, find_splits
 from data_pipeline.dedup import DedupConfig
+from data_pipeline.errors import DataConfigError
 from data_pipeline.filters import FilterConfig
 from data_pipeline.io_utils import write_json
-from data_pipeline.pack import language_files, pack
+from data_pipeline.pack import MANIFEST_NAME, language_files, pack
+from data_pipeline.staging import staged_folder
 from data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
+PREPARE_FILE = "prepare.json"
 
 
 class PreparedData(NamedTuple):
@@ -37,9 +41,10 @@ class PreparedData(NamedTuple):
     def data_config(self, **overrides) -> DataConfig:
         """A DataConfig that streams this dataset (seq_len read from the manifest)."""
         from data_pipeline.manifest import load_manifest
-        seq_len = load_manifest(self.train_manifest).seq_len
+        if "seq_len" not in overrides:
+            overrides["seq_len"] = load_manifest(self.train_manifest).seq_len
         fields = {"train_manifest": str(self.train_manifest), "val_manifest": str(self.val_manifest),
-                  "seq_len": seq_len, "tokenizer": str(self.tokenizer_dir), **overrides}
+                  "tokenizer": str(self.tokenizer_dir), **overrides}
         return DataConfig(**fields)
 
 
@@ -54,10 +59,11 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
     documents are held out. `max_docs_per_language` reads only that many documents per language and split
-    (quick tests). `tokenizer_dir`: reuse an existing tokenizer instead of training one. executor: an
-    `engine.ExecutorConfig` (default: local, `num_proc` processes). With slurm or ray each stage is submitted
-    when the one before has finished: None is returned after a submission; run the same call again when the
-    jobs have finished (finished stages are not redone).
+    (quick tests). `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
+    executor: an `engine.ExecutorConfig` (default: local, `num_proc` processes). Locally, out_dir is replaced as
+    a whole when every stage has succeeded. With slurm or ray each stage is submitted when the one before has
+    finished (each replaces its own folder when complete): None is returned after a submission; run the same
+    call again when the jobs have finished (finished stages are not redone).
     """
     from data_pipeline.engine import ExecutorConfig
     from data_pipeline.tokenizer_stage import train_tokenizer_task
@@ -66,34 +72,51 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     out_dir = Path(out_dir)
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
     splits = find_splits(corpus)
-    report = clean(splits, out_dir / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
-                   max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
-                   executor=executor)
-    if report is None:
-        return None
-    log.info("clean report\n%s", report.table())
-    tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
-                                 max_docs_per_language=tokenizer_docs_per_language, seed=seed,
-                                 model_max_length=max(seq_len, 1024))
-    if tokenizer_dir is None:
-        tokenizer_dir = train_tokenizer_task(out_dir / "clean" / "train", out_dir / "tokenizer", tok_config, executor)
-        if tokenizer_dir is None:
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
+        raise DataConfigError(f"tokenizer_dir: {tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
+                              f"whole; use a tokenizer folder outside it")
+    final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
+                         out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
+    with _output(out_dir, executor.executor == "local") as root:
+        report = clean(splits, root / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
+                       max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
+                       executor=executor)
+        if report is None:
             return None
-    tokenizer_dir = Path(tokenizer_dir)
-    pack_languages = sorted(language_files(out_dir / "clean" / "train"))
-    train = pack(out_dir / "clean" / "train", tokenizer_dir, out_dir / "train", split="train", seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
-    valid = pack(out_dir / "clean" / "valid", tokenizer_dir, out_dir / "valid", split="valid", seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
-    if train is None or valid is None:
-        return None
-    prepared = PreparedData(tokenizer_dir, train, valid)
-    write_json(out_dir / "prepare.json", {
-        "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
-        "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-        "seconds": round(time.time() - started, 2), "data_config": asdict(prepared.data_config()),
-        "report": stage_report(report, train, valid)})
-    return prepared
+        log.info("clean report\n%s", report.table())
+        tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
+                                     max_docs_per_language=tokenizer_docs_per_language, seed=seed,
+                                     model_max_length=max(seq_len, 1024))
+        tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else \
+            train_tokenizer_task(root / "clean" / "train", root / "tokenizer", tok_config, executor)
+        if tokenizer is None:
+            return None
+        pack_languages = sorted(language_files(root / "clean" / "train"))
+        # the manifests record the tokenizer relative to themselves, which the switch preserves
+        manifests = [pack(root / "clean" / split, tokenizer, root / split, split=split, seq_len=seq_len,
+                          languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
+                     for split in ("train", "valid")]
+        if None in manifests:
+            return None
+        write_json(root / PREPARE_FILE, {
+            "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+            "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
+            "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
+            "report": stage_report(report, *manifests)})
+    return final
+
+
+@contextlib.contextmanager
+def _output(out_dir: Path, staged: bool) -> Iterator[Path]:
+    """Locally, one staging folder that replaces out_dir when every stage has succeeded (staging.py): a
+    failure leaves an earlier dataset whole, never a new tokenizer beside old shards. On a cluster the stages
+    run in separate submissions, so each stage replaces its own folder when complete."""
+    if staged:
+        with staged_folder(out_dir, owned=("clean", "tokenizer", "train", "valid", PREPARE_FILE)) as staging:
+            yield staging
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield out_dir
 
 
 def stage_report(report, *manifests: Path) -> dict:

@@ -181,7 +181,7 @@ def test_bad_lines_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"{path}:7: not valid JSON"):
         list(read_chunk(chunks[-1]))
     path.write_bytes((good + "\n" + good[:20]).encode() + b"\xff\xfe" + (good[20:] + "\n").encode())
-    with pytest.raises(TaskError, match=rf"process: task 0 of 1 .*{path}:2: not UTF-8"):
+    with pytest.raises(DataError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xff at column 21\)"):
         clean(tmp_path / "in", tmp_path / "out", executor=ExecutorConfig(tasks=1, workers=1, **LOCAL))
 
 
