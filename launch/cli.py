@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_pipeline import cli as data_cli
     from pretrain import cli as pretrain_cli
+    from pretrain.evaluation.benchmarks import DEFAULT_TASKS
 
     data_cli.register(sub)
 
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--checkpoint", help="ours (plain or DeepSpeed, dense or MoE) or a Hugging Face directory")
     target.add_argument("--run", help="a training run directory: evaluate each checkpoint (cached), plot per language")
     target.add_argument("--list-tasks", action="store_true", help="the task groups and benchmarks, then exit")
-    evaluate.add_argument("--tasks", nargs="+", default=["fuxi_local"],
+    evaluate.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
                           help="groups (fuxi_local, fuxitranyu_report), benchmarks (m_arc, m_hellaswag, m_mmlu, "
                                "xwinograd, xcopa, xstorycloze, fuxi_translation_choice, fuxi_valid_ppl), their "
                                "per-language tasks (arc_de) or any harness task")

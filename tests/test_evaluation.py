@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.evaluation.benchmarks import BENCHMARKS, GROUPS, resolve_tasks
+from pretrain.evaluation.benchmarks import BENCHMARKS, GROUPS, describe_tasks, resolve_tasks
 from pretrain.evaluation.errors import EvalError
 from pretrain.evaluation.local_tasks import TASKS_DIR, tasks_digest
 from tests.trainer_helpers import run_config, run_pretrain, tiny_training_dataset, train_losses, write_config
@@ -152,6 +152,9 @@ def test_resolve_tasks_shots_languages_and_unknown_names():
         resolve_tasks(["no_such_task"], harness_task_names=lambda: ["lambada_openai"])
     with pytest.raises(EvalError, match="--languages"):
         resolve_tasks(["xcopa"], ["de"])
+    listing = describe_tasks()
+    for name, shots in {"m_arc": 25, "m_hellaswag": 10, "m_mmlu": 5, "xwinograd": 5, "xcopa": 0}.items():
+        assert any(line.split()[:3] == [name, "downloads", str(shots)] for line in listing.splitlines())
 
 
 # ---- fuxi eval on our checkpoints --------------------------------------------------------------------------------
@@ -364,6 +367,9 @@ def test_bad_input_gets_one_line_errors(trained, capsys, tmp_path, harness_index
 
     message = fuxi_eval_error(capsys, "--checkpoint", str(tmp_path), *common)
     assert "not a checkpoint (no config.yaml of ours" in message
+    message = fuxi_eval_error(capsys, "--checkpoint", str(trained), *common)
+    assert message.endswith(f"a run directory; pass --checkpoint {trained / 'checkpoints'} (its latest checkpoint) "
+                            f"or --run {trained} (every checkpoint)")
 
     remote = tmp_path / "remote"
     shutil.copytree(trained / "hf", remote)
@@ -395,3 +401,23 @@ def test_moe_checkpoint_and_its_remote_code_export(trained, capsys, tmp_path):
     assert_same_scores(by_task(moe), by_task(dense), rel=1e-5)
     assert_same_scores(by_task(imported), by_task(moe))
     assert_same_scores(by_task(imported), harness_scores(tmp_path / "moe_hf", 4, trust_remote_code=True), rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.hf
+def test_fuxi_eval_on_cuda(trained, capsys):
+    """On a GPU `--dtype auto` is bfloat16; float32 on the GPU gives the CPU's numbers, bfloat16 close to them, and
+    our checkpoint and its export agree in bfloat16 too."""
+    common = ["--languages", *LANGS, "--limit", str(LIMIT)]
+    cpu = by_task(fuxi_eval(capsys, "--checkpoint", str(trained / "final"), *common, "--device", "cpu",
+                            "--dtype", "float32"))
+    gpu32 = by_task(fuxi_eval(capsys, "--checkpoint", str(trained / "final"), *common, "--device", "cuda",
+                              "--dtype", "float32"))
+    bf16_report = fuxi_eval(capsys, "--checkpoint", str(trained / "final"), *common, "--device", "cuda")
+    export_bf16 = by_task(fuxi_eval(capsys, "--checkpoint", str(trained / "hf"), *common, "--device", "cuda"))
+    assert bf16_report["dtype"] == "bfloat16"
+    for task, metrics in cpu.items():
+        if "bits_per_byte" in metrics:
+            assert math.isclose(gpu32[task]["bits_per_byte"], metrics["bits_per_byte"], rel_tol=1e-4)
+            assert math.isclose(by_task(bf16_report)[task]["bits_per_byte"], metrics["bits_per_byte"], rel_tol=2e-2)
+            assert math.isclose(export_bf16[task]["bits_per_byte"], metrics["bits_per_byte"], rel_tol=2e-2)

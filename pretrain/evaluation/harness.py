@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from dataclasses import asdict
 
 from data_pipeline.tables import format_table
 from pretrain.evaluation.benchmarks import BENCHMARKS, EvalTask
 from pretrain.evaluation.errors import EvalError
 from pretrain.evaluation.local_tasks import TASKS_DIR
+from pretrain.evaluation.model_adapter import HarnessModel
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 SHOWN_METRICS = ("acc", "acc_norm", "bits_per_byte", "byte_perplexity")
@@ -82,6 +82,11 @@ def evaluate(lm, tasks: list[EvalTask], limit: int | None = None, environment_in
     from lm_eval.evaluator import evaluate as harness_evaluate
 
     manager, task_objects = load_tasks(tasks, index)
+    if isinstance(getattr(lm, "model", None), HarnessModel):
+        generating = [t.task_name for t in task_objects if t.get_config("output_type") == "generate_until"]
+        if generating:
+            raise EvalError(f"--tasks: {generating[0]} generates text, which our checkpoints do not through the "
+                            "harness; export with `fuxi convert to-hf` and evaluate the export")
     if environment_info:
         return lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=manager, limit=limit,
                                        log_samples=False, fewshot_random_seed=FEWSHOT_SEED)
@@ -140,7 +145,3 @@ def format_report(report: dict) -> str:
         summary_rows = [[name, s["metric"], s["languages"], s["mean"]] for name, s in report["summary"].items()]
         text += "\n\n" + format_table(["benchmark", "metric", "languages", "mean"], summary_rows)
     return text
-
-
-def task_rows(tasks: list[EvalTask]) -> list[dict]:
-    return [asdict(t) for t in tasks]

@@ -98,6 +98,9 @@ def inspect_checkpoint(path: str | Path, tokenizer: str | None = None) -> ModelS
         remote = "auto_map" in hf_config
         kind = "hf-imported" if remote and model_type in OUR_REMOTE_CODE_TYPES else "hf"
         return ModelSource(str(path), kind, model_type, str(tokenizer_dir), {"remote_code": remote})
+    if (path / "checkpoints").is_dir():
+        raise EvalError(f"--checkpoint {path}: a run directory; pass --checkpoint {path / 'checkpoints'} (its "
+                        f"latest checkpoint) or --run {path} (every checkpoint)")
     raise EvalError(f"--checkpoint {path}: not a checkpoint (no config.yaml of ours, no DeepSpeed "
                     "*model_states.pt with model_config.yaml, no Hugging Face config.json)")
 

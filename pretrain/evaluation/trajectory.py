@@ -130,7 +130,7 @@ def plot_trajectory(entries: list[dict], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.suptitle(f"{lang}: downstream evaluation over training")
         fig.tight_layout()
-        path = out_dir / f"{lang}.png"
+        path = out_dir / f"{lang if lang != '-' else 'other_tasks'}.png"
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
