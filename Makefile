@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 PIN := -c $(CONSTRAINTS)
 
-.PHONY: venv install install-dev quickstart test test-gpu test-compat lock clean
+.PHONY: venv install install-dev quickstart test test-gpu test-compat lock clean gpu-wheels gpu-check-dry
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,29 @@ lock:
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	rm -rf .lock-venv
 	@echo "wrote $(CONSTRAINTS): $$(grep -vc '^#' $(CONSTRAINTS)) packages"
+
+# The GPU machine (docs/benchmarks.md, "GPU check") has no network and no deepspeed, webdataset, datasketch,
+# py3langid or liger-kernel: their wheels travel in the git-ignored .whl/ with the working tree (64 MiB in all)
+# and launch/gpu_check.sh installs them there with pip --target. Versions from constraints.txt where listed.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+LIGER_SPEC ?= liger-kernel==0.8.5
+# Pure Python (deepspeed publishes only a source package: pip builds it into a py3-none-any wheel here).
+GPU_PURE_WHEELS := deepspeed webdataset braceexpand datasketch py3langid hjson
+# Binary or needed at a newer version than the image may hold: downloaded for the GPU machine's Python.
+GPU_BINARY_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions
+
+gpu-wheels: install
+	rm -rf .whl.tmp && mkdir -p .whl.tmp
+	$(PIP) wheel -q --no-deps $(PIN) -w .whl.tmp $(GPU_PURE_WHEELS) "$(LIGER_SPEC)"
+	$(PIP) download -q --no-deps $(PIN) --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp $(GPU_PLATFORMS) -d .whl.tmp $(GPU_BINARY_WHEELS)
+	rm -rf .whl && mv .whl.tmp .whl
+	$(PY) -m launch.gpu_check --check-carry
+
+# The GPU check on this CPU at tiny shapes (Triton under the interpreter); tests/test_gpu_check.py runs it too.
+gpu-check-dry: install
+	HF_HUB_OFFLINE=1 PYTHON=$(PY) OUT=runs/gpu_check_dry bash launch/gpu_check.sh --dry-run
 
 clean:
 	rm -rf runs .pytest_cache

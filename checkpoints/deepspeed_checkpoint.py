@@ -1,12 +1,17 @@
-"""Consolidate a DeepSpeed training checkpoint (ZeRO stage 0-3, any world size) into our plain checkpoint.
+"""Reading DeepSpeed training checkpoints without running code from them, and consolidating one (ZeRO stage
+0-3, any world size) into our plain checkpoint.
 
-ZeRO 1-3 keep the fp32 master weights partitioned across ranks; DeepSpeed's own `zero_to_fp32` gathers them.
-Its loads are forced to `torch.load(weights_only=True)` with an allow-list of the few DeepSpeed data classes
-the files contain, so consolidating a checkpoint never unpickles arbitrary code.
+DeepSpeed reads its `*_model_states.pt` / `*_optim_states.pt` with `torch.load(weights_only=False)`, which
+unpickles anything: a crafted file runs its payload. Every read here is `torch.load(weights_only=True)` with
+an allow-list of the few DeepSpeed data classes the files contain (`load_weights_only`); a file holding anything
+else is refused with a CheckpointError naming it. The trainer hands DeepSpeed a checkpoint engine that reads
+this way (`WeightsOnlyCheckpointReader`); consolidation runs DeepSpeed's own `zero_to_fp32` (which gathers the
+ZeRO partitions of the fp32 master weights) with its torch.load calls forced to the same.
 """
 from __future__ import annotations
 
 import contextlib
+import pickle
 import shutil
 from pathlib import Path
 
@@ -32,21 +37,53 @@ def _deepspeed_safe_globals() -> list:
     return globals_
 
 
+_torch_load = torch.load  # the real one, even while weights_only_torch_load() replaces the module attribute
+
+
+def load_weights_only(path, **kwargs):
+    """torch.load(path, weights_only=True) allowing DeepSpeed's data classes; a file that needs anything else
+    (a class, a function: what a pickle payload uses) is refused, naming the file, before any of it runs."""
+    kwargs["weights_only"] = True
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return _torch_load(path, **kwargs)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
+                       for line in str(err).splitlines() if "WeightsUnpickler error" in line), "not loadable")
+        raise CheckpointError(f"{path}: refused to load: {reason}; a training checkpoint holds only tensors "
+                              f"and DeepSpeed's data classes, so this file was altered or is not one") from None
+
+
+class WeightsOnlyCheckpointReader:
+    """DeepSpeed's checkpoint engine with its `load` replaced by `load_weights_only`; saving and the rest are
+    the wrapped engine's. Install with `engine.checkpoint_engine = WeightsOnlyCheckpointReader(engine.
+    checkpoint_engine)`: every file DeepSpeed's load_checkpoint reads (model states, ZeRO optimizer partitions)
+    goes through it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path, map_location=None):
+        return load_weights_only(path, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 @contextlib.contextmanager
 def weights_only_torch_load():
-    """Within the block, every torch.load is weights_only=True (DeepSpeed's loader asks for False)."""
-    original = torch.load
+    """Within the block, every torch.load is `load_weights_only` (zero_to_fp32 asks for weights_only=False)."""
 
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+    def safe_load(f, *args, **kwargs):
+        if args:
+            kwargs["map_location"] = args[0]
+        return load_weights_only(f, **kwargs)
 
     torch.load = safe_load
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
+        yield
     finally:
-        torch.load = original
+        torch.load = _torch_load
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -78,13 +115,13 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
             # zero_to_fp32 restores frozen parameters (requires_grad=False, e.g. MoE-LPR's expert 0) only for
             # ZeRO 2/3; ZeRO-1 keeps them, unpartitioned, in the model states alone.
             for states in sorted(tag_dir.glob("mp_rank_*_model_states.pt"))[:1]:
-                module = torch.load(states, map_location="cpu")["module"]
+                module = load_weights_only(states, map_location="cpu")["module"]
                 state.update({k: v for k, v in module.items() if k not in state and v.numel() > 0})
             return state
         states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if len(states) != 1:
             raise CheckpointError(f"{tag_dir}: expected one mp_rank_*_model_states.pt, found {len(states)}")
-        return dict(torch.load(states[0], map_location="cpu")["module"])
+        return dict(load_weights_only(states[0], map_location="cpu")["module"])
 
 
 def consolidate_deepspeed_checkpoint(path: str | Path, out_dir: str | Path,

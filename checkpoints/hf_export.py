@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.model_checkpoint import AtomicDirectory, read_model_config
+from checkpoints.model_checkpoint import read_model_config, replaced_folder
 from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
 from model import ModelConfig
 
@@ -193,7 +193,7 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "float3
     hf_config = hf_config_dict(config, dtype, layout)
     if tokenizer_dir is None and (Path(ckpt_dir) / "tokenizer").is_dir():
         tokenizer_dir = Path(ckpt_dir) / "tokenizer"  # a checkpoint may carry the tokenizer it was trained with
-    with AtomicDirectory(out_dir) as tmp:
+    with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, tensor in iter_tensors(ckpt_dir):
             writer.add(name, tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor)

@@ -4,14 +4,13 @@ The tensor names are the model's own state-dict names. Loading never unpickles a
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
 from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors, tensor_shapes
+from data_pipeline.staging import staged_folder
 from model import ModelConfig, build_model
 from model.typed_config import ConfigError, from_dict, to_dict
 
@@ -44,35 +43,18 @@ def write_config(out_dir: Path, config: ModelConfig, extra: dict | None = None) 
     (out_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
-class AtomicDirectory:
-    """Write into a temp sibling directory; on success swap it in for `target` (the old one is removed only
-    after the new one is in place), so a crash mid-write never damages an existing checkpoint."""
-
-    def __init__(self, target: str | Path):
-        self.target = Path(target)
-        self.tmp = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-        if self.target.exists():
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        shutil.rmtree(old, ignore_errors=True)
+def replaced_folder(target: str | Path):
+    """Write into a staging folder beside `target`, switched in (atomically where the filesystem allows) only
+    when the block succeeds: a crash or error mid-write never damages an existing checkpoint or export. The
+    same mechanism as the data stages' outputs (data_pipeline/staging.py); a checkpoint folder is ours whole."""
+    return staged_folder(target, owned=("*",))
 
 
 def save_model_checkpoint(state_dict_items, config: ModelConfig, out_dir: str | Path,
                           max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None) -> Path:
     """Write (name, tensor) pairs (a dict's items() or a lazy iterator) and the config, atomically."""
     out_dir = Path(out_dir)
-    with AtomicDirectory(out_dir) as tmp:
+    with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, tensor in state_dict_items:
             writer.add(name, tensor)

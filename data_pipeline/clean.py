@@ -26,11 +26,13 @@ from data_pipeline.dedup import DedupConfig, NearDuplicateIndex, exact_key, minh
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
 from data_pipeline.io_utils import atomic_write, write_json
+from data_pipeline.staging import staged_folder
 from data_pipeline.tables import format_table
 from data_pipeline.textstats import nfc
 
 log = logging.getLogger(__name__)
 _BATCH = 128
+REPORT_NAME = "clean_report.json"
 
 
 @dataclass
@@ -222,12 +224,15 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         for split, path in splits.items():
             yield from _capped(split, iter_documents(path), max_docs_per_language)
 
-    with contextlib.ExitStack() as stack:
+    # The whole output folder is built beside the old one and switched in when complete (staging.py): a
+    # failure half way (a bad input file) leaves an earlier run's output exactly as it was.
+    owned = (REPORT_NAME, "train", "valid", *splits, *_splits_of_earlier_run(out_dir))
+    with staged_folder(out_dir, owned) as staging, contextlib.ExitStack() as stack:
         writers: dict[tuple[str, str], object] = {}
 
         def write(split: str, lang: str, record: dict) -> None:
             if (split, lang) not in writers:
-                writers[split, lang] = stack.enter_context(atomic_write(out_dir / split / f"{lang}.jsonl"))
+                writers[split, lang] = stack.enter_context(atomic_write(staging / split / f"{lang}.jsonl"))
             writers[split, lang].write(json.dumps(record, ensure_ascii=False) + "\n")
 
         if num_proc > 1:
@@ -251,18 +256,19 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
                             record["source"] = doc.source
                         write(target, lang, record)
         bar.close()
-
-    written = {out_dir / split / f"{lang}.jsonl" for split, lang in writers}
-    for split in {*splits, "valid" if holdout_every else "train"}:
-        for stale in (out_dir / split).glob("*.jsonl"):  # from an earlier run with other languages
-            if stale not in written:
-                log.info("clean: removing %s (not produced by this run)", stale)
-                stale.unlink()
-    stats = selector.stats
-    report = CleanReport({split: {lang: dict(c) for lang, c in sorted(langs.items())}
-                          for split, langs in stats.items()})
-    if not any(c.get("kept") for langs in report.stats.values() for c in langs.values()):
-        raise DataError(f"clean: no document survived cleaning of {list(splits.values())}; see the report:\n"
-                        f"{report.table()}")
-    write_json(out_dir / "clean_report.json", report.to_dict())
+        stack.close()  # the per-language files are complete before the report and the switch
+        report = CleanReport({split: {lang: dict(c) for lang, c in sorted(langs.items())}
+                              for split, langs in selector.stats.items()})
+        if not any(c.get("kept") for langs in report.stats.values() for c in langs.values()):
+            raise DataError(f"clean: no document survived cleaning of {list(splits.values())}; see the report:\n"
+                            f"{report.table()}")
+        write_json(staging / REPORT_NAME, report.to_dict())
     return report
+
+
+def _splits_of_earlier_run(out_dir: Path) -> list[str]:
+    """The split folders an earlier `clean` into out_dir wrote (its report lists them): ours to replace."""
+    try:
+        return list(json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8")).get("stats", {}))
+    except (OSError, ValueError, AttributeError):
+        return []

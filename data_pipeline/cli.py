@@ -5,7 +5,7 @@
     fuxi data tokenizer CLEAN_TRAIN OUT         train byte-level BPE (or --backend sentencepiece)
     fuxi data fertility TOKENIZER CORPUS        tokens/word and bytes/token per language (+ --plot PNG)
     fuxi data pack CLEAN_SPLIT TOKENIZER OUT    tokenize + pack + shards + manifest
-    fuxi data inspect MANIFEST                  per-language stats; --verify checks sha256 of every shard
+    fuxi data inspect MANIFEST                  per-language stats; --verify checks every shard and decodes every sample
     fuxi data mixture MANIFEST                  target/planned (and, with --stream, realised) language shares
     fuxi data prepare OUT                       all stages on the bundled corpus (or --corpus)
     fuxi data align-table OUT                   PreAlign word-alignment table (FreeDict + parallel text)
@@ -106,19 +106,16 @@ def _manifest_table(manifest) -> str:
 
 def cmd_inspect(args) -> int:
     from data_pipeline.manifest import load_manifest
-    from data_pipeline.shards import iter_blocks
+    from data_pipeline.shards import iter_blocks, verify_shards
     manifest = load_manifest(args.manifest)
     print(_manifest_table(manifest))
     print(f"split {manifest.split}, seq_len {manifest.seq_len}, vocab {manifest.vocab_size}, "
           f"{len(manifest.shards)} shards, {sum(s.bytes for s in manifest.shards):,} bytes, "
           f"tokenizer hash {manifest.tokenizer_hash[:16]}")
     if args.verify:
-        manifest.check_files(checksums=True)
-        count = sum(1 for _ in iter_blocks(manifest))
-        expected = sum(s.samples for s in manifest.shards)
-        if count != expected:
-            raise DataError(f"{manifest.path}: webdataset read {count} samples, the manifest lists {expected}")
-        print(f"verified: every shard's size and sha256 match; {count} samples read through webdataset")
+        count = verify_shards(manifest, progress=not args.quiet)
+        print(f"verified: every shard's size and sha256 match the manifest; all {count:,} samples decode with the "
+              f"expected dtypes and lengths, ids in range, tokens per language as listed")
     if args.show:
         from data_pipeline.tokenizer import load_tokenizer
         tok = load_tokenizer(args.tokenizer or manifest.root / manifest.tokenizer_path)
@@ -245,7 +242,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", aliases=["stats"], help="manifest statistics; --verify checks every shard")
     p.add_argument("manifest")
-    p.add_argument("--verify", action="store_true")
+    p.add_argument("--verify", action="store_true", help="check every shard's size and sha256 and decode every "
+                                                         "sample (dtypes, lengths, id ranges, language counts)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--show", type=int, default=0, help="decode and print the first N samples")
     p.add_argument("--tokenizer", help="tokenizer dir for --show (default: the manifest's)")
     p.set_defaults(func=cmd_inspect)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.errors import DataError
-from data_pipeline.io_utils import iter_json_records
+from data_pipeline.io_utils import decode_utf8, iter_json_records
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"
 # Labels that mean "no language given": such documents are labelled by the language identifier.
@@ -33,31 +33,22 @@ def normalize_language(label: object) -> str | None:
     return None if label.lower() in UNKNOWN_LANGUAGES else label
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def iter_jsonl(path: Path) -> Iterator[Document]:
-    """Documents of one JSONL file; a bad line is an error naming file and line."""
-    try:
-        for origin, record in iter_json_records(path, _open_text):
-            if not isinstance(record.get("text"), str):
-                raise DataError(f"{origin}: expected an object with a string field \"text\"")
-            yield Document(record["text"], normalize_language(record.get("lang")), origin, record.get("source"))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 ({err})") from None
+    """Documents of one JSONL file; a bad line (not UTF-8, not a JSON object) is an error naming file and line."""
+    for origin, record in iter_json_records(path, _open_bytes):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{origin}: expected an object with a string field \"text\"")
+        yield Document(record["text"], normalize_language(record.get("lang")), origin, record.get("source"))
 
 
 def iter_language_folder(folder: Path, lang: str | None) -> Iterator[Document]:
     """Every regular file under `folder` (sorted, recursive) is one document of language `lang`."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 ({err})") from None
-        yield Document(text, lang, str(path))
+        yield Document(decode_utf8(path.read_bytes(), path), lang, str(path))
 
 
 def _is_jsonl(path: Path) -> bool:

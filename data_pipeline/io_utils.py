@@ -54,18 +54,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _open_utf8(path: str | Path):
-    return open(path, encoding="utf-8")
+def _open_binary(path: str | Path):
+    return open(path, "rb")
 
 
-def iter_json_records(path: str | Path, opener=_open_utf8) -> Iterator[tuple[str, dict]]:
-    """(origin "file:line", record) for every non-empty line of a JSONL file; a line that is not a JSON object
-    is a DataError naming the file and line."""
+def decode_utf8(raw: bytes, path: str | Path, line: int = 1) -> str:
+    """bytes (starting at `line` of `path`) -> str; invalid UTF-8 is a DataError naming the file, the line and
+    the column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad_line = line + raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{bad_line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})") \
+            from None
+
+
+def iter_json_records(path: str | Path, opener=_open_binary) -> Iterator[tuple[str, dict]]:
+    """(origin "file:line", record) for every non-empty line of a JSONL file; a line that is not UTF-8 or not a
+    JSON object is a DataError naming the file and line. `opener` opens the file for reading bytes."""
     with opener(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            origin = f"{path}:{lineno}"
+            line = decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
-            origin = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

@@ -8,9 +8,12 @@ per-language validation batches.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -79,6 +82,33 @@ def build_plan(manifest: Manifest, cfg: DataConfig) -> MixturePlan:
                         cfg.max_epochs_per_language, epoch_samples)
 
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def leave_shutdown_to_parent(worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGTERM and SIGINT. Schedulers (Slurm, torchrun, a terminal) signal a
+    whole process group; a worker that died of it would fail the step the trainer is finishing before it saves.
+    The parent decides when to stop and shuts its workers down (they also exit when it dies)."""
+    for sig in SHUTDOWN_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)  # a signal held since the fork is dropped
+
+
+@contextlib.contextmanager
+def shutdown_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while DataLoader workers fork: a child inherits the mask, so a signal arriving
+    before its init ran stays pending (then ignored) instead of killing it; the parent gets its own signal
+    when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class TrainLoader:
     """An endless iterable of batches for one rank, with exact state_dict()/load_state_dict()."""
 
@@ -94,8 +124,7 @@ class TrainLoader:
         self.languages = manifest.languages  # lang_ids index this list
         self.bytes_per_token = manifest.bytes_per_token
         self.batches = 0  # consumed by the caller
-        self.skipped = 0  # corrupt samples replaced (on_error="skip")
-        self._skipped_base = 0
+        self.skipped = 0  # corrupt or missing samples replaced (on_error="skip"), in the batches consumed
         self.tokens_seen = torch.zeros(len(self.languages), dtype=torch.int64)  # input tokens per language
 
     # --- state ----------------------------------------------------------------------------------------------
@@ -121,7 +150,7 @@ class TrainLoader:
                 raise DataConfigError(f"{key}: the saved data state has {json.dumps(value)[:200]}, this loader "
                                       f"has {json.dumps(ours.get(key))[:200]}; the sample order would differ")
         self.batches = int(state["batches"])
-        self.skipped = self._skipped_base = int(state.get("skipped", 0))
+        self.skipped = int(state.get("skipped", 0))
         self.tokens_seen = torch.tensor(state["tokens_seen"], dtype=torch.int64)
 
     # --- iteration ------------------------------------------------------------------------------------------
@@ -137,21 +166,25 @@ class TrainLoader:
         if workers > 0:
             dataset.pack_batches = True
             dataset.batches_per_chunk = max(1, min(32, TRANSFER_TOKENS // (self.batch_size * self.cfg.seq_len)))
+        # The loader's own generator: creating the worker iterator must not draw from the global torch RNG,
+        # whose state the trainer saves and restores (a resumed run would otherwise draw at another step).
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            persistent_workers=False)
-        worker_skips = [0] * max(1, workers)
-        self._skipped_base = self.skipped
-        for i, item in enumerate(loader):
+                            persistent_workers=False, worker_init_fn=leave_shutdown_to_parent,
+                            generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
+        with shutdown_signals_blocked():  # the workers fork here, inheriting the blocked mask
+            chunks = iter(loader)
+        warn_at = 1
+        for item in chunks:
             chunk = unpack_batch(*item) if workers > 0 else item
-            worker_skips[i % max(1, workers)] = int(chunk.pop("_skipped").max())  # items come round-robin
-            skipped = self._skipped_base + sum(worker_skips)
-            if skipped > self.skipped:
-                log.warning("data: %d corrupt sample(s) replaced so far (on_error=skip)", skipped)
-            self.skipped = skipped
             batches = [chunk] if dataset.batches_per_chunk == 1 and workers == 0 else \
                 [{k: v[j] for k, v in chunk.items()} for j in range(dataset.batches_per_chunk)]
             for batch in batches:
+                self.skipped += int(batch.pop("_skipped"))
+                if self.skipped >= warn_at:  # at 1, 2, 4, 8, ... replacements: visible, never a flood
+                    log.warning("data: %d corrupt or missing sample(s) replaced so far on rank %d (on_error=skip)",
+                                self.skipped, self.rank)
+                    warn_at = 2 * self.skipped
                 self.batches += 1
                 lang_ids = batch["lang_ids"].numpy().ravel()  # numpy: no torch threads competing with workers
                 counts = np.bincount(lang_ids[lang_ids >= 0], minlength=len(self.languages))

@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from data_pipeline.encoders import FastEncoder
 from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.io_utils import decode_utf8
 from data_pipeline.manifest import LANG_DTYPE, LanguageStats, Manifest, ShardInfo
 from data_pipeline.shards import Block, ShardWriter
+from data_pipeline.staging import staged_folder
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,18 @@ def language_files(corpus: str | Path) -> dict[str, Path]:
     return files
 
 
-def line_offsets(path: Path) -> np.ndarray:
-    """Byte offsets of the non-empty lines of a file (so documents can be read in a shuffled order)."""
-    offsets = []
+def line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and 1-based line numbers of the non-empty lines of a file (so documents can be read in a
+    shuffled order, and an error can name its line)."""
+    offsets, lines = [], []
     pos = 0
     with open(path, "rb") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
                 offsets.append(pos)
+                lines.append(lineno)
             pos += len(line)
-    return np.asarray(offsets, dtype=np.int64)
+    return np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class PackJob:
     offsets: np.ndarray  # this part's documents, in the shuffled order
     first_doc: int  # document index of the first of them (document ids are unique per language)
     part: int
+    lines: np.ndarray | None = None  # their line numbers, for error messages
 
 
 @dataclass
@@ -100,20 +105,23 @@ class BlockPacker:
         self.doc_ids = self.doc_ids[full * self.block_len:]
 
 
-def read_documents(path: str, offsets: np.ndarray, lang: str) -> list[str]:
+def read_documents(path: str, offsets: np.ndarray, lang: str, lines: np.ndarray | None = None) -> list[str]:
+    """The documents at `offsets` (byte offsets of lines); an error names the file and line (`lines`, else
+    the byte offset)."""
     texts = []
     with open(path, "rb") as f:
-        for off in offsets:
+        for k, off in enumerate(offsets):
             f.seek(int(off))
-            line = f.readline()
+            raw = f.readline()
+            where = f"{path}:{int(lines[k])}" if lines is not None else f"{path} (byte {int(off)})"
+            line = decode_utf8(raw, path, int(lines[k])) if lines is not None else decode_utf8(raw, where)
             try:
                 record = json.loads(line)
                 text = record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}: bad JSON line at byte {int(off)}") from None
+                raise DataError(f"{where}: not a JSON object with a \"text\" field") from None
             if record.get("lang", lang) != lang:
-                raise DataError(f"{path}: document at byte {int(off)} has lang {record.get('lang')!r}, "
-                                f"but the file is for {lang!r}")
+                raise DataError(f"{where}: document has lang {record.get('lang')!r}, but the file is for {lang!r}")
             texts.append(text)
     return texts
 
@@ -153,7 +161,8 @@ def run_job(job: PackJob) -> PackResult:
     stats = LanguageStats()
     try:
         for i in range(0, len(job.offsets), w["chunk_docs"]):
-            texts = read_documents(job.path, job.offsets[i:i + w["chunk_docs"]], job.lang)
+            lines = None if job.lines is None else job.lines[i:i + w["chunk_docs"]]
+            texts = read_documents(job.path, job.offsets[i:i + w["chunk_docs"]], job.lang, lines)
             tokens, lengths = encode_documents(w["encoder"], texts)
             stats.documents += len(texts)
             stats.tokens += len(tokens)
@@ -176,12 +185,13 @@ def plan_jobs(files: dict[str, Path], languages: list[str], seed: int, docs_per_
     for lang_index, lang in enumerate(languages):
         if lang not in files:
             continue
-        offsets = line_offsets(files[lang])
-        rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-        offsets = offsets[rng.permutation(len(offsets))]
+        offsets, lines = line_offsets(files[lang])
+        order = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))]).permutation(len(offsets))
+        offsets, lines = offsets[order], lines[order]
         for part, start in enumerate(range(0, len(offsets), docs_per_part)):
-            jobs.append(PackJob(lang, lang_index, str(files[lang]), offsets[start:start + docs_per_part], start,
-                                part))
+            end = start + docs_per_part
+            jobs.append(PackJob(lang, lang_index, str(files[lang]), offsets[start:end], start, part,
+                                lines[start:end]))
     return jobs
 
 
@@ -209,57 +219,46 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     if unknown:
         log.warning("pack %s: ignoring %s (not in the language list)", corpus, unknown)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = load_tokenizer(tokenizer_dir).get_vocab_size()
     import webdataset  # noqa: F401 - imported once here, not in every worker (it imports torch)
     jobs = plan_jobs(files, languages, seed, docs_per_part)
     num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(jobs) or 1))
-    settings = {"out_dir": str(out_dir), "split": split, "languages": languages, "block_len": seq_len + 1,
-                "shard_bytes": shard_bytes, "chunk_docs": chunk_docs, "fast_encoder": fast_encoder}
-
-    results: list[PackResult] = []
-    bar = tqdm(total=len(jobs), desc=f"pack {split}", unit="part", disable=not progress)
-    try:
-        if num_proc > 1:
-            # Big jobs first keeps the processes busy to the end; results are re-ordered below.
-            order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].offsets))
-            with mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                                             initargs=(str(tokenizer_dir), settings, False)) as pool:
-                for result in pool.imap_unordered(run_job, [jobs[i] for i in order]):
-                    results.append(result)
+    # Everything is written into a staging folder that replaces out_dir only once the manifest is complete:
+    # a failure leaves a dataset already in out_dir exactly as it was (staging.py).
+    with staged_folder(out_dir, owned=(MANIFEST_NAME, "*.tar")) as staging:
+        settings = {"out_dir": str(staging), "split": split, "languages": languages, "block_len": seq_len + 1,
+                    "shard_bytes": shard_bytes, "chunk_docs": chunk_docs, "fast_encoder": fast_encoder}
+        results: list[PackResult] = []
+        with tqdm(total=len(jobs), desc=f"pack {split}", unit="part", disable=not progress) as bar:
+            if num_proc > 1:
+                # Big jobs first keeps the processes busy to the end; results are re-ordered below.
+                order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].offsets))
+                with mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                                                 initargs=(str(tokenizer_dir), settings, False)) as pool:
+                    for result in pool.imap_unordered(run_job, [jobs[i] for i in order]):
+                        results.append(result)
+                        bar.update()
+            else:
+                _init_worker(str(tokenizer_dir), settings, True)
+                for job in jobs:
+                    results.append(run_job(job))
                     bar.update()
-        else:
-            _init_worker(str(tokenizer_dir), settings, True)
-            for job in jobs:
-                results.append(run_job(job))
-                bar.update()
-    except BaseException:
-        for r in results:  # a failed run leaves no shards behind
-            for s in r.shards:
-                (out_dir / s.path).unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
 
-    results.sort(key=lambda r: (languages.index(r.lang), r.part))
-    stats = {lang: LanguageStats() for lang in languages}
-    shards: list[ShardInfo] = []
-    for r in results:
-        s = stats[r.lang]
-        for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
-            setattr(s, name, getattr(s, name) + getattr(r.stats, name))
-        shards += r.shards
-    for lang in languages:
-        if stats[lang].samples == 0:
-            log.warning("pack %s: language %s has %d tokens, fewer than one block of %d: no samples",
-                        split, lang, stats[lang].tokens, seq_len + 1)
-    manifest = Manifest(split=split, seq_len=seq_len, tokenizer_hash=tokenizer_hash(tokenizer_dir),
-                        vocab_size=vocab_size, eos_id=EOS_ID, languages=languages, language_stats=stats,
-                        shards=shards, seed=seed,
-                        tokenizer_path=os.path.relpath(Path(tokenizer_dir).resolve(), out_dir.resolve()))
-    path = manifest.save(out_dir / MANIFEST_NAME)
-    keep = {s.path for s in shards}
-    for stale in out_dir.glob(f"{split}-*.tar"):
-        if stale.name not in keep:
-            stale.unlink()
-    return path
+        results.sort(key=lambda r: (languages.index(r.lang), r.part))
+        stats = {lang: LanguageStats() for lang in languages}
+        shards: list[ShardInfo] = []
+        for r in results:
+            s = stats[r.lang]
+            for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
+                setattr(s, name, getattr(s, name) + getattr(r.stats, name))
+            shards += r.shards
+        for lang in languages:
+            if stats[lang].samples == 0:
+                log.warning("pack %s: language %s has %d tokens, fewer than one block of %d: no samples",
+                            split, lang, stats[lang].tokens, seq_len + 1)
+        manifest = Manifest(split=split, seq_len=seq_len, tokenizer_hash=tokenizer_hash(tokenizer_dir),
+                            vocab_size=vocab_size, eos_id=EOS_ID, languages=languages, language_stats=stats,
+                            shards=shards, seed=seed,
+                            tokenizer_path=os.path.relpath(Path(tokenizer_dir).resolve(), out_dir.resolve()))
+        manifest.save(staging / MANIFEST_NAME)
+    return out_dir / MANIFEST_NAME

@@ -20,12 +20,15 @@ from data_pipeline.clean import LangIdConfig, clean
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import bundled_corpus, find_splits
 from data_pipeline.dedup import DedupConfig
+from data_pipeline.errors import DataConfigError
 from data_pipeline.filters import FilterConfig
 from data_pipeline.io_utils import write_json
-from data_pipeline.pack import language_files, pack
+from data_pipeline.pack import MANIFEST_NAME, language_files, pack
+from data_pipeline.staging import staged_folder
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
 log = logging.getLogger(__name__)
+PREPARE_FILE = "prepare.json"
 
 
 class PreparedData(NamedTuple):
@@ -36,9 +39,10 @@ class PreparedData(NamedTuple):
     def data_config(self, **overrides) -> DataConfig:
         """A DataConfig that streams this dataset (seq_len read from the manifest)."""
         from data_pipeline.manifest import load_manifest
-        seq_len = load_manifest(self.train_manifest).seq_len
+        if "seq_len" not in overrides:
+            overrides["seq_len"] = load_manifest(self.train_manifest).seq_len
         fields = {"train_manifest": str(self.train_manifest), "val_manifest": str(self.val_manifest),
-                  "seq_len": seq_len, "tokenizer": str(self.tokenizer_dir), **overrides}
+                  "tokenizer": str(self.tokenizer_dir), **overrides}
         return DataConfig(**fields)
 
 
@@ -53,32 +57,40 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
     documents are held out. `max_docs_per_language` reads only that many documents per language and split
-    (quick tests). `tokenizer_dir`: reuse an existing tokenizer instead of training one.
+    (quick tests). `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
+    out_dir is replaced as a whole when every stage has succeeded.
     """
     started = time.time()
     out_dir = Path(out_dir)
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
     splits = find_splits(corpus)
-    report = clean(splits, out_dir / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
-                   max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
-                   num_proc=num_proc, progress=progress)
-    log.info("clean report\n%s", report.table())
-    tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
-                                 max_docs_per_language=tokenizer_docs_per_language, seed=seed,
-                                 model_max_length=max(seq_len, 1024))
-    if tokenizer_dir is None:
-        tokenizer_dir = train_tokenizer(out_dir / "clean" / "train", out_dir / "tokenizer", tok_config)
-    tokenizer_dir = Path(tokenizer_dir)
-    pack_languages = sorted(language_files(out_dir / "clean" / "train"))
-    train = pack(out_dir / "clean" / "train", tokenizer_dir, out_dir / "train", split="train", seq_len=seq_len,
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
+        raise DataConfigError(f"tokenizer_dir: {tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
+                              f"whole; use a tokenizer folder outside it")
+    final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
+                         out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
+    # All stages write into one staging folder that replaces out_dir when every stage has succeeded
+    # (staging.py): a failure leaves an earlier dataset whole, never a new tokenizer beside old shards.
+    with staged_folder(out_dir, owned=("clean", "tokenizer", "train", "valid", PREPARE_FILE)) as staging:
+        report = clean(splits, staging / "clean", filters=filters, dedup=dedup, langid=langid,
+                       languages=languages, max_docs_per_language=max_docs_per_language,
+                       holdout_fraction=holdout_fraction, num_proc=num_proc, progress=progress)
+        log.info("clean report\n%s", report.table())
+        tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
+                                     max_docs_per_language=tokenizer_docs_per_language, seed=seed,
+                                     model_max_length=max(seq_len, 1024))
+        if tokenizer_dir is None:
+            tokenizer = train_tokenizer(staging / "clean" / "train", staging / "tokenizer", tok_config)
+        else:
+            tokenizer = Path(tokenizer_dir)
+        pack_languages = sorted(language_files(staging / "clean" / "train"))
+        for split in ("train", "valid"):
+            # the manifests record the tokenizer relative to themselves, which the switch preserves
+            pack(staging / "clean" / split, tokenizer, staging / split, split=split, seq_len=seq_len,
                  languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
                  progress=progress)
-    valid = pack(out_dir / "clean" / "valid", tokenizer_dir, out_dir / "valid", split="valid", seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
-                 progress=progress)
-    prepared = PreparedData(tokenizer_dir, train, valid)
-    write_json(out_dir / "prepare.json", {
-        "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
-        "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-        "seconds": round(time.time() - started, 2), "data_config": asdict(prepared.data_config())})
-    return prepared
+        write_json(staging / PREPARE_FILE, {
+            "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+            "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
+            "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len))})
+    return final

@@ -149,7 +149,11 @@ def _decode_npy(buf: memoryview, expected: np.dtype, length: int) -> np.ndarray:
 
 
 class ShardReader:
-    """Random access to the samples of one shard, with its integrity checked against the manifest."""
+    """Random access to the samples of one shard, with its integrity checked against the manifest.
+
+    A shard file that is missing, or whose size or sha256 disagrees with the manifest, cannot be trusted in any
+    part: with on_error="raise" it is a ShardError, with "skip" every one of its samples reads as None (and is
+    counted in `skipped`), as does each corrupt sample of an intact file."""
 
     def __init__(self, manifest: Manifest, shard: ShardInfo, verify_checksum: bool = True,
                  on_error: str = "raise"):
@@ -157,30 +161,38 @@ class ShardReader:
         self.shard = shard
         self.path = manifest.shard_path(shard)
         self.on_error = on_error
-        self.skipped = 0  # samples lost to corruption (on_error="skip")
-        self.corrupt = False
-        self._check_file(verify_checksum)
-        self._index = self._build_index()
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self.skipped = 0  # samples read as None (on_error="skip")
+        self._fd = None
+        self.usable = self._check_file(verify_checksum)
+        self._index = self._build_index() if self.usable else []
+        if self.usable:
+            self._fd = os.open(self.path, os.O_RDONLY)
 
     def _fail(self, message: str) -> None:
         if self.on_error == "raise":
             raise ShardError(message)
         log.warning("%s (on_error=skip: continuing)", message)
-        self.corrupt = True
 
-    def _check_file(self, verify_checksum: bool) -> None:
+    def _check_file(self, verify_checksum: bool) -> bool:
+        """Whether the file is the one the manifest describes (raises, or warns when skipping)."""
         if not self.path.is_file():
-            raise ShardError(f"shard {self.path}: missing (listed in {self.manifest.path})")
+            self._fail(f"shard {self.path}: missing (listed in {self.manifest.path}); its {self.shard.samples} "
+                       f"samples are replaced")
+            return False
         size = os.path.getsize(self.path)
         if size != self.shard.bytes:
             self._fail(f"shard {self.path}: {size} bytes on disk but the manifest {self.manifest.path} says "
-                       f"{self.shard.bytes} (truncated or rewritten?)")
-        elif verify_checksum:
+                       f"{self.shard.bytes} (truncated or rewritten?); its {self.shard.samples} samples are "
+                       f"replaced")
+            return False
+        if verify_checksum:
             digest = sha256_file(self.path)
             if digest != self.shard.sha256:
                 self._fail(f"shard {self.path}: sha256 {digest[:16]}... disagrees with the manifest's "
-                           f"{self.shard.sha256[:16]}... ({self.manifest.path})")
+                           f"{self.shard.sha256[:16]}... ({self.manifest.path}); its {self.shard.samples} samples "
+                           f"are replaced")
+                return False
+        return True
 
     def _build_index(self) -> list[tuple[str, int, int, dict[str, tuple[int, int]]]]:
         """(key, span start, span end, {member: (offset, size)}) per complete sample, in file order."""
@@ -209,10 +221,8 @@ class ShardReader:
                     continue
                 index.append((key, start, end, members))
         if len(index) != self.shard.samples:
-            missing = self.shard.samples - len(index)
             self._fail(f"shard {self.path}: {len(index)} complete samples but the manifest says "
                        f"{self.shard.samples} (truncated or corrupt)")
-            self.skipped += max(0, missing)
         return index
 
     def __len__(self) -> int:
@@ -220,8 +230,10 @@ class ShardReader:
 
     def read(self, i: int) -> Block | None:
         """Sample `i` of the shard, or None if it is missing/corrupt and on_error="skip"."""
-        if i >= len(self._index):
-            self._fail(f"shard {self.path}: sample {i} is missing")
+        if not self.usable or i >= len(self._index):  # warned about once, when the file or index was checked
+            if self.on_error == "raise":
+                raise ShardError(f"shard {self.path}: sample {i} is missing")
+            self.skipped += 1
             return None
         key, start, end, members = self._index[i]
         data = memoryview(os.pread(self._fd, end - start, start))
@@ -255,6 +267,30 @@ class ShardReader:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+def verify_shards(manifest: Manifest, progress: bool = False) -> int:
+    """Check every shard against the manifest and decode every sample: file size and sha256, sample count,
+    member names, dtypes and lengths, token ids below the vocabulary size, language ids among the manifest's
+    languages, document ids non-decreasing, and tokens per language equal to the manifest's. The first
+    problem is a ShardError naming the shard (and sample). Returns the number of samples."""
+    from tqdm import tqdm
+
+    total = 0
+    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        reader = ShardReader(manifest, shard, verify_checksum=True, on_error="raise")
+        counts = np.zeros(len(manifest.languages), dtype=np.int64)
+        try:
+            for i in range(len(reader)):
+                counts += np.bincount(reader.read(i).lang_ids, minlength=len(manifest.languages))
+        finally:
+            reader.close()
+        found = {lang: int(n) for lang, n in zip(manifest.languages, counts) if n}
+        if found != shard.tokens_per_language:
+            raise ShardError(f"shard {reader.path}: tokens per language {found} disagree with the manifest's "
+                             f"{shard.tokens_per_language} ({manifest.path})")
+        total += len(reader)
+    return total
 
 
 def webdataset_pipeline(manifest: Manifest, shuffle_shards: bool = False, seed: int = 0):

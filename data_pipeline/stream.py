@@ -15,8 +15,9 @@ workers' items round-robin, so the rank sees batches 0, 1, 2, ... in order for a
 is one number: the batches consumed. Within a mixture epoch no position repeats across ranks and workers and none is skipped,
 for any R and W, including more consumers than shards.
 
-Corrupt samples (on_error="skip") are replaced by the sample at the same slot of the next mixture epoch
-(g + S, then g + 2S, ...) so batches keep their shape; every replacement is counted and reported.
+Corrupt samples (on_error="skip": a bad sample, or every sample of a shard that is missing or whose size or
+sha256 disagrees with the manifest) are replaced by the sample at the same slot of the next mixture epoch
+(g + S, then g + 2S, ...) so batches keep their shape; every replacement is counted, per batch, and reported.
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ class MixtureDataset(IterableDataset):
     """Yields whole batches (dicts of [B, seq_len] int64 tensors) for one rank; see the module docstring.
 
     `start_batch` is the number of batches the rank has already consumed. Each batch dict also carries
-    "_skipped": the number of corrupt samples this worker has replaced so far (the loader pops it).
+    "_skipped": the number of corrupt samples replaced while building it (the loader pops it and sums).
     """
 
     def __init__(self, manifest: Manifest, plan: MixturePlan, *, batch_size: int, rank: int = 0,
@@ -243,10 +244,11 @@ class MixtureDataset(IterableDataset):
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         """Batch b of this rank: its samples k in [b·B, (b+1)·B), at global positions rank + world_size·k."""
+        before = self.skipped
         samples = [self.sample_at(self.rank + self.world_size * k)
                    for k in range(b * self.batch_size, (b + 1) * self.batch_size)]
         out = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-        out["_skipped"] = torch.tensor(self.skipped)
+        out["_skipped"] = torch.tensor(self.skipped - before)
         return out
 
     def chunk_starts(self) -> Iterator[int]:

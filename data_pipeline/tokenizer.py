@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 from data_pipeline.corpus import iter_documents
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.io_utils import write_json
+from data_pipeline.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
 BACKENDS = ("bpe", "sentencepiece")
 META_FILE = "fuxi_tokenizer.json"
+# What train_tokenizer writes (a tokenizer folder holding anything else is not replaced).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spm.model", META_FILE)
 
 
 @dataclass
@@ -212,24 +215,26 @@ def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerCo
     config = config or TokenizerConfig()
     config.validate()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     samples = sample_per_language(corpus, config.max_docs_per_language, config.seed)
     count = sum(len(v) for v in samples.values())
-    if config.backend == "bpe":
-        tok = _train_bpe(_interleave(samples), count, config)
-    else:
-        proto = _train_sentencepiece(list(_interleave(samples)), config, num_threads)
-        (out_dir / "spm.model").write_bytes(proto)
-        tok = sentencepiece_to_tokenizers(proto)
-    if tok.token_to_id(EOS_TOKEN) != EOS_ID:
-        raise DataError(f"tokenizer: {EOS_TOKEN} got id {tok.token_to_id(EOS_TOKEN)}, expected {EOS_ID}")
-    if tok.get_vocab_size() < config.vocab_size:
-        log.warning("tokenizer: the corpus supports only %d of the %d requested vocabulary entries",
-                    tok.get_vocab_size(), config.vocab_size)
-    save_hf_tokenizer(tok, out_dir, config, config.backend)
-    write_json(out_dir / META_FILE, {
-        "backend": config.backend, "vocab_size": tok.get_vocab_size(), "requested": asdict(config),
-        "eos_id": EOS_ID, "bos_id": EOS_ID, "training_docs_per_language": {k: len(v) for k, v in
-                                                                            sorted(samples.items())},
-        "hash": tokenizer_hash(out_dir)})
+    # Written into a staging folder that replaces out_dir when complete (staging.py): a failed run never leaves
+    # a half-written tokenizer, nor damages one already in out_dir.
+    with staged_folder(out_dir, owned=TOKENIZER_FILES) as staging:
+        if config.backend == "bpe":
+            tok = _train_bpe(_interleave(samples), count, config)
+        else:
+            proto = _train_sentencepiece(list(_interleave(samples)), config, num_threads)
+            (staging / "spm.model").write_bytes(proto)
+            tok = sentencepiece_to_tokenizers(proto)
+        if tok.token_to_id(EOS_TOKEN) != EOS_ID:
+            raise DataError(f"tokenizer: {EOS_TOKEN} got id {tok.token_to_id(EOS_TOKEN)}, expected {EOS_ID}")
+        if tok.get_vocab_size() < config.vocab_size:
+            log.warning("tokenizer: the corpus supports only %d of the %d requested vocabulary entries",
+                        tok.get_vocab_size(), config.vocab_size)
+        save_hf_tokenizer(tok, staging, config, config.backend)
+        write_json(staging / META_FILE, {
+            "backend": config.backend, "vocab_size": tok.get_vocab_size(), "requested": asdict(config),
+            "eos_id": EOS_ID, "bos_id": EOS_ID, "training_docs_per_language": {k: len(v) for k, v in
+                                                                                sorted(samples.items())},
+            "hash": tokenizer_hash(staging)})
     return out_dir

@@ -110,6 +110,26 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return apply_rope_triton(q, k, cos, sin, inplace=inplace)
 
 
+def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels outside [0, vocab) that are not ignore_index are an error (the chunked loss would silently treat
+    them as a target logit of 0).
+
+    CPU tensors: a ValueError naming the value; reading the answer costs nothing there. Other devices: reading
+    it back would make the host wait for the GPU once per call, i.e. every micro-batch, so the check is queued
+    as a device-side assertion (torch._assert_async) that stops the process at the next synchronisation, as
+    F.cross_entropy's own bound check does on CUDA. CUDA_LAUNCH_BLOCKING=1 (or the same batch on CPU) names
+    the call and the value."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"kernels.linear_cross_entropy: a label is outside the vocabulary "
+                                        f"[0, {vocab}) and is not ignore_index ({ignore_index})")
+        return
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"kernels.linear_cross_entropy: label {value} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index ({ignore_index})")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, impl: str = "auto",
                          vocab_chunk: int | None = None) -> torch.Tensor:
@@ -132,12 +152,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"kernels.linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
     if vocab_chunk is not None and vocab_chunk <= 0:
         raise ValueError(f"kernels.linear_cross_entropy: vocab_chunk must be > 0, got {vocab_chunk}")
-    vocab = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"kernels.linear_cross_entropy: label {value} is outside the vocabulary [0, {vocab}) "
-                         f"and is not ignore_index ({ignore_index})")
+    _check_labels(labels, weight.shape[0], ignore_index)
     if hidden.shape[0] == 0:
         return linear_cross_entropy_torch(hidden, weight, labels, ignore_index, z_loss)
     triton_steps = use_triton(impl, hidden, "linear_cross_entropy")

@@ -36,6 +36,7 @@ from kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_ent
 from kernels.gelu import bias_gelu_torch
 from kernels.rms_norm import rms_norm_torch
 from kernels.rope import apply_rope_torch, rope_cos_sin
+from kernels.triton_runtime import INTERPRET
 
 HIDDEN, FFN, HEADS, HEAD_DIM, VOCAB = 4096, 16_384, 32, 128, 250_680
 GPU_TOKENS = (4096, 8192, 16384)
@@ -98,6 +99,16 @@ def measure_bandwidth_gbps(device: torch.device, reps: int) -> float:
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), device, reps)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, reps: int = 3, n: int | None = None) -> float:
+    """Dense matmul rate the device reaches: an n x n x n product on random data (8192 on a GPU, where it is
+    the practical ceiling MFU is also quoted against; 512 on a CPU)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = _median_ms(lambda: torch.mm(a, b), device, reps)
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
 
 
 def _backward(case: Case, out) -> None:
@@ -163,10 +174,20 @@ def _add_liger(providers: dict, kernel: str, build: Callable[[], Callable]) -> N
         print(f"liger {kernel}: not benchmarked ({type(err).__name__}: {err})")
 
 
-def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
-    x = torch.randn(tokens, HIDDEN, dtype=dtype, device=device, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(HIDDEN, device=device)).to(dtype).requires_grad_()
-    dy = torch.randn(tokens, HIDDEN, dtype=dtype, device=device)
+@dataclass
+class Widths:
+    """Model widths the cases run at (FuxiTranyu-8B by default; the GPU check's dry run shrinks them)."""
+    hidden: int = HIDDEN
+    ffn: int = FFN
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
+
+
+def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
+    hidden = widths.hidden
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(tokens, hidden, dtype=dtype, device=device)
     eps = 1e-5
     providers = {"eager": lambda: rms_norm_torch(x, w, eps)}
     compiled = _compiled(rms_norm_torch, compile_)
@@ -178,7 +199,7 @@ def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -
     def liger():
         from liger_kernel.transformers import LigerRMSNorm
 
-        module = LigerRMSNorm(HIDDEN, eps=eps).to(device=device, dtype=dtype)
+        module = LigerRMSNorm(hidden, eps=eps).to(device=device, dtype=dtype)
         with torch.no_grad():
             module.weight.copy_(w)
         return lambda: module(x)
@@ -186,13 +207,14 @@ def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -
     _add_liger(providers, "rms_norm", liger)
     elem = x.element_size()
     return Case("rms_norm", tokens, providers, [x, w], lambda out: ([out], [dy]),
-                full_bytes=5 * tokens * HIDDEN * elem)
+                full_bytes=5 * tokens * hidden * elem)
 
 
-def bias_gelu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
-    x = torch.randn(tokens, FFN, dtype=dtype, device=device, requires_grad=True)
-    b = (0.1 * torch.randn(FFN, device=device)).to(dtype).requires_grad_()
-    dy = torch.randn(tokens, FFN, dtype=dtype, device=device)
+def bias_gelu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
+    ffn = widths.ffn
+    x = torch.randn(tokens, ffn, dtype=dtype, device=device, requires_grad=True)
+    b = (0.1 * torch.randn(ffn, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(tokens, ffn, dtype=dtype, device=device)
     providers = {"eager": lambda: bias_gelu_torch(x, b)}
     compiled = _compiled(bias_gelu_torch, compile_)
     if compiled:
@@ -201,15 +223,16 @@ def bias_gelu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) 
         providers["triton"] = lambda: kernels.bias_gelu(x, b, impl="triton")
     elem = x.element_size()
     return Case("bias_gelu", tokens, providers, [x, b], lambda out: ([out], [dy]),
-                full_bytes=5 * tokens * FFN * elem, notes={})
+                full_bytes=5 * tokens * ffn * elem, notes={})
 
 
-def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Case:
+def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
+    heads, head_dim = widths.heads, widths.head_dim
     seq = min(tokens, 4096)
     batch = max(1, tokens // seq)
-    q = torch.randn(batch, seq, HEADS, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
-    k = torch.randn(batch, seq, HEADS, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(seq, device=device)[None], HEAD_DIM, 10_000.0, dtype)
+    q = torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(seq, device=device)[None], head_dim, 10_000.0, dtype)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     providers = {"eager": lambda: apply_rope_torch(q, k, cos, sin)}
     compiled = _compiled(apply_rope_torch, compile_)
@@ -229,7 +252,7 @@ def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool) -> Ca
     _add_liger(providers, "rope", liger)
     elem = q.element_size()
     return Case("rope", batch * seq, providers, [q, k], lambda out: (list(out), [dq, dk]),
-                full_bytes=8 * batch * seq * HEADS * HEAD_DIM * elem)
+                full_bytes=8 * batch * seq * heads * head_dim * elem)
 
 
 def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, hidden: int = HIDDEN,
@@ -333,6 +356,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_csv(rows: list[Result], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    _write_atomic(path, buffer.getvalue())
+
+
 def _fmt(v: float, digits: int = 3) -> str:
     return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}g}"
 
@@ -383,11 +415,11 @@ def write_plot(rows: list[Result], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype: torch.dtype) -> dict:
+def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype: torch.dtype,
+              fast: str) -> dict:
     summary: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                   "dtype": str(dtype).replace("torch.", ""),
                                   "measured_bw_gbps": round(bandwidth, 1)}
-    fast = "triton" if device.type == "cuda" else "compile"
     for kernel in ("rms_norm", "bias_gelu", "rope"):
         mine = [r for r in rows if r.kernel == kernel]
         if not mine:
@@ -400,13 +432,18 @@ def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype:
                 if base in by and base != fast:
                     summary[f"{kernel}_speedup_vs_{base}"] = round(by[base].full_ms / by[fast].full_ms, 3)
     flce = [r for r in rows if r.kernel == "flce"]
-    if flce and device.type == "cuda":
+    if flce and fast == "triton":
         t_ref = 8192 if any(r.tokens == 8192 for r in flce) else max(r.tokens for r in flce)
         by = {r.provider: r for r in flce if r.tokens == t_ref}
         if "triton" in by and "eager" in by:
             summary["flce_tokens"] = t_ref
-            summary["flce_peak_mem_ratio"] = round(by["triton"].peak_mem_mb / by["eager"].peak_mem_mb, 4)
+            if device.type == "cuda":
+                summary["flce_peak_mem_ratio"] = round(by["triton"].peak_mem_mb / by["eager"].peak_mem_mb, 4)
             summary["flce_time_ratio"] = round(by["triton"].full_ms / by["eager"].full_ms, 3)
+            if "liger" in by:
+                summary["flce_liger_time_ratio"] = round(by["liger"].full_ms / by["eager"].full_ms, 3)
+                if device.type == "cuda":
+                    summary["flce_liger_peak_mem_ratio"] = round(by["liger"].peak_mem_mb / by["eager"].peak_mem_mb, 4)
     return summary
 
 
@@ -421,6 +458,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flce-cpu-tokens", type=int, default=2048)
     parser.add_argument("--flce-cpu-hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="model width of rms_norm and the fused loss")
+    parser.add_argument("--ffn", type=int, default=FFN, help="bias_gelu width")
+    parser.add_argument("--heads", type=int, default=HEADS, help="rope heads")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="rope head dim")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU: run the GPU benchmark path (Triton providers, the fused loss in-process) under "
+                             "TRITON_INTERPRET=1; a dry run at tiny shapes, not a speed measurement")
     parser.add_argument("--vocab-chunk", type=int, default=None,
                         help="vocab columns per chunk of the fused loss (default: kernels.default_vocab_chunk)")
     parser.add_argument("--out", default="runs/bench/kernels", help="folder for kernels.csv/.md/.png")
@@ -429,10 +473,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
+    if args.interpret and not on_gpu and not (kernels.HAS_TRITON and INTERPRET):
+        raise SystemExit("fuxi bench kernels: --interpret needs triton and TRITON_INTERPRET=1 in the environment")
+    gpu_path = on_gpu or args.interpret  # Triton providers and the in-process fused-loss cases
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if on_gpu else "fp32")]
     tokens_list = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
-    triton_ok = on_gpu and kernels.HAS_TRITON
+    triton_ok = gpu_path and kernels.HAS_TRITON
+    widths = Widths(args.hidden, args.ffn, args.heads, args.head_dim)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -441,18 +489,22 @@ def run(args: argparse.Namespace) -> dict:
     print(f"device {device.type}, dtype {dtype}, measured copy bandwidth {bandwidth:.1f} GB/s")
     rows: list[Result] = []
     for kernel in args.kernels:
-        if kernel == "flce" and not on_gpu:
+        if kernel == "flce" and not gpu_path:
             continue  # CPU: measured in subprocesses below
         for tokens in tokens_list:
-            case = CASE_BUILDERS[kernel](tokens, dtype, device, not args.no_compile, triton_ok) \
+            case = CASE_BUILDERS[kernel](tokens, dtype, device, not args.no_compile, triton_ok, widths) \
                 if kernel != "flce" else flce_case(tokens, dtype, device, not args.no_compile, triton_ok,
-                                                   vocab=args.vocab, vocab_chunk=args.vocab_chunk)
+                                                   hidden=args.hidden, vocab=args.vocab,
+                                                   vocab_chunk=args.vocab_chunk)
             rows.extend(run_case(case, device, args.reps, bandwidth))
             del case
-            print(f"  {kernel} x {tokens} tokens done")
+            _write_csv(rows, out_dir / "kernels.csv")  # after every case: a run killed later keeps these rows
+            print(f"  {kernel} x {tokens} tokens done", flush=True)
 
-    summary = _headline(rows, bandwidth, device, dtype)
-    if "flce" in args.kernels and not on_gpu:
+    summary = _headline(rows, bandwidth, device, dtype, "triton" if triton_ok else "compile")
+    if args.interpret:
+        summary["interpreted"] = True  # tiny shapes on a CPU: the numbers say nothing about speed
+    if "flce" in args.kernels and not gpu_path:
         mem = flce_cpu_memory(args.flce_cpu_tokens, args.flce_cpu_hidden, args.vocab, args.vocab_chunk,
                               reps=args.reps)
         for variant, m in mem.items():
@@ -470,12 +522,7 @@ def run(args: argparse.Namespace) -> dict:
             "flce_mean_loss_abs_diff": abs(mem["eager"]["loss"] - mem["chunked_torch"]["loss"]),
         })
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(asdict(r))
-    _write_atomic(out_dir / "kernels.csv", buffer.getvalue())
+    _write_csv(rows, out_dir / "kernels.csv")
     table = markdown_table(rows)
     _write_atomic(out_dir / "kernels.md", table + "\n")
     if rows:

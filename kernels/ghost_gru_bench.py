@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions on CPU (GPU: do_bench)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
+                        help="GhostGRU recurrence: auto = the Triton kernel on a GPU, the torch loop on a CPU "
+                             "(triton on a CPU: under TRITON_INTERPRET=1, a dry run)")
 
 
 def _time_cpu(fn, repeats: int) -> float:
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.seq_len or (256 if on_gpu else 64)
     hidden = args.hidden or (512 if on_gpu else 256)
     dtype = getattr(torch, args.dtype)
-    impl = "triton" if on_gpu else "torch"
+    impl = args.impl if args.impl != "auto" else ("triton" if on_gpu else "torch")
     timer = _time_gpu if on_gpu else (lambda fn: _time_cpu(fn, args.repeats))
     torch.manual_seed(0)
     x = torch.randn(batch, steps, hidden, device=device, dtype=dtype, requires_grad=True)

@@ -69,8 +69,25 @@ def persistent_programs(tensor: torch.Tensor, work_items: int) -> int:
     1.7 ms, so a handful.
     """
     if tensor.is_cuda:
-        return max(1, min(work_items, 2 * _sm_count(tensor.device.index or 0)))
+        return max(1, min(work_items, 2 * sm_count(tensor)))
     return max(1, min(work_items, 4))
+
+
+def sm_count(tensor: torch.Tensor) -> int:
+    """Streaming multiprocessors of `tensor`'s CUDA device."""
+    return _sm_count(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+
+
+def autotuned(kernel, configs: list[tuple[dict, int]], key: list[str], do_bench=None):
+    """`kernel` wrapped in @triton.autotune over `configs` ((meta-parameters, num_warps) pairs), keyed on the
+    argument names in `key`. None under the interpreter or without triton unless `do_bench` (a CPU timer,
+    `fn, quantiles -> ms`) is given: the autotuner's default benchmarker times with CUDA events. Callers launch
+    the tuned kernel on CUDA tensors and otherwise the plain kernel with meta-parameters of their own. Only for
+    kernels that overwrite their outputs: the autotuner runs every config on the real arguments."""
+    if not HAS_TRITON or (INTERPRET and do_bench is None):
+        return None
+    return triton.autotune(configs=[triton.Config(meta, num_warps=warps) for meta, warps in configs],
+                           key=key, do_bench=do_bench)(kernel)
 
 
 def rows_per_program(block_cols: int, tensor: torch.Tensor, n_rows: int | None = None) -> int:

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "data": "data_pipeline.bench",
     "train": "pretrain.bench",
     "ghostrnn": "kernels.ghost_gru_bench",
+    "moe": "model.moe_bench",
 }
 
 

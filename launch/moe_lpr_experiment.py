@@ -77,6 +77,7 @@ def prepare_data(args, out: Path, languages: list[str]) -> Path:
     stamp_file = data_dir / "experiment_stamp.json"
     if args.reuse and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return data_dir
+    stamp_file.unlink(missing_ok=True)  # stale: prepare_dataset replaces only a folder of its own outputs
     prepare_dataset(data_dir, args.corpus, vocab_size=args.vocab, seq_len=128, languages=languages)
     stamp_file.write_text(json.dumps(stamp))
     return data_dir

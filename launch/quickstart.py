@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_dir = OUT / "hf"
     print(f"[3/4] exported to {hf_dir}; per-language validation loss (nats/token):")
     print(loss_table(result.start_val, result.final_val))
-    print("[4/4] greedy samples from the export, loaded with transformers:")
+    print("[4/4] greedy samples from the export (plain transformers, cached generate):")
     samples = greedy_samples(hf_dir, PROMPTS)
     for lang, text in samples.items():
         print(f"  {lang:<12} {text!r}")

@@ -126,9 +126,10 @@ def _prefixed(message: str, prefix: str) -> str:
 
 
 def to_dict(obj: Any) -> Any:
-    """The inverse of `from_dict`: plain dicts/lists, ready for YAML or JSON."""
+    """The inverse of `from_dict`: plain dicts/lists, ready for YAML or JSON (fields with init=False, which
+    from_dict does not read, are left out)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

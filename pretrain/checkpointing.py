@@ -5,6 +5,7 @@ Layout under `<output_dir>/checkpoints/`:
         model_config.yaml      the ModelConfig, so conversion needs no run config
         trainer_state.json     step, tokens per language, skipped steps (written by rank 0)
         rank_00000.pt          per-rank RNG states and data-stream state (torch.save of plain data/tensors)
+                               (every .pt is read back with torch.load(weights_only=True): never code)
         COMPLETE               written last: a tag without it is an interrupted save and is never loaded
     latest                    the newest complete tag, replaced atomically
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from checkpoints.deepspeed_checkpoint import load_weights_only
 from checkpoints.sharded_safetensors import atomic_write_text
 from model.typed_config import to_dict
 from pretrain.distributed import barrier
@@ -116,5 +118,5 @@ class CheckpointManager:
         if not rank_file.is_file():
             raise FileNotFoundError(f"{rank_file} is missing: was the checkpoint written with a different "
                                     f"world size ({trainer_state.get('world_size')})?")
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_state = load_weights_only(rank_file)
         return trainer_state, rank_state

@@ -1,4 +1,9 @@
-"""`fuxi pretrain --config <yaml> [--set a.b=value ...]`: run (or resume) a training job."""
+"""`fuxi pretrain --config <yaml> [--set a.b=value ...]`: run (or resume) a training job.
+
+Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint (preemption); 2 a config,
+data or checkpoint error (one line naming the key, file or shard); 3 the NaN guard stopped the run
+(`run.max_consecutive_bad_steps` bad steps in a row; `latest` names the last checkpoint before them).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+EXIT_DIVERGED = 3
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
     from pretrain.config import load_train_config
-    from pretrain.trainer import train
+    from pretrain.trainer import NonFiniteLossError, train
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -27,9 +35,19 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as err:
+        if rank == 0:
+            print(f"fuxi pretrain: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     if rank == 0:
-        state = "preempted, checkpoint written" if result.preempted else "finished"
+        if not result.preempted:
+            state = "finished"
+        elif result.checkpoint and result.checkpoint.endswith(f"step_{result.step:08d}"):
+            state = "preempted, checkpoint written"
+        else:  # inside a bad streak: nothing is saved then
+            state = "preempted inside a streak of bad steps, no checkpoint written"
         print(f"fuxi pretrain: {state} at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 

@@ -219,6 +219,8 @@ class TrainConfig:
     stage: str = "pretrain"
     # Only read by stage prealign_init.
     prealign: PreAlignConfig = field(default_factory=PreAlignConfig)
+    # Where the config came from ("run.yaml with --set ..."), for errors found after loading; not a YAML key.
+    source: str = field(default="<dict>", init=False, compare=False, repr=False)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -238,12 +240,16 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
                       data: dict | None = None) -> TrainConfig:
     """`model:` may name a model YAML (`model: configs/model/x.yaml`) or hold the fields inline."""
     raw = read_yaml(path) if path is not None else dict(data or {})
+    source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
+                                                              if overrides else "")
     if isinstance(raw.get("model"), str):
         model_path = Path(raw["model"])
         if not model_path.is_file() and path is not None:
             model_path = Path(path).parent / raw["model"]
+        if not model_path.is_file():
+            raise ConfigError(f"model: {raw['model']} not found (in {source})")
         raw["model"] = read_yaml(model_path)
-    source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
-                                                              if overrides else "")
-    return from_dict(TrainConfig, apply_overrides(raw, overrides), source=source)
+    cfg = from_dict(TrainConfig, apply_overrides(raw, overrides), source=source)
+    cfg.source = source
+    return cfg
 

@@ -39,9 +39,3 @@ class TrainData:
 
         return build_val_batches(self.cfg.data, batch_size=batch_size,
                                  max_batches_per_language=max_batches_per_language)
-
-    @staticmethod
-    def tokenizer_vocab_size(tokenizer_dir: str) -> int:
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))

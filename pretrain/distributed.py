@@ -88,12 +88,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, ctx: DistributedContext, global_batch: int):
+    """The DeepSpeed engine. It reads checkpoints through `WeightsOnlyCheckpointReader`: resuming never unpickles
+    anything but tensors and DeepSpeed's data classes (DeepSpeed's own reader would run a crafted file)."""
     import deepspeed
+
+    from checkpoints.deepspeed_checkpoint import WeightsOnlyCheckpointReader
 
     optimizer = build_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ctx.world_size, global_batch))
+    engine.checkpoint_engine = WeightsOnlyCheckpointReader(engine.checkpoint_engine)
     return engine
 
 

@@ -41,6 +41,14 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, num_dev
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12 * num_devices)
 
 
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (the model's own count: 6N + 12·L·h·s for attention models, 6N_active for
+    MoE, 6x MACs for GhostRNN), from the config alone: the model is built on the meta device, so it costs no
+    memory, and ZeRO-3 (which leaves each rank's live parameters empty) cannot change the count. `fuxi info`,
+    the trainer's MFU and `fuxi bench train` all use this."""
+    return build_model(config, device="meta").flops_per_token(seq_len)
+
+
 def peak_tflops_for(device_name: str) -> float | None:
     """Look the device up by substring of torch.cuda.get_device_name (None when unknown)."""
     for key, value in PEAK_TFLOPS.items():
@@ -77,7 +85,7 @@ def model_report(config: ModelConfig, world_size: int = 8, seq_len: int | None =
         model_type=config.type,
         parameters=params,
         parameters_without_embedding=model.num_parameters(exclude_embeddings=True),
-        flops_per_token=model.flops_per_token(seq_len),
+        flops_per_token=flops_per_token(config, seq_len),
         seq_len=seq_len,
         world_size=world_size,
         model_state_gb_per_rank={f"zero{s}": zero_model_state_bytes(params, world_size, s) / 1e9 for s in range(4)},

@@ -138,6 +138,8 @@ def console_line(step: int, total: int, m: dict) -> str:
         parts.append(f"scale {m['loss_scale']:.0f}")
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
+    if m.get("skipped_samples"):  # corrupt or missing samples the stream replaced (data.on_error: skip)
+        parts.append(f"bad samples {m['skipped_samples']}")
     return " | ".join(parts)
 
 

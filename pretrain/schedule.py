@@ -39,12 +39,15 @@ def global_batch_at(step: int, cfg: ScheduleConfig) -> int:
     return batch
 
 
-def check_batch_divisibility(cfg: ScheduleConfig, micro_batch: int, world_size: int) -> None:
-    """Every global batch of the ramp must be a whole number of micro-batches on every rank."""
+def check_batch_divisibility(cfg: ScheduleConfig, micro_batch: int, world_size: int, source: str = "") -> None:
+    """Every global batch of the ramp must be a whole number of micro-batches on every rank. The error names
+    the entry at fault (`schedule.global_batch` or `schedule.batch_ramp[i].global_batch`) and `source`."""
     from model.typed_config import ConfigError
 
     unit = micro_batch * world_size
-    for batch in [cfg.global_batch, *(s.global_batch for s in cfg.batch_ramp)]:
+    entries = [("schedule.global_batch", cfg.global_batch)]
+    entries += [(f"schedule.batch_ramp[{i}].global_batch", s.global_batch) for i, s in enumerate(cfg.batch_ramp)]
+    for key, batch in entries:
         if batch % unit:
-            raise ConfigError(f"schedule.global_batch: {batch} is not a multiple of micro_batch x world size "
-                              f"= {micro_batch} x {world_size}")
+            raise ConfigError(f"{key}: {batch} is not a multiple of micro_batch x world size = {micro_batch} x "
+                              f"{world_size}" + (f" (in {source})" if source else ""))

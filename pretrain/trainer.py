@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import build_model
+from model.typed_config import ConfigError
 from pretrain.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from pretrain.config import TrainConfig
 from pretrain.data import TrainData
 from pretrain.distributed import all_reduce_sum, any_rank, barrier, build_engine, init_distributed
 from pretrain.estimates import device_peak_tflops
+from pretrain.estimates import flops_per_token as estimated_flops_per_token
 from pretrain.metrics import (LanguageLoss, MetricsLogger, SpeedMonitor, console_line, memory_stats,
                               per_language_report, plot_loss_per_language)
-from pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at
+from pretrain.preflight import check_run_config
+from pretrain.schedule import global_batch_at, lr_at
 from pretrain.stages import build_stage
 from pretrain.validation import evaluate_per_language
 
@@ -27,11 +33,15 @@ log = logging.getLogger("fuxi.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient (`fuxi pretrain` exits with code 3)."""
 
 
 class PreemptionSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits.
+
+    Installed for the whole run, so a signal during setup is not fatal either. Schedulers deliver the signal to
+    every process of the job: the DataLoader workers ignore it (data_pipeline/loader.py) and leave shutdown to
+    this process; ranks agree on the flag once per step (one all-reduce), so all of them save the same step."""
 
     def __init__(self):
         self.received: int | None = None
@@ -66,8 +76,8 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
 
     saved = read_model_config(path)
     if saved.type != model.config.type:
-        raise ValueError(f"checkpoint.init_from: {path} holds a {saved.type!r} model, the run builds "
-                         f"{model.config.type!r}")
+        raise ConfigError(f"checkpoint.init_from: {path} holds a {saved.type!r} model, the run builds "
+                          f"{model.config.type!r}")
     check_tensor_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensor_shapes(path), path)
     with torch.no_grad():
         state = model.state_dict()
@@ -75,28 +85,42 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
             state[name].copy_(tensor)
 
 
+def seed_everything(seed: int, rank: int) -> None:
+    """torch: `seed` on every rank, so every rank builds the same initial weights. Python's `random` and NumPy
+    (host-side draws of a transform or stage): `seed + rank`, so ranks do not draw the same numbers. Their
+    states are saved per rank in each checkpoint and restored on resume."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
+    # Config errors first: they need only the config and the files it names (pretrain/preflight.py).
+    check_run_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    with PreemptionSignal() as preemption:
+        return _train(cfg, preemption)
+
+
+def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
     ctx = init_distributed(cfg.parallelism.backend)
     out_dir = Path(cfg.run.output_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    seed_everything(cfg.run.seed, ctx.rank)
 
     data = TrainData(cfg, ctx.rank, ctx.world_size)
-    if cfg.run.tokenizer:
-        cfg.model.check_tokenizer(data.tokenizer_vocab_size(cfg.run.tokenizer), cfg.run.tokenizer)
     model = build_model(cfg.model)
     if cfg.checkpoint.init_from:
         load_initial_weights(model, cfg.checkpoint.init_from)
     stage = build_stage(cfg, data.languages)
     stage.configure(model)
-    check_batch_divisibility(cfg.schedule, cfg.parallelism.micro_batch, ctx.world_size)
     engine = build_engine(model, cfg, ctx, global_batch_at(0, cfg.schedule))
 
     ckpt = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank)
     step, skipped = 0, 0
     start_val: dict = {}
     tag = ckpt.latest_tag() if cfg.checkpoint.resume else None
+    last_checkpoint = str(ckpt.root / tag) if tag else None
     if tag is not None:
         trainer_state, rank_state = ckpt.load(engine, tag)
         step, skipped, start_val = trainer_state["step"], trainer_state["skipped_steps"], trainer_state["start_val"]
@@ -105,9 +129,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         if ctx.is_main:
             log.info("resumed from %s at step %d", ckpt.root / tag, step)
 
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    speed = SpeedMonitor(flops_per_token, device_peak_tflops(cfg.logging.peak_tflops), ctx.world_size)
+    flops_per_token = estimated_flops_per_token(cfg.model, cfg.data.seq_len)  # from the config: ZeRO-3 safe
+    peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+    speed = SpeedMonitor(flops_per_token, peak_tflops, ctx.world_size)
     metrics = MetricsLogger(out_dir, ctx.is_main, cfg.logging.tensorboard)
+    metrics.log("run", step, {"flops_per_token": flops_per_token, "peak_tflops": peak_tflops,
+                              "world_size": ctx.world_size, "zero_stage": cfg.parallelism.zero_stage})
     lang_loss = LanguageLoss(len(data.languages), ctx.device)
     val_batches = data.validation_batches(cfg.logging.val_batches_per_language, cfg.parallelism.micro_batch)
     evaluator = None
@@ -146,72 +173,83 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     engine.train()
     batches = iter(data.loader)
-    consecutive_bad, last_checkpoint, preempted = 0, None, False
-    with PreemptionSignal() as preemption:
-        while step < cfg.schedule.total_steps:
-            global_batch = global_batch_at(step, cfg.schedule)
-            if engine.train_batch_size() != global_batch:
-                engine.set_train_batch_size(global_batch)
-            lr = lr_at(step, cfg.optimizer.lr, cfg.schedule)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+    # A bad streak: consecutive steps with a non-finite loss or gradient. No checkpoint is written while one
+    # lasts (the weights may already be garbage), so `latest` always names a step before it; a save that
+    # falls due is made at the first good step after it.
+    consecutive_bad, streak_start, save_due, preempted = 0, 0, False, False
+    while step < cfg.schedule.total_steps:
+        global_batch = global_batch_at(step, cfg.schedule)
+        if engine.train_batch_size() != global_batch:
+            engine.set_train_batch_size(global_batch)
+        lr = lr_at(step, cfg.optimizer.lr, cfg.schedule)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
 
-            # Summed on the device: one host sync per step, not per micro-batch.
-            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            lm_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for _ in range(engine.gradient_accumulation_steps()):
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
-                result = stage.compute_loss(engine, batch)
-                engine.backward(result.loss)
-                engine.step()
-                lang_loss.add(result.token_losses, batch["lang_ids"], batch["labels"])
-                speed.add_tokens(batch["input_ids"].numel())
-                loss_sum += result.loss.detach().double()
-                lm_loss_sum += result.lm_loss.double()
+        # Summed on the device: one host sync per step, not per micro-batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        lm_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+            result = stage.compute_loss(engine, batch)
+            engine.backward(result.loss)
+            engine.step()
+            lang_loss.add(result.token_losses, batch["lang_ids"], batch["labels"])
+            speed.add_tokens(batch["input_ids"].numel())
+            loss_sum += result.loss.detach().double()
+            lm_loss_sum += result.lm_loss.double()
 
-            step_loss = float(lm_loss_sum) / engine.gradient_accumulation_steps()
-            bad = not math.isfinite(float(loss_sum)) or not engine.was_step_applied()
-            step_bad, preempted = any_rank([bad, preemption.received is not None], ctx.device)
-            step += 1
-            if step_bad:
-                skipped += 1
-                consecutive_bad += 1
-                if ctx.is_main:
-                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, consecutive_bad)
-                if consecutive_bad >= cfg.run.max_consecutive_bad_steps:
-                    raise NonFiniteLossError(
-                        f"stopping at step {step}: {consecutive_bad} consecutive steps had a non-finite loss or "
-                        f"gradient (run.max_consecutive_bad_steps = {cfg.run.max_consecutive_bad_steps}); "
-                        f"lower optimizer.lr or restart from the last checkpoint with schedule.peak_cut")
-            else:
-                consecutive_bad = 0
+        step_loss = float(lm_loss_sum) / engine.gradient_accumulation_steps()
+        bad = not math.isfinite(float(loss_sum)) or not engine.was_step_applied()
+        step_bad, preempted = any_rank([bad, preemption.received is not None], ctx.device)
+        step += 1
+        if step_bad:
+            skipped += 1
+            consecutive_bad += 1
+            streak_start = step if consecutive_bad == 1 else streak_start
+            if ctx.is_main:
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, consecutive_bad)
+            if consecutive_bad >= cfg.run.max_consecutive_bad_steps:
+                metrics.close()
+                raise NonFiniteLossError(
+                    f"stopped at step {step}: {consecutive_bad} consecutive steps (from step {streak_start}) had a "
+                    f"non-finite loss or gradient (run.max_consecutive_bad_steps = "
+                    f"{cfg.run.max_consecutive_bad_steps}); the last checkpoint before them is "
+                    f"{last_checkpoint or 'none'}: restart from it with a lower optimizer.lr or schedule.peak_cut")
+        else:
+            consecutive_bad = 0
 
-            if step % cfg.logging.every_steps == 0 or step == cfg.schedule.total_steps:
-                sums, counts = lang_loss.reduce_and_reset()
-                grad_norm = engine.get_global_grad_norm()
-                mean_loss = float(all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64,
-                                                              device=ctx.device))) / ctx.world_size
-                record = {"loss": mean_loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
-                          "tokens_per_language": tokens_per_language(),
-                          "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0),
-                          "skipped_steps": skipped, "global_batch": global_batch,
-                          "per_language": per_language_report(sums, counts, data.languages, data.bytes_per_token),
-                          **speed.read_and_reset(), **memory_stats(ctx.device), **stage.log_metrics()}
-                metrics.log("train", step, record)
-                if ctx.is_main:
-                    log.info(console_line(step, cfg.schedule.total_steps, record))
-            if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
-                validate()
-                engine.train()
-            if evaluator is not None and evaluator.due(step) and not preempted:
-                downstream_eval()
+        if step % cfg.logging.every_steps == 0 or step == cfg.schedule.total_steps:
+            sums, counts = lang_loss.reduce_and_reset()
+            grad_norm = engine.get_global_grad_norm()
+            loss_and_skips = all_reduce_sum(torch.tensor([step_loss, getattr(data.loader, "skipped", 0)],
+                                                         dtype=torch.float64, device=ctx.device)).tolist()
+            record = {"loss": loss_and_skips[0] / ctx.world_size, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                      "tokens_per_language": tokens_per_language(),
+                      "loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0),
+                      "skipped_steps": skipped, "skipped_samples": int(loss_and_skips[1]),
+                      "global_batch": global_batch,
+                      "per_language": per_language_report(sums, counts, data.languages, data.bytes_per_token),
+                      **speed.read_and_reset(), **memory_stats(ctx.device), **stage.log_metrics()}
+            metrics.log("train", step, record)
+            if ctx.is_main:
+                log.info(console_line(step, cfg.schedule.total_steps, record))
+        if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
+            validate()
+            engine.train()
+        if evaluator is not None and evaluator.due(step) and not preempted:
+            downstream_eval()
 
-            if step % cfg.checkpoint.every_steps == 0 or preempted or step == cfg.schedule.total_steps:
-                last_checkpoint = save()
-            if preempted:
-                if ctx.is_main:
-                    log.warning("preemption signal received: checkpoint %s written, exiting", last_checkpoint)
-                break
+        save_due = save_due or step % cfg.checkpoint.every_steps == 0 or preempted or \
+            step == cfg.schedule.total_steps
+        if save_due and consecutive_bad == 0:
+            last_checkpoint, save_due = save(), False
+        elif save_due and ctx.is_main:
+            log.warning("step %d: checkpoint postponed until a step is good again (bad streak since step %d)",
+                        step, streak_start)
+        if preempted:
+            if ctx.is_main:
+                log.warning("preemption signal received: exiting; latest checkpoint %s", last_checkpoint)
+            break
 
     if ctx.is_main and hasattr(data.loader, "mixture_report"):  # stream loaders; a stage's own data may lack it
         log.info("language mix on rank 0, target vs realised:\n%s", data.loader.mixture_report())

@@ -29,3 +29,32 @@ def tiny_dataset(tmp_path_factory, **overrides) -> PreparedData:
         out: Path = tmp_path_factory.mktemp("fuxi_tiny_data")
         _CACHE[key] = prepare_dataset(out, **kwargs)
     return _CACHE[key]
+
+
+def rewrite_shard(manifest_path: Path, index: int, change) -> Path:
+    """Rewrite shard `index` of a manifest with `change(tokens, lang_ids, doc_ids) -> (tokens, lang_ids,
+    doc_ids)` applied to every sample (any dtypes and lengths), and record the new file's size and sha256 in
+    the manifest: a fault only decoding the samples can find. Returns the shard path."""
+    import json
+
+    import webdataset as wds
+
+    from data_pipeline.io_utils import sha256_file
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.shards import ShardReader, npy_bytes
+
+    manifest = load_manifest(manifest_path)
+    shard = manifest.shards[index]
+    reader = ShardReader(manifest, shard)
+    samples = [(key, reader.read(i)) for i, (key, *_) in enumerate(reader._index)]
+    reader.close()
+    path = manifest.shard_path(shard)
+    with wds.TarWriter(str(path), encoder=False) as tar:
+        for key, block in samples:
+            tokens, lang_ids, doc_ids = change(block.tokens, block.lang_ids, block.doc_ids)
+            tar.write({"__key__": key, "tokens.npy": npy_bytes(tokens), "lang.npy": npy_bytes(lang_ids),
+                       "doc.npy": npy_bytes(doc_ids)})
+    raw = json.loads(Path(manifest_path).read_text())
+    raw["shards"][index].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    Path(manifest_path).write_text(json.dumps(raw))
+    return path

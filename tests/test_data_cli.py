@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
+import numpy as np
+
 from data_pipeline.cli import main, register
-from tests.data_helpers import tiny_dataset
+from data_pipeline.pack import pack
+from tests.data_helpers import rewrite_shard, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +61,26 @@ def test_clean_tokenizer_pack_commands(data, tmp_path, capsys):
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert main(["data", "inspect", str(tmp_path / "missing.json")]) == 2  # a clear error, not a traceback
     assert "manifest not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda t, lang, doc: (t.astype(np.int16), lang, doc), r"expected uint32\[65\], found int16\[65\]"),
+    (lambda t, lang, doc: (t, lang.astype(np.float32), doc), r"expected uint16\[65\], found float32\[65\]"),
+    (lambda t, lang, doc: (t[:-1], lang, doc), r"expected uint32\[65\], found uint32\[64\]"),
+    (lambda t, lang, doc: (np.full_like(t, 5000), lang, doc), r"token id 5000 >= vocab size"),
+    (lambda t, lang, doc: (t, np.full_like(lang, 7), doc), r"language index 7 >= 2 languages"),
+    (lambda t, lang, doc: (t, 1 - lang, doc), r"tokens per language \{'th': \d+\} disagree"),
+])
+def test_inspect_verify_decodes_every_sample(data, tmp_path, capsys, fault, message):
+    """Shards whose size and sha256 agree with the manifest but whose samples are wrong (dtype, length, id
+    range, language): --verify reads every sample and names the shard and sample at fault, exit 2."""
+    clean_train = data.train_manifest.parent.parent / "clean" / "train"
+    path = pack(clean_train, data.tokenizer_dir, tmp_path / "shards", seq_len=64, languages=["hi", "th"],
+                shard_bytes=40_000, num_proc=1, progress=False)
+    assert main(["data", "inspect", str(path), "--verify", "--quiet"]) == 0
+    capsys.readouterr()
+    shard = rewrite_shard(path, 0, fault)
+    assert main(["data", "inspect", str(path), "--verify", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and shard.name in err
+    assert re.search(message, err), err

@@ -11,8 +11,9 @@ from data_pipeline.errors import DataError, ManifestError, ShardError
 from data_pipeline.loader import build_train_loader, build_val_batches
 from data_pipeline.manifest import load_manifest
 from data_pipeline.pack import pack
+from data_pipeline.stream import MixtureOrder
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from tests.data_helpers import tiny_dataset
+from tests.data_helpers import rewrite_shard, tiny_dataset
 
 LANGS = ["hi", "th"]
 
@@ -128,3 +129,61 @@ def test_missing_shard_is_named(small):
     os.remove(shard)
     with pytest.raises(ShardError, match=f"{shard.name}: missing"):
         build_train_loader(cfg, batch_size=2)
+
+
+def expected_replacements(loader, batches: int, corrupt: set[int]) -> int:
+    """What `loader.skipped` must be after `batches` batches of rank 0 of 1: for each position consumed, the
+    corrupt samples met before a good one (the same slot of the following epochs), found by walking the
+    mixture order directly."""
+    order = MixtureOrder(loader.plan, loader.manifest, loader.cfg.seed, loader.cfg.mixing_window)
+    count = 0
+    for g in range(batches * loader.batch_size):
+        while order.locate(g)[1] in corrupt:
+            count += 1
+            g += order.epoch_size
+    return count
+
+
+def test_skip_counts_every_sample_of_a_shard_with_a_wrong_sha_missing_or_of_the_wrong_dtype(small, caplog):
+    """on_error: skip treats a shard whose sha256 disagrees with the manifest, a missing shard and a shard whose
+    samples have the wrong dtype as corrupt in every sample, and counts each replacement exactly (per batch,
+    so the count resumes exactly), with workers or without."""
+    import numpy as np
+
+    path, cfg = small
+    manifest = load_manifest(path)
+    hi = [i for i, s in enumerate(manifest.shards) if s.language == "hi"]
+    th = [i for i, s in enumerate(manifest.shards) if s.language == "th"]
+    assert len(hi) >= 2 and len(th) >= 2
+    bad_sha, missing, bad_dtype = hi[0], hi[1], th[0]
+    shard = manifest.shard_path(manifest.shards[bad_sha])
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"\x93NUMPY") + 200] ^= 0xFF  # a token inside the first sample: decodes, sha256 differs
+    shard.write_bytes(bytes(data))
+    os.remove(manifest.shard_path(manifest.shards[missing]))
+    rewrite_shard(path, bad_dtype, lambda t, lang, doc: (t.astype(np.int16), lang, doc))  # sizes/sha updated
+
+    with pytest.raises(ShardError, match="missing"):  # raise stays the default
+        build_train_loader(cfg, batch_size=4)
+    cfg.on_error = "skip"
+    corrupt = {bad_sha, missing, bad_dtype}
+    batches = 2 * load_manifest(path).samples_per_language()["hi"] // 4
+    for workers in (0, 2):
+        cfg.num_workers = workers
+        loader = build_train_loader(cfg, batch_size=4)
+        with caplog.at_level(logging.WARNING):
+            _take(loader, batches)
+        expected = expected_replacements(loader, batches, corrupt)
+        assert expected > manifest.shards[bad_sha].samples  # every fault was met
+        assert loader.skipped == expected, (workers, loader.skipped, expected)
+        assert loader.state_dict()["skipped"] == expected
+    for index in corrupt:
+        assert manifest.shards[index].path in caplog.text
+    # resuming half way continues the count exactly
+    cfg.num_workers = 0
+    first = build_train_loader(cfg, batch_size=4)
+    _take(first, batches // 2)
+    resumed = build_train_loader(cfg, batch_size=4)
+    resumed.load_state_dict(first.state_dict())
+    _take(resumed, batches - batches // 2)
+    assert resumed.skipped == expected

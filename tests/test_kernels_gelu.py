@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.gelu import bias_gelu_torch
+from kernels.gelu import BWD_CONFIGS, FWD_CONFIGS, bias_gelu_backward, bias_gelu_forward, bias_gelu_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,6 +33,58 @@ def test_bias_gelu_matches_reference(rows, cols, with_bias):
     torch.testing.assert_close(dx_t, dx_r, atol=1e-5, rtol=1e-5)
     if with_bias:
         torch.testing.assert_close(db_t, db_r, atol=1e-4 * max(1, rows / 32), rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", range(max(len(FWD_CONFIGS), len(BWD_CONFIGS))))
+def test_every_gpu_launch_config_is_correct(config):
+    """The tiles the GPU autotuner chooses from, each run as a fixed launch (under the interpreter on CPU):
+    a width that no column block divides and row counts that leave partial tiles and idle row groups."""
+    rows, cols = 37, 1000
+    x = 2.0 * torch.randn(rows, cols, device=DEVICE)
+    b = torch.randn(cols, device=DEVICE)
+    dy = torch.randn(rows, cols, device=DEVICE)
+    xr = x.clone().requires_grad_()
+    br = b.clone().requires_grad_()
+    ref = bias_gelu_torch(xr, br)
+    ref.backward(dy)
+    fwd_meta, fwd_warps = FWD_CONFIGS[config % len(FWD_CONFIGS)]
+    y = bias_gelu_forward(x, b, torch.float32, tile={**fwd_meta, "num_warps": fwd_warps})
+    torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
+    bwd_meta, bwd_warps = BWD_CONFIGS[config % len(BWD_CONFIGS)]
+    dx, db = bias_gelu_backward(dy, x, b, tile={**bwd_meta, "num_warps": bwd_warps})
+    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
+    """The GPU launch path (the autotuner choosing among the configs, grids from the chosen tile, row groups from
+    the SM count) under the interpreter, with a CPU timer in place of the CUDA-event benchmarker."""
+    import time
+
+    from kernels import gelu
+    from kernels.triton_runtime import autotuned
+
+    def cpu_timer(fn, quantiles):
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return [ms] * len(quantiles)
+
+    fwd = autotuned(gelu._bias_gelu_fwd_kernel, FWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
+    bwd = autotuned(gelu._bias_gelu_bwd_kernel, BWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
+    monkeypatch.setattr(gelu, "sm_count", lambda tensor: 132)  # an H100's
+    x = 2.0 * torch.randn(70, 1000, device=DEVICE)
+    b = torch.randn(1000, device=DEVICE)
+    dy = torch.randn(70, 1000, device=DEVICE)
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = bias_gelu_torch(xr, br)
+    ref.backward(dy)
+    y = bias_gelu_forward(x, b, torch.float32, tuned=fwd)
+    dx, db = bias_gelu_backward(dy, x, b, tuned=bwd)
+    assert fwd.best_config is not None and bwd.best_config is not None
+    torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
 
 
 def test_bias_gelu_is_torch_tanh_gelu_on_3d_input():

@@ -114,3 +114,46 @@ def test_fused_loss_peak_memory_at_real_vocab():
     fused = peak(lambda a, b, c: kernels.linear_cross_entropy(a, b, c, impl="triton"))
     eager = peak(linear_cross_entropy_torch)
     assert fused <= eager / 8, (fused / 2**20, eager / 2**20)
+
+
+def test_fused_loss_does_not_wait_for_the_gpu():
+    """The label check and the chunk loop queue work without a host synchronisation (a stall per micro-batch
+    otherwise): forward + backward under CUDA's sync debug mode "error" (after a warm-up that compiles)."""
+    tokens, hidden, vocab = 512, 256, 10_000
+    h = (torch.randn(tokens, hidden, device=DEVICE) / 16).bfloat16().requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, device=DEVICE)).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    labels[::5] = kernels.IGNORE_INDEX
+    grad = torch.full((tokens,), 1.0 / tokens, device=DEVICE)
+
+    def step():
+        losses = kernels.linear_cross_entropy(h, w, labels, vocab_chunk=4096, impl="triton")
+        torch.autograd.backward(losses, grad)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_fused_loss_bad_label_stops_on_the_device():
+    """A label outside the vocabulary trips the device-side assertion (in a subprocess: it ends the CUDA
+    context), as F.cross_entropy's bound check does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, kernels\n"
+            "h = torch.randn(8, 16, device='cuda'); w = torch.randn(100, 16, device='cuda')\n"
+            "labels = torch.tensor([1, 2, 3, 100, 4, 5, 6, 7], device='cuda')\n"
+            "kernels.linear_cross_entropy(h, w, labels, impl='triton')\n"
+            "torch.cuda.synchronize()\n"
+            "print('NOT STOPPED')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode != 0 and "NOT STOPPED" not in out.stdout
+    assert "device-side assert" in out.stderr or "Assertion" in out.stderr, out.stderr[-2000:]

@@ -68,7 +68,7 @@ def pretrain_command(config: Path, nproc: int = 1, overrides: tuple[str, ...] = 
     tail = ["-m", "launch.cli", "pretrain", "--config", str(config), *[f"--set={o}" for o in overrides]]
     if nproc == 1:
         return [sys.executable, *tail]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+    return [sys.executable, "-m", "launch.torchrun", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), *tail]
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pretrain.evaluation.benchmarks import DEFAULT_TASKS, EvalTask, resolve_tasks
-from pretrain.evaluation.harness import TaskIndex, build_report, evaluate
+from pretrain.evaluation.harness import build_report, evaluate, harness_task_names
 from pretrain.evaluation.local_tasks import tasks_digest
 from pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint
 
@@ -26,8 +26,8 @@ class EvalSettings:
     batch_size: int | str = 8
     trust_remote_code: bool = False
 
-    def resolve(self, index: TaskIndex) -> list[EvalTask]:
-        return resolve_tasks(self.tasks, self.languages, self.num_fewshot, harness_task_names=index.all_task_names)
+    def resolve(self) -> list[EvalTask]:
+        return resolve_tasks(self.tasks, self.languages, self.num_fewshot, harness_task_names=harness_task_names)
 
     def fingerprint(self, tasks: list[EvalTask]) -> str:
         """What decides the scores (not the device or batch size): results cached under another fingerprint are
@@ -40,15 +40,13 @@ class EvalSettings:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def evaluate_checkpoint(path: str, settings: EvalSettings, index: TaskIndex | None = None,
-                        tasks: list[EvalTask] | None = None) -> tuple[dict, dict]:
+def evaluate_checkpoint(path: str, settings: EvalSettings, tasks: list[EvalTask] | None = None) -> tuple[dict, dict]:
     """-> (our report: rows per task and language, summary; the harness's own results dict)."""
-    index = index or TaskIndex()
-    tasks = tasks if tasks is not None else settings.resolve(index)
+    tasks = tasks if tasks is not None else settings.resolve()
     source = inspect_checkpoint(path, settings.tokenizer)
     started = time.time()
     lm = build_harness_lm(source, settings.device, settings.dtype, settings.batch_size, settings.trust_remote_code)
-    results = evaluate(lm, tasks, settings.limit, environment_info=True, index=index)
+    results = evaluate(lm, tasks, settings.limit, environment_info=True)
     report = build_report(results, tasks, {
         "checkpoint": str(path), "source": source.kind, "model_type": source.model_type,
         "dtype": str(lm.model.dtype).replace("torch.", "") if hasattr(lm.model, "dtype") else settings.dtype,

@@ -7,6 +7,7 @@ task's shot count, and runs `lm_eval.simple_evaluate` (or, for in-loop evaluatio
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
@@ -35,29 +36,23 @@ def _quiet_harness() -> None:
         task_logger.addFilter(_LocalDatasetNotice())
 
 
-class TaskIndex:
-    """The harness's TaskManager, built once: local tasks only, or with the harness's own tasks as well."""
+@functools.lru_cache(maxsize=2)
+def task_manager(with_harness_tasks: bool):
+    """The harness's TaskManager over the local tasks, and the harness's own when asked; built once per process
+    (indexing the harness's ~15,000 task files takes about 20 s)."""
+    from lm_eval.tasks import TaskManager
 
-    def __init__(self):
-        self._managers = {}
-
-    def manager(self, with_harness_tasks: bool):
-        from lm_eval.tasks import TaskManager
-
-        if with_harness_tasks not in self._managers:
-            self._managers[with_harness_tasks] = TaskManager(include_path=str(TASKS_DIR),
-                                                             include_defaults=with_harness_tasks)
-        return self._managers[with_harness_tasks]
-
-    def all_task_names(self) -> list[str]:
-        return self.manager(with_harness_tasks=True).all_tasks
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=with_harness_tasks)
 
 
-def load_tasks(tasks: list[EvalTask], index: TaskIndex | None = None) -> tuple[object, list]:
+def harness_task_names() -> list[str]:
+    return task_manager(with_harness_tasks=True).all_tasks
+
+
+def load_tasks(tasks: list[EvalTask]) -> tuple[object, list]:
     """-> (TaskManager, the harness's Task objects with their shot counts and few-shot seed set)."""
     _quiet_harness()
-    index = index or TaskIndex()
-    manager = index.manager(with_harness_tasks=any(not t.local for t in tasks))
+    manager = task_manager(with_harness_tasks=any(not t.local for t in tasks))
     try:
         loaded = manager.load([t.name for t in tasks])
     except KeyError as err:
@@ -75,13 +70,12 @@ def load_tasks(tasks: list[EvalTask], index: TaskIndex | None = None) -> tuple[o
     return manager, task_objects
 
 
-def evaluate(lm, tasks: list[EvalTask], limit: int | None = None, environment_info: bool = True,
-             index: TaskIndex | None = None) -> dict:
+def evaluate(lm, tasks: list[EvalTask], limit: int | None = None, environment_info: bool = True) -> dict:
     """Run the harness on `tasks`; returns its results dict (without per-sample logs)."""
     import lm_eval
     from lm_eval.evaluator import evaluate as harness_evaluate
 
-    manager, task_objects = load_tasks(tasks, index)
+    manager, task_objects = load_tasks(tasks)
     if isinstance(getattr(lm, "model", None), HarnessModel):
         generating = [t.task_name for t in task_objects if t.get_config("output_type") == "generate_until"]
         if generating:

@@ -16,32 +16,33 @@ from pretrain.checkpointing import capture_rng_state, restore_rng_state
 from pretrain.distributed import barrier
 from pretrain.evaluation.benchmarks import resolve_tasks
 from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.harness import TaskIndex, build_report, evaluate
+from pretrain.evaluation.harness import build_report, evaluate, harness_task_names
 
 log = logging.getLogger("fuxi.train")
 
 
+def check_eval_config(cfg) -> None:
+    """For pretrain/preflight.py, before anything is loaded: lm-eval is installed and every task name resolves
+    (TrainConfig itself checks that run.tokenizer is set)."""
+    from model.typed_config import ConfigError
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ConfigError("logging.eval_every_steps: in-loop evaluation needs lm-evaluation-harness; install it "
+                          f"with `pip install -e .[eval]` (in {cfg.source})") from None
+    try:
+        resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages, harness_task_names=harness_task_names)
+    except EvalError as err:
+        raise ConfigError(f"logging.eval_tasks: {err} (in {cfg.source})") from None
+
+
 class InLoopEvaluator:
-    """Built on every rank at start-up, where it checks that lm-eval is installed and that every task name
-    resolves, so a bad setting fails before the first step rather than at the first evaluation (TrainConfig
-    checks that run.tokenizer is set)."""
-
     def __init__(self, cfg, engine, ctx):
-        from model.typed_config import ConfigError
-
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise ConfigError("logging.eval_every_steps: in-loop evaluation needs lm-evaluation-harness; install "
-                              "it with `pip install -e .[eval]`") from None
         self.cfg, self.engine, self.ctx = cfg, engine, ctx
         self.every_rank = cfg.parallelism.zero_stage == 3
-        self.index = TaskIndex()
-        try:
-            self.tasks = resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages,
-                                       harness_task_names=self.index.all_task_names)
-        except EvalError as err:
-            raise ConfigError(f"logging.eval_tasks: {err}") from None
+        self.tasks = resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages,
+                                   harness_task_names=harness_task_names)
         self._lm = None
 
     def due(self, step: int) -> bool:
@@ -66,7 +67,7 @@ class InLoopEvaluator:
             try:
                 module.eval()
                 results = evaluate(self._harness_lm(), self.tasks, self.cfg.logging.eval_limit,
-                                   environment_info=False, index=self.index)
+                                   environment_info=False)
                 report = build_report(results, self.tasks)
             finally:
                 module.train(was_training)

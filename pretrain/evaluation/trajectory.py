@@ -18,7 +18,6 @@ from pretrain.checkpointing import COMPLETE, TAG_PATTERN
 from pretrain.evaluation.benchmarks import HIGHER_IS_BETTER
 from pretrain.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
 from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.harness import TaskIndex
 
 
 def run_checkpoints(run_dir: Path) -> list[dict]:
@@ -43,14 +42,13 @@ def run_checkpoints(run_dir: Path) -> list[dict]:
     return found
 
 
-def evaluate_run(run_dir: str | Path, settings: EvalSettings, index: TaskIndex | None = None,
-                 eval_root: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate_run(run_dir: str | Path, settings: EvalSettings, eval_root: str | Path | None = None,
+                 progress: bool = True) -> dict:
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
     checkpoints = run_checkpoints(run_dir)
-    index = index or TaskIndex()
-    tasks = settings.resolve(index)
+    tasks = settings.resolve()
     fingerprint = settings.fingerprint(tasks)
     eval_dir = Path(eval_root or run_dir / "eval") / fingerprint
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +61,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, index: TaskIndex |
         if cached:
             report = previous["report"]
         else:
-            report, harness_results = evaluate_checkpoint(ckpt["path"], settings, index, tasks)
+            report, harness_results = evaluate_checkpoint(ckpt["path"], settings, tasks)
             with atomic_write(eval_dir / f"{ckpt['tag']}.harness.json") as f:
                 json.dump(harness_results, f, indent=1, default=str)
             write_json(cache, {**{k: ckpt[k] for k in ("tag", "step", "tokens_seen", "written_ns")},

@@ -1,0 +1,111 @@
+"""`fuxi bench moe`: the MoE-LPR feed-forward layer (router, permutation, experts, combine) with its experts run
+as one grouped GEMM (torch.nn.functional.grouped_mm) against a loop over the experts, side by side in one run.
+
+Defaults on a GPU: FuxiTranyu-MoE-8B's layer (hidden 4096, FFN 16384, 6 experts, top-2), 8,192 tokens, bf16,
+medians of triton.testing.do_bench; on a CPU a small layer in fp32, medians of perf_counter timings. Both
+variants share the same weights and inputs, so their outputs are also compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from model.config import ModelConfig, MoEConfig
+from model.moe import MoEFeedForward, grouped_mm_available
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--tokens", type=int, default=8192 if on_gpu else 512)
+    parser.add_argument("--hidden", type=int, default=4096 if on_gpu else 128)
+    parser.add_argument("--ffn", type=int, default=16384 if on_gpu else 512)
+    parser.add_argument("--experts", type=int, default=6)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU: do_bench)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                        help="permutation and bias-GELU kernels (triton on a CPU: under TRITON_INTERPRET=1)")
+
+
+def _median_ms(fn, on_gpu: bool, reps: int) -> float:
+    if on_gpu:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict:
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    config = ModelConfig(type="fuxitranyu_moe", vocab_size=128, hidden_size=args.hidden, num_layers=1,
+                         num_heads=max(1, args.hidden // 128), ffn_hidden_size=args.ffn, kernels=args.kernels,
+                         moe=MoEConfig(num_experts=args.experts, top_k=args.top_k))
+    layer = MoEFeedForward(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.router.weight.mul_(4.0)  # varied routing, so the experts get uneven token counts
+    x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    variants = ["loop"] + (["grouped_mm"] if grouped_mm_available() else [])
+    # One token's forward + backward: 3 GEMMs (forward, two gradients) of 2 x hidden x ffn MACs per expert.
+    flops = 6.0 * 2 * args.hidden * args.ffn * args.tokens * args.top_k
+
+    rows, outputs = [], {}
+    for variant in variants:
+        layer.expert_compute = variant
+
+        def forward():
+            with torch.no_grad():
+                return layer(x)[0]
+
+        def train_step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x)[0].backward(dy)
+
+        outputs[variant] = forward().float()
+        fwd = _median_ms(forward, on_gpu, args.reps)
+        full = _median_ms(train_step, on_gpu, args.reps)
+        rows.append({"variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": full,
+                     "expert_tflops": flops / (full * 1e-3) / 1e12})
+    base = rows[0]
+    for row in rows:
+        row["fwd_bwd_speedup_vs_loop"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        row["fwd_speedup_vs_loop"] = base["fwd_ms"] / row["fwd_ms"]
+
+    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    print(f"MoE layer on {device_name}: {args.tokens} tokens, hidden {args.hidden}, FFN {args.ffn}, "
+          f"{args.experts} experts, top-{args.top_k}, {args.dtype}")
+    header = f"{'expert compute':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'TFLOP/s':>10}{'x loop':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['variant']:<16}{row['fwd_ms']:>10.3f}{row['fwd_bwd_ms']:>12.3f}{row['expert_tflops']:>10.2f}"
+              f"{row['fwd_bwd_speedup_vs_loop']:>8.2f}")
+    result = {"device": device_name, "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn,
+              "experts": args.experts, "top_k": args.top_k, "dtype": args.dtype, "rows": rows}
+    if "grouped_mm" in outputs:
+        ref = outputs["loop"]
+        result["grouped_vs_loop_max_rel_diff"] = float((outputs["grouped_mm"] - ref).abs().max()
+                                                       / ref.abs().max().clamp_min(1e-12))
+        result["grouped_mm_fwd_bwd_speedup_vs_loop"] = round(rows[1]["fwd_bwd_speedup_vs_loop"], 3)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())

@@ -1,0 +1,118 @@
+"""A run config checked against the files it names and the world it runs in, before anything is loaded: in a
+second, not after the minutes that data loading and engine setup take. Every problem is a ConfigError (exit 2)
+naming the key at fault and the config file.
+
+- every path the config names exists: `data.train_manifest`, `data.val_manifest`, `data.tokenizer`,
+  `run.tokenizer`, `data.codeswitch_table`, `prealign.table`, `checkpoint.init_from` (a checkpoint of the
+  model type the run builds);
+- each manifest's sequence length is `data.seq_len`;
+- each tokenizer the run names (whichever key names it) is the one the shards were packed with (equal hash),
+  and fits the model's vocabulary;
+- every global batch of the schedule (`schedule.global_batch`, each `schedule.batch_ramp[i]`) is a whole
+  number of micro-batches on every rank;
+- with in-loop evaluation (`logging.eval_every_steps`), lm-eval is installed and every `logging.eval_tasks` name
+  resolves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.typed_config import ConfigError
+from pretrain.config import TrainConfig
+from pretrain.schedule import check_batch_divisibility
+
+
+def check_run_config(cfg: TrainConfig, world_size: int) -> None:
+    check_batch_divisibility(cfg.schedule, cfg.parallelism.micro_batch, world_size, cfg.source)
+    for key, path, kind in _named_paths(cfg):
+        _require(cfg, key, path, kind)
+    if cfg.checkpoint.init_from:
+        _check_initial_weights(cfg)
+    manifests = _manifests(cfg)
+    for key in ("data.tokenizer", "run.tokenizer"):
+        tokenizer = _value(cfg, key)
+        if tokenizer:
+            _check_tokenizer(cfg, key, tokenizer, manifests)
+    if cfg.logging.eval_every_steps:
+        from pretrain.evaluation.in_loop import check_eval_config
+
+        check_eval_config(cfg)
+
+
+def _value(cfg: TrainConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _named_paths(cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    """(key, path, "manifest" | "tokenizer" | "file" | "folder") for every path the config sets."""
+    named = [("data.val_manifest", "manifest"), ("data.tokenizer", "tokenizer"), ("run.tokenizer", "tokenizer"),
+             ("data.codeswitch_table", "file"), ("prealign.table", "file"), ("checkpoint.init_from", "folder")]
+    if cfg.stage != "prealign_init":  # that stage reads the dictionary; the manifest only names languages
+        named.insert(0, ("data.train_manifest", "manifest"))
+    return [(key, _value(cfg, key), kind) for key, kind in named if _value(cfg, key)]
+
+
+def _require(cfg: TrainConfig, key: str, path: str, kind: str) -> None:
+    p = Path(path)
+    problem = None
+    if not p.exists():
+        problem = "not found"
+    elif kind == "manifest" and not (p.is_file() or (p / "manifest.json").is_file()):
+        problem = "is a folder without a manifest.json"
+    elif kind == "tokenizer" and not (p / "tokenizer.json").is_file():
+        problem = "is not a tokenizer folder (no tokenizer.json)"
+    elif kind == "file" and not p.is_file():
+        problem = "is not a file"
+    elif kind == "folder" and not p.is_dir():
+        problem = "is not a folder"
+    if problem:
+        raise ConfigError(f"{key}: {path} {problem} (in {cfg.source})")
+
+
+def _manifests(cfg: TrainConfig) -> dict:
+    """{key: Manifest} of the manifests the run reads, each checked against data.seq_len."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.manifest import load_manifest
+
+    out = {}
+    for key in ("data.train_manifest", "data.val_manifest"):
+        path = _value(cfg, key)
+        if not path or not Path(path).exists():
+            continue  # prealign_init without a packed train split
+        try:
+            manifest = load_manifest(path)
+        except DataError as err:
+            raise ConfigError(f"{key}: {err} (in {cfg.source})") from None
+        if manifest.seq_len != cfg.data.seq_len:
+            raise ConfigError(f"data.seq_len: {cfg.data.seq_len}, but {key} {manifest.path} was packed with seq_len "
+                              f"{manifest.seq_len}; repack or change data.seq_len (in {cfg.source})")
+        out[key] = manifest
+    return out
+
+
+def _check_tokenizer(cfg: TrainConfig, key: str, tokenizer: str, manifests: dict) -> None:
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+
+    digest = tokenizer_hash(tokenizer)
+    for manifest_key, manifest in manifests.items():
+        if digest != manifest.tokenizer_hash:
+            raise ConfigError(f"{key}: {tokenizer} has tokenizer hash {digest}, but {manifest_key} {manifest.path} "
+                              f"was packed with tokenizer hash {manifest.tokenizer_hash}: the token ids would "
+                              f"mean other tokens (in {cfg.source})")
+    try:
+        cfg.model.check_tokenizer(load_tokenizer(tokenizer).get_vocab_size(), f"{key} {tokenizer}")
+    except ConfigError as err:
+        raise ConfigError(f"model.{err} (in {cfg.source})") from None
+
+
+def _check_initial_weights(cfg: TrainConfig) -> None:
+    from checkpoints import CheckpointError, read_model_config
+
+    try:
+        saved = read_model_config(cfg.checkpoint.init_from)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.init_from: {err} (in {cfg.source})") from None
+    if saved.type != cfg.model.type:
+        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} holds a {saved.type!r} model, the run "
+                          f"builds {cfg.model.type!r} (in {cfg.source})")

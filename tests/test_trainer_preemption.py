@@ -1,0 +1,139 @@
+"""Preemption as clusters deliver it: the signal reaches every process of the job (DataLoader workers included),
+through torchrun, or through the shipped Slurm script. Each run must end with a complete checkpoint of the last
+finished step and a clean exit, and the resumed run must continue bitwise as an uninterrupted one."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.trainer_helpers import (REPO, free_port, pretrain_command, run_config, run_pretrain, subprocess_env,
+                                   tiny_training_dataset, train_losses, write_config)
+
+# A constant LR (no warmup, floor = peak), so a run's losses do not depend on schedule.total_steps and an
+# interrupted run can be compared with a shorter uninterrupted one.
+SCHEDULE = {"total_steps": 400, "warmup_steps": 0, "min_lr_ratio": 1.0, "global_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_training_dataset(tmp_path_factory)
+
+
+def preemptible_config(data, out, zero_stage):
+    return run_config(data, out, schedule=SCHEDULE, data={"num_workers": 2}, checkpoint={"every_steps": 1000},
+                      parallelism={"zero_stage": zero_stage, "micro_batch": 2, "precision": "fp32"})
+
+
+def start(command, env=None, cwd=REPO):
+    """A new session, so the job has its own process group as under a scheduler."""
+    return subprocess.Popen(command, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_steps(process, metrics, steps, timeout=240):
+    start_time = time.time()
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= steps):
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"training exited early ({process.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() - start_time > timeout:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.1)
+
+
+def checkpointed_step(out_dir, stdout):
+    """The step of `latest`, which must be complete, the last step logged, and what rank 0 reported."""
+    tag = (out_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.split("_")[1])
+    assert (out_dir / "checkpoints" / tag / "COMPLETE").is_file()
+    assert max(train_losses(out_dir)) == step  # the last finished step, nothing after it
+    assert f"preempted, checkpoint written at step {step}" in stdout
+    return step
+
+
+def resume_matches_uninterrupted(config, out_dir, step, tmp_path, nproc):
+    run_pretrain(config, nproc=nproc, overrides=(f"schedule.total_steps={step + 2}",))
+    resumed = train_losses(out_dir)
+    reference_dir = tmp_path / "reference"
+    reference = write_config({**config_dict(config), "run": {"output_dir": str(reference_dir), "seed": 7}},
+                             tmp_path / "reference.yaml")
+    run_pretrain(reference, nproc=nproc, overrides=(f"schedule.total_steps={step + 2}",))
+    uninterrupted = train_losses(reference_dir)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, step + 3))
+    for s in uninterrupted:
+        assert resumed[s] == uninterrupted[s], (s, resumed[s], uninterrupted[s])
+
+
+def config_dict(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers(data, tmp_path):
+    """One process, ZeRO-1, 2 DataLoader workers; SIGTERM to the whole process group (what a terminal, a
+    container runtime or Slurm's srun delivers): the workers must not die and fail the step."""
+    out = tmp_path / "run"
+    config = write_config(preemptible_config(data, out, zero_stage=1), tmp_path / "run.yaml")
+    process = start(pretrain_command(config))
+    wait_for_steps(process, out / "metrics.jsonl", 3)
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    step = checkpointed_step(out, stdout)
+    resume_matches_uninterrupted(config, out, step, tmp_path, nproc=1)
+
+
+@pytest.mark.slow
+def test_sigint_to_torchrun_two_ranks_zero3(data, tmp_path):
+    """2 gloo ranks under torchrun (launch.torchrun), ZeRO-3, 2 workers each. torchrun passes the signal to each
+    rank's process group; the ranks agree on the step and save it. The signal is sent twice, as Slurm does
+    (to srun and to its tasks): torchrun must still wait for the checkpoint before it exits."""
+    out = tmp_path / "run"
+    config = write_config(preemptible_config(data, out, zero_stage=3), tmp_path / "run.yaml")
+    process = start(pretrain_command(config, nproc=2))
+    wait_for_steps(process, out / "metrics.jsonl", 3)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=180)
+    # the moment torchrun exits, the checkpoint is complete (under Slurm the step is torn down then)
+    step = checkpointed_step(out, stdout)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "torchrun: stopped by SIGINT" in stderr and "Traceback" not in stderr
+    resume_matches_uninterrupted(config, out, step, tmp_path, nproc=2)
+
+
+@pytest.mark.slow
+def test_slurm_script_turns_the_time_limit_warning_into_a_checkpoint_and_a_requeue(data, tmp_path):
+    """launch/slurm_pretrain.sbatch run by bash as Slurm runs it (srun and scontrol are stand-ins on PATH: srun
+    runs its command, scontrol names this host and records a requeue). USR1 to the batch shell, as
+    `--signal=B:USR1@300` delivers it before the time limit: 2 ranks checkpoint, then the job requeues."""
+    out = tmp_path / "run"
+    config = write_config(preemptible_config(data, out, zero_stage=1), tmp_path / "run.yaml")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\ncase "$1" in\n  show) echo 127.0.0.1 ;;\n'
+                                      '  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;\nesac\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**subprocess_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "2",
+           "RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    process = start(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), str(config)], env=env, cwd=tmp_path)
+    wait_for_steps(process, out / "metrics.jsonl", 3)
+    process.send_signal(signal.SIGUSR1)  # B: the batch shell alone
+    stdout, stderr = process.communicate(timeout=180)
+    checkpointed_step(out, stdout)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM  # torchrun's status after the signal it passed on
