@@ -257,6 +257,8 @@ def test_trajectory_evaluates_each_checkpoint_once(trained, capsys):
     settings = EvalSettings(languages=LANGS, limit=4, dtype="float32")
     tasks = resolve_tasks(settings.tasks, LANGS)
     assert settings.fingerprint(tasks) == first["fingerprint"]
+    same = EvalSettings(languages=LANGS, limit=4, device="cpu", batch_size=2)  # auto is float32 on a CPU
+    assert same.fingerprint(tasks) == first["fingerprint"]
     for other in (EvalSettings(languages=LANGS, limit=3, dtype="float32"),
                   EvalSettings(languages=LANGS, limit=4, dtype="bfloat16"),
                   EvalSettings(languages=LANGS, limit=4, dtype="float32", num_fewshot=1)):
@@ -339,15 +341,21 @@ def fuxi_eval_error(capsys, *argv) -> str:
 
 
 @pytest.mark.hf
-def test_bad_input_gets_one_line_errors(trained, capsys, tmp_path):
+def test_bad_input_gets_one_line_errors(trained, data, capsys, tmp_path):
     """Indexes the harness's own tasks once for this process (about 20 s), to know that a name is none of them."""
+    from model.typed_config import ConfigError
+    from pretrain.config import load_train_config
     from pretrain.evaluation.harness import harness_task_names
+    from pretrain.evaluation.in_loop import check_eval_config
 
     common = ["--limit", "2", "--languages", "zh", "--dtype", "float32", "--device", "cpu"]
 
     message = fuxi_eval_error(capsys, "--checkpoint", str(trained / "final"), "--tasks", "no_such_task", *common)
     assert message.startswith("fuxi eval: error: --tasks: unknown task 'no_such_task'")
     assert resolve_tasks(["lambada_openai"], harness_task_names=harness_task_names)  # a real one
+    cfg = load_train_config(None, data=eval_run_config(data, tmp_path / "run", logging={"eval_tasks": ["no_such"]}))
+    with pytest.raises(ConfigError, match=r"logging.eval_tasks: --tasks: unknown task 'no_such'.* \(in <dict>\)$"):
+        check_eval_config(cfg)  # pretrain/preflight.py runs it before anything loads
 
     bare = tmp_path / "bare"
     shutil.copytree(trained / "final", bare)

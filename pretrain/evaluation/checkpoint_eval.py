@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pretrain.evaluation.benchmarks import DEFAULT_TASKS, EvalTask, resolve_tasks
 from pretrain.evaluation.harness import build_report, evaluate, harness_task_names
 from pretrain.evaluation.local_tasks import tasks_digest
-from pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint
+from pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -30,11 +30,12 @@ class EvalSettings:
         return resolve_tasks(self.tasks, self.languages, self.num_fewshot, harness_task_names=harness_task_names)
 
     def fingerprint(self, tasks: list[EvalTask]) -> str:
-        """What decides the scores (not the device or batch size): results cached under another fingerprint are
-        not reused."""
+        """What decides the scores (the dtype actually used, not the device or batch size): results cached under
+        another fingerprint are not reused."""
         import lm_eval
 
-        key = {"tasks": [asdict(t) for t in tasks], "limit": self.limit, "dtype": self.dtype,
+        dtype = str(resolve_dtype(self.dtype, resolve_device(self.device))).replace("torch.", "")
+        key = {"tasks": [asdict(t) for t in tasks], "limit": self.limit, "dtype": dtype,
                "tokenizer": self.tokenizer, "lm_eval": lm_eval.__version__,
                "local_tasks": tasks_digest() if any(t.local for t in tasks) else None}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
