@@ -87,8 +87,9 @@ def format_trajectory(trajectory: dict) -> str:
     return format_table(headers, rows)
 
 
-def per_language_series(entries: list[dict]) -> dict[str, dict[tuple[str, str], list[tuple[float, float]]]]:
-    """{language: {(benchmark, metric): [(x, value), ...]}}; x is tokens seen (the step when unknown)."""
+def per_language_series(entries: list[dict]) -> dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]]:
+    """{language: {(benchmark, metric): [(x, value, stderr), ...]}}; x is tokens seen (the step when unknown),
+    stderr the harness's standard error (0 where it gives none)."""
     series: dict = {}
     for entry in entries:
         x = entry["tokens_seen"] if entry["tokens_seen"] is not None else entry["step"]
@@ -97,13 +98,14 @@ def per_language_series(entries: list[dict]) -> dict[str, dict[tuple[str, str], 
             if metric is None or metric not in row["metrics"]:
                 continue
             series.setdefault(row["language"], {}).setdefault((row["benchmark"], metric), []).append(
-                (x, row["metrics"][metric]))
+                (x, row["metrics"][metric], row["metrics"].get(f"{metric}_stderr", 0.0)))
     return series
 
 
 def plot_trajectory(entries: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per language: accuracy-like metrics (higher is better) on the left, bits per byte and
-    perplexities on the right, over tokens seen."""
+    """One PNG per language: accuracy-like metrics (higher is better, on 0-1 with the harness's standard errors,
+    so noise near chance does not look like a trend) on the left, bits per byte and perplexities on the right,
+    over tokens seen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,11 +120,15 @@ def plot_trajectory(entries: list[dict], out_dir: Path) -> list[Path]:
         panels = [p for p in panels if p]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, keys in zip(axes[0], panels):
+            higher = HIGHER_IS_BETTER.get(keys[0][1], True)
             for benchmark, metric in sorted(keys):
-                points = sorted(curves[(benchmark, metric)])
-                ax.plot(*zip(*points), marker="o", markersize=3, label=f"{benchmark} ({metric})")
+                xs, values, errors = zip(*sorted(curves[(benchmark, metric)]))
+                ax.errorbar(xs, values, yerr=errors if higher else None, marker="o", markersize=3, capsize=2,
+                            label=f"{benchmark} ({metric})")
+            if higher:
+                ax.set_ylim(0.0, 1.0)
             ax.set_xlabel("tokens seen" if by_tokens else "optimizer step")
-            better = "higher" if HIGHER_IS_BETTER.get(keys[0][1], True) else "lower"
+            better = "higher" if higher else "lower"
             ax.set_ylabel(f"{', '.join(sorted({metric for _, metric in keys}))} ({better} is better)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
