@@ -139,8 +139,8 @@ def harness_tokenizer(tokenizer_dir: str, config, workdir: Path):
 
 
 def build_harness_lm(source: ModelSource, device: str = "auto", dtype: str = "auto", batch_size: int | str = 8,
-                     trust_remote_code: bool = False, module: torch.nn.Module | None = None):
-    """The harness's `HFLM` for `source` (our module may be passed in already loaded)."""
+                     trust_remote_code: bool = False):
+    """The harness's `HFLM` for `source`."""
     from lm_eval.models.huggingface import HFLM
 
     torch_device = resolve_device(device)
@@ -152,7 +152,7 @@ def build_harness_lm(source: ModelSource, device: str = "auto", dtype: str = "au
         return HFLM(pretrained=source.path, tokenizer=source.tokenizer_dir, device=str(torch_device),
                     dtype=torch_dtype, batch_size=batch_size, trust_remote_code=trust_remote_code,
                     backend="causal")
-    model = module if module is not None else load_our_model(source, torch_device, torch_dtype)
+    model = load_our_model(source, torch_device, torch_dtype)
     return our_model_lm(model, model.config, source.tokenizer_dir, torch_device, batch_size, source.path)
 
 
