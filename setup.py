@@ -36,12 +36,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch"],
-    package_data={"checkpoints": ["hf_files/*.py"], "data_pipeline": ["corpus/*", "corpus/**/*"]},
+    packages=["model", "kernels", "data_pipeline", "pretrain", "pretrain.evaluation", "checkpoints", "launch"],
+    package_data={"checkpoints": ["hf_files/*.py"], "data_pipeline": ["corpus/*", "corpus/**/*"],
+                  "pretrain.evaluation": ["tasks/*", "tasks/**/*"]},
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2"],
         "flash": ["flash-attn>=2.5"],
+        # `fuxi eval` and in-loop evaluation: lm-evaluation-harness with its Hugging Face backend (accelerate);
+        # the task-loading API used here (TaskManager.load) is that of 0.4.13.
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
         "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`
     },
     entry_points={"console_scripts": ["fuxi=launch.cli:main"]},

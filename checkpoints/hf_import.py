@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -163,8 +164,9 @@ def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
     return dataclasses.replace(config, type="fuxitranyu_moe", moe=moe)
 
 
-def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Check every tensor name and shape against the model the config describes, then convert shard by shard."""
+def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """Check every tensor name and shape against the model the config describes; return that config and a lazy
+    iterator of (our name, tensor) read shard by shard. No code from the directory is run."""
     hf_dir = Path(hf_dir)
     shapes = tensor_shapes(hf_dir)
     if "model.embed_tokens.weight" not in shapes:
@@ -187,7 +189,13 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int
             ours, _ = map_hf_name(name)
             yield ours, (tensor.t().contiguous() if name in transpose else tensor)
 
-    return save_model_checkpoint(converted(), config, out_dir, max_shard_bytes)
+    return config, converted()
+
+
+def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Convert an HF directory into our checkpoint at `out_dir`, shard by shard (atomically)."""
+    config, tensors = read_hf_checkpoint(hf_dir)
+    return save_model_checkpoint(tensors, config, out_dir, max_shard_bytes)
 
 
 def load_hf_reference(hf_dir: str | Path, dtype: torch.dtype = torch.float32):

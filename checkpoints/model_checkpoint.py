@@ -85,13 +85,23 @@ def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], sour
         raise CheckpointError(f"{source}: tensors do not match the model; " + "; ".join(parts))
 
 
+def model_from_tensors(config: ModelConfig, tensors, source: str, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the model `config` describes and fill it with (name, tensor) pairs, which must match it exactly.
+    Floating-point tensors are cast to `dtype` when given."""
+    model = build_model(config, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {name: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+             for name, t in tensors}
+    check_tensor_names(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build the model from the checkpoint's config and load its tensors (safetensors only)."""
     config = read_model_config(ckpt_dir)
-    model = build_model(config, device="meta")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_tensor_names(expected, tensor_shapes(ckpt_dir), str(ckpt_dir))
-    state = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in iter_tensors(ckpt_dir)}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    check_tensor_names({k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()},
+                       tensor_shapes(ckpt_dir), str(ckpt_dir))  # before reading any tensor
+    return model_from_tensors(config, iter_tensors(ckpt_dir), str(ckpt_dir), device, dtype)

@@ -77,6 +77,50 @@ def cmd_upcycle(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import logging
+
+    from pretrain.evaluation.benchmarks import describe_tasks
+    from pretrain.evaluation.errors import EvalError
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.list_tasks:
+        print(describe_tasks())
+        return 0
+    if not args.checkpoint and not args.run:
+        raise SystemExit("fuxi eval: error: one of --checkpoint, --run or --list-tasks is required")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvalError("lm-evaluation-harness is not installed: pip install -e .[eval]") from None
+    from pretrain.evaluation.checkpoint_eval import EvalSettings
+
+    settings = EvalSettings(tasks=args.tasks, languages=args.languages, num_fewshot=args.num_fewshot,
+                            limit=args.limit, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                            batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
+    if args.run:
+        from pretrain.evaluation.trajectory import evaluate_run, format_trajectory
+
+        trajectory = evaluate_run(args.run, settings, eval_root=args.out)
+        print(format_trajectory(trajectory))
+        print(f"results and plots in {trajectory['eval_dir']}")
+        print(json.dumps(trajectory))
+        return 0
+    from data_pipeline.io_utils import atomic_write, write_json
+    from pretrain.evaluation.checkpoint_eval import evaluate_checkpoint
+    from pretrain.evaluation.harness import format_report
+
+    report, harness_results = evaluate_checkpoint(args.checkpoint, settings)
+    print(format_report(report))
+    if args.out:
+        write_json(Path(args.out) / "report.json", report)
+        with atomic_write(Path(args.out) / "harness_results.json") as f:
+            json.dump(harness_results, f, indent=1, default=str)
+        print(f"wrote {Path(args.out) / 'report.json'} and the harness's own results beside it")
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_bench(args) -> int:
     module = importlib.import_module(BENCHMARKS[args.bench_name])
     module.run(args)
@@ -116,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_pipeline import cli as data_cli
     from pretrain import cli as pretrain_cli
+    from pretrain.evaluation.benchmarks import DEFAULT_TASKS
 
     data_cli.register(sub)
 
@@ -135,6 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--shard-size", default="5GB")
     upcycle.set_defaults(func=cmd_upcycle)
 
+    evaluate = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint (--checkpoint) or on every "
+                                           "checkpoint of a run (--run); default tasks: the shipped local ones")
+    target = evaluate.add_mutually_exclusive_group()
+    target.add_argument("--checkpoint", help="ours (plain or DeepSpeed, dense or MoE) or a Hugging Face directory")
+    target.add_argument("--run", help="a training run directory: evaluate each checkpoint (cached), plot per language")
+    target.add_argument("--list-tasks", action="store_true", help="the task groups and benchmarks, then exit")
+    evaluate.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
+                          help="groups (fuxi_local, fuxitranyu_report), benchmarks (m_arc, m_hellaswag, m_mmlu, "
+                               "xwinograd, xcopa, xstorycloze, fuxi_translation_choice, fuxi_valid_ppl), their "
+                               "per-language tasks (arc_de) or any harness task")
+    evaluate.add_argument("--languages", nargs="+", default=None, help="only these languages of each benchmark")
+    evaluate.add_argument("--num-fewshot", type=int, default=None,
+                          help="shots for every task (default: each benchmark's own, the report's 25/10/5/5/0/0)")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most N documents per task (for a quick look)")
+    evaluate.add_argument("--out", default=None, help="--checkpoint: write report.json and the harness's results "
+                                                      "here; --run: the cache/plot root (default <run>/eval)")
+    evaluate.add_argument("--tokenizer", default=None, help="default: the checkpoint's own tokenizer")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="auto: bfloat16 on a GPU, float32 on a CPU")
+    evaluate.add_argument("--batch-size", default="8", type=lambda v: v if v.startswith("auto") else int(v),
+                          help="sequences per forward, or auto (the harness finds the largest that fits)")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="allow a Hugging Face directory's own Python code (never needed for ours)")
+    evaluate.add_argument("--verbose", action="store_true", help="the harness's INFO logs")
+    evaluate.set_defaults(func=cmd_eval)
+
     bench = sub.add_parser("bench", help="benchmarks: print a table, last line one JSON object")
     bench_sub = bench.add_subparsers(dest="bench_name", required=True)
     for name, module_name in BENCHMARKS.items():
@@ -148,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints import CheckpointError
     from data_pipeline.errors import DataError
     from model.typed_config import ConfigError
+    from pretrain.evaluation.errors import EvalError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError) as err:
+    except (ConfigError, CheckpointError, DataError, EvalError) as err:
         print(f"fuxi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

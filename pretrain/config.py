@@ -128,6 +128,26 @@ class LoggingConfig:
     tensorboard: bool = True
     # Device peak TFLOP/s for MFU; default: looked up from the device name.
     peak_tflops: float | None = None
+    # In-loop downstream evaluation with lm-evaluation-harness (pretrain/evaluation/in_loop.py) every N steps
+    # and at the end; null disables it. Needs the `eval` extra and run.tokenizer.
+    eval_every_steps: int | None = None
+    # `fuxi eval --tasks` names: groups, benchmarks or harness tasks (default: the shipped local tasks).
+    eval_tasks: list[str] = field(default_factory=lambda: ["fuxi_local"])
+    # Only these languages of each benchmark (default: all).
+    eval_languages: list[str] | None = None
+    # Documents per task (null: all); keeps each evaluation within the process group's timeout on big runs.
+    eval_limit: int | None = None
+    eval_batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.val_every_steps < 1:
+            raise ConfigError("every_steps and val_every_steps must be >= 1")
+        if self.eval_every_steps is not None and self.eval_every_steps < 1:
+            raise ConfigError(f"eval_every_steps: must be >= 1 or null, got {self.eval_every_steps}")
+        if not self.eval_tasks:
+            raise ConfigError("eval_tasks: name at least one task (default: [fuxi_local])")
+        if (self.eval_limit is not None and self.eval_limit < 1) or self.eval_batch_size < 1:
+            raise ConfigError("eval_limit (or null) and eval_batch_size must be >= 1")
 
 
 @dataclass
@@ -208,6 +228,9 @@ class TrainConfig:
         if self.stage == "prealign_init" and self.parallelism.zero_stage == 3:
             raise ConfigError("parallelism.zero_stage: prealign_init reads the output-embedding rows outside the "
                               "module's forward, which ZeRO-3 partitions; use zero_stage 0, 1 or 2")
+        if self.logging.eval_every_steps and not self.run.tokenizer:
+            raise ConfigError("logging.eval_every_steps: in-loop evaluation needs run.tokenizer (the harness "
+                              "tokenizes the task text)")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")

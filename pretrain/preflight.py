@@ -9,7 +9,9 @@ naming the key at fault and the config file.
 - each tokenizer the run names (whichever key names it) is the one the shards were packed with (equal hash),
   and fits the model's vocabulary;
 - every global batch of the schedule (`schedule.global_batch`, each `schedule.batch_ramp[i]`) is a whole
-  number of micro-batches on every rank.
+  number of micro-batches on every rank;
+- with in-loop evaluation (`logging.eval_every_steps`), lm-eval is installed and every `logging.eval_tasks` name
+  resolves.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ def check_run_config(cfg: TrainConfig, world_size: int) -> None:
         tokenizer = _value(cfg, key)
         if tokenizer:
             _check_tokenizer(cfg, key, tokenizer, manifests)
+    if cfg.logging.eval_every_steps:
+        from pretrain.evaluation.in_loop import check_eval_config
+
+        check_eval_config(cfg)
 
 
 def _value(cfg: TrainConfig, key: str):

@@ -137,6 +137,11 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
                               "world_size": ctx.world_size, "zero_stage": cfg.parallelism.zero_stage})
     lang_loss = LanguageLoss(len(data.languages), ctx.device)
     val_batches = data.validation_batches(cfg.logging.val_batches_per_language, cfg.parallelism.micro_batch)
+    evaluator = None
+    if cfg.logging.eval_every_steps:
+        from pretrain.evaluation.in_loop import InLoopEvaluator
+
+        evaluator = InLoopEvaluator(cfg, engine, ctx)
 
     def validate() -> dict:
         report = evaluate_per_language(engine, val_batches, data.languages, data.bytes_per_token, ctx)
@@ -144,6 +149,13 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
         if ctx.is_main:
             log.info("validation @ %d: %s", step, "  ".join(f"{k} {v['loss']:.3f}" for k, v in report.items()))
         return report
+
+    def downstream_eval() -> None:
+        from pretrain.evaluation.in_loop import eval_metrics
+
+        report = evaluator.run(step)
+        if report is not None:
+            metrics.log("eval", step, eval_metrics(report))
 
     def save() -> str:
         trainer_state = {"step": step, "skipped_steps": skipped, "start_val": start_val,
@@ -224,6 +236,8 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
         if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
             validate()
             engine.train()
+        if evaluator is not None and evaluator.due(step) and not preempted:
+            downstream_eval()
 
         save_due = save_due or step % cfg.checkpoint.every_steps == 0 or preempted or \
             step == cfg.schedule.total_steps
