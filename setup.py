@@ -32,7 +32,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch"],
+    packages=["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch", "experiments"],
     package_data={"checkpoints": ["hf_files/*.py"], "data_pipeline": ["corpus/*", "corpus/**/*"]},
     install_requires=install_requires,
     extras_require={

@@ -1,4 +1,4 @@
-"""The English-Clone generator of launch/prealign_experiment.py (methods.md 3.5, checklist 3.8.8): the clone
+"""The English-Clone generator of experiments/prealign.py (methods.md 3.5, checklist 3.8.8): the clone
 vocabulary is disjoint from English, a bijection per token, the alignment table is exactly that bijection at word
 level, and the English-only material (facts of the fact persons, the labelling task) never reaches Clone."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from launch.prealign_experiment import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
+from experiments.prealign import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
                                         make_world, mood_example, pack_blocks)
 
 
@@ -99,7 +99,7 @@ def test_blocks_and_choice_scoring():
 
 def test_experiment_driver_end_to_end_smoke(tmp_path, capsys):
     """The driver runs every stage at toy size and writes its files; the last printed line is the JSON."""
-    from launch.prealign_experiment import main
+    from experiments.prealign import main
 
     out = tmp_path / "exp"
     assert main(["--out", str(out), "--arms", "joint,prealign", "--english-docs", "60", "--clone-docs", "20",

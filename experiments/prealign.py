@@ -22,7 +22,7 @@ asked in Clone: Clone "good" vs Clone "bad", words Clone text never contains); c
 application (English-only facts queried in Clone, answer among all Clone cities / jobs); word alignment per
 layer (aligned vs random pairs).
 
-    python -m launch.prealign_experiment --out runs/prealign_experiment
+    python -m experiments.prealign --out runs/prealign_experiment
 
 Writes results.json, report.md and prealign_english_clone.png under --out; prints tables and, last, one JSON
 line. Runs in a few minutes on 2 CPU cores.

@@ -11,7 +11,7 @@
 Every training phase is a real `fuxi pretrain` run (a subprocess, like a user's) whose config is written to
 <out>/configs/ from the shipped configs/train/moe-lpr-tiny-*.yaml; the exact commands go to the report.
 
-    python -m launch.moe_lpr_experiment --out runs/moe_lpr_experiment --docs-png docs/moe_lpr_forgetting.png
+    python -m experiments.moe_lpr --out runs/moe_lpr_experiment --docs-png docs/moe_lpr_forgetting.png
 
 Writes results.json, report.md and forgetting.png under --out; prints tables and, last, one JSON line.
 """
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     if overlap:
         raise ValueError(f"--original and --expansion share {sorted(overlap)}")
     languages = original + expansion
-    commands = [f"python -m launch.moe_lpr_experiment {shlex.join(sys.argv[1:])}".strip(), "# which runs:"]
+    commands = [f"python -m experiments.moe_lpr {shlex.join(sys.argv[1:])}".strip(), "# which runs:"]
     phases: dict[str, dict] = {}
     stage1 = load_template("stage1")
     expansion_steps = args.expansion_steps or stage1["schedule"]["total_steps"]
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.moe_lpr_experiment", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.moe_lpr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

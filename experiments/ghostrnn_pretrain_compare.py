@@ -6,7 +6,7 @@ therefore the token budget. For each of configs/model/ghostrnn-{gru,a-s2,b-s2,a-
 one after another on the same BPE token stream. The trainer's per-language validation (loss in nats per token
 and bits per byte) at the start and at the end is collected into a table, results.json and a PNG.
 
-    python -m launch.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
+    python -m experiments.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
 
 The tokenizer and shards are built into the run config's data folder when they are missing. The last printed
 line is one JSON object of the figures.
