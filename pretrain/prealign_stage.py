@@ -15,8 +15,8 @@ Loss (per micro-batch):
     (-inf, not 0), and so is another copy of the same token sequence under a different concept (identical
     inputs cannot be pushed apart). Averaged over anchors and over the L + 2 spaces;
   * L_LM: next-token loss on the word sequences (the model also learns to produce dictionary words);
-  * total: L_align + alpha * L_LM (prealign.alpha_weights "lm", the issue's reading, default) or
-    L_LM + alpha * L_align ("align", the released multi-way trainer); alpha = 0.1.
+  * total: L_LM + alpha * L_align (prealign.alpha_weights "align", the default: what both released trainers
+    compute) or L_align + alpha * L_LM ("lm"); alpha = 0.1.
 
 Distributed: each rank computes the loss of its own anchors against all gathered words, scaled so that the
 ranks' mean (what DeepSpeed's gradient averaging differentiates) is the loss of the whole micro-batch across
@@ -344,7 +344,7 @@ class PreAlignOutput:
 
 
 def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch.Tensor, words_per_entry: int,
-                  temperature: float, alpha: float, alpha_weights: str = "lm") -> PreAlignOutput:
+                  temperature: float, alpha: float, alpha_weights: str = "align") -> PreAlignOutput:
     """The stage loss for one micro-batch (module docstring). `model` is the engine or the bare module."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["word_mask"]
     rows = ids.shape[0] * words_per_entry
@@ -355,10 +355,10 @@ def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch
     vectors = word_vectors(out.hidden_states, ids, mask, output_embedding)
     align = contrastive_alignment_loss(vectors, batch["concept_ids"].reshape(-1), batch["word_ids"].reshape(-1),
                                        temperature)
-    if alpha_weights == "lm":
-        loss = align.loss + alpha * out.loss
-    else:
+    if alpha_weights == "align":
         loss = out.loss + alpha * align.loss
+    else:
+        loss = align.loss + alpha * out.loss
     return PreAlignOutput(loss, out.loss.detach(), align, out.token_losses.reshape(batch["input_ids"].shape))
 
 
