@@ -380,7 +380,7 @@ def plot(agg: dict, keys: list[str], shares: list[float], path: Path, seeds: int
         low = min(agg[k]["expansion_loss"]["mean"] for k in shown_keys)
         axes[1].set_ylim(max(0.0, low - 1.0), agg["dense"]["expansion_loss"]["mean"] + 0.5)
     ax = axes[2]
-    router_keys = ["upcycled", "b"] + [k for k in shown_keys if k[0] in "cd"]
+    router_keys = ["upcycled", "b"] + [k for k in shown_keys if k.partition("@")[0] in ("c", "d")]
     for j, group in enumerate(("original_g0", "expansion_g0")):
         xs = np.arange(len(router_keys)) + (j - 0.5) * 0.38
         ax.bar(xs, [agg[k][group]["mean"] for k in router_keys], 0.38,
@@ -448,7 +448,8 @@ def run_seed(args, seed: int, out: Path, data_dir: Path, original, expansion, sh
     for share in shares:
         steps = review_steps(share, phases["b"]["tokens"], batch, 1 / 3)
         review = schedule_with_steps("stage2", steps, batch)
-        common = dict(data=replay_data, optimizer={"lr": review_lr}, schedule=review)
+        common = dict(data=replay_data, optimizer={"lr": review_lr}, schedule=review,
+                      parallelism={"micro_batch": batch})
         stage1_final = seed_dir / "moe_stage1" / "final"
         runs = {
             "c": ("stage2", f"review_lpr@{share:g}", moe_model_section(upcycled, "moe_lpr_stage2", **lpr),
@@ -501,7 +502,7 @@ def run(args: argparse.Namespace) -> dict:
         evals = {"upcycled": evaluate(runs["upcycled"], val_batches, table, with_router=True)}
         for key in keys:
             evals[key] = evaluate(runs["seed_dir"] / folders[key] / "final", val_batches, table,
-                                  with_router=key[0] in "bcd")
+                                  with_router=key.partition("@")[0] in ("b", "c", "d"))
         gradient[seed] = lpr_gradient_ratio(original_router_logits(runs["seed_dir"] / "moe_stage1" / "final",
                                                                    val_batches, original), args.top_k)
         progress.update()

@@ -205,8 +205,8 @@ def lpr_loss(routing: Sequence[RouterOutput], original_mask: torch.Tensor | None
 
     code  (released, the default; gamma = 0.1 was tuned with it): cross-entropy with target 0 applied to the
           *probabilities* (a double softmax), -log(e^{p_0} / sum_j e^{p_j}); its minimum is log(1 + (N-1)/e).
-    paper (Eq. 10): -log G_0(t); the same pull with a router gradient about N times stronger (exactly N at
-          uniform routing), so gamma = 0.1 / N matches the code form there.
+    paper (Eq. 10): -log G_0(t); the same pull with a router gradient N times stronger at uniform routing and
+          more on trained routing (6x at N = 4, docs/moe_lpr.md), so it needs a smaller gamma for the same pull.
     Both are averaged over the original-language tokens and the layers. No original-language token in the batch
     gives 0 (not the NaN of an empty mean); other tokens never count.
     """
