@@ -239,8 +239,7 @@ def _rank_worker(rank, world, port, path):
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)
     batch = next(iter(DictionaryLoader(source, 4, rank, world)))
-    # alignment only: the LM term is per-rank
-    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.0, alpha_weights="lm")
+    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)  # the default, LM term included
     out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     dist.all_reduce(grads)
@@ -262,7 +261,7 @@ def test_two_gloo_ranks_give_the_single_rank_loss_and_gradients(tmp_path):
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)
     batch = next(iter(DictionaryLoader(source, 8, 0, 1)))
-    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.0, alpha_weights="lm")
+    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)
     out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(two["reported"], out.align.per_space, rtol=1e-5, atol=1e-6)
