@@ -9,15 +9,16 @@ Per seed (the seed sets every model's initial weights, the upcycled routers and 
   (e)    (a) + the same replay, every parameter: what the replay alone does to the dense model
 (c), (d) and (e) see the same batches (same mix, steps, batch, lr, data seed). The replay is sized by
 --replay-share: the original-language tokens of the review as a fraction of stage 1's tokens (the paper: 0.138B
-of 24B, 0.6%); the mix is 1 part original to 2 parts expansion, as the paper's. Several shares can be given;
-each adds its own (c), (d), (e).
+of 24B, 0.6%); the mix is 1 part original to 2 parts expansion, as the paper's. Each share (default 1% and
+10%) has its own (c), (d), (e).
 
 Every training phase is a real `fuxi pretrain` run (a subprocess, like a user's) whose config is written to
 <out>/seed<k>/configs/; the exact commands go to the report. Held-out loss per language comes from the same
 validation batches for every model. The LPR forms' router gradients are measured on (b)'s routing of the
 original-language validation tokens (docs/moe_lpr.md, "Losses").
 
-    python -m experiments.moe_lpr --out runs/moe_lpr_experiment --seeds 3 --docs-png docs/moe_lpr_forgetting.png
+    python -m experiments.moe_lpr --out runs/moe_lpr_experiment --seeds 3 --replay-share 0.01,0.1 \
+        --docs-png docs/moe_lpr_forgetting.png
 
 Writes results.json, report.md and forgetting.png under --out; prints tables and, last, one JSON line.
 """
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expansion-steps", type=int, default=None,
                         help="steps of (a) and of (b), the same token budget (default: the stage-1 template's)")
     parser.add_argument("--expansion-lr", type=float, default=None, help="lr of (a) and (b) (default: stage 1's)")
-    parser.add_argument("--replay-share", default="0.01",
+    parser.add_argument("--replay-share", default="0.01,0.1",
                         help="original-language tokens of the review / stage-1 tokens; comma-separated for several")
     parser.add_argument("--review-batch", type=int, default=None, help="review batch (default: the template's)")
     parser.add_argument("--review-lr", type=float, default=None,
