@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launch.cli import main
-from launch.ghostrnn_experiment import (ByteStream, cost_rows, keyword_data, redundancy_report, sample_batch,
+from experiments.ghostrnn import (ByteStream, cost_rows, keyword_data, redundancy_report, sample_batch,
                                         validation_windows, build_byte_lm)
 
 
