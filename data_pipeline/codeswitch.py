@@ -5,6 +5,11 @@ BPE, "▁" for sentencepiece); a word is the token span up to the next word star
 documents) are words of their own, so a word never swallows a document boundary. Concatenating the words gives
 back the sequence.
 
+Table. As in the released code, the keys are the *source* words (the first word of each concept: the
+English pivot of a multi-way line, `src_text` of a one-to-one line) and their translations are the concept's
+other words, so only source-language text is switched (`direction="source_to_target"`, the default).
+`direction="all_to_all"` makes every word of a concept a key for all the others (an extension of ours).
+
 Switching. Each word is drawn with probability `ratio`; a drawn word whose exact token-id tuple is a key of the
 table is replaced by one of its translations (uniformly). So the switch rate over words present in the table
 is `ratio`; other words are never switched. The last word of a block is never switched (it may continue in the
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.config import CODESWITCH_DIRECTIONS
 from data_pipeline.errors import DataConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -78,14 +84,19 @@ class CodeSwitchTable:
                 raise DataError(f"code-switch table: empty word or translation list for {key!r}")
 
     @classmethod
-    def from_concepts(cls, concepts: list[list[tuple[int, ...]]], word_start: np.ndarray,
-                      special: np.ndarray) -> "CodeSwitchTable":
-        """Every word of a concept maps to every other (different) word of it; a word in several concepts maps
-        to the union of their words."""
+    def from_concepts(cls, concepts: list[list[tuple[int, ...] | None]], word_start: np.ndarray,
+                      special: np.ndarray, direction: str = "source_to_target") -> "CodeSwitchTable":
+        """source_to_target: each concept's first word (its source; None when left out) maps to the concept's
+        other words. all_to_all: every word maps to every other word of its concept. A key in several concepts
+        maps to the union of their translations."""
+        if direction not in CODESWITCH_DIRECTIONS:
+            raise DataConfigError(f"codeswitch_direction: {direction!r} is not one of {list(CODESWITCH_DIRECTIONS)}")
         translations: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for words in concepts:
+            if not words or (direction == "source_to_target" and not words[0]):
+                continue
             unique = list(dict.fromkeys(w for w in words if w))
-            for word in unique:
+            for word in unique[:1] if direction == "source_to_target" else unique:
                 bucket = translations.setdefault(word, [])
                 bucket.extend(o for o in unique if o != word and o not in bucket)
         translations = {k: v for k, v in translations.items() if v}
@@ -93,8 +104,10 @@ class CodeSwitchTable:
 
     @classmethod
     def from_alignment_table(cls, table_path: str | Path, tokenizer_dir: str | Path,
-                             languages: list[str] | None = None) -> "CodeSwitchTable":
-        """Tokenise every word of an alignment table as it appears after a space (" " + word)."""
+                             languages: list[str] | None = None,
+                             direction: str = "source_to_target") -> "CodeSwitchTable":
+        """Tokenise every word of an alignment table as it appears after a space (" " + word). Words of languages
+        outside `languages` are left out; a concept whose source is left out switches nothing source_to_target."""
         from data_pipeline.align_table import read_alignment_table
         from data_pipeline.tokenizer import load_tokenizer
 
@@ -103,10 +116,10 @@ class CodeSwitchTable:
         word_start, special = tokenizer_word_starts(tok, tokenizer_dir)
         concepts = []
         for concept in table.concepts:
-            words = [w for w, lang in zip(concept.words, concept.langs)
-                     if languages is None or lang is None or lang in languages]
-            concepts.append([tuple(tok.encode(" " + w, add_special_tokens=False).ids) for w in words])
-        out = cls.from_concepts(concepts, word_start, special)
+            concepts.append([tuple(tok.encode(" " + w, add_special_tokens=False).ids)
+                             if languages is None or lang is None or lang in languages else None
+                             for w, lang in zip(concept.words, concept.langs)])
+        out = cls.from_concepts(concepts, word_start, special, direction)
         if not out.translations:
             raise DataError(f"{table_path}: no word of the table has a translation in languages {languages}")
         return out
@@ -202,13 +215,15 @@ def repack(length: int, pad_id: int, ids: np.ndarray, targets: np.ndarray, langs
 
 
 def build_codeswitch_transform(table_path: str, tokenizer_dir: str | None, ratio: float, seed: int,
-                               languages: list[str] | None = None) -> CodeSwitchTransform:
+                               languages: list[str] | None = None,
+                               direction: str = "source_to_target") -> CodeSwitchTransform:
     """The transform a DataConfig with `codeswitch_ratio > 0` asks for."""
     from data_pipeline.tokenizer import EOS_ID
 
     if not tokenizer_dir:
         raise DataConfigError("tokenizer: code-switching tokenises the alignment table, so data.tokenizer (or "
                               "run.tokenizer) must name the tokenizer directory the shards were packed with")
-    table = CodeSwitchTable.from_alignment_table(table_path, tokenizer_dir, languages)
-    log.info("code-switching: ratio %.3f, %d words with translations (table %s)", ratio, len(table), table_path)
+    table = CodeSwitchTable.from_alignment_table(table_path, tokenizer_dir, languages, direction)
+    log.info("code-switching: ratio %.3f, %s, %d words with translations (table %s)", ratio, direction, len(table),
+             table_path)
     return CodeSwitchTransform(table, ratio, seed, pad_id=EOS_ID)

@@ -12,6 +12,7 @@ from data_pipeline.errors import DataConfigError
 
 MIXING_MODES = ("temperature", "weights", "natural", "uniform")
 ON_ERROR_MODES = ("raise", "skip")
+CODESWITCH_DIRECTIONS = ("source_to_target", "all_to_all")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DataConfig:
     # (JSONL, data_pipeline/align_table.py; default: the shipped table).
     codeswitch_ratio: float = 0.0
     codeswitch_table: str | None = None
+    # Which words are switched: "source_to_target" (the released code: each concept's first word, e.g. the
+    # English pivot, is replaced by one of its translations) or "all_to_all" (every word by any other of its concept).
+    codeswitch_direction: str = "source_to_target"
 
     def validate(self) -> None:
         if not self.train_manifest:
@@ -91,3 +95,6 @@ class DataConfig:
             raise DataConfigError(f"codeswitch_ratio: must be in [0, 1], got {self.codeswitch_ratio}")
         if self.codeswitch_table is not None and not self.codeswitch_table:
             raise DataConfigError("codeswitch_table: empty path; use null for the shipped table")
+        if self.codeswitch_direction not in CODESWITCH_DIRECTIONS:
+            raise DataConfigError(f"codeswitch_direction: {self.codeswitch_direction!r} is not one of "
+                                  f"{list(CODESWITCH_DIRECTIONS)}")

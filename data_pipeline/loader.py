@@ -135,7 +135,7 @@ class TrainLoader:
                 "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "mixing_window": self.cfg.mixing_window,
                 "plan": {lang: self.plan.counts[lang] for lang in self.plan.languages}, "shards": shards,
                 # the code-switching transform changes the samples, so it is part of what must match
-                "codeswitch": [self.cfg.codeswitch_ratio, self.cfg.codeswitch_table]}
+                "codeswitch": [self.cfg.codeswitch_ratio, self.cfg.codeswitch_table, self.cfg.codeswitch_direction]}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "batches": self.batches, "skipped": self.skipped,

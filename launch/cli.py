@@ -12,7 +12,7 @@ BENCHMARKS = {
     "kernels": "kernels.bench",
     "data": "data_pipeline.bench",
     "train": "pretrain.bench",
-    "ghostrnn": "kernels.ghost_gru_bench",
+    "ghostrnn": "model.ghost_gru_bench",
     "moe": "model.moe_bench",
 }
 

@@ -55,8 +55,10 @@ class MoEConfig:
     top_k >= 2 renormalises the K router weights (function-preserving at upcycling); top_k = 1 renormalised is
     a hard weight of 1, and `top1_code_compat` gives the released code's unrenormalised p_max instead.
     balance_loss_coef (stage 1) and lpr_loss_coef (stage 2) are mutually exclusive, as in the released code.
-    Forms: "paper" (balance = sum_i f_i P_i, 1 at uniform routing; LPR = -log G_0) or "code" (balance K times
-    larger; LPR a cross-entropy over the softmax probabilities). alpha=0.01 was tuned with the code balance.
+    Forms: "code" (the released code, default for both: balance N sum_e f_e P_e, K at uniform routing; LPR a
+    cross-entropy with target 0 over the softmax probabilities) or "paper" (balance K times smaller; LPR
+    -log G_0, whose router gradient is N times stronger at uniform routing, 6x measured at N=4). alpha=0.01 and
+    gamma=0.1 were tuned with the code forms; docs/moe_lpr.md gives the paper-form gamma with the same pull.
     layers: indices of the layers to upcycle (null: all). original_languages: language codes whose tokens
     the LPR pulls to expert 0 (the trainer turns per-token lang ids into the model's `original_mask`).
     expert_compute: "loop" over experts on contiguous slices, "grouped_mm" (torch's grouped GEMM), or "auto".
@@ -68,7 +70,7 @@ class MoEConfig:
     balance_loss_coef: float = 0.01
     balance_loss_form: str = "code"
     lpr_loss_coef: float = 0.0
-    lpr_loss_form: str = "paper"
+    lpr_loss_form: str = "code"
     layers: list[int] | None = None
     original_languages: list[str] = field(default_factory=list)
     expert_compute: str = "auto"

@@ -1,4 +1,4 @@
-"""FuxiTranyu: a decoder-only transformer (arXiv 2408.06273), exactly as published.
+"""FuxiTranyu: a decoder-only transformer with the published architecture (arXiv 2408.06273).
 
 Pre-RMSNorm blocks with biased multi-head attention (full rotary RoPE, rotate-half) and a non-gated, biased
 4h MLP with tanh-GELU (`gelu_fast`); untied embeddings; a final RMSNorm; lm_head without bias. Module names

@@ -200,13 +200,15 @@ def balance_loss(routing: Sequence[RouterOutput], num_experts: int, top_k: int,
 
 
 def lpr_loss(routing: Sequence[RouterOutput], original_mask: torch.Tensor | None,
-             form: str = "paper") -> torch.Tensor:
+             form: str = "code") -> torch.Tensor:
     """Language-Priors Routing: pull original-language tokens to expert 0, at every MoE layer.
 
-    paper (Eq. 10): -log G_0(t) on tokens with original_mask, averaged over those tokens and the layers.
-    code  (released): cross-entropy with target 0 applied to the *probabilities* (a double softmax),
-          -log(e^{p_0} / sum_j e^{p_j}); its minimum is log(1 + (N-1)/e), not 0.
-    No original-language token in the batch gives 0 (not the NaN of an empty mean); other tokens never count.
+    code  (released, the default; gamma = 0.1 was tuned with it): cross-entropy with target 0 applied to the
+          *probabilities* (a double softmax), -log(e^{p_0} / sum_j e^{p_j}); its minimum is log(1 + (N-1)/e).
+    paper (Eq. 10): -log G_0(t); the same pull with a router gradient N times stronger at uniform routing and
+          more on trained routing (6x at N = 4, docs/moe_lpr.md), so it needs a smaller gamma for the same pull.
+    Both are averaged over the original-language tokens and the layers. No original-language token in the batch
+    gives 0 (not the NaN of an empty mean); other tokens never count.
     """
     if form not in ("code", "paper"):
         raise ValueError(f"lpr_loss: form {form!r} is not 'code' or 'paper'")

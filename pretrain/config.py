@@ -174,14 +174,14 @@ class PreAlignConfig:
     """The prealign_init stage (pretrain/prealign_stage.py, methods.md 3.3). Entries per batch are
     schedule.global_batch (one concept per sample); negatives come from one micro-step across ranks.
 
-    alpha_weights "lm": L = L_align + alpha * L_LM (the issue's reading; default); "align": L = L_LM + alpha *
-    L_align (the released multi-way trainer). docs/prealign.md explains the choice."""
+    alpha_weights "align": L = L_LM + alpha * L_align (both released trainers; default, alpha = 0.1);
+    "lm": L = L_align + alpha * L_LM (the other reading). docs/prealign.md compares the two."""
 
     # Alignment table (JSONL, data_pipeline/align_table.py); default: the shipped table.
     table: str | None = None
     temperature: float = 0.1
     alpha: float = 0.1
-    alpha_weights: str = "lm"
+    alpha_weights: str = "align"
     # Words of one concept per sample: 2 is a translation pair; more gives the multi-way (supervised) form.
     words_per_entry: int = 2
     # Words tokenised longer than this are left out of the stage (logged).

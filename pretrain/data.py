@@ -30,7 +30,7 @@ class TrainData:
 
         return build_codeswitch_transform(cfg.data.codeswitch_table or str(SHIPPED_TABLE),
                                           cfg.data.tokenizer or cfg.run.tokenizer, cfg.data.codeswitch_ratio,
-                                          cfg.data.seed)
+                                          cfg.data.seed, direction=cfg.data.codeswitch_direction)
 
     def validation_batches(self, max_batches_per_language: int, batch_size: int) -> dict[str, list[dict]]:
         if not self.cfg.data.val_manifest or max_batches_per_language <= 0:

@@ -15,12 +15,13 @@ Loss (per micro-batch):
     (-inf, not 0), and so is another copy of the same token sequence under a different concept (identical
     inputs cannot be pushed apart). Averaged over anchors and over the L + 2 spaces;
   * L_LM: next-token loss on the word sequences (the model also learns to produce dictionary words);
-  * total: L_align + alpha * L_LM (prealign.alpha_weights "lm", the issue's reading, default) or
-    L_LM + alpha * L_align ("align", the released multi-way trainer); alpha = 0.1.
+  * total: L_LM + alpha * L_align (prealign.alpha_weights "align", the default: what both released trainers
+    compute) or L_align + alpha * L_LM ("lm"); alpha = 0.1.
 
-Distributed: each rank computes the loss of its own anchors against all gathered words, scaled so that the
-ranks' mean (what DeepSpeed's gradient averaging differentiates) is the loss of the whole micro-batch across
-ranks; 1 rank with batch 2B and 2 ranks with B each give the same loss and gradients. Negatives come from one
+Distributed: each rank computes the loss of its own anchors against all gathered words, and its share of the
+LM term's token sum, both scaled so that the ranks' mean (what DeepSpeed's gradient averaging differentiates) is
+the loss of the whole micro-batch across ranks; 1 rank with batch 2B and 2 ranks with B each give the same loss
+and gradients. Negatives come from one
 micro-step across ranks, so keep gradient accumulation at 1 to make the contrastive batch the global batch.
 
 At the end of the run, `alignment_report` measures per space the mean cosine of aligned word pairs against
@@ -335,16 +336,27 @@ def contrastive_alignment_loss(vectors: torch.Tensor, concept_ids: torch.Tensor,
     return AlignLoss((local_sum * scale).mean(), (totals[:-1] / anchors).float(), totals[-1])
 
 
+def global_token_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the next-token loss of the whole batch across ranks: its token-loss sum times
+    world / (label tokens on all ranks), so the ranks' mean, which DeepSpeed's gradient averaging differentiates,
+    is the token mean of the global batch. Words differ in length, so a per-rank mean would weight the ranks'
+    tokens unequally and 2 ranks would not train like 1 process."""
+    count = (labels != IGNORE_INDEX).sum().double()
+    if _world_size() > 1:
+        dist.all_reduce(count)  # no host sync: the scale stays on the device
+    return token_losses.sum() * (_world_size() / count.clamp(min=1)).float()
+
+
 @dataclass
 class PreAlignOutput:
     loss: torch.Tensor
-    lm_loss: torch.Tensor
+    lm_loss: torch.Tensor  # this rank's share (see global_token_mean), detached
     align: AlignLoss
     token_losses: torch.Tensor  # [B, K * W]
 
 
 def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch.Tensor, words_per_entry: int,
-                  temperature: float, alpha: float, alpha_weights: str = "lm") -> PreAlignOutput:
+                  temperature: float, alpha: float, alpha_weights: str = "align") -> PreAlignOutput:
     """The stage loss for one micro-batch (module docstring). `model` is the engine or the bare module."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["word_mask"]
     rows = ids.shape[0] * words_per_entry
@@ -355,11 +367,12 @@ def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch
     vectors = word_vectors(out.hidden_states, ids, mask, output_embedding)
     align = contrastive_alignment_loss(vectors, batch["concept_ids"].reshape(-1), batch["word_ids"].reshape(-1),
                                        temperature)
-    if alpha_weights == "lm":
-        loss = align.loss + alpha * out.loss
+    lm = global_token_mean(out.token_losses, labels)
+    if alpha_weights == "align":
+        loss = lm + alpha * align.loss
     else:
-        loss = out.loss + alpha * align.loss
-    return PreAlignOutput(loss, out.loss.detach(), align, out.token_losses.reshape(batch["input_ids"].shape))
+        loss = align.loss + alpha * lm
+    return PreAlignOutput(loss, lm.detach(), align, out.token_losses.reshape(batch["input_ids"].shape))
 
 
 # ---- measuring alignment ------------------------------------------------------------------------------------

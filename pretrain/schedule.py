@@ -39,6 +39,15 @@ def global_batch_at(step: int, cfg: ScheduleConfig) -> int:
     return batch
 
 
+def sequences_before(step: int, cfg: ScheduleConfig) -> int:
+    """Sequences the schedule feeds in steps 0 .. step-1 (the batch ramp included), in closed form per stage;
+    times seq_len, the tokens seen when `step` starts (`sequences_before(total_steps, cfg)` is the run's)."""
+    bounds = [0] + [s.step for s in cfg.batch_ramp] + [step]
+    batches = [cfg.global_batch] + [s.global_batch for s in cfg.batch_ramp]
+    return sum(batch * max(0, min(end, step) - begin)
+               for batch, begin, end in zip(batches, bounds[:-1], bounds[1:]))
+
+
 def check_batch_divisibility(cfg: ScheduleConfig, micro_batch: int, world_size: int, source: str = "") -> None:
     """Every global batch of the ramp must be a whole number of micro-batches on every rank. The error names
     the entry at fault (`schedule.global_batch` or `schedule.batch_ramp[i].global_batch`) and `source`."""

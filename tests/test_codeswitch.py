@@ -209,6 +209,11 @@ def test_stream_resume_and_workers_reproduce_the_same_switches(data):
         assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert any(not torch.equal(r["input_ids"], p["input_ids"])
                for r, p in zip(reference, _batches(build_train_loader(cfg, 2), 6)))
+    # the resume fingerprint holds the code-switching settings: another direction is refused, not resumed
+    other = build_train_loader(data.data_config(num_workers=0, codeswitch_direction="all_to_all"), 2,
+                               transform=transform)
+    with pytest.raises(DataConfigError, match="^codeswitch: the saved data state"):
+        other.load_state_dict(state)
 
 
 def test_config_validation_and_trainer_wiring(data, tmp_path):
@@ -216,6 +221,9 @@ def test_config_validation_and_trainer_wiring(data, tmp_path):
         DataConfig(train_manifest="m.json", codeswitch_ratio=1.5).validate()
     with pytest.raises(DataConfigError, match="^codeswitch_table"):
         DataConfig(train_manifest="m.json", codeswitch_table="").validate()
+    with pytest.raises(DataConfigError, match="^codeswitch_direction"):
+        DataConfig(train_manifest="m.json", codeswitch_direction="both").validate()
+    assert DataConfig(train_manifest="m.json").codeswitch_direction == "source_to_target"
     from pretrain.config import load_train_config
     from pretrain.data import TrainData
     from tests.trainer_helpers import run_config
@@ -231,3 +239,31 @@ def test_config_validation_and_trainer_wiring(data, tmp_path):
         TrainData(load_train_config(None, data=raw_cfg), rank=0, world_size=1)
     raw_cfg["data"]["codeswitch_ratio"] = 0.0
     assert TrainData(load_train_config(None, data=raw_cfg), 0, 1).loader.transform is default_transform
+
+
+def test_default_table_maps_source_to_target_as_the_released_code(data, tmp_path):
+    """The released loader reads a multi-way line as words[0] -> words[1:] (a one-to-one line as src -> tgt), each
+    word tokenised after a space; the default table is exactly that. all_to_all also maps every word to the rest."""
+    table_path = tmp_path / "table.jsonl"
+    lines = [{"index": 0, "words": "water $ eau $ Wasser", "langs": ["en", "fr", "de"]},
+             {"index": 1, "words": "house $ maison", "langs": ["en", "fr"]},
+             {"src_text": "book", "tgt_text": "livre", "src_lang": "en", "tgt_lang": "fr"}]
+    table_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tok = load_tokenizer(data.tokenizer_dir)
+    ids = lambda word: tuple(tok.encode(" " + word, add_special_tokens=False).ids)  # noqa: E731
+    expected = {}  # the released construction, written out: source -> its translations
+    for line in lines:
+        words = line["words"].split(" $ ") if "words" in line else [line["src_text"], line["tgt_text"]]
+        expected.setdefault(ids(words[0]), []).extend(ids(w) for w in words[1:])
+    default = CodeSwitchTable.from_alignment_table(table_path, data.tokenizer_dir)
+    assert default.translations == expected
+    assert ids("eau") not in default.translations and ids("livre") not in default.translations
+    everywhere = CodeSwitchTable.from_alignment_table(table_path, data.tokenizer_dir, direction="all_to_all")
+    assert everywhere.translations[ids("eau")] == [ids("water"), ids("Wasser")]
+    assert everywhere.translations[ids("livre")] == [ids("book")]
+    assert {k: v for k, v in everywhere.translations.items() if k in expected} == expected
+    # a language filter that drops the source drops the concept (its targets never become keys)
+    with pytest.raises(DataError, match="no word of the table has a translation"):
+        CodeSwitchTable.from_alignment_table(table_path, data.tokenizer_dir, languages=["fr", "de"])
+    with pytest.raises(DataConfigError, match="^codeswitch_direction"):
+        CodeSwitchTable.from_concepts([[(1,), (2,)]], WORD_START, SPECIAL, direction="both")

@@ -1,11 +1,11 @@
-"""launch/ghostrnn_pretrain_compare.py: the five variant configs differ only in the GhostGRU switches."""
+"""experiments/ghostrnn_pretrain_compare.py: the five variant configs differ only in the GhostGRU switches."""
 from __future__ import annotations
 
 from dataclasses import asdict
 
 import pytest
 
-from launch.ghostrnn_pretrain_compare import VARIANTS, token_budget, variant_configs
+from experiments.ghostrnn_pretrain_compare import VARIANTS, token_budget, variant_configs
 from model.typed_config import ConfigError, read_yaml
 
 CONFIG = "configs/train/ghostrnn-compare.yaml"

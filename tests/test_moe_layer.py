@@ -193,6 +193,32 @@ def test_lpr_depends_only_on_original_tokens_and_matches_formula():
         assert torch.equal(lpr_loss(routing_changed, flags, form), lpr_loss(routing, flags, form))
 
 
+def test_default_lpr_is_the_released_cross_entropy_over_the_probabilities():
+    """The default form is the released lpr_loss_func: softmax of the stacked [L, T, N] router logits, the
+    original-language rows of every layer, CrossEntropyLoss with target expert 0 applied to those probabilities."""
+    assert MoEConfig().lpr_loss_form == "code"
+    logits = [torch.randn(12, 6) * 3 for _ in range(3)]
+    flags = torch.rand(12) < 0.5
+    flags[0] = True
+    probs = torch.softmax(torch.stack(logits), dim=-1)            # [L, T, N]
+    rows = probs[flags.expand(3, -1)]                              # the released mask, every layer
+    expected = torch.nn.CrossEntropyLoss()(rows, torch.zeros(rows.shape[0], dtype=torch.long))
+    torch.testing.assert_close(lpr_loss([_routing_from_logits(lg, 2) for lg in logits], flags), expected)
+
+
+@pytest.mark.parametrize("num_experts", [4, 6])
+def test_paper_form_router_gradient_is_n_times_the_code_form_at_uniform_routing(num_experts):
+    """d(-log p_0)/dz = p - e_0; the code form's is (diag p - p p^T)(q - e_0) with q = softmax(p), which at
+    p = 1/N is (p - e_0)/N: the paper form pulls N times harder (docs/moe_lpr.md measures the ratio elsewhere)."""
+    from experiments.moe_lpr import lpr_gradient_ratio
+
+    uniform = lpr_gradient_ratio([torch.zeros(5, num_experts)], top_k=2)
+    assert uniform["norm_ratio"] == pytest.approx(num_experts, rel=1e-5)
+    assert uniform["median_token_ratio"] == pytest.approx(num_experts, rel=1e-5)
+    skewed = lpr_gradient_ratio([torch.randn(200, num_experts) * 2], top_k=2)
+    assert skewed["norm_ratio"] > 1.0
+
+
 def test_lpr_minima_paper_zero_code_log_one_plus():
     n = 6
     confident = [_routing_from_logits(torch.tensor([[60.0] + [0.0] * (n - 1)] * 3), 2)]

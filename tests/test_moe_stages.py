@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints.model_checkpoint import save_model_checkpoint
 from checkpoints.sharded_safetensors import iter_tensors
@@ -170,7 +171,9 @@ def test_stage2_loss_is_lm_plus_gamma_lpr_over_original_tokens_only():
 
     out = model(batch["input_ids"], labels=batch["labels"])  # no masks: the reference does its own
     original = torch.isin(lang_ids, torch.tensor([1, 3])).reshape(-1)
-    reference_lpr = torch.stack([-torch.log(r.probs[original, 0]).mean() for r in out.routing]).mean()
+    # the released form (the default): cross-entropy with target expert 0 over the softmax probabilities
+    target = torch.zeros(int(original.sum()), dtype=torch.long)
+    reference_lpr = torch.stack([F.cross_entropy(r.probs[original], target) for r in out.routing]).mean()
     assert torch.allclose(result.extras["lpr"], reference_lpr, rtol=1e-6, atol=1e-7)
     assert torch.allclose(result.loss, out.loss + 0.1 * reference_lpr, rtol=1e-6, atol=1e-7)
     assert torch.equal(result.lm_loss, out.loss.detach())
@@ -324,30 +327,35 @@ def toy_g0(model, perm) -> tuple[float, float]:
     return float(stats.mean_g0[:, 0].mean()), float(stats.mean_g0[:, 1].mean())
 
 
+def review_toy(seed: int) -> tuple[tuple[float, float], ...]:
+    """The checklist-10 toy for one seed: mean G_0 (original, expansion) after stage 1, after a review with LPR
+    (the default form, gamma 0.1) and after the same review with gamma 0."""
+    perm = toy_transitions(seed)
+    torch.manual_seed(seed)
+    dense = build_model(ModelConfig(vocab_size=TOY_VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                                    ffn_hidden_size=128, max_seq_len=TOY_LEN, kernels="torch"))
+    toy_train(dense, "pretrain", 150, [0] * 14 + [1] * 2, seed=seed + 1, perm=perm, structured=False)
+    moe = upcycle_model(dense, MoEConfig(num_experts=4, top_k=2, original_languages=["orig"]))
+    toy_train(moe, "moe_lpr_stage1", 200, [1] * TOY_BATCH, seed=seed + 2, perm=perm)
+    replay = [0] * 4 + [1] * 12
+    review = toy_train(copy.deepcopy(moe), "moe_lpr_stage2", 50, replay, seed=seed + 3, perm=perm,
+                       balance_loss_coef=0.0, lpr_loss_coef=0.1)
+    control = toy_train(copy.deepcopy(moe), "moe_lpr_stage2", 50, replay, seed=seed + 3, perm=perm,
+                        balance_loss_coef=0.0, lpr_loss_coef=0.0)
+    return toy_g0(moe, perm), toy_g0(review, perm), toy_g0(control, perm)
+
+
 def test_stage2_raises_g0_on_original_tokens_and_keeps_it_on_expansion_tokens():
     """Checklist 10 (MoE-LPR Fig. 3). Toy: a dense model learns the original language and sees expansion tokens
     only as noise; stage 1 teaches the new experts the expansion language (so the LM has a reason to keep
     expansion tokens off expert 0); stage 2 reviews with LPR and, as a control, without it (gamma = 0), from the
-    same weights on the same batches. Measured over seeds 0-5 (docs/moe_lpr.md): original G_0 +0.31..+0.39,
-    expansion G_0 -0.09..+0.00 (never up: without the balance loss the LM moves expansion tokens further onto
-    the new experts), original G_0 above the control by +0.04..+0.10. The thresholds leave room for that spread."""
-    perm = toy_transitions(0)
-    torch.manual_seed(0)
-    dense = build_model(ModelConfig(vocab_size=TOY_VOCAB, hidden_size=32, num_layers=2, num_heads=2,
-                                    ffn_hidden_size=128, max_seq_len=TOY_LEN, kernels="torch"))
-    toy_train(dense, "pretrain", 150, [0] * 14 + [1] * 2, seed=1, perm=perm, structured=False)
-    moe = upcycle_model(dense, MoEConfig(num_experts=4, top_k=2, original_languages=["orig"]))
-    toy_train(moe, "moe_lpr_stage1", 200, [1] * TOY_BATCH, seed=2, perm=perm)
-    before = toy_g0(moe, perm)
+    same weights on the same batches. LPR in its default (released) form at gamma 0.1. Measured with
+    review_toy(seed) for seeds 0-5 (docs/moe_lpr.md): original G_0 +0.23..+0.40, expansion G_0 -0.10..-0.02
+    (never up: without the balance loss the LM moves expansion tokens further onto the new experts), original
+    G_0 above the control by +0.019..+0.049. The thresholds leave room for that spread."""
+    before, after, without_lpr = review_toy(0)
 
-    replay = [0] * 4 + [1] * 12
-    review = toy_train(copy.deepcopy(moe), "moe_lpr_stage2", 50, replay, seed=3, perm=perm,
-                       balance_loss_coef=0.0, lpr_loss_coef=0.1)
-    control = toy_train(copy.deepcopy(moe), "moe_lpr_stage2", 50, replay, seed=3, perm=perm,
-                        balance_loss_coef=0.0, lpr_loss_coef=0.0)
-    after, without_lpr = toy_g0(review, perm), toy_g0(control, perm)
-
-    assert after[0] - before[0] > 0.25, (before, after)              # original tokens go back to expert 0
-    assert abs(after[1] - before[1]) < 0.1, (before, after)          # expansion tokens keep their routing,
+    assert after[0] - before[0] > 0.2, (before, after)               # original tokens go back to expert 0
+    assert abs(after[1] - before[1]) < 0.12, (before, after)         # expansion tokens keep their routing,
     assert after[1] - before[1] < 0.02, (before, after)              # and are not pulled to expert 0
-    assert after[0] - without_lpr[0] > 0.02, (after, without_lpr)    # the LPR term adds to the LM's review
+    assert after[0] - without_lpr[0] > 0.015, (after, without_lpr)   # the LPR term adds to the LM's review

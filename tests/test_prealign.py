@@ -120,7 +120,7 @@ def test_every_space_receives_gradient():
     model = tiny_model(num_layers=2).train()
     entries = toy_entries()
     batch = DictionaryBatches(entries, 2, seed=0).batch(list(range(8)))
-    out = prealign_loss(model, batch, model.lm_head.weight, 2, TAU, alpha=0.0)  # alignment only
+    out = prealign_loss(model, batch, model.lm_head.weight, 2, TAU, alpha=0.0, alpha_weights="lm")  # align only
     out.loss.backward()
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
                  "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
@@ -139,6 +139,26 @@ def test_alpha_weights_the_chosen_term(weights):
     align = out.align.loss.detach()
     expected = align + 0.25 * out.lm_loss if weights == "lm" else out.lm_loss + 0.25 * align
     torch.testing.assert_close(out.loss.detach(), expected)
+
+
+def test_default_is_the_released_weighting_lm_plus_a_tenth_of_align():
+    """Both released trainers compute L_LM + 0.1 * L_align; the config default and the function default do too.
+    The reference recomputes the LM term from the logits and the alignment term from the hidden states."""
+    from pretrain.config import PreAlignConfig
+
+    cfg = PreAlignConfig()
+    assert (cfg.alpha_weights, cfg.alpha, cfg.temperature) == ("align", 0.1, 0.1)
+    model = tiny_model(num_layers=1).train()
+    batch = DictionaryBatches(toy_entries(), 2, seed=0).batch(list(range(6)))
+    out = prealign_loss(model, batch, model.lm_head.weight, 2, cfg.temperature, cfg.alpha)
+    ids, labels, mask = (batch[k].reshape(12, -1) for k in ("input_ids", "labels", "word_mask"))
+    ref = model(ids, output_hidden_states=True)
+    lm = F.cross_entropy(ref.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    vectors = torch.stack([(h * mask[..., None]).sum(1) for h in ref.hidden_states] +
+                          [(model.lm_head.weight[ids] * mask[..., None]).sum(1)])
+    align = contrastive_alignment_loss(vectors, batch["concept_ids"].reshape(-1), batch["word_ids"].reshape(-1),
+                                       cfg.temperature).loss
+    torch.testing.assert_close(out.loss, lm + 0.1 * align, rtol=1e-5, atol=1e-6)
 
 
 def test_dictionary_batches_are_deterministic_resumable_and_split_by_rank():
@@ -219,7 +239,7 @@ def _rank_worker(rank, world, port, path):
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)
     batch = next(iter(DictionaryLoader(source, 4, rank, world)))
-    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.0)  # the LM term is per-rank
+    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)  # the default, LM term included
     out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     dist.all_reduce(grads)
@@ -241,7 +261,7 @@ def test_two_gloo_ranks_give_the_single_rank_loss_and_gradients(tmp_path):
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)
     batch = next(iter(DictionaryLoader(source, 8, 0, 1)))
-    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.0)
+    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)
     out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(two["reported"], out.align.per_space, rtol=1e-5, atol=1e-6)

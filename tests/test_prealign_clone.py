@@ -1,4 +1,4 @@
-"""The English-Clone generator of launch/prealign_experiment.py (methods.md 3.5, checklist 3.8.8): the clone
+"""The English-Clone generator of experiments/prealign.py (methods.md 3.5, checklist 3.8.8): the clone
 vocabulary is disjoint from English, a bijection per token, the alignment table is exactly that bijection at word
 level, and the English-only material (facts of the fact persons, the labelling task) never reaches Clone."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from launch.prealign_experiment import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
+from experiments.prealign import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
                                         make_world, mood_example, pack_blocks)
 
 
@@ -53,8 +53,9 @@ def test_alignment_table_is_the_word_level_bijection(world_and_clone):
         assert list(en) == ec.tok.encode(" " + w).ids and list(cl) == ec.clone(list(en))
     assert len({en for en, _ in pairs}) == len(pairs)  # distinct words, distinct token tuples
     table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special)
-    assert {k: v for k, v in table.translations.items()} == \
-        {**{en: [cl] for en, cl in pairs}, **{cl: [en] for en, cl in pairs}}
+    assert table.translations == {en: [cl] for en, cl in pairs}  # source (English) -> target (Clone)
+    both_ways = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special, "all_to_all")
+    assert both_ways.translations == {**{en: [cl] for en, cl in pairs}, **{cl: [en] for en, cl in pairs}}
     # code-switching an English sentence at ratio 1 gives its Clone words (all but the block's last word)
     sentence = " kelo saw a big red ball in the park ."
     tokens = np.array([EOS] + ec.encode(sentence))
@@ -99,16 +100,22 @@ def test_blocks_and_choice_scoring():
 
 def test_experiment_driver_end_to_end_smoke(tmp_path, capsys):
     """The driver runs every stage at toy size and writes its files; the last printed line is the JSON."""
-    from launch.prealign_experiment import main
+    from experiments.prealign import main
 
     out = tmp_path / "exp"
     assert main(["--out", str(out), "--arms", "joint,prealign", "--english-docs", "60", "--clone-docs", "20",
                  "--hidden", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch", "4",
-                 "--steps", "4", "--init-steps", "3", "--init-batch", "8", "--eval-every", "2"]) == 0
+                 "--steps", "4", "--init-steps", "3", "--init-batch", "8", "--eval-every", "2",
+                 "--weightings", "align,lm"]) == 0
     headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(headline) >= {"joint_loss_clone", "prealign_knowledge_clone", "prealign_transfer_clone"}
+    assert set(headline) >= {"joint_loss_clone", "prealign_knowledge_clone", "prealign_transfer_clone",
+                             "prealign_alpha_on_L_LM_loss_clone"}
     results = json.loads((out / "results.json").read_text())
     run = results["runs"][0]
+    assert list(run["arms"]) == ["joint", "prealign", "prealign, alpha on L_LM"]
     assert [p["step"] for p in run["arms"]["joint"]["curve"]] == [2, 4]
-    assert len(run["alignment_after_init"]["gap"]) == 1 + 2  # embedding, 1 layer, output embedding
+    assert set(run["init"]) == {"align", "lm"}
+    assert len(run["init"]["align"]["after"]["gap"]) == 1 + 2  # embedding, 1 layer, output embedding
+    # the two weightings start LM training from different aligned weights
+    assert run["arms"]["prealign"]["curve"] != run["arms"]["prealign, alpha on L_LM"]["curve"]
     assert (out / "prealign_english_clone.png").stat().st_size > 0 and (out / "report.md").is_file()

@@ -5,7 +5,7 @@ import pytest
 
 from model.typed_config import ConfigError
 from pretrain.config import BatchStage, PeakCut, ScheduleConfig
-from pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at
+from pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at, sequences_before
 
 
 def test_cosine_from_3e4_to_3e5_with_warmup():
@@ -43,3 +43,11 @@ def test_batch_ramp_2m_to_4m_tokens():
     check_batch_divisibility(cfg, micro_batch=2, world_size=32)
     with pytest.raises(ConfigError, match="512 is not a multiple of micro_batch x world size = 3 x 32"):
         check_batch_divisibility(cfg, micro_batch=3, world_size=32)
+
+
+def test_sequences_before_equals_the_step_by_step_sum():
+    cfg = ScheduleConfig(total_steps=50, global_batch=8, batch_ramp=[BatchStage(step=7, global_batch=16),
+                                                                      BatchStage(step=30, global_batch=40)])
+    for step in (0, 1, 7, 8, 29, 30, 31, 50, 60):
+        assert sequences_before(step, cfg) == sum(global_batch_at(s, cfg) for s in range(step)), step
+    assert sequences_before(10, ScheduleConfig(global_batch=4)) == 40

@@ -6,7 +6,7 @@ therefore the token budget. For each of configs/model/ghostrnn-{gru,a-s2,b-s2,a-
 one after another on the same BPE token stream. The trainer's per-language validation (loss in nats per token
 and bits per byte) at the start and at the end is collected into a table, results.json and a PNG.
 
-    python -m launch.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
+    python -m experiments.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
 
 The tokenizer and shards are built into the run config's data folder when they are missing. The last printed
 line is one JSON object of the figures.
@@ -26,7 +26,7 @@ import torch
 
 from model.typed_config import ConfigError, read_yaml
 from pretrain.config import TrainConfig, load_train_config
-from pretrain.schedule import global_batch_at
+from pretrain.schedule import sequences_before
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def variant_configs(config_path: str | Path, overrides: list[str], variants: lis
 
 def token_budget(cfg: TrainConfig) -> int:
     """Input tokens the schedule feeds the model (global batch per step, ramp included, times seq_len)."""
-    return sum(global_batch_at(step, cfg.schedule) for step in range(cfg.schedule.total_steps)) * cfg.data.seq_len
+    return sequences_before(cfg.schedule.total_steps, cfg.schedule) * cfg.data.seq_len
 
 
 def ensure_dataset(cfg: TrainConfig) -> None:

@@ -8,7 +8,7 @@
    against the same network at initialisation;
 4. kws: a synthetic keyword-spotting toy (methods.md 4.6.7): GRU vs GhostGRU A/B at s = 2, D = H.
 
-    python -m launch.ghostrnn_experiment --out runs/ghostrnn_experiment
+    python -m experiments.ghostrnn --out runs/ghostrnn_experiment
 
 Writes results.json, report.md and PNG plots under --out; prints tables and, last, one JSON line.
 Byte-level models (vocabulary 256) need no tokenizer, so bits per byte compare across languages and variants.
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     results: dict = {"args": vars(args).copy()}
     results["args"].pop("func", None)
-    report = ["# GhostRNN measurements", "", f"Command: `python -m launch.ghostrnn_experiment "
+    report = ["# GhostRNN measurements", "", f"Command: `python -m experiments.ghostrnn "
               f"{' '.join(sys.argv[1:])}`", ""]
 
     if "costs" in parts:

@@ -16,13 +16,17 @@ The arms (same seed, same blocks in the same order, same steps):
   prealign    random init -> alignment init on the table -> LM with input-only code-switching
   init only   alignment init, then plain LM          (ablation)
   cs only     random init, LM with code-switching     (ablation)
+The alignment init's loss is L_LM + alpha * L_align, the released code's weighting (--weightings align); with
+--weightings align,lm the two init arms also run with L_align + alpha * L_LM, on the same seeds. Code-switching
+replaces English words by their Clone translations (source -> target, as the released table;
+--codeswitch-direction all_to_all also switches Clone words into English).
 
 Measured on held-out data: Clone (and English) LM loss; zero-shot cross-lingual transfer (the labelling task
 asked in Clone: Clone "good" vs Clone "bad", words Clone text never contains); cross-lingual knowledge
 application (English-only facts queried in Clone, answer among all Clone cities / jobs); word alignment per
 layer (aligned vs random pairs).
 
-    python -m launch.prealign_experiment --out runs/prealign_experiment
+    python -m experiments.prealign --out runs/prealign_experiment --seeds 3 --weightings align,lm
 
 Writes results.json, report.md and prealign_english_clone.png under --out; prints tables and, last, one JSON
 line. Runs in a few minutes on 2 CPU cores.
@@ -33,6 +37,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import tempfile
 import time
@@ -45,8 +50,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, tokenizer_word_starts
+from data_pipeline.config import CODESWITCH_DIRECTIONS
 from data_pipeline.stream import default_transform
 from model import ModelConfig, build_model
+from pretrain.config import PREALIGN_ALPHA_WEIGHTS
 from pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
                                      format_alignment_report, prealign_loss)
 
@@ -58,6 +65,7 @@ ARMS = {  # name -> (alignment init, code-switching)
     "init only": (True, False),
     "cs only": (False, True),
 }
+WEIGHTING_SUFFIX = {"align": "", "lm": ", alpha on L_LM"}  # arm name suffix per init weighting (align: released)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-lr", type=float, default=3e-3)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--weightings", default="align",
+                        help="init losses to run, comma-separated: align = L_LM + alpha L_align (released), "
+                             "lm = L_align + alpha L_LM")
     parser.add_argument("--codeswitch-ratio", type=float, default=0.05)
+    parser.add_argument("--codeswitch-direction", default="source_to_target", choices=CODESWITCH_DIRECTIONS)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest at these shapes)")
 
@@ -242,7 +254,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def alignment_init(model, entries: DictionaryEntries, args) -> list[float]:
+def alignment_init(model, entries: DictionaryEntries, args, weighting: str) -> list[float]:
     """Stage 1 in-process: the same loss as the trainer's prealign_init stage."""
     source = DictionaryBatches(entries, 2, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.init_lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -252,7 +264,7 @@ def alignment_init(model, entries: DictionaryEntries, args) -> list[float]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.init_steps, args.init_lr, max(1, args.init_steps // 20))
         batch = source.batch(list(range(step * args.init_batch, (step + 1) * args.init_batch)))
-        out = prealign_loss(model, batch, model.lm_head.weight, 2, args.temperature, args.alpha)
+        out = prealign_loss(model, batch, model.lm_head.weight, 2, args.temperature, args.alpha, weighting)
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -429,9 +441,11 @@ def plot(out: Path, runs: list[dict], summary: dict) -> str:
     spaces = runs[0]["arms"][next(iter(summary))]["alignment_end"]["spaces"]
     for i, (name, arm) in enumerate(summary.items()):
         ax.plot(range(len(spaces)), arm["alignment_gap"], "-o", ms=3, color=f"C{i}", label=f"{name}: end of LM")
-    after = [r["alignment_after_init"]["gap"] for r in runs if "alignment_after_init" in r]
-    if after:
-        ax.plot(range(len(spaces)), np.mean(after, 0), "k--x", label="after alignment init")
+    for weighting, style in zip(WEIGHTING_SUFFIX, ["k--x", "k:+"]):
+        after = [r["init"][weighting]["after"]["gap"] for r in runs if weighting in r.get("init", {})]
+        if after:
+            ax.plot(range(len(spaces)), np.mean(after, 0), style,
+                    label=f"after alignment init{WEIGHTING_SUFFIX[weighting]}")
     ax.set_xticks(range(len(spaces)), spaces, rotation=30, ha="right")
     ax.set_ylabel("cos(aligned) - cos(random)")
     ax.set_title("Word alignment per layer")
@@ -467,41 +481,53 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
                            pack_blocks([ec.encode(d, clone=True) for d in clone], 1, args.seq_len + 1))
     n_en = int((blocks["lang_ids"][:, 0] == 0).sum())
     sets = build_eval_sets(rng, world, ec, args)
-    table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special)
+    table = CodeSwitchTable.from_concepts([list(p) for p in pairs], ec.word_start, ec.special,
+                                          args.codeswitch_direction)
     entries = DictionaryEntries.from_token_concepts([[(e, 0), (c, 1)] for e, c in pairs], ["english", "clone"])
     print(f"seed {seed}: {len(pairs)} words ({tokens_per_word:.2f} tokens/word), vocab {ec.english_vocab} + "
           f"{ec.english_vocab}; {n_en} English + {len(blocks['tokens']) - n_en} Clone blocks of {args.seq_len}; "
           f"{len(world.fact_persons)} fact persons x 2 facts in English only")
 
     results: dict = {"seed": seed, "words": len(pairs), "tokens_per_word": tokens_per_word,
-                     "blocks": {"english": n_en, "clone": len(blocks["tokens"]) - n_en}, "arms": {}}
-    init_state = None
-    for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
+                     "codeswitch_keys": len(table), "blocks": {"english": n_en, "clone": len(blocks["tokens"]) - n_en},
+                     "init": {}, "arms": {}}
+    init_states: dict[str, dict] = {}  # weighting -> weights after the alignment init (shared by its arms)
+    plan = [(name, w) for name in arm_names(args) for w in (weightings(args) if ARMS[name][0] else [None])]
+    for name, weighting in plan:
         use_init, use_cs = ARMS[name]
+        key = name + (WEIGHTING_SUFFIX[weighting] if use_init else "")
         t0 = time.time()
         model = build(args, ec.vocab_size)
         if use_init:
-            if init_state is None:  # the alignment init is shared by the arms that use it
+            if weighting not in init_states:
                 before = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
-                init_losses = alignment_init(model, entries, args)
+                init_losses = alignment_init(model, entries, args, weighting)
                 after = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
-                init_state = {k: v.clone() for k, v in model.state_dict().items()}
-                results.update(alignment_before_init=before, alignment_after_init=after, init_losses=init_losses,
-                               init_s=time.time() - t0)
-                print(f"alignment init: {args.init_steps} steps, InfoNCE {init_losses[0]:.3f} -> "
+                init_states[weighting] = {k: v.clone() for k, v in model.state_dict().items()}
+                results["init"][weighting] = {"before": before, "after": after, "losses": init_losses,
+                                              "seconds": time.time() - t0}
+                print(f"alignment init ({weighting}): {args.init_steps} steps, InfoNCE {init_losses[0]:.3f} -> "
                       f"{np.mean(init_losses[-10:]):.3f}\n{format_alignment_report(after)}")
-            model.load_state_dict(init_state)
+            model.load_state_dict(init_states[weighting])
         transform = CodeSwitchTransform(table, args.codeswitch_ratio, seed) if use_cs else default_transform
-        curve = train_lm(model, blocks, transform, sets, args, desc=f"{name} (seed {seed})")
+        curve = train_lm(model, blocks, transform, sets, args, desc=f"{key} (seed {seed})")
         final = evaluate(model, sets)
         report = alignment_report(model, model.lm_head.weight, entries, args.layers, seed=seed)
-        results["arms"][name] = {"curve": curve, "final": final, "alignment_end": report,
-                                 "seconds": time.time() - t0}
-        print(f"{name:<10} clone loss {final['loss_clone']:.3f}  english loss {final['loss_english']:.3f}  "
+        results["arms"][key] = {"curve": curve, "final": final, "alignment_end": report,
+                                "seconds": time.time() - t0}
+        print(f"{key:<10} clone loss {final['loss_clone']:.3f}  english loss {final['loss_english']:.3f}  "
               f"task en/clone {final['transfer_english']:.2f}/{final['transfer_clone']:.2f}  "
               f"facts en/clone {final['knowledge_english']:.2f}/{final['knowledge_clone']:.2f}  "
               f"({time.time() - t0:.0f} s)")
     return results
+
+
+def arm_names(args) -> list[str]:
+    return [a.strip() for a in args.arms.split(",") if a.strip()]
+
+
+def weightings(args) -> list[str]:
+    return [w.strip() for w in args.weightings.split(",") if w.strip()]
 
 
 def results_table(summary: dict) -> str:
@@ -525,9 +551,12 @@ def results_table(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    unknown = [a for a in args.arms.split(",") if a.strip() and a.strip() not in ARMS]
+    unknown = [a for a in arm_names(args) if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    unknown = [w for w in weightings(args) if w not in PREALIGN_ALPHA_WEIGHTS]
+    if unknown or not weightings(args):
+        raise SystemExit(f"--weightings: {args.weightings!r}; choose from {list(PREALIGN_ALPHA_WEIGHTS)}")
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -543,16 +572,17 @@ def run(args: argparse.Namespace) -> dict:
                  f"Mean ± std over seeds {results['seeds']}. Chance: task {100 / len(MOODS):.0f}%, facts "
                  f"{100 / len(CITIES):.1f}%. Total {seconds:.0f} s.", ""]
     for r in runs:
-        if "alignment_after_init" in r:
-            report_md += [f"Alignment after the init stage (seed {r['seed']}):", "", "```",
-                          format_alignment_report(r["alignment_after_init"]), "```", ""]
+        for weighting, init in r["init"].items():
+            report_md += [f"Alignment after the init stage ({weighting}, seed {r['seed']}):", "", "```",
+                          format_alignment_report(init["after"]), "```", ""]
     (out / "report.md").write_text("\n".join(report_md), encoding="utf-8")
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
     tmp.replace(out / "results.json")
     headline = {"out": str(out), "seconds": round(seconds, 1), "seeds": len(runs)}
     for name, arm in summary.items():
-        headline.update({f"{name.replace(' ', '_')}_{m}": round(arm[m]["mean"], 4) for m in METRICS})
+        slug = re.sub(r"\W+", "_", name)
+        headline.update({f"{slug}_{m}": round(arm[m]["mean"], 4) for m in METRICS})
     print(json.dumps(headline))
     return headline
 

@@ -1,0 +1,30 @@
+"""experiments/moe_lpr.py: the review is sized by the replay share, and the seed statistics are paired."""
+from __future__ import annotations
+
+import pytest
+
+from experiments.moe_lpr import SEQ_LEN, aggregate, paired, review_steps, seed_summary
+
+
+@pytest.mark.parametrize("share, batch", [(0.01, 16), (0.01, 4), (0.1, 16), (0.27, 16), (1e-6, 16)])
+def test_review_steps_give_the_replay_share(share, batch):
+    stage1_tokens, fraction = 150 * 16 * SEQ_LEN, 1 / 3
+    steps = review_steps(share, stage1_tokens, batch, fraction)
+    per_step = batch * SEQ_LEN * fraction  # original-language tokens per review step
+    assert steps >= 1 and steps * per_step >= share * stage1_tokens
+    assert steps == 1 or (steps - 1) * per_step < share * stage1_tokens  # the fewest steps that reach it
+
+
+def test_forgetting_is_against_the_seeds_dense_model_and_differences_are_paired():
+    def evals(dense, review, control):
+        return {name: {"loss": {"en": value, "ru": 9.0 - value}}
+                for name, value in (("dense", dense), ("c", review), ("d", control))}
+
+    seeds = [seed_summary(evals(*values), ["en"], ["ru"]) for values in ((4.0, 4.5, 4.7), (5.0, 5.2, 5.6))]
+    assert seeds[1]["c"]["original_forgetting"] == pytest.approx(0.2)
+    assert seeds[0]["d"]["expansion_gain"] == pytest.approx(0.7)  # dense 5.0 -> 4.3 on ru
+    diff = paired(seeds, "c", "d", "original_loss")
+    assert diff["values"] == pytest.approx([-0.2, -0.4]) and diff["mean"] == pytest.approx(-0.3)
+    assert diff["std"] == pytest.approx(0.1)
+    agg = aggregate(seeds)
+    assert agg["c"]["original_loss"]["values"] == [4.5, 5.2] and agg["c"]["original_loss"]["mean"] == 4.85
