@@ -48,14 +48,14 @@ lock:
 	rm -rf .lock-venv
 	@echo "wrote $(CONSTRAINTS): $$(grep -vc '^#' $(CONSTRAINTS)) packages"
 
-# The GPU machine (docs/benchmarks.md, "GPU check") has no network and no deepspeed, webdataset, datasketch,
+# The GPU machine (docs/benchmarks.md, "GPU check") has no network and no deepspeed, webdataset, datatrove,
 # py3langid or liger-kernel: their wheels travel in the git-ignored .whl/ with the working tree (64 MiB in all)
 # and launch/gpu_check.sh installs them there with pip --target. Versions from constraints.txt where listed.
 GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 LIGER_SPEC ?= liger-kernel==0.8.5
 # Pure Python (deepspeed publishes only a source package: pip builds it into a py3-none-any wheel here).
-GPU_PURE_WHEELS := deepspeed webdataset braceexpand datasketch py3langid hjson
+GPU_PURE_WHEELS := deepspeed webdataset braceexpand datatrove dill multiprocess humanize loguru py3langid hjson
 # Binary or needed at a newer version than the image may hold: downloaded for the GPU machine's Python.
 GPU_BINARY_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions
 

@@ -17,7 +17,11 @@ install_requires = [
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
-    "datasketch>=1.6",
+    # the data engine: executors (local, Slurm, Ray), completion markers, per-task stats; its MinHash stage
+    # (used side by side in `fuxi bench data --scale`) fails with xxhash 4
+    "datatrove>=0.10.1,<0.11",
+    "xxhash>=3.0,<4",
+    "orjson>=3.9",  # datatrove's JSONL reader (the datatrove side of `fuxi bench data --scale`)
     "py3langid>=0.2.2",
     "tiktoken>=0.7",  # data_pipeline/encoders.py: 3x faster packing, checked equal to the HF tokenizer
     "tensorboard>=2.14",
@@ -43,6 +47,7 @@ setup(
         # `fuxi eval` and in-loop evaluation: lm-evaluation-harness with its Hugging Face backend (accelerate);
         # the task-loading API used here (TaskManager.load) is that of 0.4.13.
         "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
+        "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`
     },
     entry_points={"console_scripts": ["fuxi=launch.cli:main"]},
 )

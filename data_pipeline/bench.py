@@ -5,6 +5,9 @@ anchors.md (iii)). Goals on the 2-core CPU machine: tokenize >= 1,000,000 tokens
 Data: the bundled corpus, cleaned once, repeated `--copies` times (so pool start-up does not dominate), with a
 BPE tokenizer of `--vocab-size` trained on it. Each figure is the median of `--repeats` runs. The last
 printed line is one JSON object of the figures.
+
+`--scale` runs the other data benchmark instead: the engine's clean, dedup and pack at 4x/16x/64x against
+today's single-process clean and datatrove's MinHash and tokenizer (bench_scale.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="packing processes (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="keep the intermediate files here (default: a temp dir)")
+    from data_pipeline import bench_scale
+    bench_scale.add_arguments(parser)
 
 
 def _cpu_seconds() -> float:
@@ -48,6 +53,9 @@ def _replicate(clean_train: Path, out: Path, copies: int) -> Path:
 
 
 def run(args) -> dict:
+    if getattr(args, "scale", False):
+        from data_pipeline import bench_scale
+        return bench_scale.run(args)
     from data_pipeline.clean import clean
     from data_pipeline.config import DataConfig
     from data_pipeline.corpus import bundled_corpus

@@ -1,37 +1,41 @@
 """Stage 1, ingest and clean: Unicode NFC, language labels, heuristic filters, exact and near-duplicate removal.
 
-Input splits are processed in the order given (validation first), and duplicates are detected across splits,
-so a training document that repeats a validation document is removed from training (decontamination).
-Per-document work (NFC, language ID, filters, MinHash signatures) runs in worker processes; duplicate
-decisions are made in document order in the parent, so the output is the same for any number of processes.
-Output: `<out_dir>/<split>/<lang>.jsonl` and `<out_dir>/clean_report.json`.
+Runs as tasks of the data engine (`engine.py`; local processes, Slurm job arrays or Ray), in six stages that
+exchange files in a work folder (`clean_stages.py`, `dedup_stages.py`):
+
+    process   per input chunk: NFC, language ID, filters; documents that pass, their exact-duplicate keys,
+              MinHash band keys and shingle sets                                            (--tasks tasks)
+    buckets   per band: documents with equal band keys -> candidate pairs -> exact Jaccard -> edges; and the
+              exact duplicates (the bands and the exact keys dealt to the tasks)            (--tasks)
+    clusters  connected components of the edges; all but the first of each are near duplicates   (1 task)
+    write     per chunk: drop duplicates, hold out, write kept documents per split and language (--tasks)
+    gather    one file per split and language, in input order                                (--tasks)
+    publish   the report, and the new output folder switched in place of the old one          (1 task)
+
+Splits are processed validation first and duplicates are found across splits, so a training document that
+repeats a validation document is removed (decontamination). Document ids follow input order, so the output
+is the same for any number of tasks, processes or machines. Output: `<out_dir>/<split>/<lang>.jsonl` and
+`<out_dir>/clean_report.json`.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import logging
-import multiprocessing as mp
-import os
-from collections import Counter, defaultdict
+import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Mapping
 
-from tqdm import tqdm
-
-from data_pipeline.corpus import Document, find_splits, iter_documents
-from data_pipeline.dedup import DedupConfig, NearDuplicateIndex, exact_key, minhash_signature
-from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.corpus import find_splits
+from data_pipeline.dedup import DedupConfig, exact_key
+from data_pipeline.errors import DataConfigError
 from data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
-from data_pipeline.io_utils import atomic_write, write_json
-from data_pipeline.staging import staged_folder
 from data_pipeline.tables import format_table
 from data_pipeline.textstats import nfc
 
 log = logging.getLogger(__name__)
-_BATCH = 128
 REPORT_NAME = "clean_report.json"
 
 
@@ -49,6 +53,10 @@ class LangIdConfig:
 class CleanReport:
     # split -> language -> counter name -> count
     stats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # stage -> task -> figures (seconds, chunks, documents in and out, candidates, ...)
+    tasks: dict[str, dict[str, dict]] = field(default_factory=dict)
+    # what the output depends on (inputs and settings); a re-run with the same one has nothing to do
+    fingerprint: str = ""
 
     def languages(self, split: str) -> list[str]:
         return sorted(self.stats.get(split, {}))
@@ -69,27 +77,32 @@ class CleanReport:
         return format_table(["split", "lang", "input", "lid", "filtered", "exact dup", "near dup", "kept",
                              "held out", "filters"], rows)
 
+    def task_table(self) -> str:
+        """One row per stage: tasks, seconds (sum and slowest task), documents in and out."""
+        rows = []
+        for stage, tasks in self.tasks.items():
+            secs = [t.get("seconds", 0.0) for t in tasks.values()]
+            rows.append([stage, len(tasks), round(sum(secs), 2), round(max(secs, default=0.0), 2),
+                         sum(t.get("docs_in", 0) for t in tasks.values()),
+                         sum(t.get("docs_out", 0) for t in tasks.values())])
+        return format_table(["stage", "tasks", "task-seconds", "slowest task", "docs in", "docs out"], rows)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def load(cls, path: str | Path) -> "CleanReport":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(data.get("stats", {}), data.get("tasks", {}), data.get("fingerprint", ""))
 
-# --- per-document work (runs in worker processes) ---------------------------------------------------------
 
-_WORKER: dict = {}
-
+# --- per-document work ----------------------------------------------------------------------------------------
 
 _IDENTIFIERS: dict[tuple[str, ...] | None, object] = {}  # module-level: forked workers inherit loaded ones
 
 
-def _init_worker(filters: FilterConfig, dedup: DedupConfig, langid: LangIdConfig) -> None:
-    _WORKER["filter"] = DocumentFilter(filters)
-    _WORKER["dedup"] = dedup
-    _WORKER["langid"] = langid
-
-
-def _identifier():
+def identifier(languages: list[str] | None):
     """py3langid's identifier (its model ships in the package; loading takes about a second, so lazily)."""
-    languages = _WORKER["langid"].languages
     key = tuple(sorted(languages)) if languages else None
     if key not in _IDENTIFIERS:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
@@ -100,110 +113,103 @@ def _identifier():
     return _IDENTIFIERS[key]
 
 
-def _process_batch(batch: list[tuple[str, str | None]]) -> list[tuple]:
-    """(text, lang) -> (nfc text, lang, lang_was_filled, reject reason, exact key, minhash values)."""
-    out = []
-    doc_filter: DocumentFilter = _WORKER["filter"]
-    dedup: DedupConfig = _WORKER["dedup"]
-    langid: LangIdConfig = _WORKER["langid"]
-    for text, lang in batch:
+class DocumentProcessor:
+    """NFC, language identification and the filters for one document: `(text, lang, filled, reason)`, reason
+    None when the document is kept."""
+
+    def __init__(self, filters: FilterConfig, langid: LangIdConfig):
+        self.filter = DocumentFilter(filters)
+        self.langid = langid
+
+    def __call__(self, text: str, lang: str | None) -> tuple[str, str | None, bool, str | None]:
         text = nfc(text)
-        filled = False
-        reason = None
         if lang is None:
-            if not langid.enabled:
-                reason = "no_language"
-            else:
-                lang, confidence = _identifier().classify(text)
-                filled = True
-                if confidence < langid.min_confidence:
-                    reason = "langid_low_confidence"
-        if reason is None:
-            reason = doc_filter.reject_reason(text, lang)
-        key = exact_key(text) if dedup.exact and reason is None else None
-        signature = minhash_signature(text, dedup) if dedup.near and reason is None else None
-        out.append((text, lang, filled, reason, key, signature))
-    return out
+            if not self.langid.enabled:
+                return text, None, False, "no_language"
+            lang, confidence = identifier(self.langid.languages).classify(text)
+            if confidence < self.langid.min_confidence:
+                return text, lang, True, "langid_low_confidence"
+            return text, lang, True, self.filter.reject_reason(text, lang)
+        return text, lang, False, self.filter.reject_reason(text, lang)
 
 
-# --- orchestration ----------------------------------------------------------------------------------------
-
-def _batches(docs: Iterable[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
-    it = iter(docs)
-    while batch := list(islice(it, size)):
-        yield batch
+def exact_key_words(text: str) -> tuple[int, int]:
+    """The 128-bit exact-duplicate key as two 64-bit integers."""
+    key = exact_key(text)
+    return int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big")
 
 
-def _capped(split: str, docs: Iterable[Document], cap: int | None) -> Iterator[tuple[str, Document]]:
-    seen: Counter = Counter()
-    for doc in docs:
-        if cap is not None and doc.lang is not None:
-            if seen[doc.lang] >= cap:
-                continue
-            seen[doc.lang] += 1
-        yield split, doc
+# --- the job --------------------------------------------------------------------------------------------------
+
+@dataclass
+class CleanSettings:
+    """Everything the clean stages need; what the output depends on is its fingerprint."""
+    splits: dict[str, str]
+    out_dir: str
+    work_dir: str
+    filters: FilterConfig
+    dedup: DedupConfig
+    langid: LangIdConfig
+    languages: list[str] | None
+    max_docs_per_language: int | None
+    holdout_every: int
+    chunk_bytes: int
+
+    def fingerprint(self) -> str:
+        files = []
+        for source in self.splits.values():
+            source = Path(source)
+            paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+            files += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+        content = {k: v for k, v in asdict(self).items() if k not in ("out_dir", "work_dir")}
+        blob = json.dumps([content, files], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-class _Selector:
-    """The in-order decisions: language selection, exact and near duplicates, hold-out; counts everything."""
+def default_work_dir(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.work"
 
-    def __init__(self, dedup: DedupConfig, keep: set[str] | None, holdout_every: int):
-        self.dedup = dedup
-        self.keep = keep
-        self.holdout_every = holdout_every
-        self.stats: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
-        self.seen_exact: set[bytes] = set()
-        self.near: dict[str, NearDuplicateIndex] = {}
-        self.kept_train: Counter = Counter()
 
-    def select(self, split: str, lang: str | None, text: str, filled: bool, reason: str | None,
-               key: bytes | None, signature) -> str | None:
-        """The split the document is written to, or None when it is dropped."""
-        s = self.stats[split][lang or "unknown"]
-        s["input"] += 1
-        s["chars_in"] += len(text)
-        s["langid_filled"] += int(filled)
-        if reason is not None:
-            s[f"filter_{reason}"] += 1
-            return None
-        if self.keep is not None and lang not in self.keep:
-            s["not_selected"] += 1
-            return None
-        if key is not None:
-            if key in self.seen_exact:
-                s["exact_dup"] += 1
-                return None
-            self.seen_exact.add(key)
-        if signature is not None:
-            index = self.near.get(lang)
-            if index is None:
-                index = self.near[lang] = NearDuplicateIndex(self.dedup)
-            if index.is_duplicate(signature):
-                s["near_dup"] += 1
-                return None
-        target = split
-        if split == "train" and self.holdout_every:
-            if self.kept_train[lang] % self.holdout_every == 0:
-                target = "valid"
-                s["held_out"] += 1
-            self.kept_train[lang] += 1
-        s["kept"] += 1
-        s["chars_kept"] += len(text)
-        return target
+def prepare_work_dir(work_dir: Path, identity: dict) -> None:
+    """Keep a work folder only if it belongs to the same job (same fingerprint and task count): its completion
+    markers then mean what they say. Otherwise start it afresh."""
+    stamp = work_dir / "job.json"
+    if work_dir.exists():
+        try:
+            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
+            return
+        log.info("%s belongs to another job; starting afresh", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    from data_pipeline.io_utils import write_json
+    write_json(stamp, identity)
 
 
 def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
           filters: FilterConfig | None = None, dedup: DedupConfig | None = None,
           langid: LangIdConfig | None = None, languages: list[str] | None = None,
           max_docs_per_language: int | None = None, holdout_fraction: float = 0.0,
-          num_proc: int | None = None, progress: bool = True) -> CleanReport:
-    """Clean `inputs` into `out_dir/<split>/<lang>.jsonl`.
+          num_proc: int | None = None, progress: bool = True, executor=None, work_dir: str | Path | None = None,
+          chunk_mb: float = 8.0, keep_work: bool = False) -> CleanReport | None:
+    """Clean `inputs` into `out_dir/<split>/<lang>.jsonl`; returns the report (None when the job was submitted
+    to a cluster or only some of its tasks ran on this machine).
 
     inputs: a corpus path (a folder with train/ and valid/ is split accordingly) or {split: path}.
     languages: keep only these languages (after identification). max_docs_per_language: read at most this
-    many labelled documents per split and language (quick subsets). holdout_fraction: when there is no
-    "valid" split, move every round(1/fraction)-th kept training document of each language into one.
+    many labelled documents per language from each input chunk (quick subsets; a file smaller than `chunk_mb`
+    is one chunk). holdout_fraction: when there is no "valid" split, move every round(1/fraction)-th kept
+    training document of each language into one. executor: an `engine.ExecutorConfig` (default: local, with
+    `num_proc` processes and as many tasks). work_dir: intermediate files (default: `.<out>.work` beside the
+    output), removed after success unless `keep_work`.
     """
+    from data_pipeline.clean_stages import clean_stages
+    from data_pipeline.engine import ExecutorConfig, run_stages
+
     filters = filters or FilterConfig()
     dedup = dedup or DedupConfig()
     langid = langid or LangIdConfig()
@@ -214,55 +220,38 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         raise DataConfigError("inputs: no splits given")
     if not 0.0 <= holdout_fraction < 1.0:
         raise DataConfigError(f"holdout_fraction: must be in [0, 1), got {holdout_fraction}")
-    holdout_every = round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0
-    out_dir = Path(out_dir)
-    num_proc = max(1, num_proc or os.cpu_count() or 1)
-
-    selector = _Selector(dedup, set(languages) if languages else None, holdout_every)
-
-    def stream() -> Iterator[tuple[str, Document]]:
-        for split, path in splits.items():
-            yield from _capped(split, iter_documents(path), max_docs_per_language)
-
-    # The whole output folder is built beside the old one and switched in when complete (staging.py): a
-    # failure half way (a bad input file) leaves an earlier run's output exactly as it was.
-    owned = (REPORT_NAME, "train", "valid", *splits, *_splits_of_earlier_run(out_dir))
-    with staged_folder(out_dir, owned) as staging, contextlib.ExitStack() as stack:
-        writers: dict[tuple[str, str], object] = {}
-
-        def write(split: str, lang: str, record: dict) -> None:
-            if (split, lang) not in writers:
-                writers[split, lang] = stack.enter_context(atomic_write(staging / split / f"{lang}.jsonl"))
-            writers[split, lang].write(json.dumps(record, ensure_ascii=False) + "\n")
-
-        if num_proc > 1:
-            pool = stack.enter_context(mp.get_context("fork").Pool(
-                num_proc, initializer=_init_worker, initargs=(filters, dedup, langid)))
-            mapper = pool.imap
-        else:
-            _init_worker(filters, dedup, langid)
-            mapper = map
-        bar = tqdm(desc="clean", unit="doc", disable=not progress)
-        # Waves of a few batches per process bound the memory held in flight.
-        for wave in _batches(_batches(stream(), _BATCH), num_proc * 4):
-            payloads = [[(doc.text, doc.lang) for _, doc in batch] for batch in wave]
-            for batch, results in zip(wave, mapper(_process_batch, payloads)):
-                bar.update(len(batch))
-                for (split, doc), (text, lang, filled, reason, key, signature) in zip(batch, results):
-                    target = selector.select(split, lang, text, filled, reason, key, signature)
-                    if target is not None:
-                        record = {"text": text, "lang": lang}
-                        if doc.source:
-                            record["source"] = doc.source
-                        write(target, lang, record)
-        bar.close()
-        stack.close()  # the per-language files are complete before the report and the switch
-        report = CleanReport({split: {lang: dict(c) for lang, c in sorted(langs.items())}
-                              for split, langs in selector.stats.items()})
-        if not any(c.get("kept") for langs in report.stats.values() for c in langs.values()):
-            raise DataError(f"clean: no document survived cleaning of {list(splits.values())}; see the report:\n"
-                            f"{report.table()}")
-        write_json(staging / REPORT_NAME, report.to_dict())
+    if chunk_mb <= 0:
+        raise DataConfigError(f"chunk_mb: must be > 0, got {chunk_mb}")
+    executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
+    executor.validate()
+    if executor.partial:
+        raise DataConfigError("local_tasks: clean's stages exchange files through one work folder; run its tasks "
+                              "on one machine, or on many with --executor slurm/ray and a shared work folder")
+    out_dir = Path(out_dir).absolute()
+    settings = CleanSettings(
+        splits={k: str(Path(v).absolute()) for k, v in splits.items()}, out_dir=str(out_dir),
+        work_dir=str(Path(work_dir).absolute() if work_dir else default_work_dir(out_dir)), filters=filters,
+        dedup=dedup, langid=langid, languages=list(languages) if languages else None,
+        max_docs_per_language=max_docs_per_language,
+        holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
+        chunk_bytes=max(1, int(chunk_mb * (1 << 20))))
+    from data_pipeline.staging import refuse_foreign
+    refuse_foreign(out_dir, (REPORT_NAME, "train", "valid", *settings.splits, *_splits_of_earlier_run(out_dir)))
+    fingerprint = settings.fingerprint()
+    report_path = out_dir / REPORT_NAME
+    if report_path.is_file():
+        previous = CleanReport.load(report_path)
+        if previous.fingerprint == fingerprint:
+            log.info("clean: %s is up to date with its inputs and settings", out_dir)
+            return previous
+    work = Path(settings.work_dir)
+    prepare_work_dir(work, {"fingerprint": fingerprint, "tasks": executor.num_tasks, "stage": "clean"})
+    done = run_stages(clean_stages(settings, fingerprint, executor.num_tasks), work, executor)
+    if not done:
+        return None
+    report = CleanReport.load(report_path)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -272,3 +261,16 @@ def _splits_of_earlier_run(out_dir: Path) -> list[str]:
         return list(json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8")).get("stats", {}))
     except (OSError, ValueError, AttributeError):
         return []
+
+
+def merge_counters(into: dict, stats: Mapping) -> None:
+    """Add split -> lang -> counter stats into `into`."""
+    for split, langs in stats.items():
+        for lang, counters in langs.items():
+            target = into.setdefault(split, {}).setdefault(lang, Counter())
+            target.update(counters)
+
+
+def ordered_stats(stats: Mapping) -> dict:
+    return {split: {lang: dict(c) for lang, c in sorted(langs.items())} for split, langs in stats.items()}
+

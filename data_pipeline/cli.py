@@ -5,12 +5,15 @@
     fuxi data tokenizer CLEAN_TRAIN OUT         train byte-level BPE (or --backend sentencepiece)
     fuxi data fertility TOKENIZER CORPUS        tokens/word and bytes/token per language (+ --plot PNG)
     fuxi data pack CLEAN_SPLIT TOKENIZER OUT    tokenize + pack + shards + manifest
+    fuxi data merge OUT_0 OUT_1 ... --out DIR   combine the shards of several tasks/machines into one dataset
     fuxi data inspect MANIFEST                  per-language stats; --verify checks every shard and decodes every sample
     fuxi data mixture MANIFEST                  target/planned (and, with --stream, realised) language shares
     fuxi data prepare OUT                       all stages on the bundled corpus (or --corpus)
     fuxi data align-table OUT                   PreAlign word-alignment table (FreeDict + parallel text)
 
-`register(subparsers)` is wired into the `fuxi` CLI; `main(argv)` runs the same parser standalone.
+clean, tokenizer, pack and prepare run as tasks of the data engine (engine.py): `--executor local|slurm|ray`,
+`--tasks N`, `--workers M`; a re-run resumes a killed job. `register(subparsers)` is wired into the `fuxi` CLI;
+`main(argv)` runs the same parser standalone.
 """
 from __future__ import annotations
 
@@ -37,6 +40,36 @@ def _weights(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = False) -> None:
+    g = p.add_argument_group("engine (datatrove executors; the same job on one machine or many)")
+    g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    g.add_argument("--tasks", type=int, help="tasks of the parallel stages (default: --workers)")
+    g.add_argument("--workers", "--num-proc", dest="workers", type=int,
+                   help="tasks running at once (local: processes; default: all CPUs)")
+    if multi_machine:
+        g.add_argument("--local-tasks", type=int, default=-1,
+                       help="run only this many of the tasks here (several machines without a scheduler)")
+        g.add_argument("--rank-offset", type=int, default=0, help="the first task this machine runs")
+    g.add_argument("--work-dir", help="intermediate files and task logs (default: .<OUT>.work beside OUT)")
+    g.add_argument("--partition", help="slurm partition")
+    g.add_argument("--time", default="24:00:00", help="slurm time limit per task")
+    g.add_argument("--cpus-per-task", type=int, default=1)
+    g.add_argument("--mem-per-cpu-gb", type=int, default=4)
+    g.add_argument("--env-command", help="shell line that activates the environment on a node (default: this "
+                                         "venv's activate script)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="slurm: write and print the job scripts instead of submitting them")
+
+
+def executor_config(args):
+    from data_pipeline.engine import ExecutorConfig
+    return ExecutorConfig(executor=args.executor, tasks=args.tasks, workers=args.workers,
+                          local_tasks=getattr(args, "local_tasks", -1), rank_offset=getattr(args, "rank_offset", 0),
+                          partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                          mem_per_cpu_gb=args.mem_per_cpu_gb, env_command=args.env_command,
+                          progress=not getattr(args, "quiet", False), dry_run=args.dry_run)
+
+
 def cmd_build_corpus(args) -> int:
     from data_pipeline import build_corpus
     argv = ["--out", args.out, "--seed", str(args.seed), "--scale", str(args.scale)]
@@ -55,17 +88,24 @@ def cmd_clean(args) -> int:
     langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
     report = clean(args.input, args.out, filters=filters, dedup=dedup, langid=langid, languages=args.languages,
                    max_docs_per_language=args.max_docs_per_language, holdout_fraction=args.holdout,
-                   num_proc=args.num_proc, progress=not args.quiet)
+                   executor=executor_config(args), work_dir=args.work_dir, chunk_mb=args.chunk_mb,
+                   keep_work=args.keep_work)
+    if report is None:
+        return 0
     print(report.table())
+    print(report.task_table())
     print(f"wrote {args.out}/<split>/<lang>.jsonl and {args.out}/clean_report.json")
     return 0
 
 
 def cmd_tokenizer(args) -> int:
-    from data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
+    from data_pipeline.tokenizer import META_FILE, TokenizerConfig
+    from data_pipeline.tokenizer_stage import train_tokenizer_task
     config = TokenizerConfig(vocab_size=args.vocab_size, backend=args.backend,
                              max_docs_per_language=args.max_docs_per_language, seed=args.seed)
-    out = train_tokenizer(args.corpus, args.out, config)
+    out = train_tokenizer_task(args.corpus, args.out, config, executor_config(args))
+    if out is None:
+        return 0
     meta = json.loads((out / META_FILE).read_text())
     print(f"tokenizer ({meta['backend']}, vocab {meta['vocab_size']}, hash {meta['hash'][:16]}) -> {out}")
     return 0
@@ -87,10 +127,21 @@ def cmd_pack(args) -> int:
     from data_pipeline.pack import pack
     languages = load_manifest(args.languages_from).languages if args.languages_from else args.languages
     path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
-                languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), num_proc=args.num_proc,
-                seed=args.seed, progress=not args.quiet)
+                languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
+                docs_per_part=args.docs_per_part, executor=executor_config(args), work_dir=args.work_dir)
+    if path is None:
+        return 0
     print(_manifest_table(load_manifest(path)))
     print(f"manifest -> {path}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.merge import merge_manifests
+    path = merge_manifests(args.sources, args.out, verify=not args.no_verify)
+    print(_manifest_table(load_manifest(path)))
+    print(f"merged {len(args.sources)} sources -> {path}")
     return 0
 
 
@@ -156,8 +207,11 @@ def cmd_prepare(args) -> int:
     from data_pipeline.prepare import prepare_dataset
     prepared = prepare_dataset(args.out, args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
                                backend=args.backend, max_docs_per_language=args.max_docs_per_language,
-                               shard_bytes=int(args.shard_mb * (1 << 20)), num_proc=args.num_proc,
-                               seed=args.seed, progress=not args.quiet)
+                               shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
+                               executor=executor_config(args))
+    if prepared is None:
+        print("submitted; run the same command again when the jobs have finished to go on")
+        return 0
     print(f"tokenizer      {prepared.tokenizer_dir}\ntrain manifest {prepared.train_manifest}\n"
           f"val manifest   {prepared.val_manifest}")
     return 0
@@ -205,8 +259,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-near-dedup", action="store_true")
     p.add_argument("--no-langid", action="store_true", help="drop unlabelled documents instead of identifying")
     p.add_argument("--langid-min-confidence", type=float, default=0.5)
-    p.add_argument("--num-proc", type=int)
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="input chunk size (the unit of work of a task)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     p.add_argument("--quiet", action="store_true")
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("tokenizer", aliases=["train-tokenizer"], help="train the BPE tokenizer")
@@ -216,6 +272,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
     p.add_argument("--max-docs-per-language", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("fertility", help="tokens per word and bytes per token per language")
@@ -235,10 +292,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=128.0)
     p.add_argument("--languages", nargs="*", help="the ordered language list (default: found, sorted)")
     p.add_argument("--languages-from", help="take the language list from this manifest (pack valid like train)")
-    p.add_argument("--num-proc", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--docs-per-part", type=int, default=50_000, help="documents per job (a job writes its shards)")
     p.add_argument("--quiet", action="store_true")
+    add_executor_arguments(p, multi_machine=True)
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("merge", help="combine manifests of several tasks/machines into one dataset")
+    p.add_argument("sources", nargs="+", help="pack output folders (manifest.json or task manifests) or manifests")
+    p.add_argument("--out", required=True, help="folder for the merged manifest.json (shards stay where they are)")
+    p.add_argument("--no-verify", action="store_true", help="check shard sizes only, not their sha256")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", aliases=["stats"], help="manifest statistics; --verify checks every shard")
     p.add_argument("manifest")
@@ -271,9 +335,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
     p.add_argument("--max-docs-per-language", type=int)
     p.add_argument("--shard-mb", type=float, default=4.0)
-    p.add_argument("--num-proc", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("align-table", help="PreAlign word-alignment table from FreeDict lists + parallel text")

@@ -41,6 +41,10 @@ class LanguageStats:
     def bytes_per_token(self) -> float:
         return self.utf8_bytes / self.tokens if self.tokens else float("nan")
 
+    def add(self, other: "LanguageStats") -> None:
+        for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass
 class Manifest:
@@ -55,6 +59,8 @@ class Manifest:
     seed: int = 0
     format: str = FORMAT
     tokenizer_path: str | None = None  # informational
+    # Set on the manifest one task of a pack job writes: {"rank", "tasks", "plan"} (merge.py combines them).
+    task: dict | None = None
     path: Path | None = field(default=None, compare=False)  # where it was loaded from
 
     @property
@@ -160,4 +166,4 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(split=need("split", str), seq_len=seq_len, tokenizer_hash=need("tokenizer_hash", str),
                     vocab_size=need("vocab_size", int), eos_id=need("eos_id", int), languages=languages,
                     language_stats=stats, shards=shards, seed=data.get("seed", 0),
-                    tokenizer_path=data.get("tokenizer_path"), path=path)
+                    tokenizer_path=data.get("tokenizer_path"), task=data.get("task"), path=path)

@@ -7,31 +7,29 @@ per-language loss, document masking and the MoE-LPR language prior. Blocks are m
 mix languages by weight.
 
 Parallelism: the shuffled documents of a language are cut into parts of `docs_per_part`; each (language,
-part) is one job that a worker process runs from end to end (read, tokenize, pack, write its own shards), so
-the parent only collects results. Each part drops its tail shorter than one block (counted in the
-manifest). Jobs and their shards depend only on the data and the seed, never on the number of processes.
+part) is one job, run from end to end (read, tokenize, pack, write its own shards) by the engine task it is
+dealt to (`pack_stages.py`). Each part drops its tail shorter than one block (counted in the manifest). Jobs
+and their shards depend only on the data and the seed, never on the number of tasks, processes or machines.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import multiprocessing as mp
-import os
+import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline.encoders import FastEncoder
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.io_utils import decode_utf8
-from data_pipeline.manifest import LANG_DTYPE, LanguageStats, Manifest, ShardInfo
+from data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
 from data_pipeline.shards import Block, ShardWriter
-from data_pipeline.staging import staged_folder
-from data_pipeline.tokenizer import EOS_ID, load_tokenizer, tokenizer_hash
+from data_pipeline.tokenizer import EOS_ID, load_tokenizer
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
@@ -140,30 +138,42 @@ def encode_documents(encoder: FastEncoder, texts: list[str]) -> tuple[np.ndarray
     return tokens, lengths
 
 
-# --- worker side ------------------------------------------------------------------------------------------
+# --- one job -------------------------------------------------------------------------------------------------
 
-_WORKER: dict = {}
+@dataclass
+class PackSettings:
+    """What every pack task needs (picklable: it travels to Slurm and Ray workers)."""
+    corpus: str
+    tokenizer_dir: str
+    out_dir: str
+    work_dir: str
+    split: str
+    seq_len: int
+    languages: list[str] | None
+    shard_bytes: int
+    seed: int
+    chunk_docs: int
+    docs_per_part: int
+    fast_encoder: bool
+    job: str = ""  # hash of the inputs and settings, recorded in pack_report.json
+
+    @property
+    def staging(self) -> Path:
+        """Where the tasks write shards and task manifests; switched in place of out_dir at the end."""
+        return Path(self.work_dir) / "staging"
 
 
-def _init_worker(tokenizer_dir: str, settings: dict, parallel: bool) -> None:
-    if not parallel:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["encoder"] = FastEncoder(tokenizer_dir, prefer_fast=settings["fast_encoder"])
-    _WORKER.update(settings)
-
-
-def run_job(job: PackJob) -> PackResult:
+def run_job(job: PackJob, s: PackSettings, languages: list[str], encoder: FastEncoder) -> PackResult:
     """Read, tokenize, pack and write the shards of one (language, part)."""
-    w = _WORKER
-    prefix = f"{w['split']}-{job.lang}-{job.part:04d}"
-    writer = ShardWriter(Path(w["out_dir"]), prefix, job.lang, w["languages"], w["shard_bytes"])
-    packer = BlockPacker(job.lang_index, w["block_len"], job.first_doc)
+    prefix = f"{s.split}-{job.lang}-{job.part:04d}"
+    writer = ShardWriter(s.staging, prefix, job.lang, languages, s.shard_bytes)
+    packer = BlockPacker(job.lang_index, s.seq_len + 1, job.first_doc)
     stats = LanguageStats()
     try:
-        for i in range(0, len(job.offsets), w["chunk_docs"]):
-            lines = None if job.lines is None else job.lines[i:i + w["chunk_docs"]]
-            texts = read_documents(job.path, job.offsets[i:i + w["chunk_docs"]], job.lang, lines)
-            tokens, lengths = encode_documents(w["encoder"], texts)
+        for i in range(0, len(job.offsets), s.chunk_docs):
+            lines = None if job.lines is None else job.lines[i:i + s.chunk_docs]
+            texts = read_documents(job.path, job.offsets[i:i + s.chunk_docs], job.lang, lines)
+            tokens, lengths = encode_documents(encoder, texts)
             stats.documents += len(texts)
             stats.tokens += len(tokens)
             stats.utf8_bytes += sum(len(t.encode("utf-8")) for t in texts)
@@ -176,8 +186,6 @@ def run_job(job: PackJob) -> PackResult:
     stats.dropped_tokens = len(packer.tokens)
     return PackResult(job.lang, job.part, writer.close(), stats)
 
-
-# --- parent side ------------------------------------------------------------------------------------------
 
 def plan_jobs(files: dict[str, Path], languages: list[str], seed: int, docs_per_part: int) -> list[PackJob]:
     """Shuffle each language's documents (seeded by seed and language) and cut them into parts."""
@@ -195,70 +203,77 @@ def plan_jobs(files: dict[str, Path], languages: list[str], seed: int, docs_per_
     return jobs
 
 
+# --- the job of many tasks ------------------------------------------------------------------------------------
+
 def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, split: str = "train",
          seq_len: int = 2048, languages: list[str] | None = None, shard_bytes: int = 128 << 20,
          num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, docs_per_part: int = 50_000,
-         fast_encoder: bool = True, progress: bool = True) -> Path:
+         fast_encoder: bool = True, progress: bool = True, executor=None,
+         work_dir: str | Path | None = None) -> Path | None:
     """Tokenize and pack a cleaned split directory into webdataset shards plus `out_dir/manifest.json`.
 
-    languages: the ordered language list the language ids index (give the same list for train and valid);
-    default: the languages found, sorted. fast_encoder: encode with tiktoken/sentencepiece where they are
-    checked equal to the HF tokenizer (encoders.py). Returns the manifest path.
+    Runs as tasks of the data engine (`engine.py`): `plan` (1 task) shuffles and cuts each language into parts,
+    `pack` (--tasks tasks) runs the parts dealt to it, each task writing its shards and a task manifest,
+    `merge` (1 task) checks and combines the task manifests and switches the new folder in place of the old
+    one. languages: the ordered language list the language ids index (give the same list for train and
+    valid); default: the languages found, sorted. fast_encoder: encode with tiktoken/sentencepiece where they
+    are checked equal to the HF tokenizer (encoders.py). Returns the manifest path, or None when the job was
+    submitted to a cluster or this machine ran only some tasks (then its folder holds their task manifests,
+    for `fuxi data merge`).
     """
+    from data_pipeline.clean import prepare_work_dir, default_work_dir
+    from data_pipeline.engine import ExecutorConfig, run_stages
+    from data_pipeline.pack_stages import pack_stages
+    from data_pipeline.staging import refuse_foreign
+
     if seq_len < 1:
         raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
     if shard_bytes < 1:
         raise DataConfigError(f"shard_bytes: must be >= 1, got {shard_bytes}")
     if docs_per_part < 1 or chunk_docs < 1:
         raise DataConfigError(f"docs_per_part/chunk_docs: must be >= 1, got {docs_per_part}/{chunk_docs}")
-    files = language_files(corpus)
-    languages = list(languages) if languages else sorted(files)
-    if len(set(languages)) != len(languages):
+    if languages is not None and len(set(languages)) != len(languages):
         raise DataConfigError(f"languages: duplicates in {languages}")
-    unknown = sorted(set(files) - set(languages))
-    if unknown:
-        log.warning("pack %s: ignoring %s (not in the language list)", corpus, unknown)
-    out_dir = Path(out_dir)
-    vocab_size = load_tokenizer(tokenizer_dir).get_vocab_size()
-    import webdataset  # noqa: F401 - imported once here, not in every worker (it imports torch)
-    jobs = plan_jobs(files, languages, seed, docs_per_part)
-    num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(jobs) or 1))
-    # Everything is written into a staging folder that replaces out_dir only once the manifest is complete:
-    # a failure leaves a dataset already in out_dir exactly as it was (staging.py).
-    with staged_folder(out_dir, owned=(MANIFEST_NAME, "*.tar")) as staging:
-        settings = {"out_dir": str(staging), "split": split, "languages": languages, "block_len": seq_len + 1,
-                    "shard_bytes": shard_bytes, "chunk_docs": chunk_docs, "fast_encoder": fast_encoder}
-        results: list[PackResult] = []
-        with tqdm(total=len(jobs), desc=f"pack {split}", unit="part", disable=not progress) as bar:
-            if num_proc > 1:
-                # Big jobs first keeps the processes busy to the end; results are re-ordered below.
-                order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].offsets))
-                with mp.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                                                 initargs=(str(tokenizer_dir), settings, False)) as pool:
-                    for result in pool.imap_unordered(run_job, [jobs[i] for i in order]):
-                        results.append(result)
-                        bar.update()
-            else:
-                _init_worker(str(tokenizer_dir), settings, True)
-                for job in jobs:
-                    results.append(run_job(job))
-                    bar.update()
-
-        results.sort(key=lambda r: (languages.index(r.lang), r.part))
-        stats = {lang: LanguageStats() for lang in languages}
-        shards: list[ShardInfo] = []
-        for r in results:
-            s = stats[r.lang]
-            for name in ("documents", "tokens", "utf8_bytes", "samples", "dropped_tokens"):
-                setattr(s, name, getattr(s, name) + getattr(r.stats, name))
-            shards += r.shards
-        for lang in languages:
-            if stats[lang].samples == 0:
-                log.warning("pack %s: language %s has %d tokens, fewer than one block of %d: no samples",
-                            split, lang, stats[lang].tokens, seq_len + 1)
-        manifest = Manifest(split=split, seq_len=seq_len, tokenizer_hash=tokenizer_hash(tokenizer_dir),
-                            vocab_size=vocab_size, eos_id=EOS_ID, languages=languages, language_stats=stats,
-                            shards=shards, seed=seed,
-                            tokenizer_path=os.path.relpath(Path(tokenizer_dir).resolve(), out_dir.resolve()))
-        manifest.save(staging / MANIFEST_NAME)
+    language_files(corpus)  # fail now on a bad corpus, not in a task
+    load_tokenizer(tokenizer_dir)
+    executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
+    executor.validate()
+    out_dir = Path(out_dir).absolute()
+    refuse_foreign(out_dir, OWNED)
+    settings = PackSettings(
+        corpus=str(Path(corpus).absolute()), tokenizer_dir=str(Path(tokenizer_dir).absolute()),
+        out_dir=str(out_dir), work_dir=str(Path(work_dir).absolute() if work_dir else default_work_dir(out_dir)),
+        split=split, seq_len=seq_len, languages=list(languages) if languages else None, shard_bytes=shard_bytes,
+        seed=seed, chunk_docs=chunk_docs, docs_per_part=docs_per_part, fast_encoder=fast_encoder)
+    identity = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "work_dir")}
+    identity.update(stage="pack", inputs=_input_stamp(settings))
+    job = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    report = out_dir / "pack_report.json"
+    if report.is_file() and (out_dir / MANIFEST_NAME).is_file() and \
+            json.loads(report.read_text(encoding="utf-8")).get("job") == job:
+        return out_dir / MANIFEST_NAME  # packed from the same inputs with the same settings
+    settings.job = job
+    identity["tasks"] = executor.num_tasks
+    work = Path(settings.work_dir)
+    prepare_work_dir(work, identity)
+    import webdataset  # noqa: F401 - imported once here, not in every forked task (it imports torch)
+    done = run_stages(pack_stages(settings, executor.num_tasks), work, executor)
+    if executor.executor == "local" and executor.partial:
+        from data_pipeline.staging import switch_folder
+        switch_folder(settings.staging, out_dir)  # this machine's shards and task manifests
+        print(f"pack: tasks {executor.rank_offset}-{executor.rank_offset + executor.local_tasks - 1} of "
+              f"{executor.num_tasks} -> {out_dir}; combine all machines' folders with `fuxi data merge`")
+        shutil.rmtree(work, ignore_errors=True)
+        return None
+    if not done:
+        return None
+    shutil.rmtree(work, ignore_errors=True)
     return out_dir / MANIFEST_NAME
+
+
+OWNED = (MANIFEST_NAME, "*.tar", "task-*.manifest.json", "pack_report.json")
+
+
+def _input_stamp(settings: PackSettings) -> list:
+    paths = sorted(Path(settings.corpus).glob("*.jsonl")) + [Path(settings.tokenizer_dir) / "tokenizer.json"]
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]

@@ -10,11 +10,13 @@ Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). La
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from data_pipeline.clean import LangIdConfig, clean
 from data_pipeline.config import DataConfig
@@ -25,7 +27,7 @@ from data_pipeline.filters import FilterConfig
 from data_pipeline.io_utils import write_json
 from data_pipeline.pack import MANIFEST_NAME, language_files, pack
 from data_pipeline.staging import staged_folder
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
 PREPARE_FILE = "prepare.json"
@@ -52,14 +54,20 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
                     holdout_fraction: float = 0.05, shard_bytes: int = 4 << 20, num_proc: int | None = None,
                     seed: int = 0, filters: FilterConfig | None = None, dedup: DedupConfig | None = None,
                     langid: LangIdConfig | None = None, tokenizer_dir: str | Path | None = None,
-                    progress: bool = False) -> PreparedData:
+                    progress: bool = False, executor=None) -> PreparedData | None:
     """Build a ready-to-stream dataset from `corpus` (default: the bundled corpus).
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
     documents are held out. `max_docs_per_language` reads only that many documents per language and split
     (quick tests). `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
-    out_dir is replaced as a whole when every stage has succeeded.
+    executor: an `engine.ExecutorConfig` (default: local, `num_proc` processes). Locally, out_dir is replaced as
+    a whole when every stage has succeeded. With slurm or ray each stage is submitted when the one before has
+    finished (each replaces its own folder when complete): None is returned after a submission; run the same
+    call again when the jobs have finished (finished stages are not redone).
     """
+    from data_pipeline.engine import ExecutorConfig
+    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
     out_dir = Path(out_dir)
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
@@ -69,28 +77,56 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
                               f"whole; use a tokenizer folder outside it")
     final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
                          out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
-    # All stages write into one staging folder that replaces out_dir when every stage has succeeded
-    # (staging.py): a failure leaves an earlier dataset whole, never a new tokenizer beside old shards.
-    with staged_folder(out_dir, owned=("clean", "tokenizer", "train", "valid", PREPARE_FILE)) as staging:
-        report = clean(splits, staging / "clean", filters=filters, dedup=dedup, langid=langid,
-                       languages=languages, max_docs_per_language=max_docs_per_language,
-                       holdout_fraction=holdout_fraction, num_proc=num_proc, progress=progress)
+    with _output(out_dir, executor.executor == "local") as root:
+        report = clean(splits, root / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
+                       max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
+                       executor=executor)
+        if report is None:
+            return None
         log.info("clean report\n%s", report.table())
         tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
                                      max_docs_per_language=tokenizer_docs_per_language, seed=seed,
                                      model_max_length=max(seq_len, 1024))
-        if tokenizer_dir is None:
-            tokenizer = train_tokenizer(staging / "clean" / "train", staging / "tokenizer", tok_config)
-        else:
-            tokenizer = Path(tokenizer_dir)
-        pack_languages = sorted(language_files(staging / "clean" / "train"))
-        for split in ("train", "valid"):
-            # the manifests record the tokenizer relative to themselves, which the switch preserves
-            pack(staging / "clean" / split, tokenizer, staging / split, split=split, seq_len=seq_len,
-                 languages=pack_languages, shard_bytes=shard_bytes, num_proc=num_proc, seed=seed,
-                 progress=progress)
-        write_json(staging / PREPARE_FILE, {
+        tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else \
+            train_tokenizer_task(root / "clean" / "train", root / "tokenizer", tok_config, executor)
+        if tokenizer is None:
+            return None
+        pack_languages = sorted(language_files(root / "clean" / "train"))
+        # the manifests record the tokenizer relative to themselves, which the switch preserves
+        manifests = [pack(root / "clean" / split, tokenizer, root / split, split=split, seq_len=seq_len,
+                          languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
+                     for split in ("train", "valid")]
+        if None in manifests:
+            return None
+        write_json(root / PREPARE_FILE, {
             "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
             "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-            "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len))})
+            "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
+            "report": stage_report(report, *manifests)})
     return final
+
+
+@contextlib.contextmanager
+def _output(out_dir: Path, staged: bool) -> Iterator[Path]:
+    """Locally, one staging folder that replaces out_dir when every stage has succeeded (staging.py): a
+    failure leaves an earlier dataset whole, never a new tokenizer beside old shards. On a cluster the stages
+    run in separate submissions, so each stage replaces its own folder when complete."""
+    if staged:
+        with staged_folder(out_dir, owned=("clean", "tokenizer", "train", "valid", PREPARE_FILE)) as staging:
+            yield staging
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield out_dir
+
+
+def stage_report(report, *manifests: Path) -> dict:
+    """One report of the whole job: documents in and out per split, language and filter (clean), then per
+    stage and task, and tokens per language and per pack task."""
+    out = {"clean": {"per_language": report.stats, "tasks": report.tasks}}
+    for path in manifests:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        tasks = json.loads((Path(path).parent / "pack_report.json").read_text(encoding="utf-8"))["tasks"]
+        out[f"pack_{data['split']}"] = {"tokens": {k: v["tokens"] for k, v in data["language_stats"].items()},
+                                        "samples": {k: v["samples"] for k, v in data["language_stats"].items()},
+                                        "tasks": tasks}
+    return out

@@ -83,6 +83,18 @@ def unowned_entries(folder: Path, owned: tuple[str, ...]) -> list[str]:
                   if not p.name.startswith(".") and not any(fnmatch.fnmatch(p.name, pat) for pat in owned))
 
 
+def refuse_foreign(final: Path, owned: tuple[str, ...]) -> None:
+    """A DataError if `final` exists and is not a folder, or holds entries a stage writing `owned` did not."""
+    if final.exists():
+        if not final.is_dir():
+            raise DataError(f"{final}: exists and is not a folder")
+        foreign = unowned_entries(final, owned)
+        if foreign:
+            raise DataError(f"{final}: holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this stage "
+                            f"did not write; it replaces its output folder as a whole, so name a new or empty "
+                            f"folder")
+
+
 def _remove_abandoned(final: Path) -> None:
     """Staging folders of runs that died (SIGKILL, power loss) before they could clean up."""
     prefix = f".{final.name}{_STAGING_TAG}"
@@ -107,14 +119,7 @@ def staged_folder(final: str | Path, owned: tuple[str, ...]) -> Iterator[Path]:
     """Yield an empty staging folder beside `final`; on a clean exit it replaces `final`, on an error it is
     deleted and `final` is left as it was. `owned`: the entries this stage writes (see the module docstring)."""
     final = Path(final).absolute()
-    if final.exists():
-        if not final.is_dir():
-            raise DataError(f"{final}: exists and is not a folder")
-        foreign = unowned_entries(final, owned)
-        if foreign:
-            raise DataError(f"{final}: holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this stage "
-                            f"did not write; it replaces its output folder as a whole, so name a new or empty "
-                            f"folder")
+    refuse_foreign(final, owned)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(final)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{_STAGING_TAG}{os.getpid()}-"))

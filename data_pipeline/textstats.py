@@ -35,6 +35,11 @@ def word_units(text: str) -> list[str]:
     return _UNIT_RE.findall(text)
 
 
+def word_unit_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each word unit of `text`."""
+    return [m.span() for m in _UNIT_RE.finditer(text)]
+
+
 def spaceless_fraction(text: str) -> float:
     """Fraction of non-space characters that belong to a script written without spaces."""
     chars = sum(1 for c in text if not c.isspace())

@@ -51,7 +51,7 @@ CARRY_LIMIT_BYTES = 64 * 2**20  # working tree + carried paths per device call
 # Imported by our code on the GPU path; the image lacks the ones marked carried (make gpu-wheels).
 REQUIRED_MODULES = ["torch", "triton", "numpy", "yaml", "tqdm", "matplotlib", "transformers", "tokenizers",
                     "safetensors", "sentencepiece", "tiktoken", "tensorboard", "pytest",
-                    "deepspeed", "webdataset", "datasketch", "py3langid", "pydantic"]
+                    "deepspeed", "webdataset", "datatrove", "loguru", "multiprocess", "py3langid", "pydantic"]
 OPTIONAL_MODULES = ["liger_kernel", "flash_attn"]
 
 

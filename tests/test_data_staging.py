@@ -61,7 +61,8 @@ def test_failing_pack_leaves_the_dataset_in_its_folder_untouched(data, tmp_path,
     assert err == f"error: {corpus / 'zh.jsonl'}:{last}: not valid UTF-8 (byte 0xff at column {column})"
     assert snapshot(out) == before  # every old shard's sha256, the manifest, nothing added
     load_manifest(out / "manifest.json").check_files(checksums=True)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    # no staging left behind; the work folder stays so that a re-run resumes (it never looks like output)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] in ([], [".shards.work"])
 
     # A successful pack replaces the folder as a whole: shards of a language no longer packed are gone.
     (corpus / "zh.jsonl").unlink()
@@ -69,7 +70,8 @@ def test_failing_pack_leaves_the_dataset_in_its_folder_untouched(data, tmp_path,
          progress=False)
     new = load_manifest(out / "manifest.json")
     assert new.languages == ["en", "hi", "ru"]
-    assert {p.name for p in out.iterdir()} == {"manifest.json", *(s.path for s in new.shards)}
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "pack_report.json", *(s.path for s in new.shards),
+                                               *(p.name for p in out.glob("task-*-of-*.manifest.json"))}
     new.check_files(checksums=True)
 
 

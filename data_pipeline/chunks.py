@@ -1,0 +1,192 @@
+"""Input chunks: the unit of work of the distributed stages.
+
+The inputs (JSONL files, `.jsonl.gz` files, folders of per-language text files; validation split first) are cut
+into chunks of about `chunk_bytes`, a JSONL file at line boundaries, so one large language spreads over many
+tasks. Chunks are numbered in input order, and a document's id is (chunk index << 32 | its index in the chunk):
+ids order documents as a sequential reader would see them, whatever the number of tasks, so "keep the first of
+a duplicate group" means the same thing on one machine or a thousand.
+
+Reading a chunk checks every line: bad JSON, a missing "text" field or invalid UTF-8 is a `DataError` naming
+the file and line.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from data_pipeline.corpus import Document, normalize_language
+from data_pipeline.errors import DataError
+from data_pipeline.io_utils import decode_utf8
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_GZ_SUFFIXES = (".jsonl.gz", ".json.gz")
+ID_BITS = 32
+
+
+@dataclass
+class Chunk:
+    index: int
+    split: str
+    kind: str  # "jsonl" (byte range), "jsonl.gz" (whole file) or "files" (one document per file, of `lang`)
+    paths: list[str]
+    start: int = 0
+    end: int = 0
+    lang: str | None = None
+    max_docs_per_language: int | None = None
+
+    @property
+    def bytes(self) -> int:
+        if self.kind == "jsonl":
+            return self.end - self.start
+        return sum(Path(p).stat().st_size for p in self.paths)
+
+    def describe(self) -> str:
+        if self.kind == "jsonl":
+            return f"{self.paths[0]} bytes {self.start}-{self.end}"
+        if self.kind == "files":
+            return f"{len(self.paths)} files from {self.paths[0]}"
+        return self.paths[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def doc_id(chunk: int, local: int) -> int:
+    return (chunk << ID_BITS) | local
+
+
+def _line_starts(path: Path, size: int, chunk_bytes: int) -> list[int]:
+    """Offsets near multiples of chunk_bytes, moved forward to the next line start."""
+    cuts = [0]
+    with open(path, "rb") as f:
+        pos = chunk_bytes
+        while pos < size:
+            f.seek(pos - 1)
+            f.readline()  # finish the line that contains pos - 1
+            cut = f.tell()
+            if cut >= size:
+                break
+            if cut > cuts[-1]:
+                cuts.append(cut)
+            pos = max(cut, pos) + chunk_bytes
+    return cuts + [size]
+
+
+def plan_chunks(splits: dict[str, str | Path], chunk_bytes: int,
+                max_docs_per_language: int | None = None) -> list[Chunk]:
+    """Chunks of every input, in order: splits as given (validation first), then files sorted by name."""
+    chunks: list[Chunk] = []
+
+    def add(**kw) -> None:
+        chunks.append(Chunk(index=len(chunks), max_docs_per_language=max_docs_per_language, **kw))
+
+    for split, source in splits.items():
+        source = Path(source)
+        if not source.exists():
+            raise DataError(f"{source}: no such file or directory")
+        if source.is_file():
+            files, folders = [source], []
+        else:
+            files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(_JSONL_SUFFIXES + _GZ_SUFFIXES))
+            folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not files and not folders:
+                raise DataError(f"{source}: contains no .jsonl files and no per-language folders")
+        for path in files:
+            if path.name.endswith(_GZ_SUFFIXES):
+                add(split=split, kind="jsonl.gz", paths=[str(path)])
+            elif path.name.endswith(_JSONL_SUFFIXES):
+                cuts = _line_starts(path, path.stat().st_size, chunk_bytes)
+                for start, end in zip(cuts[:-1], cuts[1:]):
+                    add(split=split, kind="jsonl", paths=[str(path)], start=start, end=end)
+            else:
+                raise DataError(f"{path}: expected a .jsonl(.gz) file or a directory")
+        for folder in folders:
+            group: list[str] = []
+            size = 0
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                group.append(str(path))
+                size += path.stat().st_size
+                if size >= chunk_bytes:
+                    add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+                    group, size = [], 0
+            if group:
+                add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+    return chunks
+
+
+def _line_number(path: str, offset: int) -> int:
+    """1-based line number of the line starting at byte `offset` (counted only when reporting an error)."""
+    count = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            block = f.read(min(remaining, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count + 1
+
+
+def _record(path: str, line: bytes, where) -> Document | None:
+    if not line.strip():
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        decode_utf8(line, path, where())  # raises, naming the file, line and column
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{where()}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{where()}: expected an object with a string field \"text\"")
+    return Document(record["text"], normalize_language(record.get("lang")), path, record.get("source"))
+
+
+def _jsonl_range(chunk: Chunk) -> Iterator[Document]:
+    path = chunk.paths[0]
+    with open(path, "rb") as f:
+        f.seek(chunk.start)
+        pos = chunk.start
+        while pos < chunk.end:
+            line = f.readline()
+            if not line:
+                break
+            start, pos = pos, pos + len(line)
+            doc = _record(path, line, lambda: _line_number(path, start))
+            if doc is not None:
+                yield doc
+
+
+def _jsonl_gz(chunk: Chunk) -> Iterator[Document]:
+    path = chunk.paths[0]
+    try:
+        with gzip.open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                doc = _record(path, line, lambda: lineno)
+                if doc is not None:
+                    yield doc
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: unreadable gzip ({err})") from None
+
+
+def _text_files(chunk: Chunk) -> Iterator[Document]:
+    for path in chunk.paths:
+        yield Document(decode_utf8(Path(path).read_bytes(), path), chunk.lang, path)
+
+
+def read_chunk(chunk: Chunk) -> Iterator[Document]:
+    """The chunk's documents in order (at most max_docs_per_language labelled ones per language)."""
+    reader = {"jsonl": _jsonl_range, "jsonl.gz": _jsonl_gz, "files": _text_files}[chunk.kind]
+    cap = chunk.max_docs_per_language
+    seen: dict[str, int] = {}
+    for doc in reader(chunk):
+        if cap is not None and doc.lang is not None:
+            if seen.get(doc.lang, 0) >= cap:
+                continue
+            seen[doc.lang] = seen.get(doc.lang, 0) + 1
+        yield doc

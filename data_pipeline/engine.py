@@ -1,0 +1,359 @@
+"""The distributed engine under the data stages: datatrove's executors, one pipeline definition everywhere.
+
+A data stage (clean, tokenizer, pack, prepare) is a list of `Stage`s, each one datatrove `PipelineStep` run as
+`tasks` independent tasks (task `rank` of `world_size` picks its share of the work). `run_stages` hands them to
+datatrove's executors, chained so a stage starts when the previous one has finished:
+
+    local   LocalExecutor (below): `workers` processes on this machine; `local_tasks`/`rank_offset` run only
+            some tasks here (several machines without a scheduler, each writing its own folder)
+    slurm   datatrove's SlurmPipelineExecutor: one sbatch job array per stage, `afterok` dependencies
+    ray     datatrove's RayPipelineExecutor (pip install "fuxi-pretrain[ray]")
+
+What datatrove gives every executor: a completion marker `<work>/logs/<stage>/completions/<rank>` written after
+the task's outputs and stats, so a re-run skips finished tasks; per-task logs and stats (`stats.json`). Our
+steps write every output to a temp name and rename it, so a task killed anywhere leaves nothing that looks
+complete, and its re-run starts it over.
+
+`LocalExecutor` is datatrove's LocalPipelineExecutor with a standard-library process pool: when a worker dies
+(out-of-memory kill, segfault) the stage fails naming the task and its inputs, where multiprocessing's Pool
+would wait forever for the lost result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.stats import PipelineStats
+from tqdm import tqdm
+
+from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.io_utils import write_json
+
+log = logging.getLogger(__name__)
+EXECUTORS = ("local", "slurm", "ray")
+
+
+class TaskError(DataError):
+    """A task failed or its worker died; names the stage, the task and its inputs."""
+
+
+@dataclass
+class ExecutorConfig:
+    executor: str = "local"
+    # Tasks of the parallel stages (default: `workers`). The result does not depend on it.
+    tasks: int | None = None
+    # Tasks running at once on this machine (local) or in the whole job (slurm/ray; default: no limit).
+    workers: int | None = None
+    # local: run tasks [rank_offset, rank_offset + local_tasks) of the parallel stages here (-1: all).
+    local_tasks: int = -1
+    rank_offset: int = 0
+    # slurm
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 4
+    qos: str | None = None
+    env_command: str | None = None  # e.g. "source /path/venv/bin/activate" (default: this interpreter's venv)
+    sbatch_args: dict = field(default_factory=dict)
+    progress: bool = True
+    # slurm: write the job scripts (and print them) instead of calling sbatch
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise DataConfigError(f"executor: {self.executor!r} is not one of {list(EXECUTORS)}")
+        for name in ("tasks", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataConfigError(f"{name}: must be >= 1, got {value}")
+        if self.rank_offset < 0 or (self.local_tasks != -1 and self.local_tasks < 1):
+            raise DataConfigError(f"local_tasks/rank_offset: got {self.local_tasks}/{self.rank_offset}")
+        if self.executor == "slurm" and not self.partition:
+            raise DataConfigError("partition: the slurm executor needs --partition")
+
+    @property
+    def num_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        return (os.cpu_count() or 1) if self.executor == "local" else -1
+
+    @property
+    def num_tasks(self) -> int:
+        return self.tasks or max(1, self.num_workers)
+
+    @property
+    def partial(self) -> bool:
+        """True when this machine runs only some of the tasks (the rest run elsewhere)."""
+        return self.local_tasks != -1 and self.local_tasks < self.num_tasks
+
+
+@dataclass
+class Stage:
+    name: str
+    step: PipelineStep
+    tasks: int
+    # Parallel stages follow --tasks and may be split across machines; the others run whole, everywhere.
+    parallel: bool = True
+
+
+class TaskStep(PipelineStep):
+    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work. Bad input
+    (a DataError, which names its file and line) is raised as it is; any other error is re-raised naming the
+    task and `describe(rank, world_size)` (its inputs)."""
+
+    type = "fuxi"
+
+    def __init__(self, settings=None):
+        super().__init__()
+        self.settings = settings
+
+    def run_task(self, rank: int, world_size: int) -> None:
+        raise NotImplementedError
+
+    def describe(self, rank: int, world_size: int) -> str:
+        return ""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        try:
+            self.run_task(rank, world_size)
+        except DataError:
+            raise
+        except Exception as err:
+            where = self.describe(rank, world_size)
+            raise TaskError(f"{self.name}: task {rank} of {world_size}{f' ({where})' if where else ''}: "
+                            f"{err}") from err
+        yield from ()
+
+    def count(self, name: str, value: int = 1) -> None:
+        """A counter in datatrove's per-task stats (`<work>/logs/<stage>/stats/`)."""
+        self.stat_update(name, value=value, unit="task")
+
+    def save_task_stats(self, work_dir: str | Path, rank: int, figures: dict) -> None:
+        """Our per-task figures (`<work>/taskstats/<stage>/<rank>.json`), merged into the job's report."""
+        write_json(Path(work_dir) / "taskstats" / self.name / f"{rank:05d}.json", figures)
+
+
+def deal(weights: list[int], world_size: int) -> list[list[int]]:
+    """Item indices per task: the heaviest item first, to the least loaded task (deterministic; the results
+    of our stages never depend on it, only the balance does)."""
+    tasks: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        t = min(range(world_size), key=lambda k: (load[k], k))
+        tasks[t].append(i)
+        load[t] += weights[i]
+    return [sorted(t) for t in tasks]
+
+
+# --- local execution ------------------------------------------------------------------------------------------
+
+_FORKED: dict = {}  # the executor a forked worker runs tasks of (set before the pool forks)
+
+
+def _run_forked(rank: int) -> PipelineStats:
+    return _FORKED["executor"]._run_for_rank(rank)
+
+
+def _quiet_datatrove() -> None:
+    from loguru import logger
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+
+def _file_only_task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
+    """datatrove's per-task log file (logs/task_<rank>.log, everything) without its console copy: a failed
+    task is reported once, by the executor, as one line naming the task or the bad input."""
+    from loguru import logger
+    logger.remove()
+    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+    logger.add(logfile, colorize=False, level="DEBUG",
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}")
+    logger.info(f"Launching pipeline for {rank=}")
+    return logfile
+
+
+class LocalExecutor(LocalPipelineExecutor):
+    """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring). datatrove's
+    per-task logging goes to its log files only; a progress bar counts the stage's tasks instead."""
+
+    def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self.stage = stage
+        self.describe = describe or (lambda rank: "")
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> PipelineStats:
+        marker = f"running/{rank:05d}"
+        with self.logging_dir.open(marker, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
+        import datatrove.executor.base as base
+        original, base.add_task_logger = base.add_task_logger, _file_only_task_logger
+        try:
+            return super()._run_for_rank(rank, local_rank=local_rank, node_rank=node_rank)
+        finally:
+            base.add_task_logger = original
+            _quiet_datatrove()
+
+    def _dead_tasks(self, ranks: list[int]) -> list[int]:
+        return [r for r in ranks if self.logging_dir.isfile(f"running/{r:05d}") and not self.is_rank_completed(r)]
+
+    def run(self) -> PipelineStats:
+        self._launched = True
+        ranks = self.get_incomplete_ranks(range(self.local_rank_offset, self.local_rank_offset + self.local_tasks))
+        if not ranks:
+            log.info("%s: all %d tasks already complete", self.stage, self.local_tasks)
+            return PipelineStats()
+        if len(ranks) < self.local_tasks:
+            log.info("%s: skipping %d finished tasks", self.stage, self.local_tasks - len(ranks))
+        self.save_executor_as_json()
+        stats = []
+        workers = min(self.workers, len(ranks))
+        bar = tqdm(total=len(ranks), desc=self.stage, unit="task", disable=not self.progress, leave=False)
+        if workers <= 1:
+            pipeline = self.pipeline
+            for rank in ranks:
+                self.pipeline = deepcopy(pipeline)
+                stats.append(self._run_for_rank(rank))
+                bar.update()
+            self.pipeline = pipeline
+        else:
+            _FORKED["executor"] = self
+            try:
+                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                    futures = {pool.submit(_run_forked, rank): rank for rank in ranks}
+                    for fut in futures:
+                        fut.add_done_callback(lambda _: bar.update())
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                    for fut in futures:
+                        if fut in done and fut.exception() is None:
+                            stats.append(fut.result())
+                    for fut in done:
+                        err = fut.exception()
+                        if isinstance(err, BrokenProcessPool):
+                            dead = self._dead_tasks(ranks) or [futures[fut]]
+                            what = "; ".join(f"task {r} of {self.world_size} ({self.describe(r)})" for r in dead)
+                            raise TaskError(f"{self.stage}: a worker process died (killed, or out of memory?) "
+                                            f"while running {what}; run the same command again to resume "
+                                            f"(finished tasks are skipped)") from None
+                        if err is not None:
+                            for other in futures:
+                                other.cancel()
+                            raise err
+            finally:
+                _FORKED.clear()
+        bar.close()
+        merged = sum(stats, start=PipelineStats())
+        with self.logging_dir.open("stats.json", "wt") as f:
+            merged.save_to_disk(f)
+        return merged
+
+
+# --- building and running executors ---------------------------------------------------------------------------
+
+def _slurm_env_command(cfg: ExecutorConfig) -> str:
+    if cfg.env_command:
+        return cfg.env_command
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return f"source {activate}" if activate.is_file() else ""
+
+
+def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> list:
+    """One datatrove executor per stage, each depending on the one before."""
+    cfg.validate()
+    work_dir = Path(work_dir)
+    executors = []
+    for stage in stages:
+        logging_dir = str(work_dir / "logs" / stage.name)
+        prev = executors[-1] if executors else None
+        if cfg.executor == "local":
+            local_tasks, offset = (cfg.local_tasks, cfg.rank_offset) if stage.parallel and cfg.partial \
+                else (-1, 0)
+            workers = min(cfg.num_workers, stage.tasks)
+            step = stage.step
+            executors.append(LocalExecutor(
+                [step], tasks=stage.tasks, workers=workers, logging_dir=logging_dir, local_tasks=local_tasks,
+                local_rank_offset=offset, progress=cfg.progress, stage=stage.name,
+                describe=lambda rank, step=step, n=stage.tasks: step.describe(rank, n)))
+        elif cfg.executor == "slurm":
+            from datatrove.executor.slurm import SlurmPipelineExecutor
+            executors.append(SlurmPipelineExecutor(
+                [stage.step], tasks=stage.tasks, workers=cfg.num_workers, time=cfg.time, partition=cfg.partition,
+                cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb, qos=cfg.qos,
+                job_name=f"fuxi-{stage.name}", env_command=_slurm_env_command(cfg), logging_dir=logging_dir,
+                slurm_logs_folder=str(work_dir / "slurm_logs" / stage.name), sbatch_args=dict(cfg.sbatch_args),
+                depends=prev, mail_user=None))
+        else:
+            try:
+                from datatrove.executor.ray import RayPipelineExecutor
+                import ray  # noqa: F401
+            except ImportError:
+                raise DataConfigError("executor: ray is not installed; pip install 'fuxi-pretrain[ray]'") from None
+            executors.append(RayPipelineExecutor(
+                [stage.step], tasks=stage.tasks, workers=cfg.num_workers, logging_dir=logging_dir, depends=prev,
+                cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb))
+    return executors
+
+
+def render_slurm_scripts(executors: list) -> list[dict]:
+    """What `sbatch` would be given for each stage, without submitting: datatrove's own launch path runs with its
+    sbatch call replaced by a recorder (job ids DRYRUN-<n>). Each entry: the script, the sbatch arguments
+    (dependencies) and where datatrove saved the script."""
+    import datatrove.executor.slurm as slurm
+    calls: list[tuple[str, tuple]] = []
+
+    def record(contents: str, retriever, *args) -> str:
+        calls.append((contents, args))
+        return f"DRYRUN-{len(calls)}"
+
+    original, slurm.launch_slurm_job = slurm.launch_slurm_job, record
+    try:
+        executors[-1].run()
+    finally:
+        slurm.launch_slurm_job = original
+    arrays = [(c, a) for c, a in calls if "launch_pickled_pipeline" in c]  # the stats-merging jobs aside
+    return [{"script": c, "sbatch_args": list(a), "job_id": e.job_id,
+             "path": e.logging_dir.resolve_paths("launch_script.slurm")} for (c, a), e in zip(arrays, executors)]
+
+
+def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> bool:
+    """Run (local) or submit (slurm, ray) the stages in order. True when they all ran here to the end; False
+    when they were submitted to a cluster or only some tasks ran on this machine."""
+    executors = build_executors(stages, work_dir, cfg)
+    if cfg.executor == "local":
+        _quiet_datatrove()
+        for stage, executor in zip(stages, executors):
+            started = time.time()
+            executor.run()
+            if stage.parallel and cfg.partial:
+                # a later stage needs every task's output; the other machines run theirs
+                log.info("%s: tasks %d-%d of %d done on this machine", stage.name, cfg.rank_offset,
+                         cfg.rank_offset + cfg.local_tasks - 1, stage.tasks)
+                return False
+            log.info("%s: %d tasks in %.1fs", stage.name, stage.tasks, time.time() - started)
+        return True
+    if cfg.executor == "slurm":
+        if cfg.dry_run:
+            scripts = render_slurm_scripts(executors)
+            for stage, script in zip(stages, scripts):
+                print(f"# --- {stage.name}: sbatch {' '.join(script['sbatch_args'])} {script['path']}\n"
+                      f"{script['script']}")
+            return False
+        executors[-1].run()  # launches the whole chain through `depends`
+        ids = [str(e.job_id) for e in executors]
+        write_json(Path(work_dir) / "slurm_jobs.json", {s.name: i for s, i in zip(stages, ids)})
+        print(f"submitted {len(stages)} slurm job arrays ({', '.join(ids)}); re-run the same command after they "
+              f"finish (or if one fails) to finish or resume the job")
+        return False
+    executors[-1].run()
+    return True

@@ -1,0 +1,37 @@
+"""The measuring tools of `fuxi bench data --scale` (the benchmark itself is too long for CI)."""
+from __future__ import annotations
+
+import json
+
+from data_pipeline.bench_scale import grow_corpus, measure
+from data_pipeline.corpus import bundled_corpus
+from data_pipeline.dedup import jaccard, shingles
+
+
+def test_measure_counts_workers_that_outlive_their_parent():
+    """A grandchild that burns 0.5 CPU-s after its parent exited is reaped by the subreaper and counted."""
+    code = """
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        t = time.process_time()
+        while time.process_time() - t < 0.5:
+            pass
+        os._exit(0)
+    os._exit(0)
+os.wait()
+"""
+    result = measure(code)
+    assert result["cpu_s"] >= 0.45
+    assert result["peak_mb"] > 0
+
+
+def test_grown_corpus_has_planted_pairs_and_reshuffled_copies(tmp_path):
+    pairs = grow_corpus(bundled_corpus(), tmp_path, 2, seed=3, planted=0.2)
+    en = [json.loads(line)["text"] for line in (tmp_path / "train" / "en.jsonl").read_text().splitlines()]
+    original = [json.loads(line)["text"] for line in (bundled_corpus() / "train" / "en.jsonl").read_text().splitlines()]
+    assert en[:len(original)] == original  # copy 0 is the corpus itself, then reshuffled copies, then planted
+    assert len(en) > 2 * len(original)
+    js = [jaccard(shingles(p["original"], 5), shingles(p["copy"], 5)) for p in pairs[:200]]
+    assert all(p["copy"] != p["original"] for p in pairs)
+    assert 0.5 < min(js) and max(js) < 1.0 and sum(j >= 0.8 for j in js) > 0.8 * len(js)
