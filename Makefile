@@ -55,9 +55,10 @@ GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 LIGER_SPEC ?= liger-kernel==0.8.5
 # Pure Python (deepspeed publishes only a source package: pip builds it into a py3-none-any wheel here).
-GPU_PURE_WHEELS := deepspeed webdataset braceexpand datatrove dill multiprocess humanize loguru py3langid hjson
-# Binary or needed at a newer version than the image may hold: downloaded for the GPU machine's Python.
-GPU_BINARY_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions
+GPU_PURE_WHEELS := deepspeed webdataset braceexpand datatrove dill humanize loguru py3langid hjson
+# Binary, built per Python version (multiprocess is a copy of the stdlib's for each), or needed at a newer
+# version than the image may hold: downloaded for the GPU machine's Python.
+GPU_BINARY_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions multiprocess
 
 gpu-wheels: install
 	rm -rf .whl.tmp && mkdir -p .whl.tmp
