@@ -146,7 +146,11 @@ def _tree(root: int) -> list[int]:
 
 
 def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict:
-    """Run `python -c code` and return its CPU seconds (all descendants), peak summed PSS and wall time."""
+    """Run `python -c code` and return its CPU seconds (all descendants), peak summed PSS and wall time.
+
+    The job runs in an empty folder: `python -c` puts the working directory first on sys.path, so run from a
+    checkout it would import that checkout's packages ahead of the PYTHONPATH in `env` (and "today's" code
+    would silently be ours)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -166,8 +170,9 @@ def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
+    neutral = tempfile.mkdtemp(prefix="fuxi-bench-job-")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, cwd=neutral)
     sampler.start()
     rc = proc.wait()
     deadline = time.time() + 600
@@ -182,6 +187,7 @@ def measure(code: str, env: dict | None = None, log: Path | None = None) -> dict
             break
         time.sleep(0.05)
     wall = time.perf_counter() - started
+    shutil.rmtree(neutral, ignore_errors=True)
     stop.set()
     sampler.join()
     if log:
@@ -352,7 +358,7 @@ def run(args) -> dict:
     from data_pipeline.tables import format_table
     from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-scale-"))
+    work = Path(args.workdir).absolute() if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-scale-"))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     result: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "tasks": args.tasks,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from data_pipeline.bench_scale import grow_corpus, measure
 from data_pipeline.corpus import bundled_corpus
@@ -24,6 +25,19 @@ os.wait()
     result = measure(code)
     assert result["cpu_s"] >= 0.45
     assert result["peak_mb"] > 0
+
+
+def test_measure_imports_the_code_its_pythonpath_names_not_the_working_directorys(tmp_path, monkeypatch):
+    """"Today's" code comes from a baseline checkout on PYTHONPATH; run from our checkout (as the benchmark is),
+    `python -c` would import our data_pipeline instead, and the comparison would measure ours twice."""
+    baseline = tmp_path / "baseline" / "data_pipeline"
+    baseline.mkdir(parents=True)
+    (baseline / "__init__.py").write_text("")
+    seen = tmp_path / "seen.txt"
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the repository, which has its own data_pipeline
+    measure(f"import data_pipeline, pathlib; pathlib.Path({str(seen)!r}).write_text(data_pipeline.__file__)",
+            env={"PYTHONPATH": str(tmp_path / "baseline")})
+    assert Path(seen.read_text()) == baseline / "__init__.py"
 
 
 def test_grown_corpus_has_planted_pairs_and_reshuffled_copies(tmp_path):
