@@ -19,7 +19,7 @@ install_requires = [
     "matplotlib>=3.7",
     # the data engine: executors (local, Slurm, Ray), completion markers, per-task stats; its MinHash stage
     # (used side by side in `fuxi bench data --scale`) fails with xxhash 4
-    "datatrove>=0.10.1,<0.11",
+    "datatrove>=0.9,<0.11",  # 0.9: huggingface_hub < 1 (transformers 4.x); 0.10: hub >= 1.6 (transformers 5)
     "xxhash>=3.0,<4",
     "orjson>=3.9",  # datatrove's JSONL reader (the datatrove side of `fuxi bench data --scale`)
     "py3langid>=0.2.2",
