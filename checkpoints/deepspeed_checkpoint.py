@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.model_checkpoint import read_model_config, save_model_checkpoint
+from checkpoints.model_checkpoint import own_tokenizer, read_model_config, save_model_checkpoint
 from checkpoints.sharded_safetensors import CheckpointError
 
 MODEL_CONFIG_FILE = "model_config.yaml"
@@ -129,9 +129,7 @@ def consolidate_deepspeed_checkpoint(path: str | Path, out_dir: str | Path,
     tag_dir = resolve_tag_dir(path)
     config = read_model_config(tag_dir / MODEL_CONFIG_FILE)
     state = consolidated_state_dict(tag_dir)
-    out = save_model_checkpoint(((k, v.float() if v.is_floating_point() else v) for k, v in state.items()),
-                                config, out_dir, max_shard_bytes)
-    if (tag_dir / "tokenizer").is_dir():  # the trainer stores the tokenizer beside the weights
-        shutil.copytree(tag_dir / "tokenizer", out / "tokenizer")
-    return out
+    # The trainer stores the tokenizer beside the weights; it goes into the same atomic switch.
+    return save_model_checkpoint(((k, v.float() if v.is_floating_point() else v) for k, v in state.items()),
+                                 config, out_dir, max_shard_bytes, tokenizer_dir=own_tokenizer(tag_dir))
 

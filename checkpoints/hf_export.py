@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.model_checkpoint import read_model_config, replaced_folder
+from checkpoints.model_checkpoint import own_tokenizer, read_model_config, replaced_folder
 from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
 from model import ModelConfig
 
@@ -191,8 +191,8 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "float3
     config = read_model_config(ckpt_dir)
     layout = resolve_layout(config, layout)
     hf_config = hf_config_dict(config, dtype, layout)
-    if tokenizer_dir is None and (Path(ckpt_dir) / "tokenizer").is_dir():
-        tokenizer_dir = Path(ckpt_dir) / "tokenizer"  # a checkpoint may carry the tokenizer it was trained with
+    if tokenizer_dir is None:
+        tokenizer_dir = own_tokenizer(ckpt_dir)  # a checkpoint may carry the tokenizer it was trained with
     with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, tensor in iter_tensors(ckpt_dir):

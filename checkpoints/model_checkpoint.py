@@ -4,6 +4,7 @@ The tensor names are the model's own state-dict names. Loading never unpickles a
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +16,14 @@ from model import ModelConfig, build_model
 from model.typed_config import ConfigError, from_dict, to_dict
 
 CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the model was trained with, beside the weights
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def own_tokenizer(ckpt_dir: str | Path) -> Path | None:
+    """The `tokenizer/` folder a checkpoint carries, if any."""
+    path = Path(ckpt_dir) / TOKENIZER_DIR
+    return path if path.is_dir() else None
 
 
 def is_model_checkpoint(path: str | Path) -> bool:
@@ -51,8 +59,10 @@ def replaced_folder(target: str | Path):
 
 
 def save_model_checkpoint(state_dict_items, config: ModelConfig, out_dir: str | Path,
-                          max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None) -> Path:
-    """Write (name, tensor) pairs (a dict's items() or a lazy iterator) and the config, atomically."""
+                          max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None,
+                          tokenizer_dir: str | Path | None = None) -> Path:
+    """Write (name, tensor) pairs (a dict's items() or a lazy iterator) and the config, atomically; with
+    `tokenizer_dir`, its files go to `tokenizer/` inside the same switch, so the checkpoint is never without it."""
     out_dir = Path(out_dir)
     with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
@@ -60,6 +70,8 @@ def save_model_checkpoint(state_dict_items, config: ModelConfig, out_dir: str | 
             writer.add(name, tensor)
         writer.finish()
         write_config(tmp, config, extra)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
     return out_dir
 
 

@@ -227,6 +227,25 @@ def test_fuxi_upcycle_streams_a_checkpoint_equal_to_the_in_memory_upcycle(tmp_pa
         assert (loaded(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_fuxi_upcycle_carries_the_dense_checkpoints_tokenizer(tmp_path, capsys):
+    """The MoE model reads the dense model's ids, so `tokenizer/` beside the dense weights comes along unchanged
+    (eval and export then find it without --tokenizer); a checkpoint without one gives an MoE one without one."""
+    save_model(tiny_model(), tmp_path / "dense")
+    files = {"tokenizer.json": b'{"version": "1.0"}', "tokenizer_config.json": b"{}", "sub/extra.txt": b"\xffx"}
+    for name, data in files.items():
+        (tmp_path / "dense" / "tokenizer" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dense" / "tokenizer" / name).write_bytes(data)
+    assert fuxi(["upcycle", "--checkpoint", str(tmp_path / "dense"), "--experts", "2", "--out",
+                 str(tmp_path / "moe")]) == 0
+    copied = {str(p.relative_to(tmp_path / "moe" / "tokenizer")): p.read_bytes()
+              for p in (tmp_path / "moe" / "tokenizer").rglob("*") if p.is_file()}
+    assert copied == files
+    save_model(tiny_model(), tmp_path / "bare")
+    assert fuxi(["upcycle", "--checkpoint", str(tmp_path / "bare"), "--experts", "2", "--out",
+                 str(tmp_path / "moe_bare")]) == 0
+    assert not (tmp_path / "moe_bare" / "tokenizer").exists() and load_model(tmp_path / "moe_bare").config.moe
+
+
 def test_fuxi_upcycle_errors_are_clear(tmp_path, capsys):
     moe_dir = tmp_path / "moe"
     _, moe = upcycled()
