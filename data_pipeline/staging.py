@@ -58,8 +58,22 @@ def exchange(a: str | Path, b: str | Path) -> bool:
 
 
 def switch_folder(new: str | Path, final: str | Path) -> None:
-    """Put folder `new` in place of `final` (which may not exist) and delete the old contents."""
+    """Put folder `new` in place of `final` (which may not exist) and delete the old contents. A `new` on
+    another filesystem (a work dir on node-local scratch) is first copied beside `final`, so the switch itself
+    is still a rename there; `new` is deleted once the copy is in place."""
     new, final = Path(new), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(new).st_dev != os.stat(final.parent).st_dev:
+        beside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{_STAGING_TAG}{os.getpid()}-"))
+        try:
+            shutil.copytree(new, beside, dirs_exist_ok=True)
+            os.chmod(beside, os.stat(new).st_mode & 0o7777)
+            switch_folder(beside, final)
+        except BaseException:
+            shutil.rmtree(beside, ignore_errors=True)
+            raise
+        shutil.rmtree(new)
+        return
     if not final.exists():
         os.rename(new, final)
         return

@@ -277,3 +277,39 @@ def test_rerun_after_success_is_a_no_op(tmp_path, monkeypatch):
     assert clean(corpus, tmp_path / "out", executor=executor).stats == first.stats
     np.testing.assert_equal(len(_kept(tmp_path / "out")), sum(c["kept"] for c in
                                                               (c for s in first.stats.values() for c in s.values())))
+
+
+def _other_filesystem(tmp_path: Path) -> Path | None:
+    """A writable folder on another filesystem than tmp_path (node-local scratch on a cluster; /dev/shm here)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(dir=shm, prefix="fuxi-test-"))
+    return None
+
+
+def test_work_dir_on_another_filesystem(data, tmp_path):
+    """Intermediate files on scratch, the output on the shared filesystem: the output switches in (a copy
+    beside it, then the rename) and equals a run with the default work dir; nothing is left on scratch."""
+    import shutil
+
+    scratch = _other_filesystem(tmp_path)
+    if scratch is None:
+        pytest.skip("no writable /dev/shm on another filesystem")
+    try:
+        corpus = _corpus(tmp_path)
+        executor = ExecutorConfig(tasks=2, workers=1, **LOCAL)
+        clean(corpus, tmp_path / "here", executor=executor)
+        clean(corpus, tmp_path / "there", executor=executor, work_dir=scratch / "clean")
+        assert _kept(tmp_path / "there") == _kept(tmp_path / "here")
+        clean_valid = data.val_manifest.parent.parent / "clean" / "valid"
+        for name, work in (("shards_here", None), ("shards_there", scratch / "pack")):
+            pack(clean_valid, data.tokenizer_dir, tmp_path / name, split="valid", seq_len=64, num_proc=1,
+                 progress=False, work_dir=work)
+        here, there = load_manifest(tmp_path / "shards_here"), load_manifest(tmp_path / "shards_there")
+        assert [s.sha256 for s in there.shards] == [s.sha256 for s in here.shards]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        assert not any(p.is_file() for p in scratch.rglob("*"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
