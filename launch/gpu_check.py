@@ -52,7 +52,7 @@ CARRY_LIMIT_BYTES = 64 * 2**20  # working tree + carried paths per device call
 REQUIRED_MODULES = ["torch", "triton", "numpy", "yaml", "tqdm", "matplotlib", "transformers", "tokenizers",
                     "safetensors", "sentencepiece", "tiktoken", "tensorboard", "pytest",
                     "deepspeed", "webdataset", "datatrove", "loguru", "multiprocess", "py3langid", "pydantic"]
-OPTIONAL_MODULES = ["liger_kernel", "flash_attn"]
+OPTIONAL_MODULES = ["liger_kernel", "flash_attn", "lm_eval"]  # without lm_eval, the gpu eval test is skipped
 
 
 @dataclass

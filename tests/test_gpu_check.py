@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own budget (1500 s) rules, not the suite's --timeout 900
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
@@ -133,10 +134,25 @@ def test_layers_that_fit_an_h100_and_an_h200():
     assert bench.layers_that_fit(args, 1e9)["layers"] == 1  # never fewer than one
 
 
-def test_carried_bytes_are_counted():
+def test_carried_bytes_count_what_the_device_tool_sends(tmp_path, monkeypatch):
+    """Tracked and untracked files count, git-ignored ones do not, except the carried .whl/; and this
+    checkout itself fits the limit."""
+    assert 0 < gpu_check.carry_size_bytes()["tree_bytes"] < gpu_check.CARRY_LIMIT_BYTES
+    repo = tmp_path / "repo"
+    (repo / ".whl").mkdir(parents=True)
+    (repo / "runs").mkdir()
+    sizes = {"tracked.py": 1000, "untracked.txt": 300, ".gitignore": None, "runs/big.bin": 5000,
+             ".whl/a-1.0-py3-none-any.whl": 7000}
+    (repo / ".gitignore").write_text("runs/\n.whl/\n")
+    for name, n in sizes.items():
+        if n is not None:
+            (repo / name).write_bytes(b"x" * n)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "tracked.py", ".gitignore"], cwd=repo, check=True)
+    monkeypatch.setattr(gpu_check, "REPO", repo)
     size = gpu_check.carry_size_bytes()
-    assert 0 < size["tree_bytes"] < size["limit_bytes"]
-    assert size["total_bytes"] == size["tree_bytes"] + size["wheels_bytes"] < size["limit_bytes"]
+    assert size["tree_bytes"] == 1000 + 300 + len("runs/\n.whl/\n")
+    assert size["wheels_bytes"] == 7000 and size["total_bytes"] == size["tree_bytes"] + 7000
 
 
 def test_an_out_of_memory_step_is_retried_with_its_retry_command(tmp_path, monkeypatch):
