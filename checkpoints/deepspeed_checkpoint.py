@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import shutil
 from pathlib import Path
 
 import torch

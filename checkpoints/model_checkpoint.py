@@ -97,23 +97,31 @@ def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], sour
         raise CheckpointError(f"{source}: tensors do not match the model; " + "; ".join(parts))
 
 
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _cast(tensors, device: str | torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {name: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+            for name, t in tensors}
+
+
 def model_from_tensors(config: ModelConfig, tensors, source: str, device: str | torch.device = "cpu",
                        dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build the model `config` describes and fill it with (name, tensor) pairs, which must match it exactly.
     Floating-point tensors are cast to `dtype` when given."""
     model = build_model(config, device="meta")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {name: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-             for name, t in tensors}
-    check_tensor_names(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    state = _cast(tensors, device, dtype)
+    check_tensor_names(_shapes(model.state_dict()), _shapes(state), source)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Build the model from the checkpoint's config and load its tensors (safetensors only)."""
-    config = read_model_config(ckpt_dir)
-    check_tensor_names({k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()},
-                       tensor_shapes(ckpt_dir), str(ckpt_dir))  # before reading any tensor
-    return model_from_tensors(config, iter_tensors(ckpt_dir), str(ckpt_dir), device, dtype)
+    """Build the model from the checkpoint's config and load its tensors (safetensors only). Names and shapes
+    are checked from the headers, before any tensor is read."""
+    model = build_model(read_model_config(ckpt_dir), device="meta")
+    check_tensor_names(_shapes(model.state_dict()), tensor_shapes(ckpt_dir), str(ckpt_dir))
+    model.load_state_dict(_cast(iter_tensors(ckpt_dir), device, dtype), strict=True, assign=True)
+    return model

@@ -60,6 +60,7 @@ class ShardedSafetensorsWriter:
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []  # temp shard path, tensor names
         self.total_bytes = 0
+        self._file_mode = new_file_mode()  # safetensors creates 0600: unreadable for the rest of a cluster group
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._pending or any(name in names for _, names in self._written):
@@ -76,7 +77,7 @@ class ShardedSafetensorsWriter:
             return
         tmp = self.out_dir / f".shard-{len(self._written):05d}.safetensors.tmp-{os.getpid()}"
         save_file(self._pending, str(tmp), metadata=self.metadata)
-        os.chmod(tmp, new_file_mode())  # safetensors creates 0600: unreadable for the rest of a cluster group
+        os.chmod(tmp, self._file_mode)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

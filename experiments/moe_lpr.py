@@ -201,6 +201,14 @@ def moe_model_section(upcycled: Path, stage: str, **moe) -> dict:
     return model
 
 
+def review_mix(original: list[str], expansion: list[str]) -> tuple[dict[str, float], float]:
+    """The review's sampling weights per language, 1 part original to 2 parts expansion, and the original
+    languages' share of them (what review_steps needs)."""
+    weights = {**{lang: 1.0 / len(original) for lang in original},
+               **{lang: 2.0 / len(expansion) for lang in expansion}}
+    return weights, math.fsum(weights[lang] for lang in original) / math.fsum(weights.values())
+
+
 def review_steps(share: float, stage1_tokens: int, batch: int, original_fraction: float) -> int:
     """Steps whose original-language tokens are `share` of stage 1's tokens (at least one)."""
     return max(1, math.ceil(share * stage1_tokens / (batch * SEQ_LEN * original_fraction)))
@@ -404,9 +412,12 @@ def plot(agg: dict, keys: list[str], shares: list[float], path: Path, seeds: int
 # ---- driver ------------------------------------------------------------------------------------------------------
 
 def run_seed(args, seed: int, out: Path, data_dir: Path, original, expansion, shares, progress) -> dict:
+    """Train every arm of one seed. Returns the phases' summaries, the commands, the upcycled checkpoint, each
+    arm's final checkpoint ("finals", by arm key) and arm (c)'s resolved LPR coefficient."""
     seed_dir = out / f"seed{seed}"
     commands: list[str] = []
     phases: dict[str, dict] = {}
+    folders = {"dense": "dense", "a": "dense_cont", "b": "moe_stage1"}  # arm key -> run folder in seed_dir
     stage1 = load_template("stage1")
     stage2 = load_template("stage2")
     expansion_steps = args.expansion_steps or stage1["schedule"]["total_steps"]
@@ -419,28 +430,27 @@ def run_seed(args, seed: int, out: Path, data_dir: Path, original, expansion, sh
         progress.set_postfix_str(f"seed {seed}: {name}")
 
     step("dense")
-    phases["dense"] = train_phase("dense", run_config(
-        "dense", seed_dir / "dense", data_dir, seed, model=model_section, data={"languages": original},
+    phases["dense"] = train_phase(folders["dense"], run_config(
+        "dense", seed_dir / folders["dense"], data_dir, seed, model=model_section, data={"languages": original},
         schedule=schedule_with_steps("dense", args.dense_steps)), seed_dir, args, commands)
     progress.update()
     step("(a)")
-    phases["a"] = train_phase("dense_cont", run_config(
-        "dense", seed_dir / "dense_cont", data_dir, seed, model=model_section, data={"languages": expansion},
+    phases["a"] = train_phase(folders["a"], run_config(
+        "dense", seed_dir / folders["a"], data_dir, seed, model=model_section, data={"languages": expansion},
         optimizer={"lr": expansion_lr}, schedule=same_budget,
-        checkpoint={"init_from": str(seed_dir / "dense" / "final")}), seed_dir, args, commands)
+        checkpoint={"init_from": str(seed_dir / folders["dense"] / "final")}), seed_dir, args, commands)
     progress.update()
     step("upcycle")
     upcycled = upcycle_phase(seed_dir, args, seed, original, commands)
     step("(b)")
-    phases["b"] = train_phase("moe_stage1", run_config(
-        "stage1", seed_dir / "moe_stage1", data_dir, seed, model=moe_model_section(upcycled, "moe_lpr_stage1"),
+    phases["b"] = train_phase(folders["b"], run_config(
+        "stage1", seed_dir / folders["b"], data_dir, seed, model=moe_model_section(upcycled, "moe_lpr_stage1"),
         data={"languages": expansion}, optimizer={"lr": expansion_lr}, schedule=same_budget,
         checkpoint={"init_from": str(upcycled)}), seed_dir, args, commands)
     progress.update()
 
     # The review: 1 part original to 2 parts expansion (by sampling weight), sized by the replay share.
-    weights = {**{lang: 1.0 / len(original) for lang in original},
-               **{lang: 2.0 / len(expansion) for lang in expansion}}
+    weights, original_fraction = review_mix(original, expansion)
     batch = args.review_batch or stage2["schedule"]["global_batch"]
     review_lr = args.review_lr or stage2["optimizer"]["lr"]
     lpr = {"lpr_loss_coef": stage2["model"]["moe"]["lpr_loss_coef"] if args.gamma is None else args.gamma}
@@ -448,25 +458,28 @@ def run_seed(args, seed: int, out: Path, data_dir: Path, original, expansion, sh
         lpr["lpr_loss_form"] = args.lpr_form
     replay_data = {"mixing": "weights", "weights": weights, "languages": None}
     for share in shares:
-        steps = review_steps(share, phases["b"]["tokens"], batch, 1 / 3)
+        steps = review_steps(share, phases["b"]["tokens"], batch, original_fraction)
         review = schedule_with_steps("stage2", steps, batch)
         common = dict(data=replay_data, optimizer={"lr": review_lr}, schedule=review,
                       parallelism={"micro_batch": batch})
-        stage1_final = seed_dir / "moe_stage1" / "final"
+        stage1_final = seed_dir / folders["b"] / "final"
         runs = {
             "c": ("stage2", f"review_lpr@{share:g}", moe_model_section(upcycled, "moe_lpr_stage2", **lpr),
                   stage1_final),
             "d": ("stage2", f"review_no_lpr@{share:g}",
                   moe_model_section(upcycled, "moe_lpr_stage2", lpr_loss_coef=0.0), stage1_final),
-            "e": ("dense", f"dense_replay@{share:g}", model_section, seed_dir / "dense_cont" / "final"),
+            "e": ("dense", f"dense_replay@{share:g}", model_section, seed_dir / folders["a"] / "final"),
         }
         for arm, (template, folder, model, init_from) in runs.items():
             step(f"({arm}) replay {share:g}")
+            folders[f"{arm}@{share:g}"] = folder
             phases[f"{arm}@{share:g}"] = train_phase(folder, run_config(
                 template, seed_dir / folder, data_dir, seed, model=model, checkpoint={"init_from": str(init_from)},
                 **common), seed_dir, args, commands)
             progress.update()
-    return {"seed_dir": seed_dir, "phases": phases, "commands": commands, "upcycled": upcycled}
+    return {"seed_dir": seed_dir, "phases": phases, "commands": commands, "upcycled": upcycled,
+            "finals": {key: seed_dir / folder / "final" for key, folder in folders.items()},
+            "lpr_loss_coef": lpr["lpr_loss_coef"]}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -498,15 +511,13 @@ def run(args: argparse.Namespace) -> dict:
     for seed in seeds:
         runs = run_seed(args, seed, out, data_dir, original, expansion, shares, progress)
         progress.set_postfix_str(f"seed {seed}: evaluate")
-        folders = {"dense": "dense", "a": "dense_cont", "b": "moe_stage1"}
-        folders.update({f"{arm}@{share:g}": f"{name}@{share:g}" for share in shares
-                        for arm, name in (("c", "review_lpr"), ("d", "review_no_lpr"), ("e", "dense_replay"))})
         evals = {"upcycled": evaluate(runs["upcycled"], val_batches, table, with_router=True)}
         for key in keys:
-            evals[key] = evaluate(runs["seed_dir"] / folders[key] / "final", val_batches, table,
+            evals[key] = evaluate(runs["finals"][key], val_batches, table,
                                   with_router=key.partition("@")[0] in ("b", "c", "d"))
-        gradient[seed] = lpr_gradient_ratio(original_router_logits(runs["seed_dir"] / "moe_stage1" / "final",
-                                                                   val_batches, original), args.top_k)
+        gradient[seed] = lpr_gradient_ratio(original_router_logits(runs["finals"]["b"], val_batches, original),
+                                            args.top_k)
+        gamma = runs["lpr_loss_coef"]  # arm (c)'s LPR coefficient, the same for every seed
         progress.update()
         per_seed.append(seed_summary(evals, original, expansion))
         per_seed_evals.append(evals)
@@ -533,7 +544,6 @@ def run(args: argparse.Namespace) -> dict:
             "original_tokens": original_tokens, "stage1_tokens": first["b"]["tokens"],
             "realised_share": [t / first["b"]["tokens"] for t in original_tokens]}
     ratios = [g["norm_ratio"] for g in gradient.values()]
-    gamma = load_template("stage2")["model"]["moe"]["lpr_loss_coef"] if args.gamma is None else args.gamma
     gradient_summary = {"per_seed": gradient, "norm_ratio_mean": float(np.mean(ratios)),
                         "norm_ratio_range": [float(min(ratios)), float(max(ratios))],
                         "paper_gamma_matching_code_gamma": gamma / float(np.mean(ratios)), "experts": args.experts}

@@ -34,6 +34,7 @@ line. Runs in a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, token
 from data_pipeline.config import CODESWITCH_DIRECTIONS
 from data_pipeline.stream import default_transform
 from model import ModelConfig, build_model
-from pretrain.config import PREALIGN_ALPHA_WEIGHTS
+from pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
 from pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
                                      format_alignment_report, prealign_loss)
 
@@ -65,7 +66,10 @@ ARMS = {  # name -> (alignment init, code-switching)
     "init only": (True, False),
     "cs only": (False, True),
 }
-WEIGHTING_SUFFIX = {"align": "", "lm": ", alpha on L_LM"}  # arm name suffix per init weighting (align: released)
+RELEASED_WEIGHTING = PreAlignConfig.alpha_weights  # "align": L_LM + alpha * L_align, as both released trainers
+# Arm name suffix per init weighting, the released one first (no suffix): "prealign", "prealign, alpha on L_LM".
+WEIGHTING_SUFFIX = {w: "" if w == RELEASED_WEIGHTING else f", alpha on L_{w.upper()}"
+                    for w in sorted(PREALIGN_ALPHA_WEIGHTS, key=lambda w: w != RELEASED_WEIGHTING)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,7 +445,7 @@ def plot(out: Path, runs: list[dict], summary: dict) -> str:
     spaces = runs[0]["arms"][next(iter(summary))]["alignment_end"]["spaces"]
     for i, (name, arm) in enumerate(summary.items()):
         ax.plot(range(len(spaces)), arm["alignment_gap"], "-o", ms=3, color=f"C{i}", label=f"{name}: end of LM")
-    for weighting, style in zip(WEIGHTING_SUFFIX, ["k--x", "k:+"]):
+    for weighting, style in zip(WEIGHTING_SUFFIX, itertools.cycle(["k--x", "k:+", "k-.s"])):
         after = [r["init"][weighting]["after"]["gap"] for r in runs if weighting in r.get("init", {})]
         if after:
             ax.plot(range(len(spaces)), np.mean(after, 0), style,

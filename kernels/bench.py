@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -58,6 +59,12 @@ class Result:
     tflops: float = math.nan        # flce only: 6 N h V / full time
     note: str = ""
 
+    @classmethod
+    def from_csv_row(cls, row: dict[str, str]) -> Result:
+        """A row of kernels.csv (csv.DictReader's strings) as a Result again; absent numbers are NaN."""
+        convert = {"int": int, "float": lambda v: float(v) if v not in (None, "") else math.nan, "str": str}
+        return cls(**{f.name: convert[f.type](row.get(f.name, "")) for f in fields(cls)})
+
 
 @dataclass
 class Case:
@@ -74,7 +81,9 @@ class Case:
 
 # ---- timing and memory ------------------------------------------------------------------------------------
 
-def _median_ms(fn: Callable[[], object], device: torch.device, reps: int, grad_to_none=None) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int, grad_to_none=None) -> float:
+    """Median time of `fn` in ms: triton's do_bench on a GPU, perf_counter over `reps` runs after a warm-up on a
+    CPU. `grad_to_none`: tensors whose .grad is cleared before each run, outside the timed region."""
     if device.type == "cuda":
         import triton.testing
 
@@ -97,7 +106,7 @@ def measure_bandwidth_gbps(device: torch.device, reps: int) -> float:
     n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, reps)
+    ms = median_ms(lambda: dst.copy_(src), device, reps)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -107,7 +116,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, reps: int = 
     n = n or (8192 if device.type == "cuda" else 512)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    ms = _median_ms(lambda: torch.mm(a, b), device, reps)
+    ms = median_ms(lambda: torch.mm(a, b), device, reps)
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -121,9 +130,9 @@ def run_case(case: Case, device: torch.device, reps: int, bandwidth_gbps: float)
     for name, fn in case.providers.items():
         row = Result(case.kernel, name, case.tokens, note=case.notes.get(name, ""))
         try:
-            row.fwd_ms = _median_ms(fn, device, reps)
+            row.fwd_ms = median_ms(fn, device, reps)
             out = fn()
-            row.bwd_ms = _median_ms(lambda: _backward(case, out), device, reps, grad_to_none=case.leaves)
+            row.bwd_ms = median_ms(lambda: _backward(case, out), device, reps, grad_to_none=case.leaves)
             del out
 
             def full():
@@ -131,7 +140,7 @@ def run_case(case: Case, device: torch.device, reps: int, bandwidth_gbps: float)
                 outputs, grads = case.grads(o)
                 torch.autograd.backward(outputs, grads)
 
-            row.full_ms = _median_ms(full, device, reps, grad_to_none=case.leaves)
+            row.full_ms = median_ms(full, device, reps, grad_to_none=case.leaves)
             if device.type == "cuda":
                 for t in case.leaves:
                     t.grad = None
@@ -181,6 +190,7 @@ class Widths:
     ffn: int = FFN
     heads: int = HEADS
     head_dim: int = HEAD_DIM
+    vocab: int = VOCAB
 
 
 def rms_norm_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
@@ -255,8 +265,9 @@ def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, width
                 full_bytes=8 * batch * seq * heads * head_dim * elem)
 
 
-def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, hidden: int = HIDDEN,
-              vocab: int = VOCAB, vocab_chunk: int | None = None) -> Case:
+def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths,
+              vocab_chunk: int | None = None) -> Case:
+    hidden, vocab = widths.hidden, widths.vocab
     h = (torch.randn(tokens, hidden, device=device) / math.sqrt(hidden)).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, device=device) * 0.02).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device=device)
@@ -366,7 +377,9 @@ def _write_csv(rows: list[Result], path: Path) -> None:
 
 
 def _fmt(v: float, digits: int = 3) -> str:
-    return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.{digits}g}"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.{digits}g}"
 
 
 def markdown_table(rows: list[Result]) -> str:
@@ -480,7 +493,8 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype or ("bf16" if on_gpu else "fp32")]
     tokens_list = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
     triton_ok = gpu_path and kernels.HAS_TRITON
-    widths = Widths(args.hidden, args.ffn, args.heads, args.head_dim)
+    widths = Widths(args.hidden, args.ffn, args.heads, args.head_dim, args.vocab)
+    builders = {**CASE_BUILDERS, "flce": functools.partial(flce_case, vocab_chunk=args.vocab_chunk)}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -492,10 +506,7 @@ def run(args: argparse.Namespace) -> dict:
         if kernel == "flce" and not gpu_path:
             continue  # CPU: measured in subprocesses below
         for tokens in tokens_list:
-            case = CASE_BUILDERS[kernel](tokens, dtype, device, not args.no_compile, triton_ok, widths) \
-                if kernel != "flce" else flce_case(tokens, dtype, device, not args.no_compile, triton_ok,
-                                                   hidden=args.hidden, vocab=args.vocab,
-                                                   vocab_chunk=args.vocab_chunk)
+            case = builders[kernel](tokens, dtype, device, not args.no_compile, triton_ok, widths)
             rows.extend(run_case(case, device, args.reps, bandwidth))
             del case
             _write_csv(rows, out_dir / "kernels.csv")  # after every case: a run killed later keeps these rows

@@ -4,7 +4,8 @@ The model runs the up-projection matmul without its bias and hands the bias here
 activation and (in backward) the bias gradient cost one pass over the [tokens, 4h] activation each way.
 The kernels compute in fp32 and round once; the backward recomputes gelu'(x + b) from the saved input
 instead of saving the activation, and reduces the bias gradient per program into a small [row groups, F]
-buffer that one torch sum finishes (no atomics, deterministic). On a GPU both kernels are autotuned per width.
+buffer that one torch sum finishes (no atomics, deterministic). On a GPU both kernels are autotuned per width
+and row-count bucket.
 
 0.5 * (1 + tanh(u)) == sigmoid(2u), so gelu_fast(x) = x * sigmoid(2u) with u = sqrt(2/pi) x (1 + 0.044715 x^2):
 the same function, one transcendental, and no cancellation in 1 + tanh(u) for very negative x.
@@ -31,11 +32,11 @@ def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 # ---- Triton kernels ---------------------------------------------------------------------------------------
 
-@triton.jit
-def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
+@triton.jit(do_not_specialize=["rows_bucket"])
+def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, rows_bucket, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (row blocks, column blocks): one BLOCK_M x BLOCK_N tile, its bias slice loaded once and broadcast
-    over the rows (no per-element `offset % n_cols`)."""
+    over the rows (no per-element `offset % n_cols`). `rows_bucket` is only part of the autotuning key."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -49,8 +50,8 @@ def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, HAS_BIAS: tl.constexpr, CO
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DB_PARTIAL, n_rows, n_cols,
+@triton.jit(do_not_specialize=["rows_bucket"])
+def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DB_PARTIAL, n_rows, n_cols, rows_bucket,
                           HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). dx = dy * gelu'(x + b); the program's partial bias gradient is the
@@ -83,8 +84,8 @@ def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DB_PARTIAL, n_rows, n_cols,
         tl.store(DB_PARTIAL + pid_m * n_cols + cols, db_acc, mask=col_mask)
 
 
-# GPU launch configurations, autotuned per width (both kernels overwrite their outputs, so trial runs are
-# harmless). Tiles of 2K-8K elements at 4-8 warps: enough loads in flight per SM for a memory-bound kernel.
+# GPU launch configurations, autotuned per width and row bucket (both kernels overwrite their outputs, so trial
+# runs are harmless). Tiles of 2K-8K elements at 4-8 warps: enough loads in flight per SM for a memory-bound kernel.
 FWD_CONFIGS = [(dict(BLOCK_M=1, BLOCK_N=4096), 8), (dict(BLOCK_M=2, BLOCK_N=2048), 8),
                (dict(BLOCK_M=4, BLOCK_N=1024), 4), (dict(BLOCK_M=8, BLOCK_N=1024), 8),
                (dict(BLOCK_M=16, BLOCK_N=256), 4)]
@@ -92,8 +93,18 @@ BWD_CONFIGS = [(dict(BLOCK_M=8, BLOCK_N=256), 4), (dict(BLOCK_M=16, BLOCK_N=256)
                (dict(BLOCK_M=4, BLOCK_N=512), 4), (dict(BLOCK_M=8, BLOCK_N=512), 8),
                (dict(BLOCK_M=4, BLOCK_N=1024), 8)]
 _BWD_MAX_BLOCK_N = max(meta["BLOCK_N"] for meta, _ in BWD_CONFIGS)
-_bias_gelu_fwd_tuned = autotuned(_bias_gelu_fwd_kernel, FWD_CONFIGS, key=["n_cols"])
-_bias_gelu_bwd_tuned = autotuned(_bias_gelu_bwd_kernel, BWD_CONFIGS, key=["n_cols"])
+TUNING_KEY = ["n_cols", "rows_bucket"]
+_bias_gelu_fwd_tuned = autotuned(_bias_gelu_fwd_kernel, FWD_CONFIGS, key=TUNING_KEY)
+_bias_gelu_bwd_tuned = autotuned(_bias_gelu_bwd_kernel, BWD_CONFIGS, key=TUNING_KEY)
+ROWS_BUCKET_CAP = 8192
+
+
+def rows_bucket(n_rows: int) -> int:
+    """The row count's power-of-two bucket, part of the autotuning key: in the MoE expert loop one width sees
+    a few dozen rows (one expert's tokens) and the full batch, which want different tiles (and the backward's
+    row-group count depends on the rows), so the first call must not fix the launch for every row count.
+    Capped: past 8K rows the choice no longer changes, and each new bucket costs a tuning run."""
+    return min(next_power_of_2(n_rows), ROWS_BUCKET_CAP)
 
 
 def _interpreter_tile(n_rows: int, n_cols: int) -> dict:
@@ -128,7 +139,7 @@ def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor | None, out_dtype: to
     interpreter's large tiles."""
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
-    args = (x2, bias if bias is not None else x2, y, n_rows, n_cols)
+    args = (x2, bias if bias is not None else x2, y, n_rows, n_cols, rows_bucket(n_rows))
     consts = dict(HAS_BIAS=bias is not None, COMPUTE=compute_dtype(out_dtype))
     tuned = None if tile is not None else (tuned or (_bias_gelu_fwd_tuned if x2.is_cuda else None))
     if tuned is not None:
@@ -153,7 +164,7 @@ def bias_gelu_backward(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor |
     has_bias = bias is not None
     db_partial = torch.empty((groups, n_cols) if has_bias else (1,), dtype=stats_dtype(dx.dtype),
                              device=x2.device)
-    args = (dy2, x2, bias if has_bias else x2, dx, db_partial, n_rows, n_cols)
+    args = (dy2, x2, bias if has_bias else x2, dx, db_partial, n_rows, n_cols, rows_bucket(n_rows))
     consts = dict(HAS_BIAS=has_bias, COMPUTE=compute_dtype(dx.dtype))
     if tuned is not None:
         tuned[lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), groups)](*args, **consts)

@@ -19,7 +19,7 @@ try:
     HAS_TRITON = True
 except ImportError:  # triton has no wheels for macOS/Windows: the torch paths still work there
     # Just enough for the kernel files to be *defined*; can_launch() is False, so none is ever called.
-    triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    triton = SimpleNamespace(jit=lambda fn=None, **options: fn if fn is not None else (lambda f: f), cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=int, float32=None, float64=None)
     HAS_TRITON = False
 

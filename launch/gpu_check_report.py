@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from kernels.bench import Result, markdown_table
+
 # (goal, how it is read from a step's result, comparison, threshold) -- the figures issue 14 asks to beat.
 GOALS = {
     "mfu_8b_layers": ("bench_train", "mfu", ">=", 0.45),
@@ -101,13 +103,9 @@ def markdown_report(report: dict) -> str:
         rows = (report["steps"].get(step) or {}).get("rows") or []
         if rows:
             result = _result(report, step)
-            lines += _table(f"#### {title} ({result.get('dtype', '-')}; measured copy bandwidth "
-                            f"{_num(result.get('measured_bw_gbps'))} GB/s)",
-                            "kernel | tokens: | provider | fwd ms: | bwd ms: | full ms: | peak MB: | GB/s: | % BW: | "
-                            "TFLOP/s: | note",
-                            [[r["kernel"], r["tokens"], r["provider"], _num(r["fwd_ms"]), _num(r["bwd_ms"]),
-                              _num(r["full_ms"]), _num(r["peak_mem_mb"], 4), _num(r["gbps"]), _num(r["pct_bw"]),
-                              _num(r["tflops"]), r.get("note", "")] for r in rows])
+            lines += ["", f"#### {title} ({result.get('dtype', '-')}; measured copy bandwidth "
+                          f"{_num(result.get('measured_bw_gbps'))} GB/s)", "",
+                      markdown_table([Result.from_csv_row(r) for r in rows])]
 
     train = [r for r in (_result(report, "bench_train"), _result(report, "bench_train_ac")) if r]
     if train:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.io_utils import atomic_write, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 256,
          "max_seq_len": 64}
@@ -97,10 +99,9 @@ def plot(runs: dict[str, dict[int, float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
              out / "pretrain_sanity.png")
     else:
         result["passed"] = False
-    (out / "pretrain_sanity.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "pretrain_sanity.json", result)
     print(f"device run vs CPU: {'passed' if result['passed'] else 'FAILED'}; first {EARLY} steps max rel diff "
           f"{result.get('max_rel_diff_first_steps', float('nan')):.2e}, last step "
           f"{result.get('rel_diff_last_step', float('nan')):.2e}")

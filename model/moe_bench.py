@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-
 import torch
 
+from kernels.bench import median_ms
 from model.config import ModelConfig, MoEConfig
 from model.moe import MoEFeedForward, grouped_mm_available
 
@@ -29,20 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU: do_bench)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="permutation and bias-GELU kernels (triton on a CPU: under TRITON_INTERPRET=1)")
-
-
-def _median_ms(fn, on_gpu: bool, reps: int) -> float:
-    if on_gpu:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -71,13 +55,11 @@ def run(args: argparse.Namespace) -> dict:
                 return layer(x)[0]
 
         def train_step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
             layer(x)[0].backward(dy)
 
         outputs[variant] = forward().float()
-        fwd = _median_ms(forward, on_gpu, args.reps)
-        full = _median_ms(train_step, on_gpu, args.reps)
+        fwd = median_ms(forward, device, args.reps)
+        full = median_ms(train_step, device, args.reps, grad_to_none=[x, *layer.parameters()])
         rows.append({"variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": full,
                      "expert_tflops": flops / (full * 1e-3) / 1e12})
     base = rows[0]

@@ -15,10 +15,13 @@ import time
 
 import torch
 
-# Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank: bf16 parameter and gradient (2 + 2), fp32
-# master, momentum and variance (12; pretrain/estimates.py), plus the fp32 gradient partition DeepSpeed builds
-# for the optimizer step (4).
-STEP_BYTES_PER_PARAM = 20
+from pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
+
+# Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank (20): bf16 parameter and gradient (2 + 2),
+# fp32 master, momentum and variance (12; pretrain/estimates.py), plus the fp32 gradient partition DeepSpeed
+# builds for the optimizer step (4).
+FP32_GRAD_PARTITION_BYTES = 4
+STEP_BYTES_PER_PARAM = PARAM_BYTES + GRAD_BYTES + OPTIMIZER_BYTES + FP32_GRAD_PARTITION_BYTES
 # Activation bytes per token and hidden unit kept by one layer for backward in bf16 (Korthikanti et al. count
 # 34 for this block with flash attention; rounded up), and with per-layer checkpointing (the layer input).
 ACTIVATION_BYTES = {False: 40, True: 4}

@@ -85,7 +85,7 @@ def model_report(config: ModelConfig, world_size: int = 8, seq_len: int | None =
         model_type=config.type,
         parameters=params,
         parameters_without_embedding=model.num_parameters(exclude_embeddings=True),
-        flops_per_token=flops_per_token(config, seq_len),
+        flops_per_token=model.flops_per_token(seq_len),
         seq_len=seq_len,
         world_size=world_size,
         model_state_gb_per_rank={f"zero{s}": zero_model_state_bytes(params, world_size, s) / 1e9 for s in range(4)},

@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from kernels import bench
 
@@ -23,8 +24,32 @@ def test_bench_cpu_run_writes_reports(tmp_path, capsys):
     assert {r["kernel"] for r in rows} == {"rms_norm", "bias_gelu", "rope", "flce"}
     assert all(float(r["full_ms"]) > 0 for r in rows)
     assert (tmp_path / "kernels.png").stat().st_size > 0
-    assert "| flce | 512 | chunked_torch |" in (tmp_path / "kernels.md").read_text()
+    table = (tmp_path / "kernels.md").read_text()
+    assert "| flce | 512 | chunked_torch |" in table
+    # The CSV rows read back (as the GPU check's report does) give the same table, NaN cells included.
+    assert bench.markdown_table([bench.Result.from_csv_row(r) for r in rows]) + "\n" == table
     # eager holds 512 x 50,000 fp32 logits several times over; the chunked loss one 512 x 2,048 block.
     assert summary["flce_peak_mem_mb_eager"] > 150
     assert summary["flce_peak_mem_ratio"] < 0.25
     assert summary["flce_mean_loss_abs_diff"] < 1e-4
+
+
+def test_every_case_builder_takes_the_same_arguments():
+    """The run loop builds every kernel's case through CASE_BUILDERS with one signature; each case's inputs
+    have the widths it was given (the fused loss: hidden and vocabulary)."""
+    widths = bench.Widths(hidden=16, ffn=48, heads=2, head_dim=8, vocab=40)
+    cpu = torch.device("cpu")
+    for kernel, build in bench.CASE_BUILDERS.items():
+        case = build(8, torch.float32, cpu, False, False, widths)
+        assert case.kernel == kernel and set(case.providers) >= {"eager"}
+        torch.autograd.backward(*case.grads(case.providers["eager"]()))
+        assert all(leaf.grad is not None for leaf in case.leaves)
+    flce = bench.CASE_BUILDERS["flce"](8, torch.float32, cpu, False, False, widths)
+    assert [tuple(t.shape) for t in flce.leaves] == [(8, 16), (40, 16)] and flce.flops == 6.0 * 8 * 16 * 40
+
+
+def test_table_cells_round_trip_and_large_numbers_get_separators():
+    row = bench.Result("rope", "triton", 4096, fwd_ms=0.5, full_ms=1.25, peak_mem_mb=12345.6, gbps=2900.0)
+    back = bench.Result.from_csv_row({k: str(v) for k, v in vars(row).items()} | {"bwd_ms": ""})
+    line = bench.markdown_table([back]).splitlines()[-1]
+    assert line == "| rope | 4096 | triton | 0.5 | - | 1.25 | 12,346 | 2.9e+03 | - | - |  |"

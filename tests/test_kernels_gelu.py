@@ -58,7 +58,9 @@ def test_every_gpu_launch_config_is_correct(config):
 
 def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
     """The GPU launch path (the autotuner choosing among the configs, grids from the chosen tile, row groups from
-    the SM count) under the interpreter, with a CPU timer in place of the CUDA-event benchmarker."""
+    the SM count) under the interpreter, with a CPU timer in place of the CUDA-event benchmarker; a second row
+    count in another power-of-two bucket is tuned anew (one expert's few rows must not fix the launch for the
+    full batch), a third in the same bucket reuses the choice."""
     import time
 
     from kernels import gelu
@@ -70,21 +72,23 @@ def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
         ms = (time.perf_counter() - start) * 1e3
         return [ms] * len(quantiles)
 
-    fwd = autotuned(gelu._bias_gelu_fwd_kernel, FWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
-    bwd = autotuned(gelu._bias_gelu_bwd_kernel, BWD_CONFIGS, key=["n_cols"], do_bench=cpu_timer)
+    fwd = autotuned(gelu._bias_gelu_fwd_kernel, FWD_CONFIGS, key=gelu.TUNING_KEY, do_bench=cpu_timer)
+    bwd = autotuned(gelu._bias_gelu_bwd_kernel, BWD_CONFIGS, key=gelu.TUNING_KEY, do_bench=cpu_timer)
     monkeypatch.setattr(gelu, "sm_count", lambda tensor: 132)  # an H100's
-    x = 2.0 * torch.randn(70, 1000, device=DEVICE)
     b = torch.randn(1000, device=DEVICE)
-    dy = torch.randn(70, 1000, device=DEVICE)
-    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = bias_gelu_torch(xr, br)
-    ref.backward(dy)
-    y = bias_gelu_forward(x, b, torch.float32, tuned=fwd)
-    dx, db = bias_gelu_backward(dy, x, b, tuned=bwd)
-    assert fwd.best_config is not None and bwd.best_config is not None
-    torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
+    for rows, tuned_shapes in ((70, 1), (20, 2), (17, 2)):  # buckets 128, 32, 32
+        x = 2.0 * torch.randn(rows, 1000, device=DEVICE)
+        dy = torch.randn(rows, 1000, device=DEVICE)
+        xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+        ref = bias_gelu_torch(xr, br)
+        ref.backward(dy)
+        y = bias_gelu_forward(x, b, torch.float32, tuned=fwd)
+        dx, db = bias_gelu_backward(dy, x, b, tuned=bwd)
+        assert len(fwd.cache) == len(bwd.cache) == tuned_shapes
+        torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
+    assert gelu.rows_bucket(17) == gelu.rows_bucket(20) == 32 and gelu.rows_bucket(10**6) == gelu.ROWS_BUCKET_CAP
 
 
 def test_bias_gelu_is_torch_tanh_gelu_on_3d_input():

@@ -12,8 +12,9 @@ import torch
 
 from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
 from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from experiments.prealign import (EOS, MOODS, NEGATIVE, EnglishClone, choice_accuracy, make_documents,
-                                        make_world, mood_example, pack_blocks)
+from experiments.prealign import (EOS, MOODS, NEGATIVE, WEIGHTING_SUFFIX, EnglishClone, choice_accuracy,
+                                        make_documents, make_world, mood_example, pack_blocks)
+from pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,15 @@ def test_blocks_and_choice_scoring():
 
     assert choice_accuracy(Oracle(), [[3, 4], [7]], [[9, 10], [5, 6], [8, 9]], [1, 2]) == 1.0
     assert choice_accuracy(Oracle(), [[3, 4]], [[9, 10], [5, 6]], [0]) == 0.0
+
+
+def test_every_init_weighting_names_its_arm():
+    """Arm names come from the config's weightings: the released default keeps the plain name (listed first,
+    so it gets the first plot style), every other one a distinct suffix."""
+    assert set(WEIGHTING_SUFFIX) == set(PREALIGN_ALPHA_WEIGHTS)
+    assert next(iter(WEIGHTING_SUFFIX)) == PreAlignConfig().alpha_weights and WEIGHTING_SUFFIX["align"] == ""
+    assert WEIGHTING_SUFFIX["lm"] == ", alpha on L_LM"
+    assert len(set(WEIGHTING_SUFFIX.values())) == len(WEIGHTING_SUFFIX)
 
 
 def test_experiment_driver_end_to_end_smoke(tmp_path, capsys):
