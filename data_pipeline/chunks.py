@@ -19,7 +19,7 @@ from typing import Iterator
 
 from data_pipeline.corpus import Document, normalize_language
 from data_pipeline.errors import DataError
-from data_pipeline.io_utils import decode_utf8
+from data_pipeline.io_utils import decode_utf8, line_number
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _GZ_SUFFIXES = (".jsonl.gz", ".json.gz")
@@ -36,12 +36,12 @@ class Chunk:
     end: int = 0
     lang: str | None = None
     max_docs_per_language: int | None = None
+    size: int = 0  # bytes of `paths` when planned (kinds "jsonl.gz" and "files")
 
     @property
     def bytes(self) -> int:
-        if self.kind == "jsonl":
-            return self.end - self.start
-        return sum(Path(p).stat().st_size for p in self.paths)
+        """What the chunk weighs when chunks are dealt to tasks (no file is read)."""
+        return self.end - self.start if self.kind == "jsonl" else self.size
 
     def describe(self) -> str:
         if self.kind == "jsonl":
@@ -52,6 +52,11 @@ class Chunk:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_plan(work_dir: Path) -> list[Chunk]:
+    """The chunks clean's plan stage wrote to `<work>/plan.json`."""
+    return [Chunk(**c) for c in json.loads((work_dir / "plan.json").read_text(encoding="utf-8"))["chunks"]]
 
 
 def doc_id(chunk: int, local: int) -> int:
@@ -96,7 +101,7 @@ def plan_chunks(splits: dict[str, str | Path], chunk_bytes: int,
                 raise DataError(f"{source}: contains no .jsonl files and no per-language folders")
         for path in files:
             if path.name.endswith(_GZ_SUFFIXES):
-                add(split=split, kind="jsonl.gz", paths=[str(path)])
+                add(split=split, kind="jsonl.gz", paths=[str(path)], size=path.stat().st_size)
             elif path.name.endswith(_JSONL_SUFFIXES):
                 cuts = _line_starts(path, path.stat().st_size, chunk_bytes)
                 for start, end in zip(cuts[:-1], cuts[1:]):
@@ -110,25 +115,11 @@ def plan_chunks(splits: dict[str, str | Path], chunk_bytes: int,
                 group.append(str(path))
                 size += path.stat().st_size
                 if size >= chunk_bytes:
-                    add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+                    add(split=split, kind="files", paths=group, lang=normalize_language(folder.name), size=size)
                     group, size = [], 0
             if group:
-                add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+                add(split=split, kind="files", paths=group, lang=normalize_language(folder.name), size=size)
     return chunks
-
-
-def _line_number(path: str, offset: int) -> int:
-    """1-based line number of the line starting at byte `offset` (counted only when reporting an error)."""
-    count = 0
-    with open(path, "rb") as f:
-        remaining = offset
-        while remaining > 0:
-            block = f.read(min(remaining, 1 << 24))
-            if not block:
-                break
-            count += block.count(b"\n")
-            remaining -= len(block)
-    return count + 1
 
 
 def _record(path: str, line: bytes, where) -> Document | None:
@@ -157,7 +148,7 @@ def _jsonl_range(chunk: Chunk) -> Iterator[Document]:
             if not line:
                 break
             start, pos = pos, pos + len(line)
-            doc = _record(path, line, lambda: _line_number(path, start))
+            doc = _record(path, line, lambda: line_number(path, start))
             if doc is not None:
                 yield doc
 

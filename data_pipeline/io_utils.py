@@ -46,6 +46,18 @@ def write_json(path: str | Path, data: Any, fsync: bool = False) -> None:
         f.write("\n")
 
 
+def input_stamp(paths) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file a job reads: each path that is a file, and every file under each
+    path that is a folder (recursively, sorted). Equal stamps mean "the inputs have not changed", whatever
+    layout (a single file, .jsonl.gz, per-language folders of text) the reader accepts."""
+    stamp = []
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return stamp
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,6 +80,20 @@ def decode_utf8(raw: bytes, path: str | Path, line: int = 1) -> str:
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(f"{path}:{bad_line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})") \
             from None
+
+
+def line_number(path: str, offset: int) -> int:
+    """1-based line number of the line starting at byte `offset` (counted only when reporting an error)."""
+    count = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            block = f.read(min(remaining, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count + 1
 
 
 def iter_json_records(path: str | Path, opener=_open_binary) -> Iterator[tuple[str, dict]]:
