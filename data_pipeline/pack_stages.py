@@ -1,10 +1,10 @@
 """The pipeline steps of `fuxi data pack`: plan (1 task), pack (--tasks), merge (1 task).
 
 Work folder: `plan.json` (the jobs: language, part, first document id; the tokenizer's hash and vocabulary
-size) and `offsets/<lang index>.npy` (each
-language's documents in the shuffled order: byte offset, line number); `results/<job>.json` per finished job (a re-run of a killed task skips the
-jobs it had finished); `staging/`, the next output folder: shards and one task manifest per task, then
-`manifest.json` and `pack_report.json`, switched in place of the output folder by the merge step.
+size) and `offsets/<lang index>.npy` (each language's documents in the shuffled order: byte offset, line
+number); `results/<job>.json` per finished job (a re-run of a killed task skips the jobs it had finished);
+`staging/`, the next output folder: shards and one task manifest per task, then `manifest.json` and
+`pack_report.json`, switched in place of the output folder by the merge step.
 """
 from __future__ import annotations
 

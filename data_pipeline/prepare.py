@@ -63,9 +63,10 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     language and split. `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
     executor: an `engine.ExecutorConfig` (default: local, `num_proc` processes). Locally, the stages build their
     folders in `.<out>.work` beside out_dir, which replaces out_dir as a whole when every stage has succeeded
-    and is then removed; a re-run after a kill or failure skips the stages (and tasks) that had finished. With slurm or ray each stage is submitted when the one before has
-    finished (each replaces its own folder when complete): None is returned after a submission; run the same
-    call again when the jobs have finished (finished stages are not redone).
+    and is then removed; a re-run after a kill or failure skips the stages (and tasks) that had finished. With
+    slurm or ray each stage is submitted when the one before has finished (each replaces its own folder when
+    complete): None is returned after a submission; run the same call again when the jobs have finished
+    (finished stages are not redone).
     """
     from data_pipeline.engine import ExecutorConfig, default_work_dir
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
