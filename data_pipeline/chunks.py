@@ -11,18 +11,15 @@ the file and line.
 """
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.corpus import Document, normalize_language
-from data_pipeline.errors import DataError
-from data_pipeline.io_utils import decode_utf8
+from data_pipeline.corpus import (GZ_JSONL_SUFFIXES, Document, find_inputs, iter_jsonl, iter_text_files,
+                                  language_folder_files, normalize_language, parse_document)
+from data_pipeline.io_utils import line_number
 
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_GZ_SUFFIXES = (".jsonl.gz", ".json.gz")
 ID_BITS = 32
 
 
@@ -36,12 +33,12 @@ class Chunk:
     end: int = 0
     lang: str | None = None
     max_docs_per_language: int | None = None
+    size: int = 0  # bytes of `paths` when planned (kinds "jsonl.gz" and "files")
 
     @property
     def bytes(self) -> int:
-        if self.kind == "jsonl":
-            return self.end - self.start
-        return sum(Path(p).stat().st_size for p in self.paths)
+        """What the chunk weighs when chunks are dealt to tasks (no file is read)."""
+        return self.end - self.start if self.kind == "jsonl" else self.size
 
     def describe(self) -> str:
         if self.kind == "jsonl":
@@ -52,6 +49,11 @@ class Chunk:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_plan(work_dir: Path) -> list[Chunk]:
+    """The chunks clean's plan stage wrote to `<work>/plan.json`."""
+    return [Chunk(**c) for c in json.loads((work_dir / "plan.json").read_text(encoding="utf-8"))["chunks"]]
 
 
 def doc_id(chunk: int, local: int) -> int:
@@ -77,74 +79,35 @@ def _line_starts(path: Path, size: int, chunk_bytes: int) -> list[int]:
 
 def plan_chunks(splits: dict[str, str | Path], chunk_bytes: int,
                 max_docs_per_language: int | None = None) -> list[Chunk]:
-    """Chunks of every input, in order: splits as given (validation first), then files sorted by name."""
+    """Chunks of every input, in order: splits as given (validation first), then the inputs `iter_documents`
+    reads (`corpus.find_inputs`), in its order."""
     chunks: list[Chunk] = []
 
     def add(**kw) -> None:
         chunks.append(Chunk(index=len(chunks), max_docs_per_language=max_docs_per_language, **kw))
 
     for split, source in splits.items():
-        source = Path(source)
-        if not source.exists():
-            raise DataError(f"{source}: no such file or directory")
-        if source.is_file():
-            files, folders = [source], []
-        else:
-            files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(_JSONL_SUFFIXES + _GZ_SUFFIXES))
-            folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if not files and not folders:
-                raise DataError(f"{source}: contains no .jsonl files and no per-language folders")
+        files, folders = find_inputs(source)
         for path in files:
-            if path.name.endswith(_GZ_SUFFIXES):
-                add(split=split, kind="jsonl.gz", paths=[str(path)])
-            elif path.name.endswith(_JSONL_SUFFIXES):
+            if path.name.endswith(GZ_JSONL_SUFFIXES):
+                add(split=split, kind="jsonl.gz", paths=[str(path)], size=path.stat().st_size)
+            else:
                 cuts = _line_starts(path, path.stat().st_size, chunk_bytes)
                 for start, end in zip(cuts[:-1], cuts[1:]):
                     add(split=split, kind="jsonl", paths=[str(path)], start=start, end=end)
-            else:
-                raise DataError(f"{path}: expected a .jsonl(.gz) file or a directory")
         for folder in folders:
+            lang = normalize_language(folder.name)
             group: list[str] = []
             size = 0
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            for path in language_folder_files(folder):
                 group.append(str(path))
                 size += path.stat().st_size
                 if size >= chunk_bytes:
-                    add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+                    add(split=split, kind="files", paths=group, lang=lang, size=size)
                     group, size = [], 0
             if group:
-                add(split=split, kind="files", paths=group, lang=normalize_language(folder.name))
+                add(split=split, kind="files", paths=group, lang=lang, size=size)
     return chunks
-
-
-def _line_number(path: str, offset: int) -> int:
-    """1-based line number of the line starting at byte `offset` (counted only when reporting an error)."""
-    count = 0
-    with open(path, "rb") as f:
-        remaining = offset
-        while remaining > 0:
-            block = f.read(min(remaining, 1 << 24))
-            if not block:
-                break
-            count += block.count(b"\n")
-            remaining -= len(block)
-    return count + 1
-
-
-def _record(path: str, line: bytes, where) -> Document | None:
-    if not line.strip():
-        return None
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        decode_utf8(line, path, where())  # raises, naming the file, line and column
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{where()}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{path}:{where()}: expected an object with a string field \"text\"")
-    return Document(record["text"], normalize_language(record.get("lang")), path, record.get("source"))
 
 
 def _jsonl_range(chunk: Chunk) -> Iterator[Document]:
@@ -157,34 +120,23 @@ def _jsonl_range(chunk: Chunk) -> Iterator[Document]:
             if not line:
                 break
             start, pos = pos, pos + len(line)
-            doc = _record(path, line, lambda: _line_number(path, start))
+            # the line number is counted only for an error (the chunk may start mid-file)
+            doc = parse_document(line, path, lambda: line_number(path, start), origin=path)
             if doc is not None:
                 yield doc
 
 
-def _jsonl_gz(chunk: Chunk) -> Iterator[Document]:
-    path = chunk.paths[0]
-    try:
-        with gzip.open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                doc = _record(path, line, lambda: lineno)
-                if doc is not None:
-                    yield doc
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: unreadable gzip ({err})") from None
-
-
-def _text_files(chunk: Chunk) -> Iterator[Document]:
-    for path in chunk.paths:
-        yield Document(decode_utf8(Path(path).read_bytes(), path), chunk.lang, path)
-
-
 def read_chunk(chunk: Chunk) -> Iterator[Document]:
     """The chunk's documents in order (at most max_docs_per_language labelled ones per language)."""
-    reader = {"jsonl": _jsonl_range, "jsonl.gz": _jsonl_gz, "files": _text_files}[chunk.kind]
+    if chunk.kind == "jsonl":
+        reader = _jsonl_range(chunk)
+    elif chunk.kind == "jsonl.gz":
+        reader = iter_jsonl(chunk.paths[0])
+    else:
+        reader = iter_text_files(chunk.paths, chunk.lang)
     cap = chunk.max_docs_per_language
     seen: dict[str, int] = {}
-    for doc in reader(chunk):
+    for doc in reader:
         if cap is not None and doc.lang is not None:
             if seen.get(doc.lang, 0) >= cap:
                 continue

@@ -32,6 +32,7 @@ from data_pipeline.corpus import find_splits
 from data_pipeline.dedup import DedupConfig, exact_key
 from data_pipeline.errors import DataConfigError
 from data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
+from data_pipeline.io_utils import input_stamp
 from data_pipeline.tables import format_table
 from data_pipeline.textstats import nfc
 
@@ -156,38 +157,10 @@ class CleanSettings:
     chunk_bytes: int
 
     def fingerprint(self) -> str:
-        files = []
-        for source in self.splits.values():
-            source = Path(source)
-            paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-            files += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+        files = input_stamp(self.splits.values())
         content = {k: v for k, v in asdict(self).items() if k not in ("out_dir", "work_dir")}
         blob = json.dumps([content, files], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def default_work_dir(out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir).absolute()
-    return out_dir.parent / f".{out_dir.name}.work"
-
-
-def prepare_work_dir(work_dir: Path, identity: dict) -> None:
-    """Keep a work folder only if it belongs to the same job (same fingerprint and task count): its completion
-    markers then mean what they say. Otherwise start it afresh."""
-    stamp = work_dir / "job.json"
-    if work_dir.exists():
-        try:
-            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
-        except (OSError, ValueError):
-            same = False
-        if same:
-            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
-            return
-        log.info("%s belongs to another job; starting afresh", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    from data_pipeline.io_utils import write_json
-    write_json(stamp, identity)
 
 
 def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
@@ -208,7 +181,7 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     output), removed after success unless `keep_work`.
     """
     from data_pipeline.clean_stages import clean_stages
-    from data_pipeline.engine import ExecutorConfig, run_stages
+    from data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
 
     filters = filters or FilterConfig()
     dedup = dedup or DedupConfig()

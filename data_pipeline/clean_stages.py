@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.chunks import ID_BITS, Chunk, doc_id, plan_chunks, read_chunk
+from data_pipeline.chunks import ID_BITS, Chunk, doc_id, load_plan, plan_chunks, read_chunk
 from data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
                                  merge_counters, ordered_stats)
 from data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
@@ -35,10 +35,6 @@ from data_pipeline.engine import Stage, TaskError, TaskStep, deal
 from data_pipeline.errors import DataError
 from data_pipeline.io_utils import atomic_write, write_json
 from data_pipeline.staging import switch_folder
-
-
-def load_plan(root: Path) -> list[Chunk]:
-    return [Chunk(**c) for c in json.loads((root / "plan.json").read_text(encoding="utf-8"))["chunks"]]
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:
@@ -271,15 +267,19 @@ class WriteKept(_ChunkStep):
     name = "write"
     done_dir = "written"
 
+    def run_task(self, rank: int, world_size: int) -> None:
+        # read once per task, not per chunk: the drop lists and the holdout offsets of every chunk
+        self.drops = _load_drops(self.root)
+        path = self.root / "dedup" / "holdout.json"
+        self.holdout = json.loads(path.read_text(encoding="utf-8")) if self.settings.holdout_every else {}
+        super().run_task(rank, world_size)
+
     def process(self, chunk: Chunk) -> tuple[int, int]:
         root = self.root
         every = self.settings.holdout_every
         name = f"{chunk.index:06d}"
-        exact, near = _load_drops(root)
-        exact, near = _drops_in(exact, chunk.index), _drops_in(near, chunk.index)
-        held = Counter()
-        if every:
-            held.update(json.loads((root / "dedup" / "holdout.json").read_text())[str(chunk.index)])
+        exact, near = (_drops_in(drop, chunk.index) for drop in self.drops)
+        held = Counter(self.holdout[str(chunk.index)] if every else {})
         stats: dict = defaultdict(lambda: defaultdict(Counter))
         kept = docs = 0
         with contextlib.ExitStack() as stack, open(root / "docs" / f"{name}.jsonl", "rb") as lines:

@@ -250,7 +250,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                  "folder with train/ and valid/")
     p.add_argument("out")
     p.add_argument("--languages", nargs="*", help="keep only these languages")
-    p.add_argument("--max-docs-per-language", type=int)
+    p.add_argument("--max-docs-per-language", type=int,
+                   help="quick subsets: read at most N labelled documents per language from each input chunk "
+                        "(--chunk-mb of a file; a smaller file is one chunk), not a cap per language")
     p.add_argument("--holdout", type=float, default=0.0, help="hold out this fraction when there is no valid/")
     p.add_argument("--min-words", type=int, default=20)
     p.add_argument("--max-urls", type=int, default=0)
@@ -333,7 +335,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
-    p.add_argument("--max-docs-per-language", type=int)
+    p.add_argument("--max-docs-per-language", type=int, help="quick subsets: read at most N labelled documents "
+                   "per language from each 8 MB input chunk of clean (a smaller file is one chunk)")
     p.add_argument("--shard-mb", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from data_pipeline.errors import DataError
-from data_pipeline.io_utils import decode_utf8, iter_json_records
+from data_pipeline.io_utils import decode_utf8, parse_json_line
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"
 # Labels that mean "no language given": such documents are labelled by the language identifier.
 UNKNOWN_LANGUAGES = frozenset({"", "unk", "und", "unknown", "xx", "none"})
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+# The JSONL files a corpus folder may hold: plain ones (read from any byte range) and gzipped ones (read whole).
+PLAIN_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+GZ_JSONL_SUFFIXES = (".jsonl.gz", ".json.gz")
+JSONL_SUFFIXES = PLAIN_JSONL_SUFFIXES + GZ_JSONL_SUFFIXES
 
 
 @dataclass
@@ -37,39 +40,74 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def iter_jsonl(path: Path) -> Iterator[Document]:
-    """Documents of one JSONL file; a bad line (not UTF-8, not a JSON object) is an error naming file and line."""
-    for origin, record in iter_json_records(path, _open_bytes):
-        if not isinstance(record.get("text"), str):
-            raise DataError(f"{origin}: expected an object with a string field \"text\"")
-        yield Document(record["text"], normalize_language(record.get("lang")), origin, record.get("source"))
+def parse_document(raw: bytes, path: str | Path, line: int | Callable[[], int],
+                   origin: str | None = None) -> Document | None:
+    """The document on one JSONL line (None for a blank line): a JSON object with a string "text" and optional
+    "lang" and "source"; anything else is a DataError naming the file and line (`line`: the number, or a
+    function counting it, called only for an error). origin: default "file:line"."""
+    record = parse_json_line(raw, path, line)
+    if record is None:
+        return None
+    if not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{line() if callable(line) else line}: expected an object with a string field "
+                        f"\"text\"")
+    return Document(record["text"], normalize_language(record.get("lang")),
+                    origin if origin is not None else f"{path}:{line}", record.get("source"))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Document]:
+    """Documents of one JSONL file (gzipped if its name ends in .gz); a bad line is an error naming file and line."""
+    path = Path(path)
+    try:
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                doc = parse_document(raw, path, lineno)
+                if doc is not None:
+                    yield doc
+    except (OSError, EOFError) as err:
+        if not path.name.endswith(".gz"):
+            raise
+        raise DataError(f"{path}: unreadable gzip ({err})") from None
+
+
+def language_folder_files(folder: Path) -> list[Path]:
+    """The documents of a per-language folder: every regular file under it (sorted, recursive; no hidden)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def iter_text_files(paths: Iterable[str | Path], lang: str | None) -> Iterator[Document]:
+    """Each file is one document of language `lang`; invalid UTF-8 is an error naming the file."""
+    for path in paths:
+        yield Document(decode_utf8(Path(path).read_bytes(), path), lang, str(path))
 
 
 def iter_language_folder(folder: Path, lang: str | None) -> Iterator[Document]:
     """Every regular file under `folder` (sorted, recursive) is one document of language `lang`."""
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        yield Document(decode_utf8(path.read_bytes(), path), lang, str(path))
+    yield from iter_text_files(language_folder_files(folder), lang)
 
 
-def _is_jsonl(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(_JSONL_SUFFIXES)
+def find_inputs(source: str | Path) -> tuple[list[Path], list[Path]]:
+    """(JSONL files, per-language folders) of a JSONL file or a folder, sorted by name; what iter_documents
+    reads and clean cuts into chunks. A missing source, a file that is not JSONL or a folder with neither is a
+    DataError."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or directory")
+    if source.is_file():
+        if not source.name.endswith(JSONL_SUFFIXES):
+            raise DataError(f"{source}: expected a .jsonl(.gz) file or a directory")
+        return [source], []
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not files and not folders:
+        raise DataError(f"{source}: contains no .jsonl files and no per-language folders")
+    return files, folders
 
 
 def iter_documents(source: str | Path) -> Iterator[Document]:
     """Documents of a JSONL file, a folder of JSONL files, or a folder of per-language folders of text files
     (the folder name is the language; "unknown"/"und" means identify it)."""
-    source = Path(source)
-    if not source.exists():
-        raise DataError(f"{source}: no such file or directory")
-    if source.is_file():
-        if not _is_jsonl(source):
-            raise DataError(f"{source}: expected a .jsonl(.gz) file or a directory")
-        yield from iter_jsonl(source)
-        return
-    files = sorted(p for p in source.iterdir() if _is_jsonl(p))
-    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not files and not folders:
-        raise DataError(f"{source}: contains no .jsonl files and no per-language folders")
+    files, folders = find_inputs(source)
     for path in files:
         yield from iter_jsonl(path)
     for folder in folders:

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.chunks import ID_BITS
+from data_pipeline.chunks import ID_BITS, load_plan
 from data_pipeline.dedup import DedupConfig, UnionFind, jaccard
 from data_pipeline.engine import TaskStep
 from data_pipeline.io_utils import atomic_write
@@ -118,11 +118,6 @@ def confirmed_edges(group: np.ndarray, store: ShingleStore, config: DedupConfig,
     return edges
 
 
-def chunk_indices(root: Path) -> list[int]:
-    import json
-    return [c["index"] for c in json.loads((root / "plan.json").read_text(encoding="utf-8"))["chunks"]]
-
-
 class FindDuplicates(TaskStep):
     """Near-duplicate edges per band and the exact duplicates (all but the first of each key); the bands and
     the exact keys are dealt round-robin to the tasks."""
@@ -144,7 +139,7 @@ class FindDuplicates(TaskStep):
     def run_task(self, rank: int, world_size: int) -> None:
         root = Path(self.root)
         started = time.time()
-        chunks = chunk_indices(root)
+        chunks = [c.index for c in load_plan(root)]
         counts = {"groups": 0, "compared": 0, "confirmed": 0, "entries": 0, "exact_duplicates": 0}
         for item in self._items(rank, world_size):
             if item == "exact":

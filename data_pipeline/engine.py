@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -142,6 +143,30 @@ class TaskStep(PipelineStep):
     def save_task_stats(self, work_dir: str | Path, rank: int, figures: dict) -> None:
         """Our per-task figures (`<work>/taskstats/<stage>/<rank>.json`), merged into the job's report."""
         write_json(Path(work_dir) / "taskstats" / self.name / f"{rank:05d}.json", figures)
+
+
+def default_work_dir(out_dir: str | Path) -> Path:
+    """`.<out>.work` beside the output: on the same filesystem, and outside the folder the job replaces."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def prepare_work_dir(work_dir: Path, identity: dict) -> None:
+    """Keep a work folder only if it belongs to the same job (same fingerprint and task count): its completion
+    markers then mean what they say. Otherwise start it afresh."""
+    stamp = work_dir / "job.json"
+    if work_dir.exists():
+        try:
+            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
+            return
+        log.info("%s belongs to another job; starting afresh", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    write_json(stamp, identity)
 
 
 def deal(weights: list[int], world_size: int) -> list[list[int]]:

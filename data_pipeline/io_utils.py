@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from data_pipeline.errors import DataError
 
@@ -46,6 +46,18 @@ def write_json(path: str | Path, data: Any, fsync: bool = False) -> None:
         f.write("\n")
 
 
+def input_stamp(paths) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file a job reads: each path that is a file, and every file under each
+    path that is a folder (recursively, sorted). Equal stamps mean "the inputs have not changed", whatever
+    layout (a single file, .jsonl.gz, per-language folders of text) the reader accepts."""
+    stamp = []
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return stamp
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -70,19 +82,45 @@ def decode_utf8(raw: bytes, path: str | Path, line: int = 1) -> str:
             from None
 
 
+def line_number(path: str, offset: int) -> int:
+    """1-based line number of the line starting at byte `offset` (counted only when reporting an error)."""
+    count = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            block = f.read(min(remaining, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count + 1
+
+
+def parse_json_line(raw: bytes, path: str | Path, line: int | Callable[[], int]) -> dict | None:
+    """The JSON object on one line of a JSONL file, None for a blank line; a line that is not UTF-8 or not a JSON
+    object is a DataError naming the file and line. `line`: its 1-based number, or a function that counts it
+    (called only for an error, so a reader starting mid-file need not count lines)."""
+    number = line if callable(line) else (lambda: line)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        decode_utf8(raw, path, number())  # raises, naming the file, line and column
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number()}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{number()}: expected a JSON object")
+    return record
+
+
 def iter_json_records(path: str | Path, opener=_open_binary) -> Iterator[tuple[str, dict]]:
-    """(origin "file:line", record) for every non-empty line of a JSONL file; a line that is not UTF-8 or not a
-    JSON object is a DataError naming the file and line. `opener` opens the file for reading bytes."""
+    """(origin "file:line", record) for every non-empty line of a JSONL file (`parse_json_line`). `opener`
+    opens the file for reading bytes."""
     with opener(path) as f:
         for lineno, raw in enumerate(f, 1):
-            origin = f"{path}:{lineno}"
-            line = decode_utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{origin}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{origin}: expected a JSON object")
-            yield origin, record
+            record = parse_json_line(raw, path, lineno)
+            if record is not None:
+                yield f"{path}:{lineno}", record

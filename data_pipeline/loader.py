@@ -134,8 +134,11 @@ class TrainLoader:
         return {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "mixing_window": self.cfg.mixing_window,
                 "plan": {lang: self.plan.counts[lang] for lang in self.plan.languages}, "shards": shards,
-                # the code-switching transform changes the samples, so it is part of what must match
-                "codeswitch": [self.cfg.codeswitch_ratio, self.cfg.codeswitch_table, self.cfg.codeswitch_direction]}
+                # the code-switching transform changes the samples, so it is part of what must match; its
+                # direction only when it switches anything, so states saved before the direction existed (two
+                # entries) still resume with code-switching off
+                "codeswitch": [self.cfg.codeswitch_ratio, self.cfg.codeswitch_table] +
+                              ([self.cfg.codeswitch_direction] if self.cfg.codeswitch_ratio > 0 else [])}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "batches": self.batches, "skipped": self.skipped,

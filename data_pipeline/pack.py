@@ -26,7 +26,7 @@ import numpy as np
 
 from data_pipeline.encoders import FastEncoder
 from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import decode_utf8
+from data_pipeline.io_utils import decode_utf8, input_stamp, line_number
 from data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
 from data_pipeline.shards import Block, ShardWriter
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer
@@ -104,22 +104,29 @@ class BlockPacker:
 
 
 def read_documents(path: str, offsets: np.ndarray, lang: str, lines: np.ndarray | None = None) -> list[str]:
-    """The documents at `offsets` (byte offsets of lines); an error names the file and line (`lines`, else
-    the byte offset)."""
+    """The documents at `offsets` (byte offsets of lines); an error names the file and line (from `lines`, else
+    counted from the byte offset when there is an error to report)."""
     texts = []
     with open(path, "rb") as f:
         for k, off in enumerate(offsets):
             f.seek(int(off))
             raw = f.readline()
-            where = f"{path}:{int(lines[k])}" if lines is not None else f"{path} (byte {int(off)})"
-            line = decode_utf8(raw, path, int(lines[k])) if lines is not None else decode_utf8(raw, where)
+
+            def line_no() -> int:
+                return int(lines[k]) if lines is not None else line_number(path, int(off))
+
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                decode_utf8(raw, path, line_no())  # raises, naming the file, line and column
             try:
                 record = json.loads(line)
                 text = record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{where}: not a JSON object with a \"text\" field") from None
+                raise DataError(f"{path}:{line_no()}: not a JSON object with a \"text\" field") from None
             if record.get("lang", lang) != lang:
-                raise DataError(f"{where}: document has lang {record.get('lang')!r}, but the file is for {lang!r}")
+                raise DataError(f"{path}:{line_no()}: document has lang {record.get('lang')!r}, but the file is "
+                                f"for {lang!r}")
             texts.append(text)
     return texts
 
@@ -221,8 +228,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     submitted to a cluster or this machine ran only some tasks (then its folder holds their task manifests,
     for `fuxi data merge`).
     """
-    from data_pipeline.clean import prepare_work_dir, default_work_dir
-    from data_pipeline.engine import ExecutorConfig, run_stages
+    from data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
     from data_pipeline.pack_stages import pack_stages
     from data_pipeline.staging import refuse_foreign
 
@@ -246,7 +252,8 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
         split=split, seq_len=seq_len, languages=list(languages) if languages else None, shard_bytes=shard_bytes,
         seed=seed, chunk_docs=chunk_docs, docs_per_part=docs_per_part, fast_encoder=fast_encoder)
     identity = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "work_dir")}
-    identity.update(stage="pack", inputs=_input_stamp(settings))
+    identity.update(stage="pack", inputs=input_stamp([settings.corpus,
+                                                         Path(settings.tokenizer_dir) / "tokenizer.json"]))
     job = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     report = out_dir / "pack_report.json"
     if report.is_file() and (out_dir / MANIFEST_NAME).is_file() and \
@@ -273,7 +280,3 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
 
 OWNED = (MANIFEST_NAME, "*.tar", "task-*.manifest.json", "pack_report.json")
 
-
-def _input_stamp(settings: PackSettings) -> list:
-    paths = sorted(Path(settings.corpus).glob("*.jsonl")) + [Path(settings.tokenizer_dir) / "tokenizer.json"]
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]

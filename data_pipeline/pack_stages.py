@@ -1,9 +1,10 @@
 """The pipeline steps of `fuxi data pack`: plan (1 task), pack (--tasks), merge (1 task).
 
-Work folder: `plan.json` (the jobs: language, part, first document id) and `offsets/<lang index>.npy` (each
-language's documents in the shuffled order: byte offset, line number); `results/<job>.json` per finished job (a re-run of a killed task skips the
-jobs it had finished); `staging/`, the next output folder: shards and one task manifest per task, then
-`manifest.json` and `pack_report.json`, switched in place of the output folder by the merge step.
+Work folder: `plan.json` (the jobs: language, part, first document id; the tokenizer's hash and vocabulary
+size) and `offsets/<lang index>.npy` (each language's documents in the shuffled order: byte offset, line
+number); `results/<job>.json` per finished job (a re-run of a killed task skips the jobs it had finished);
+`staging/`, the next output folder: shards and one task manifest per task, then `manifest.json` and
+`pack_report.json`, switched in place of the output folder by the merge step.
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ class PlanPack(TaskStep):
                     "part": j.part, "count": len(j.offsets)} for j in jobs]
         digest = hashlib.sha256(json.dumps([records, asdict(s)["seed"], s.docs_per_part, s.seq_len,
                                             s.split, languages], sort_keys=True).encode()).hexdigest()[:16]
-        write_json(work / "plan.json", {"languages": languages, "jobs": records, "plan": digest})
+        # the tokenizer is parsed here once, not again by every task (each task parses it only to encode)
+        write_json(work / "plan.json", {"languages": languages, "jobs": records, "plan": digest,
+                                        "vocab_size": load_tokenizer(s.tokenizer_dir).get_vocab_size(),
+                                        "tokenizer_hash": tokenizer_hash(s.tokenizer_dir)})
         self.count("jobs", len(jobs))
 
 
@@ -107,8 +111,8 @@ class PackTasks(TaskStep):
         for r in results:
             stats[r.lang].add(r.stats)
         manifest = Manifest(
-            split=s.split, seq_len=s.seq_len, tokenizer_hash=tokenizer_hash(s.tokenizer_dir),
-            vocab_size=load_tokenizer(s.tokenizer_dir).get_vocab_size(), eos_id=EOS_ID, languages=languages,
+            split=s.split, seq_len=s.seq_len, tokenizer_hash=plan["tokenizer_hash"],
+            vocab_size=plan["vocab_size"], eos_id=EOS_ID, languages=languages,
             language_stats=stats, shards=[sh for r in results for sh in r.shards], seed=s.seed,
             tokenizer_path=os.path.relpath(s.tokenizer_dir, s.out_dir),
             task={"rank": rank, "tasks": world_size, "plan": plan["plan"]})

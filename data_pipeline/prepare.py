@@ -10,15 +10,15 @@ Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). La
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
-from data_pipeline.clean import LangIdConfig, clean
+from data_pipeline.clean import CleanReport, LangIdConfig, clean
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import bundled_corpus, find_splits
 from data_pipeline.dedup import DedupConfig
@@ -26,7 +26,7 @@ from data_pipeline.errors import DataConfigError
 from data_pipeline.filters import FilterConfig
 from data_pipeline.io_utils import write_json
 from data_pipeline.pack import MANIFEST_NAME, language_files, pack
-from data_pipeline.staging import staged_folder
+from data_pipeline.staging import refuse_foreign, staged_folder
 from data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -58,65 +58,92 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     """Build a ready-to-stream dataset from `corpus` (default: the bundled corpus).
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
-    documents are held out. `max_docs_per_language` reads only that many documents per language and split
-    (quick tests). `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
-    executor: an `engine.ExecutorConfig` (default: local, `num_proc` processes). Locally, out_dir is replaced as
-    a whole when every stage has succeeded. With slurm or ray each stage is submitted when the one before has
-    finished (each replaces its own folder when complete): None is returned after a submission; run the same
-    call again when the jobs have finished (finished stages are not redone).
+    documents are held out. `max_docs_per_language` reads at most that many labelled documents per language
+    from each input chunk of clean (8 MB of a file; a smaller file is one chunk): a quick subset, not a cap per
+    language and split. `tokenizer_dir`: reuse an existing tokenizer (outside out_dir) instead of training one.
+    executor: an `engine.ExecutorConfig` (default: local, `num_proc` processes). Locally, the stages build their
+    folders in `.<out>.work` beside out_dir, which replaces out_dir as a whole when every stage has succeeded
+    and is then removed; a re-run after a kill or failure skips the stages (and tasks) that had finished. With
+    slurm or ray each stage is submitted when the one before has finished (each replaces its own folder when
+    complete): None is returned after a submission; run the same call again when the jobs have finished
+    (finished stages are not redone).
     """
-    from data_pipeline.engine import ExecutorConfig
-    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    from data_pipeline.engine import ExecutorConfig, default_work_dir
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
-    splits = find_splits(corpus)
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
         raise DataConfigError(f"tokenizer_dir: {tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
                               f"whole; use a tokenizer folder outside it")
     final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
                          out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
-    with _output(out_dir, executor.executor == "local") as root:
-        report = clean(splits, root / "clean", filters=filters, dedup=dedup, langid=langid, languages=languages,
-                       max_docs_per_language=max_docs_per_language, holdout_fraction=holdout_fraction,
-                       executor=executor)
-        if report is None:
-            return None
-        log.info("clean report\n%s", report.table())
-        tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
-                                     max_docs_per_language=tokenizer_docs_per_language, seed=seed,
-                                     model_max_length=max(seq_len, 1024))
-        tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else \
-            train_tokenizer_task(root / "clean" / "train", root / "tokenizer", tok_config, executor)
-        if tokenizer is None:
-            return None
-        pack_languages = sorted(language_files(root / "clean" / "train"))
-        # the manifests record the tokenizer relative to themselves, which the switch preserves
-        manifests = [pack(root / "clean" / split, tokenizer, root / split, split=split, seq_len=seq_len,
-                          languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
-                     for split in ("train", "valid")]
-        if None in manifests:
-            return None
-        write_json(root / PREPARE_FILE, {
-            "corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
-            "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-            "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
-            "report": stage_report(report, *manifests)})
+    local = executor.executor == "local"
+    if local:
+        refuse_foreign(out_dir, OWNED)  # before the work, not after it
+    # Locally the stages build their folders in `.<out>.work/`, beside out_dir and under a name that does not
+    # change between runs: a killed run's finished stages (and finished tasks) are found there by the re-run.
+    root = default_work_dir(out_dir) if local else out_dir
+    root.mkdir(parents=True, exist_ok=True)
+    result = _run_stages(root, corpus, executor, vocab_size=vocab_size, seq_len=seq_len, backend=backend,
+                         max_docs_per_language=max_docs_per_language,
+                         tokenizer_docs_per_language=tokenizer_docs_per_language, languages=languages,
+                         holdout_fraction=holdout_fraction, shard_bytes=shard_bytes, seed=seed, filters=filters,
+                         dedup=dedup, langid=langid, tokenizer_dir=tokenizer_dir)
+    if result is None:
+        return None
+    report, manifests = result
+    summary = {"corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+               "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
+               "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
+               "report": stage_report(report, *manifests)}
+    if not local:  # on a cluster each stage has replaced its own folder
+        write_json(out_dir / PREPARE_FILE, summary)
+        return final
+    # One switch replaces out_dir as a whole (staging.py): a failure before it leaves an earlier dataset whole,
+    # never a new tokenizer beside old shards.
+    with staged_folder(out_dir, owned=OWNED) as staging:
+        for name in ("clean", "train", "valid") + (("tokenizer",) if tokenizer_dir is None else ()):
+            (root / name).rename(staging / name)  # same filesystem: both lie beside out_dir
+        write_json(staging / PREPARE_FILE, summary)
+    shutil.rmtree(root, ignore_errors=True)
     return final
 
 
-@contextlib.contextmanager
-def _output(out_dir: Path, staged: bool) -> Iterator[Path]:
-    """Locally, one staging folder that replaces out_dir when every stage has succeeded (staging.py): a
-    failure leaves an earlier dataset whole, never a new tokenizer beside old shards. On a cluster the stages
-    run in separate submissions, so each stage replaces its own folder when complete."""
-    if staged:
-        with staged_folder(out_dir, owned=("clean", "tokenizer", "train", "valid", PREPARE_FILE)) as staging:
-            yield staging
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        yield out_dir
+OWNED = ("clean", "tokenizer", "train", "valid", PREPARE_FILE)
+
+
+def _run_stages(root: Path, corpus: Path, executor, *, vocab_size: int, seq_len: int, backend: str,
+                max_docs_per_language: int | None, tokenizer_docs_per_language: int, languages: list[str] | None,
+                holdout_fraction: float, shard_bytes: int, seed: int, filters: FilterConfig | None,
+                dedup: DedupConfig | None, langid: LangIdConfig | None,
+                tokenizer_dir: str | Path | None) -> tuple[CleanReport, list[Path]] | None:
+    """clean -> tokenizer -> pack train and valid, each into its folder under `root` (each stage skips itself
+    when its folder is up to date with its inputs and settings); None when a stage did not finish here."""
+    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    report = clean(find_splits(corpus), root / "clean", filters=filters, dedup=dedup, langid=langid,
+                   languages=languages, max_docs_per_language=max_docs_per_language,
+                   holdout_fraction=holdout_fraction, executor=executor)
+    if report is None:
+        return None
+    log.info("clean report\n%s", report.table())
+    tok_config = TokenizerConfig(vocab_size=vocab_size, backend=backend,
+                                 max_docs_per_language=tokenizer_docs_per_language, seed=seed,
+                                 model_max_length=max(seq_len, 1024))
+    tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else \
+        train_tokenizer_task(root / "clean" / "train", root / "tokenizer", tok_config, executor)
+    if tokenizer is None:
+        return None
+    pack_languages = sorted(language_files(root / "clean" / "train"))
+    manifests = []
+    for split in ("train", "valid"):
+        # the manifests record the tokenizer relative to themselves, which moving root's folders preserves
+        manifest = pack(root / "clean" / split, tokenizer, root / split, split=split, seq_len=seq_len,
+                        languages=pack_languages, shard_bytes=shard_bytes, seed=seed, executor=executor)
+        if manifest is None:
+            return None
+        manifests.append(manifest)
+    return report, manifests
 
 
 def stage_report(report, *manifests: Path) -> dict:

@@ -210,8 +210,9 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
 
 def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerConfig | None = None,
-                    num_threads: int = 2) -> Path:
-    """Train on the cleaned corpus (`<lang>.jsonl` files) and save HF tokenizer files to `out_dir`."""
+                    num_threads: int = 2, job: str | None = None) -> Path:
+    """Train on the cleaned corpus (`<lang>.jsonl` files) and save HF tokenizer files to `out_dir`. `job`: the
+    hash of the inputs and settings (tokenizer_stage.py), recorded in the metadata file."""
     config = config or TokenizerConfig()
     config.validate()
     out_dir = Path(out_dir)
@@ -236,5 +237,5 @@ def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerCo
             "backend": config.backend, "vocab_size": tok.get_vocab_size(), "requested": asdict(config),
             "eos_id": EOS_ID, "bos_id": EOS_ID, "training_docs_per_language": {k: len(v) for k, v in
                                                                                 sorted(samples.items())},
-            "hash": tokenizer_hash(staging)})
+            "hash": tokenizer_hash(staging), **({"job": job} if job is not None else {})})
     return out_dir

@@ -7,8 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-from data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages
-from data_pipeline.io_utils import write_json
+from data_pipeline.engine import (ExecutorConfig, Stage, TaskStep, default_work_dir, prepare_work_dir,
+                                  run_stages)
+from data_pipeline.io_utils import input_stamp
 from data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
 
 
@@ -26,23 +27,21 @@ class TrainTokenizer(TaskStep):
         return self.corpus
 
     def run_task(self, rank: int, world_size: int) -> None:
-        out = train_tokenizer(self.corpus, self.out_dir, self.config)
-        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-        write_json(out / META_FILE, {**meta, "job": self.job})
+        train_tokenizer(self.corpus, self.out_dir, self.config, job=self.job)
 
 
 def train_tokenizer_task(corpus: str | Path, out_dir: str | Path, config: TokenizerConfig | None = None,
-                         executor: ExecutorConfig | None = None) -> Path | None:
-    """Train the tokenizer through the engine; its path, or None when the task was submitted to a cluster."""
-    from data_pipeline.clean import default_work_dir, prepare_work_dir
+                         executor: ExecutorConfig | None = None,
+                         work_dir: str | Path | None = None) -> Path | None:
+    """Train the tokenizer through the engine; its path, or None when the task was submitted to a cluster.
+    work_dir: the task's logs and completion marker (default: `.<out>.work` beside the output)."""
     config = config or TokenizerConfig()
     config.validate()
     executor = executor or ExecutorConfig()
     out_dir = Path(out_dir).absolute()
-    work = default_work_dir(out_dir)
+    work = Path(work_dir).absolute() if work_dir else default_work_dir(out_dir)
     corpus = Path(corpus).absolute()
-    stamp = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus.glob("*.jsonl"))
-    identity = {"stage": "tokenizer", "config": vars(config), "corpus": stamp}
+    identity = {"stage": "tokenizer", "config": vars(config), "corpus": input_stamp([corpus])}
     job = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     meta = out_dir / META_FILE
     if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("job") == job:

@@ -94,3 +94,35 @@ def test_reader_errors_name_file_and_line(tmp_path, line, message):
     assert "bad.jsonl" in str(err.value)
     with pytest.raises(DataError, match="no such file"):
         list(iter_documents(tmp_path / "missing.jsonl"))
+
+
+def test_chunked_reading_equals_iter_documents_documents_and_errors(tmp_path):
+    """clean's chunks (byte ranges of JSONL, whole .jsonl.gz files, groups of text files) read the same
+    documents as iter_documents, and a bad line gives the same message, also in a chunk starting mid-file."""
+    import gzip
+
+    from data_pipeline.chunks import plan_chunks, read_chunk
+
+    def chunked(source, chunk_bytes=64):
+        return [d for c in plan_chunks({"train": source}, chunk_bytes) for d in read_chunk(c)]
+
+    lines = [json.dumps({"text": f"document {i} " * 3, "lang": "en" if i % 2 else "und", "source": f"s{i}"})
+             for i in range(12)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:6]) + "\n\n", encoding="utf-8")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines[6:]) + "\n")
+    (tmp_path / "ru").mkdir()
+    for i in range(3):
+        (tmp_path / "ru" / f"{i}.txt").write_text(f"документ {i}", encoding="utf-8")
+    expected = [(d.text, d.lang, d.source) for d in iter_documents(tmp_path)]
+    assert len(expected) == 15 and len(plan_chunks({"train": tmp_path}, 64)) > 3
+    assert [(d.text, d.lang, d.source) for d in chunked(tmp_path)] == expected
+    for bad in (b"{not json", b'{"lang": "en"}', b'["text"]', b'{"text": "\xff"}'):
+        path = tmp_path / "bad" / "c.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(("\n".join(lines[:5]) + "\n").encode() + bad + b"\n")
+        with pytest.raises(DataError) as whole:
+            list(iter_documents(path))
+        with pytest.raises(DataError) as chunk:
+            chunked(path)
+        assert str(chunk.value) == str(whole.value) and f"{path}:6: " in str(whole.value)

@@ -152,6 +152,23 @@ def test_killed_write_task_resumes_without_redoing_finished_tasks(tmp_path, monk
     assert not work.exists()  # removed after success
 
 
+def test_write_task_reads_the_holdout_offsets_once(tmp_path, monkeypatch):
+    """The write stage loads holdout.json once per task, not once per chunk (quadratic at scale); the held-out
+    documents are still every k-th kept training document."""
+    corpus = _corpus(tmp_path) / "train"
+    reads: Counter = Counter()
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (reads.update([self.name]),
+                                                                   read_text(self, *a, **k))[1])
+    report = clean(corpus, tmp_path / "out", chunk_mb=0.01, holdout_fraction=0.25,
+                   executor=ExecutorConfig(tasks=1, workers=1, **LOCAL))
+    assert len(plan_chunks({"train": corpus}, int(0.01 * (1 << 20)))) > 2
+    assert reads["holdout.json"] == 1
+    kept = sum(c["kept"] for c in report.stats["train"].values())
+    held = sum(c["held_out"] for c in report.stats["train"].values())
+    assert held == sum(-(-c["kept"] // 4) for c in report.stats["train"].values()) and 0 < held < kept
+
+
 def test_dead_worker_is_reported_with_task_and_input_then_resumed(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path)
     process = ProcessChunks.process

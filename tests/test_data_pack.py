@@ -105,3 +105,45 @@ def test_pack_is_deterministic_across_process_counts(data, tmp_path):
     assert [(s.path, s.sha256) for s in one.shards] == [(s.path, s.sha256) for s in two.shards]
     assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind
     assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("bad, message", [(b'{"txt": "c"}', 'not a JSON object with a "text" field'),
+                                          (b'{"text": "\xff"}', r"not valid UTF-8 \(byte 0xff at column 11\)"),
+                                          (b'{"text": "c", "lang": "fr"}', "document has lang 'fr'")])
+def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, message):
+    """Without the plan's line numbers (`lines=None`) an error still reads `file:line: ...`, the line counted
+    from the byte offset."""
+    import re
+
+    from data_pipeline.errors import DataError
+    from data_pipeline.pack import line_offsets
+
+    path = tmp_path / "en.jsonl"
+    path.write_bytes(b'{"text": "a", "lang": "en"}\n\n{"text": "b"}\n' + bad + b"\n")
+    offsets, lines = line_offsets(path)
+    assert lines.tolist() == [1, 3, 4]
+    assert read_documents(str(path), offsets[:2], "en") == ["a", "b"]
+    for given in (lines, None):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: {message}"):
+            read_documents(str(path), offsets, "en", given)
+
+
+def test_pack_tasks_take_the_tokenizer_hash_and_vocabulary_from_the_plan(data, tmp_path, monkeypatch):
+    """The plan stage parses tokenizer.json once; the pack tasks (here 2) do not hash or load it again."""
+    import data_pipeline.pack_stages as pack_stages
+    from data_pipeline.engine import ExecutorConfig
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    calls = []
+    for name in ("tokenizer_hash", "load_tokenizer"):
+        original = getattr(pack_stages, name)
+        monkeypatch.setattr(pack_stages, name, lambda d, f=original, n=name: (calls.append(n), f(d))[1])
+    clean_valid = data.val_manifest.parent.parent / "clean" / "valid"
+    path = pack(clean_valid, data.tokenizer_dir, tmp_path / "out", split="valid", seq_len=64,
+                languages=load_manifest(data.val_manifest).languages, shard_bytes=128 << 10,
+                executor=ExecutorConfig(tasks=2, workers=1, progress=False))
+    assert sorted(calls) == ["load_tokenizer", "tokenizer_hash"]
+    manifest = load_manifest(path)
+    assert manifest.tokenizer_hash == tokenizer_hash(data.tokenizer_dir)
+    assert manifest.vocab_size == load_tokenizer(data.tokenizer_dir).get_vocab_size()
+    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in load_manifest(data.val_manifest).shards]

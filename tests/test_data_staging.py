@@ -127,3 +127,41 @@ def test_switch_exchanges_folders_and_falls_back_to_two_renames(tmp_path, monkey
             (tmp / "c").write_text("half")
             raise RuntimeError("a stage failed")
     assert (old / "c").read_text() == "c" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, monkeypatch):
+    """prepare killed while packing the valid split (after clean, the tokenizer and the train split finished):
+    nothing is published, and the re-run packs only the valid split; the result equals an uninterrupted run."""
+    from data_pipeline.clean_stages import ProcessChunks
+    from data_pipeline.engine import TaskError
+    from data_pipeline.pack_stages import PackTasks
+    from data_pipeline.prepare import prepare_dataset
+    from data_pipeline.tokenizer import tokenizer_hash
+    from data_pipeline.tokenizer_stage import TrainTokenizer
+    from tests.data_helpers import TINY
+
+    pack_task = PackTasks.run_task
+
+    def killed_on_valid(self, rank, world_size):
+        if self.settings.split == "valid":
+            raise RuntimeError("simulated kill")
+        return pack_task(self, rank, world_size)
+
+    out = tmp_path / "data"
+    monkeypatch.setattr(PackTasks, "run_task", killed_on_valid)
+    with pytest.raises(TaskError, match="simulated kill"):
+        prepare_dataset(out, num_proc=1, **TINY)
+    assert not out.exists()
+    monkeypatch.setattr(ProcessChunks, "process", lambda *a: pytest.fail("clean ran again"))
+    monkeypatch.setattr(TrainTokenizer, "run_task", lambda *a: pytest.fail("the tokenizer was trained again"))
+    packed = []
+    monkeypatch.setattr(PackTasks, "run_task",
+                        lambda self, rank, n: (packed.append(self.settings.split), pack_task(self, rank, n))[1])
+    resumed = prepare_dataset(out, num_proc=1, **TINY)
+    assert packed == ["valid"]
+    assert tokenizer_hash(resumed.tokenizer_dir) == tokenizer_hash(data.tokenizer_dir)
+    for ours, reference in ((resumed.train_manifest, data.train_manifest), (resumed.val_manifest, data.val_manifest)):
+        assert [s.sha256 for s in load_manifest(ours).shards] == [s.sha256 for s in load_manifest(reference).shards]
+        assert load_manifest(ours).shards[0].path == load_manifest(reference).shards[0].path
+    assert load_manifest(resumed.train_manifest).tokenizer_path == "../tokenizer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the work folder is removed after success

@@ -102,6 +102,25 @@ def test_resume_rejects_a_different_order(data):
         build_train_loader(data.data_config(seed=1), batch_size=3).load_state_dict(state)
 
 
+def test_resume_accepts_a_state_saved_before_codeswitch_direction_existed(data):
+    """States written before `codeswitch_direction` existed hold [ratio, table]: with code-switching off the
+    samples do not depend on the direction, so they resume; with it on, the old semantics (all-to-all) differ
+    from the current direction, so they are refused."""
+    cfg = data.data_config(seed=3)
+    uninterrupted = take(build_train_loader(cfg, batch_size=2), 3)
+    first = build_train_loader(cfg, batch_size=2)
+    take(first, 1)
+    state = json.loads(json.dumps(first.state_dict()))
+    state["fingerprint"]["codeswitch"] = [0.0, None]  # the old two-element form
+    resumed = build_train_loader(cfg, batch_size=2)
+    resumed.load_state_dict(state)
+    assert_same(take(resumed, 2), uninterrupted[1:])
+    state["fingerprint"]["codeswitch"] = [0.5, None]
+    switching = build_train_loader(data.data_config(seed=3, codeswitch_ratio=0.5), batch_size=2)
+    with pytest.raises(DataConfigError, match="^codeswitch"):
+        switching.load_state_dict(state)
+
+
 def test_deterministic_for_a_seed(data):
     a = take(build_train_loader(data.data_config(seed=3), batch_size=2), 3)
     b = take(build_train_loader(data.data_config(seed=3), batch_size=2), 3)

@@ -108,3 +108,38 @@ def test_fertility_matches_direct_counts(bpe, cleaned, tmp_path):
     assert all(s["bytes_per_token"] > 1.2 for s in stats.values()), stats
     png = plot_fertility(stats, tmp_path / "fertility.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write_inputs(corpus, layout: str, texts: list[str]) -> None:
+    """The same documents as per-language folders of text files, or as one .jsonl.gz file."""
+    import gzip
+
+    if layout == "folders":
+        (corpus / "en").mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(texts):
+            (corpus / "en" / f"{i:03d}.txt").write_text(text, encoding="utf-8")
+    else:
+        with gzip.open(corpus, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t, "lang": "en"}) + "\n" for t in texts)
+
+
+@pytest.mark.parametrize("layout", ["folders", "gz"])
+def test_tokenizer_task_retrains_when_inputs_change_in_any_layout(tmp_path, layout):
+    """Every input layout iter_documents reads is part of the task's "inputs changed?" stamp (not only
+    <lang>.jsonl files); the job hash lands in the metadata file of the switched-in folder."""
+    from data_pipeline.engine import ExecutorConfig
+    from data_pipeline.tokenizer_stage import train_tokenizer_task
+
+    corpus = tmp_path / ("corpus" if layout == "folders" else "corpus.jsonl.gz")
+    texts = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(3)]
+    run = dict(config=TokenizerConfig(vocab_size=300), executor=ExecutorConfig(workers=1, progress=False))
+    _write_inputs(corpus, layout, texts[:2])
+    out = train_tokenizer_task(corpus, tmp_path / "tok", **run)
+    first = json.loads((out / META_FILE).read_text())
+    assert first["training_docs_per_language"] == {"en": 2} and first["job"]
+    assert train_tokenizer_task(corpus, tmp_path / "tok", **run) == out  # unchanged inputs: reused
+    assert json.loads((out / META_FILE).read_text()) == first
+    _write_inputs(corpus, layout, texts)  # one more document
+    second = json.loads((train_tokenizer_task(corpus, tmp_path / "tok", **run) / META_FILE).read_text())
+    assert second["training_docs_per_language"] == {"en": 3} and second["job"] != first["job"]
+    assert not (tmp_path / ".tok.work").exists()
