@@ -194,7 +194,7 @@ def test_stream_resume_and_workers_reproduce_the_same_switches(data):
     """Deterministic per seed and resumable with the stream: a loader resumed from a state, and a loader with
     two workers, give the same code-switched batches as one uninterrupted in-process loader."""
     transform = build_codeswitch_transform(str(SHIPPED_TABLE), str(data.tokenizer_dir), 0.3, 0)
-    cfg = data.data_config(num_workers=0)
+    cfg = data.data_config(num_workers=0, codeswitch_ratio=0.3)
     reference = _batches(build_train_loader(cfg, 2, transform=transform), 6)
     first = build_train_loader(cfg, 2, transform=transform)
     _batches(first, 3)
@@ -210,8 +210,8 @@ def test_stream_resume_and_workers_reproduce_the_same_switches(data):
     assert any(not torch.equal(r["input_ids"], p["input_ids"])
                for r, p in zip(reference, _batches(build_train_loader(cfg, 2), 6)))
     # the resume fingerprint holds the code-switching settings: another direction is refused, not resumed
-    other = build_train_loader(data.data_config(num_workers=0, codeswitch_direction="all_to_all"), 2,
-                               transform=transform)
+    other = build_train_loader(data.data_config(num_workers=0, codeswitch_ratio=0.3,
+                                                codeswitch_direction="all_to_all"), 2, transform=transform)
     with pytest.raises(DataConfigError, match="^codeswitch: the saved data state"):
         other.load_state_dict(state)
 
