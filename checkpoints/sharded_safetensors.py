@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_pipeline.io_utils import new_file_mode
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -31,17 +33,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def new_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):  # not Linux: read it the racy way
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
 
 
 class ShardedSafetensorsWriter:

@@ -34,9 +34,21 @@ def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False) -> Iter
         raise
 
 
-def publish(tmp: str | Path, path: str | Path) -> None:
-    """Give a finished temp file (mkstemp makes them 0600) normal permissions and rename it into place."""
-    os.chmod(tmp, 0o644)
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022, 0664 under a
+    cluster group's 002)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: read it the racy way
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def publish(tmp: str | Path, path: str | Path, mode: int | None = None) -> None:
+    """Give a finished temp file (mkstemp makes them 0600) the mode a new file gets and rename it into place."""
+    os.chmod(tmp, new_file_mode() if mode is None else mode)
     os.replace(tmp, path)
 
 

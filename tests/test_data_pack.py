@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,13 +99,18 @@ def test_webdataset_reads_the_same_samples(data):
 
 def test_pack_is_deterministic_across_process_counts(data, tmp_path):
     clean_valid = data.val_manifest.parent.parent / "clean" / "valid"
-    one = load_manifest(pack(clean_valid, data.tokenizer_dir, tmp_path / "a", split="valid", seq_len=64,
-                             num_proc=1, progress=False))
+    previous = os.umask(0o002)  # a cluster group's umask: files come out group-writable, as open() makes them
+    try:
+        one = load_manifest(pack(clean_valid, data.tokenizer_dir, tmp_path / "a", split="valid", seq_len=64,
+                                 num_proc=1, progress=False))
+    finally:
+        os.umask(previous)
     two = load_manifest(pack(clean_valid, data.tokenizer_dir, tmp_path / "b", split="valid", seq_len=64,
                              num_proc=2, progress=False, fast_encoder=False))
     assert [(s.path, s.sha256) for s in one.shards] == [(s.path, s.sha256) for s in two.shards]
     assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind
-    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {0o644}
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {0o664}
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "b").iterdir()} == {0o666 & ~previous}
 
 
 @pytest.mark.parametrize("bad, message", [(b'{"txt": "c"}', 'not a JSON object with a "text" field'),
