@@ -107,6 +107,33 @@ def poison_losses(monkeypatch, steps, micro_batches=2):
     monkeypatch.setattr(stages.PretrainStage, "compute_loss", poisoned)
 
 
+def test_manifest_checks_name_the_data_key_and_the_manifest(data, tmp_path, capsys):
+    """The loader's own manifest checks (data_pipeline.loader.open_manifest) run before anything loads, as one
+    line naming the data key, the manifest and the config: another seq_len, data.tokenizer with another hash,
+    an unreadable manifest."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    out = tmp_path / "run"
+    config = write_config(run_config(data, out), tmp_path / "run.yaml")
+    train = load_manifest(data.train_manifest)
+    code, err = fuxi_pretrain(config, capsys, "data.seq_len=16")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.seq_len: the config asks for 16 but "
+                                        f"data.train_manifest {train.path} was packed with seq_len 32; repack or "
+                                        f"change seq_len (in {config}")
+    swapped = swap_two_ids(data.tokenizer_dir, tmp_path / "swapped")
+    code, err = fuxi_pretrain(config, capsys, f"data.tokenizer={swapped}")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.tokenizer: {swapped} has hash "
+                                        f"{tokenizer_hash(swapped)[:16]}... but data.train_manifest {train.path} "
+                                        f"was packed with tokenizer hash {train.tokenizer_hash[:16]}...")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    code, err = fuxi_pretrain(config, capsys, f"data.val_manifest={broken}")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.val_manifest: {broken}: not valid JSON")
+    assert f"(in {config}" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path, capsys, monkeypatch):
     """Checkpoints every step; from step 3 every loss is NaN; 3 bad steps in a row stop the run. Without ZeRO
     DeepSpeed applies such a step (the weights become NaN), so no checkpoint is written during the streak and
