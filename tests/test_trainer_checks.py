@@ -146,7 +146,8 @@ def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path
                           tmp_path / "nan.yaml")
     code, err = fuxi_pretrain(config, capsys)
     assert code == 3
-    assert err.splitlines()[-1] == (f"fuxi pretrain: stopped at step 5: 3 consecutive steps (from step 3) had a non-finite loss or "
+    assert err.splitlines()[-1] == (
+                   f"fuxi pretrain: stopped at step 5: 3 consecutive steps (from step 3) had a non-finite loss or "
                    f"gradient (run.max_consecutive_bad_steps = 3); the last checkpoint with intact weights is "
                    f"{out / 'checkpoints' / 'step_00000002'}: restart from it with a lower optimizer.lr or "
                    f"schedule.peak_cut")

@@ -176,7 +176,8 @@ def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validati
                                               "tensorboard": False}), tmp_path / "run.yaml")
     code, line = fuxi_pretrain_in_process(config, capsys)
     assert code == 0
-    assert line == f"fuxi pretrain: preempted, checkpoint written at step 3; checkpoint {out / 'checkpoints' / 'step_00000003'}"
+    assert line == (f"fuxi pretrain: preempted, checkpoint written at step 3; checkpoint "
+                    f"{out / 'checkpoints' / 'step_00000003'}")
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert [r["skipped_steps"] for r in read_metrics(out / "metrics.jsonl", "train")] == [0, 0, 1]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl", "val")] == [0]  # the initial one only
