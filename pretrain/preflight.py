@@ -11,7 +11,7 @@ naming the key at fault and the config file.
 - every global batch of the schedule (`schedule.global_batch`, each `schedule.batch_ramp[i]`) is a whole
   number of micro-batches on every rank;
 - with in-loop evaluation (`logging.eval_every_steps`), lm-eval is installed and every `logging.eval_tasks` name
-  resolves.
+  resolves to tasks that do not generate text (`output_type: generate_until` in their YAML).
 """
 from __future__ import annotations
 
