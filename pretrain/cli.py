@@ -1,8 +1,9 @@
 """`fuxi pretrain --config <yaml> [--set a.b=value ...]`: run (or resume) a training job.
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint (preemption); 2 a config,
-data or checkpoint error (one line naming the key, file or shard); 3 the NaN guard stopped the run
-(`run.max_consecutive_bad_steps` bad steps in a row; `latest` names the last checkpoint before them).
+Exit codes: 0 finished, or stopped by SIGTERM/SIGINT (preemption: after writing a checkpoint of the last step,
+or during setup before any step, writing nothing); 2 a config, data or checkpoint error (one line naming the
+key, file or shard); 3 the NaN guard stopped the run (`run.max_consecutive_bad_steps` bad steps in a row, or
+the schedule ended inside a bad streak that damaged the weights; `latest` names the last intact checkpoint).
 """
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_DIVERGED
     if rank == 0:
         if not result.preempted:
-            state = "finished"
-        elif result.checkpoint and result.checkpoint.endswith(f"step_{result.step:08d}"):
-            state = "preempted, checkpoint written"
-        else:  # inside a bad streak: nothing is saved then
-            state = "preempted inside a streak of bad steps, no checkpoint written"
-        print(f"fuxi pretrain: {state} at step {result.step}; checkpoint {result.checkpoint}")
+            state = f"finished at step {result.step}"
+        elif result.stopped_in_setup:
+            state = f"preempted during setup, before step {result.step + 1}: nothing trained or written"
+        elif result.saved_at_exit:
+            state = f"preempted, checkpoint written at step {result.step}"
+        else:  # the weights may be damaged (a bad step was applied): nothing is saved then
+            state = (f"preempted at step {result.step} inside a streak of bad steps that damaged the weights, "
+                     "no checkpoint written")
+        print(f"fuxi pretrain: {state}; checkpoint {result.checkpoint}")
     return 0
 
 

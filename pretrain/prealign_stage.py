@@ -300,6 +300,7 @@ class AlignLoss:
     loss: torch.Tensor  # this rank's share, to backpropagate (ranks' mean = loss of the whole batch)
     per_space: torch.Tensor  # [S] detached loss of the whole batch across ranks, per space
     anchors: torch.Tensor  # number of anchors across ranks
+    label_tokens: torch.Tensor | None = None  # the `label_tokens` passed in, summed across ranks
 
     @property
     def value(self) -> float:
@@ -307,9 +308,11 @@ class AlignLoss:
 
 
 def contrastive_alignment_loss(vectors: torch.Tensor, concept_ids: torch.Tensor, word_ids: torch.Tensor,
-                               temperature: float) -> AlignLoss:
+                               temperature: float, label_tokens: torch.Tensor | None = None) -> AlignLoss:
     """InfoNCE over words gathered from every rank, in each space. vectors [S, N, h] (this rank's N words),
-    concept_ids / word_ids [N] (-1: empty slot). See the module docstring for positives and exclusions."""
+    concept_ids / word_ids [N] (-1: empty slot). See the module docstring for positives and exclusions.
+    `label_tokens`, this rank's count of next-token labels, is summed across ranks in the same all-reduce as the
+    anchor count: one collective per micro-batch for both losses (see global_token_mean)."""
     z_local = F.normalize(vectors.float(), dim=-1)
     z_all, offset = _gather(z_local, with_grad=True, dim=1)
     ids_all, _ = _gather(torch.stack([concept_ids, word_ids]), with_grad=False, dim=1)
@@ -328,23 +331,23 @@ def contrastive_alignment_loss(vectors: torch.Tensor, concept_ids: torch.Tensor,
     log_prob = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
     per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1).clamp(min=1)  # [S, n_local]
     local_sum = (per_anchor * anchor).sum(-1)  # [S]
-    totals = torch.cat([local_sum.detach().double(), anchor.sum().double()[None]])
+    spaces = local_sum.shape[0]
+    counts = [anchor.sum()] + ([label_tokens] if label_tokens is not None else [])
+    totals = torch.cat([local_sum.detach().double(), torch.stack(counts).double()])
     if _world_size() > 1:
         dist.all_reduce(totals)  # no host sync: the scale stays on the device
-    anchors = totals[-1].clamp(min=1)
+    anchors = totals[spaces].clamp(min=1)
     scale = (_world_size() / anchors).float()
-    return AlignLoss((local_sum * scale).mean(), (totals[:-1] / anchors).float(), totals[-1])
+    return AlignLoss((local_sum * scale).mean(), (totals[:spaces] / anchors).float(), totals[spaces],
+                     totals[spaces + 1] if label_tokens is not None else None)
 
 
-def global_token_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def global_token_mean(token_losses: torch.Tensor, label_tokens: torch.Tensor) -> torch.Tensor:
     """This rank's share of the next-token loss of the whole batch across ranks: its token-loss sum times
-    world / (label tokens on all ranks), so the ranks' mean, which DeepSpeed's gradient averaging differentiates,
-    is the token mean of the global batch. Words differ in length, so a per-rank mean would weight the ranks'
-    tokens unequally and 2 ranks would not train like 1 process."""
-    count = (labels != IGNORE_INDEX).sum().double()
-    if _world_size() > 1:
-        dist.all_reduce(count)  # no host sync: the scale stays on the device
-    return token_losses.sum() * (_world_size() / count.clamp(min=1)).float()
+    world / `label_tokens` (the label tokens on all ranks), so the ranks' mean, which DeepSpeed's gradient
+    averaging differentiates, is the token mean of the global batch. Words differ in length, so a per-rank mean
+    would weight the ranks' tokens unequally and 2 ranks would not train like 1 process."""
+    return token_losses.sum() * (_world_size() / label_tokens.clamp(min=1)).float()
 
 
 @dataclass
@@ -366,8 +369,8 @@ def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch
         raise ConfigError("model.type: the prealign_init stage needs a model with output_hidden_states")
     vectors = word_vectors(out.hidden_states, ids, mask, output_embedding)
     align = contrastive_alignment_loss(vectors, batch["concept_ids"].reshape(-1), batch["word_ids"].reshape(-1),
-                                       temperature)
-    lm = global_token_mean(out.token_losses, labels)
+                                       temperature, label_tokens=(labels != IGNORE_INDEX).sum())
+    lm = global_token_mean(out.token_losses, align.label_tokens)
     if alpha_weights == "align":
         loss = lm + alpha * align.loss
     else:

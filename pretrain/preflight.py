@@ -11,10 +11,11 @@ naming the key at fault and the config file.
 - every global batch of the schedule (`schedule.global_batch`, each `schedule.batch_ramp[i]`) is a whole
   number of micro-batches on every rank;
 - with in-loop evaluation (`logging.eval_every_steps`), lm-eval is installed and every `logging.eval_tasks` name
-  resolves.
+  resolves to tasks that do not generate text (`output_type: generate_until` in their YAML).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from model.typed_config import ConfigError
@@ -71,35 +72,38 @@ def _require(cfg: TrainConfig, key: str, path: str, kind: str) -> None:
 
 
 def _manifests(cfg: TrainConfig) -> dict:
-    """{key: Manifest} of the manifests the run reads, each checked against data.seq_len."""
+    """{key: Manifest} of the manifests the run reads, checked as the loader checks them (`open_manifest`:
+    data.seq_len, and data.tokenizer's hash when it is set)."""
     from data_pipeline.errors import DataError
-    from data_pipeline.manifest import load_manifest
+    from data_pipeline.loader import open_manifest
 
+    fields = {f.name for f in dataclasses.fields(cfg.data)}
     out = {}
     for key in ("data.train_manifest", "data.val_manifest"):
         path = _value(cfg, key)
         if not path or not Path(path).exists():
             continue  # prealign_init without a packed train split
         try:
-            manifest = load_manifest(path)
-        except DataError as err:
-            raise ConfigError(f"{key}: {err} (in {cfg.source})") from None
-        if manifest.seq_len != cfg.data.seq_len:
-            raise ConfigError(f"data.seq_len: {cfg.data.seq_len}, but {key} {manifest.path} was packed with seq_len "
-                              f"{manifest.seq_len}; repack or change data.seq_len (in {cfg.source})")
-        out[key] = manifest
+            out[key] = open_manifest(path, cfg.data, key)
+        except DataError as err:  # a check against a data field names it ("seq_len: ..."), else the manifest
+            field = str(err).split(":", 1)[0]
+            prefix = "data." if field in fields else f"{key}: "
+            raise ConfigError(f"{prefix}{err} (in {cfg.source})") from None
     return out
 
 
 def _check_tokenizer(cfg: TrainConfig, key: str, tokenizer: str, manifests: dict) -> None:
+    """The tokenizer fits model.vocab_size; run.tokenizer also has the shards' hash (open_manifest checked
+    data.tokenizer's)."""
     from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 
-    digest = tokenizer_hash(tokenizer)
-    for manifest_key, manifest in manifests.items():
-        if digest != manifest.tokenizer_hash:
-            raise ConfigError(f"{key}: {tokenizer} has tokenizer hash {digest}, but {manifest_key} {manifest.path} "
-                              f"was packed with tokenizer hash {manifest.tokenizer_hash}: the token ids would "
-                              f"mean other tokens (in {cfg.source})")
+    if key == "run.tokenizer":
+        digest = tokenizer_hash(tokenizer)
+        for manifest_key, manifest in manifests.items():
+            if digest != manifest.tokenizer_hash:
+                raise ConfigError(f"{key}: {tokenizer} has tokenizer hash {digest}, but {manifest_key} "
+                                  f"{manifest.path} was packed with tokenizer hash {manifest.tokenizer_hash}: the "
+                                  f"token ids would mean other tokens (in {cfg.source})")
     try:
         cfg.model.check_tokenizer(load_tokenizer(tokenizer).get_vocab_size(), f"{key} {tokenizer}")
     except ConfigError as err:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from model import build_model
-from model.typed_config import ConfigError
 from pretrain.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from pretrain.config import TrainConfig
 from pretrain.data import TrainData
@@ -39,9 +38,11 @@ class NonFiniteLossError(RuntimeError):
 class PreemptionSignal:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits.
 
-    Installed for the whole run, so a signal during setup is not fatal either. Schedulers deliver the signal to
-    every process of the job: the DataLoader workers ignore it (data_pipeline/loader.py) and leave shutdown to
-    this process; ranks agree on the flag once per step (one all-reduce), so all of them save the same step."""
+    Installed for the whole run: a signal during setup (engine init, data loading) ends the run as soon as setup
+    is done, before validation or any step, with nothing written (`latest` is the resume point). Schedulers
+    deliver the signal to every process of the job: the DataLoader workers ignore it (data_pipeline/loader.py)
+    and leave shutdown to this process; ranks agree on the flag once per step (one all-reduce), so all of them
+    save the same step."""
 
     def __init__(self):
         self.received: int | None = None
@@ -64,20 +65,19 @@ class PreemptionSignal:
 class TrainResult:
     step: int
     preempted: bool
-    checkpoint: str | None
+    checkpoint: str | None  # the newest checkpoint (`latest`), whether or not this run wrote it
     final_val: dict = field(default_factory=dict)
     start_val: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    saved_at_exit: bool = False  # a checkpoint of `step` was written as the run ended
+    stopped_in_setup: bool = False  # preempted before the first step of this run: nothing trained or written
 
 
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
-    from checkpoints.model_checkpoint import check_tensor_names, read_model_config
+    """Copy a checkpoint's weights into `model`; its model type was checked by pretrain/preflight.py."""
+    from checkpoints.model_checkpoint import check_tensor_names
     from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
 
-    saved = read_model_config(path)
-    if saved.type != model.config.type:
-        raise ConfigError(f"checkpoint.init_from: {path} holds a {saved.type!r} model, the run builds "
-                          f"{model.config.type!r}")
     check_tensor_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensor_shapes(path), path)
     with torch.no_grad():
         state = model.state_dict()
@@ -168,15 +168,29 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
         totals = all_reduce_sum(data.loader.tokens_seen.double().to(ctx.device)).cpu()
         return {lang: int(totals[i]) for i, lang in enumerate(data.languages)}
 
+    # A signal during setup: stop before validating or training, writing nothing (`latest` is the resume point).
+    # The ranks agree first, so none of them starts a collective (validation, a step) the others skip.
+    (preempted,) = any_rank([preemption.received is not None], ctx.device)
+    if preempted:
+        if ctx.is_main:
+            log.warning("preemption signal received during setup: exiting before step %d; latest checkpoint %s",
+                        step + 1, last_checkpoint)
+        metrics.close()
+        barrier()
+        return TrainResult(step, True, last_checkpoint, start_val=start_val, skipped_steps=skipped,
+                           stopped_in_setup=True)
+
     if step == 0 and val_batches:
         start_val = validate()
 
     engine.train()
     batches = iter(data.loader)
-    # A bad streak: consecutive steps with a non-finite loss or gradient. No checkpoint is written while one
-    # lasts (the weights may already be garbage), so `latest` always names a step before it; a save that
-    # falls due is made at the first good step after it.
-    consecutive_bad, streak_start, save_due, preempted = 0, 0, False, False
+    # A bad step has a non-finite loss or gradient; a bad streak is consecutive bad steps. DeepSpeed skips a step
+    # whose gradient overflowed (`was_step_applied()` is False) and leaves the weights as they were, so a
+    # checkpoint is still safe. A bad step it applied (a non-finite loss it did not catch) may have damaged the
+    # weights: from it until the next good step no checkpoint is written, so `latest` always holds intact
+    # weights, and a save that falls due meanwhile is made at the first good step.
+    consecutive_bad, streak_start, damaged, save_due, preempted, saved_at_exit = 0, 0, False, False, False, False
     while step < cfg.schedule.total_steps:
         global_batch = global_batch_at(step, cfg.schedule)
         if engine.train_batch_size() != global_batch:
@@ -199,24 +213,26 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
             lm_loss_sum += result.lm_loss.double()
 
         step_loss = float(lm_loss_sum) / engine.gradient_accumulation_steps()
-        bad = not math.isfinite(float(loss_sum)) or not engine.was_step_applied()
-        step_bad, preempted = any_rank([bad, preemption.received is not None], ctx.device)
+        finite, applied = math.isfinite(float(loss_sum)), engine.was_step_applied()
+        step_bad, step_damaging, preempted = any_rank(
+            [not finite or not applied, applied and not finite, preemption.received is not None], ctx.device)
         step += 1
         if step_bad:
             skipped += 1
             consecutive_bad += 1
             streak_start = step if consecutive_bad == 1 else streak_start
+            damaged = damaged or step_damaging
             if ctx.is_main:
-                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, consecutive_bad)
+                log.warning("step %d: non-finite loss or gradient (%d in a row); %s", step, consecutive_bad,
+                            "applied: the weights may be damaged" if step_damaging else "skipped by DeepSpeed")
             if consecutive_bad >= cfg.run.max_consecutive_bad_steps:
                 metrics.close()
                 raise NonFiniteLossError(
                     f"stopped at step {step}: {consecutive_bad} consecutive steps (from step {streak_start}) had a "
                     f"non-finite loss or gradient (run.max_consecutive_bad_steps = "
-                    f"{cfg.run.max_consecutive_bad_steps}); the last checkpoint before them is "
-                    f"{last_checkpoint or 'none'}: restart from it with a lower optimizer.lr or schedule.peak_cut")
+                    f"{cfg.run.max_consecutive_bad_steps}); {_last_intact(last_checkpoint)}")
         else:
-            consecutive_bad = 0
+            consecutive_bad, damaged = 0, False
 
         if step % cfg.logging.every_steps == 0 or step == cfg.schedule.total_steps:
             sums, counts = lang_loss.reduce_and_reset()
@@ -233,23 +249,32 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
             metrics.log("train", step, record)
             if ctx.is_main:
                 log.info(console_line(step, cfg.schedule.total_steps, record))
-        if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
-            validate()
-            engine.train()
-        if evaluator is not None and evaluator.due(step) and not preempted:
-            downstream_eval()
 
+        # The checkpoint first: a validation or evaluation that fails after it cannot lose it.
         save_due = save_due or step % cfg.checkpoint.every_steps == 0 or preempted or \
             step == cfg.schedule.total_steps
-        if save_due and consecutive_bad == 0:
-            last_checkpoint, save_due = save(), False
+        saved_at_exit = False
+        if save_due and not damaged:
+            last_checkpoint, save_due, saved_at_exit = save(), False, True
         elif save_due and ctx.is_main:
-            log.warning("step %d: checkpoint postponed until a step is good again (bad streak since step %d)",
-                        step, streak_start)
+            log.warning("step %d: checkpoint postponed until a step is good again (a step of the bad streak since "
+                        "step %d was applied with a non-finite loss)", step, streak_start)
         if preempted:
             if ctx.is_main:
                 log.warning("preemption signal received: exiting; latest checkpoint %s", last_checkpoint)
             break
+        if val_batches and step % cfg.logging.val_every_steps == 0 and step < cfg.schedule.total_steps:
+            validate()
+            engine.train()
+        if evaluator is not None and evaluator.due(step):
+            downstream_eval()
+
+    if damaged and not preempted:  # the schedule ended inside a damaging streak: the final weights are suspect
+        metrics.close()
+        raise NonFiniteLossError(
+            f"reached schedule.total_steps = {step} inside a streak of bad steps (from step {streak_start}: "
+            f"non-finite loss or gradient) that damaged the weights, so they were not saved; "
+            f"{_last_intact(last_checkpoint)}")
 
     if ctx.is_main and hasattr(data.loader, "mixture_report"):  # stream loaders; a stage's own data may lack it
         log.info("language mix on rank 0, target vs realised:\n%s", data.loader.mixture_report())
@@ -267,7 +292,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
         if (cfg.run.export_hf or cfg.run.export_final) and last_checkpoint:
             export_final(last_checkpoint, out_dir, cfg.run.tokenizer, hf=cfg.run.export_hf)
     barrier()
-    return TrainResult(step, preempted, last_checkpoint, final_val, start_val, skipped)
+    return TrainResult(step, preempted, last_checkpoint, final_val, start_val, skipped, saved_at_exit)
 
 
 def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None, hf: bool = True) -> Path:
@@ -282,6 +307,11 @@ def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None, hf: bool
     hf_dir = export_to_hf(plain, out_dir / "hf", dtype="float32", tokenizer_dir=tokenizer)
     log.info("exported %s -> %s (ours) -> %s (Hugging Face)", checkpoint, plain, hf_dir)
     return hf_dir
+
+
+def _last_intact(checkpoint: str | None) -> str:
+    return (f"the last checkpoint with intact weights is {checkpoint or 'none'}: restart from it with a lower "
+            "optimizer.lr or schedule.peak_cut")
 
 
 def _finite_or_none(value) -> float | None:

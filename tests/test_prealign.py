@@ -239,7 +239,12 @@ def _rank_worker(rank, world, port, path):
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)
     batch = next(iter(DictionaryLoader(source, 4, rank, world)))
-    out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)  # the default, LM term included
+    all_reduce, reductions = dist.all_reduce, []
+    dist.all_reduce = lambda *args, **kwargs: (reductions.append(1), all_reduce(*args, **kwargs))[1]
+    try:
+        out = prealign_loss(model, batch, model.lm_head.weight, 3, TAU, alpha=0.1)  # the default, LM term included
+    finally:
+        dist.all_reduce = all_reduce
     out.loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     dist.all_reduce(grads)
@@ -247,16 +252,19 @@ def _rank_worker(rank, world, port, path):
     mean_loss = out.loss.detach().clone()
     dist.all_reduce(mean_loss)
     if rank == 0:
-        torch.save({"grads": grads, "loss": mean_loss / world, "reported": out.align.per_space}, path)
+        torch.save({"grads": grads, "loss": mean_loss / world, "reported": out.align.per_space,
+                    "forward_all_reduces": len(reductions)}, path)
     dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_give_the_single_rank_loss_and_gradients(tmp_path):
-    """Checklist 3.8.5: negatives gathered across ranks with gradient; 1 rank with batch 8 == 2 ranks with 4."""
+    """Checklist 3.8.5: negatives gathered across ranks with gradient; 1 rank with batch 8 == 2 ranks with 4.
+    The forward reduces the anchor and label-token counts (both losses' scales) in one all-reduce."""
     import torch.multiprocessing as mp
     path = tmp_path / "rank0.pt"
     mp.spawn(_rank_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
     two = torch.load(path)
+    assert two["forward_all_reduces"] == 1
 
     model = tiny_model(num_layers=2).train()
     source = DictionaryBatches(toy_entries(words_per_concept=3), 3, seed=5)

@@ -90,9 +90,8 @@ def test_a_tokenizer_other_than_the_shards_is_refused_whichever_key_names_it(dat
     assert str(config) in err and not (tmp_path / "run").exists()
 
 
-def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path, capsys, monkeypatch):
-    """Checkpoints every step; from step 3 every loss is NaN; 3 bad steps in a row stop the run. No checkpoint
-    is written during the streak, so `latest` stays at step 2; the stop is one line and exit code 3."""
+def poison_losses(monkeypatch, steps, micro_batches=2):
+    """From now on the stage's loss is NaN at the given steps (counted from 1; `micro_batches` per step)."""
     import pretrain.stages as stages
 
     original = stages.PretrainStage.compute_loss
@@ -101,19 +100,55 @@ def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path
     def poisoned(self, engine, batch):
         calls["n"] += 1
         result = original(self, engine, batch)
-        if calls["n"] > 4:  # steps 1-2 are healthy (2 micro-batches each)
+        if (calls["n"] - 1) // micro_batches + 1 in steps:
             result.loss = result.loss * float("nan")
         return result
 
     monkeypatch.setattr(stages.PretrainStage, "compute_loss", poisoned)
+
+
+def test_manifest_checks_name_the_data_key_and_the_manifest(data, tmp_path, capsys):
+    """The loader's own manifest checks (data_pipeline.loader.open_manifest) run before anything loads, as one
+    line naming the data key, the manifest and the config: another seq_len, data.tokenizer with another hash,
+    an unreadable manifest."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    out = tmp_path / "run"
+    config = write_config(run_config(data, out), tmp_path / "run.yaml")
+    train = load_manifest(data.train_manifest)
+    code, err = fuxi_pretrain(config, capsys, "data.seq_len=16")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.seq_len: the config asks for 16 but "
+                                        f"data.train_manifest {train.path} was packed with seq_len 32; repack or "
+                                        f"change seq_len (in {config}")
+    swapped = swap_two_ids(data.tokenizer_dir, tmp_path / "swapped")
+    code, err = fuxi_pretrain(config, capsys, f"data.tokenizer={swapped}")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.tokenizer: {swapped} has hash "
+                                        f"{tokenizer_hash(swapped)[:16]}... but data.train_manifest {train.path} "
+                                        f"was packed with tokenizer hash {train.tokenizer_hash[:16]}...")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    code, err = fuxi_pretrain(config, capsys, f"data.val_manifest={broken}")
+    assert code == 2 and err.startswith(f"fuxi pretrain: error: data.val_manifest: {broken}: not valid JSON")
+    assert f"(in {config}" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path, capsys, monkeypatch):
+    """Checkpoints every step; from step 3 every loss is NaN; 3 bad steps in a row stop the run. Without ZeRO
+    DeepSpeed applies such a step (the weights become NaN), so no checkpoint is written during the streak and
+    `latest` stays at step 2; the stop is one line and exit code 3."""
+    poison_losses(monkeypatch, steps=range(3, 100))
     out = tmp_path / "nan"
     config = write_config(run_config(data, out, checkpoint={"every_steps": 1, "keep_last": 10},
+                                     parallelism={"zero_stage": 0, "micro_batch": 2, "precision": "fp32"},
                                      run={"output_dir": str(out), "max_consecutive_bad_steps": 3}),
                           tmp_path / "nan.yaml")
     code, err = fuxi_pretrain(config, capsys)
     assert code == 3
-    assert err.splitlines()[-1] == (f"fuxi pretrain: stopped at step 5: 3 consecutive steps (from step 3) had a non-finite loss or "
-                   f"gradient (run.max_consecutive_bad_steps = 3); the last checkpoint before them is "
+    assert err.splitlines()[-1] == (
+                   f"fuxi pretrain: stopped at step 5: 3 consecutive steps (from step 3) had a non-finite loss or "
+                   f"gradient (run.max_consecutive_bad_steps = 3); the last checkpoint with intact weights is "
                    f"{out / 'checkpoints' / 'step_00000002'}: restart from it with a lower optimizer.lr or "
                    f"schedule.peak_cut")
     checkpoints = out / "checkpoints"
@@ -122,6 +157,41 @@ def test_nan_guard_stops_with_exit_3_and_latest_before_the_streak(data, tmp_path
     losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl", "train")}
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]) for s in (1, 2))
     assert [r["skipped_steps"] for r in read_metrics(out / "metrics.jsonl", "train")] == [0, 0, 1, 2]
+
+
+def test_steps_deepspeed_skipped_are_counted_but_still_checkpointed(data, tmp_path, capsys, monkeypatch):
+    """The same NaN losses under ZeRO-1: DeepSpeed finds the gradient non-finite and skips the step, so the
+    weights stay intact and the checkpoints due during the streak are written; the guard still stops at step 5."""
+    poison_losses(monkeypatch, steps=range(3, 100))
+    out = tmp_path / "skipped"
+    config = write_config(run_config(data, out, checkpoint={"every_steps": 1, "keep_last": 10},
+                                     run={"output_dir": str(out), "max_consecutive_bad_steps": 3}),
+                          tmp_path / "skipped.yaml")
+    code, err = fuxi_pretrain(config, capsys)
+    assert code == 3 and err.splitlines()[-1].startswith("fuxi pretrain: stopped at step 5: 3 consecutive steps")
+    assert err.splitlines()[-1].endswith(f"intact weights is {out / 'checkpoints' / 'step_00000004'}: restart from "
+                                         f"it with a lower optimizer.lr or schedule.peak_cut")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert [r["skipped_steps"] for r in read_metrics(out / "metrics.jsonl", "train")] == [0, 0, 1, 2]
+
+
+def test_a_damaging_last_step_is_exit_3_not_success(data, tmp_path, capsys, monkeypatch):
+    """Only step 8, the last, has a NaN loss, and without ZeRO it is applied: the final weights are suspect, so
+    the run must neither save nor export them nor report success; `latest` stays at step 4."""
+    poison_losses(monkeypatch, steps={8})
+    out = tmp_path / "last"
+    config = write_config(run_config(data, out, parallelism={"zero_stage": 0, "micro_batch": 2, "precision": "fp32"},
+                                     run={"output_dir": str(out), "export_final": True}), tmp_path / "last.yaml")
+    code, err = fuxi_pretrain(config, capsys)
+    assert code == 3, err
+    assert err.splitlines()[-1] == (
+        f"fuxi pretrain: reached schedule.total_steps = 8 inside a streak of bad steps (from step 8: non-finite "
+        f"loss or gradient) that damaged the weights, so they were not saved; the last checkpoint with intact "
+        f"weights is {out / 'checkpoints' / 'step_00000004'}: restart from it with a lower optimizer.lr or "
+        f"schedule.peak_cut")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert not (out / "final").exists()
 
 
 def plant_payload(path, marker):

@@ -137,3 +137,77 @@ def test_slurm_script_turns_the_time_limit_warning_into_a_checkpoint_and_a_reque
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert "Traceback" not in stderr, stderr[-3000:]
     assert process.returncode == 128 + signal.SIGTERM  # torchrun's status after the signal it passed on
+
+
+# ---- in-process: where in the run the signal lands ---------------------------------------------------------
+
+def fuxi_pretrain_in_process(config, capsys) -> tuple[int, str]:
+    """`fuxi pretrain` in this process: (exit code, its last stdout line)."""
+    from launch.cli import main as fuxi
+
+    capsys.readouterr()
+    code = fuxi(["pretrain", "--config", str(config)])
+    return code, capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validation(data, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Step 3 has a NaN loss, which DeepSpeed (ZeRO-1) skips, leaving the weights intact, and SIGTERM arrives
+    during it: the checkpoint of step 3 is written, and the validation due at step 3 does not run."""
+    import pretrain.stages as stages
+
+    from pretrain.metrics import read_metrics
+
+    original = stages.PretrainStage.compute_loss
+    calls = {"n": 0}
+
+    def nan_and_signal_at_step_3(self, engine, batch):
+        calls["n"] += 1
+        result = original(self, engine, batch)
+        if calls["n"] in (5, 6):  # step 3's two micro-batches
+            result.loss = result.loss * float("nan")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(stages.PretrainStage, "compute_loss", nan_and_signal_at_step_3)
+    out = tmp_path / "run"
+    config = write_config(run_config(data, out, checkpoint={"every_steps": 1000},
+                                     logging={"every_steps": 1, "val_every_steps": 3, "val_batches_per_language": 1,
+                                              "tensorboard": False}), tmp_path / "run.yaml")
+    code, line = fuxi_pretrain_in_process(config, capsys)
+    assert code == 0
+    assert line == (f"fuxi pretrain: preempted, checkpoint written at step 3; checkpoint "
+                    f"{out / 'checkpoints' / 'step_00000003'}")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert [r["skipped_steps"] for r in read_metrics(out / "metrics.jsonl", "train")] == [0, 0, 1]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl", "val")] == [0]  # the initial one only
+
+
+def test_sigterm_during_setup_trains_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
+    """A run resumed from step 2 gets SIGTERM while its engine is built: it exits 0 once setup is done, before
+    validating or training a step, and leaves `latest` (the resume point) and the metrics as they were."""
+    import pretrain.trainer as trainer
+
+    out = tmp_path / "run"
+    cfg = run_config(data, out, schedule={"total_steps": 2, "warmup_steps": 0}, checkpoint={"every_steps": 2})
+    code, _ = fuxi_pretrain_in_process(write_config(cfg, tmp_path / "run.yaml"), capsys)
+    assert code == 0
+    metrics_before = (out / "metrics.jsonl").read_text()
+
+    build_engine = trainer.build_engine
+
+    def signalled_during_setup(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return engine
+
+    monkeypatch.setattr(trainer, "build_engine", signalled_during_setup)
+    cfg["schedule"]["total_steps"] = 4
+    code, line = fuxi_pretrain_in_process(write_config(cfg, tmp_path / "run.yaml"), capsys)
+    assert code == 0
+    assert line == (f"fuxi pretrain: preempted during setup, before step 3: nothing trained or written; checkpoint "
+                    f"{out / 'checkpoints' / 'step_00000002'}")
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    new_records = (out / "metrics.jsonl").read_text()[len(metrics_before):]
+    assert '"kind": "train"' not in new_records and '"kind": "val"' not in new_records

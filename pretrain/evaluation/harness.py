@@ -3,7 +3,8 @@
 `evaluate(lm, tasks)` loads the tasks with the harness's TaskManager (the shipped local tasks through
 `include_path`; the harness's own task index only when a task needs it, since indexing it takes ~20 s), sets each
 task's shot count, and runs `lm_eval.simple_evaluate` (or, for in-loop evaluation, the lower-level
-`lm_eval.evaluator.evaluate`, which skips collecting the environment description, a `pip list` per call).
+`lm_eval.evaluator.evaluate`, which skips collecting the environment description, a `pip list` per call, on
+tasks loaded once per run).
 """
 from __future__ import annotations
 
@@ -70,17 +71,54 @@ def load_tasks(tasks: list[EvalTask]) -> tuple[object, list]:
     return manager, task_objects
 
 
-def evaluate(lm, tasks: list[EvalTask], limit: int | None = None, environment_info: bool = True) -> dict:
-    """Run the harness on `tasks`; returns its results dict (without per-sample logs)."""
+def refuse_generation(tasks: list[EvalTask]) -> None:
+    """Our checkpoints score log-likelihoods through HarnessModel but do not generate text: a task (or a member
+    of a group or tag) whose YAML says `output_type: generate_until` is refused from the task index, before any
+    dataset is built or model loaded (pretrain/preflight.py checks in-loop tasks with it)."""
+    manager = task_manager(with_harness_tasks=any(not t.local for t in tasks))
+    for task in tasks:
+        generating = _generating_task(manager.task_index, task.name, set())
+        if generating is not None:
+            raise EvalError(f"--tasks: {generating} generates text, which our checkpoints do not through the "
+                            "harness; export with `fuxi convert to-hf` and evaluate the export")
+
+
+def _generating_task(index: dict, name: str, seen: set) -> str | None:
+    """The first task under `name` (a task, group or tag of the harness's index) that generates text."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return None
+    seen.add(name)
+    cfg = entry.cfg or {}
+    if entry.kind.name == "TAG":
+        members = sorted(entry.tags)
+    elif entry.kind.name == "GROUP":
+        members = cfg.get("task") or []
+        members = members if isinstance(members, list) else [members]
+    else:
+        return name if cfg.get("output_type") == "generate_until" else None
+    for member in members:
+        if isinstance(member, dict):  # an inline task or group config
+            if member.get("output_type") == "generate_until":
+                return str(member.get("task"))
+            member = member.get("task") if isinstance(member.get("task"), str) else member.get("group")
+        if isinstance(member, str) and (found := _generating_task(index, member, seen)) is not None:
+            return found
+    return None
+
+
+def evaluate(lm, tasks: list[EvalTask], limit: int | None = None, environment_info: bool = True,
+             loaded: tuple[object, list] | None = None) -> dict:
+    """Run the harness on `tasks`; returns its results dict (without per-sample logs). `loaded`: what
+    `load_tasks(tasks)` returned, to reuse tasks built before (in-loop evaluation builds them once)."""
     import lm_eval
     from lm_eval.evaluator import evaluate as harness_evaluate
 
-    manager, task_objects = load_tasks(tasks)
     if isinstance(getattr(lm, "model", None), HarnessModel):
-        generating = [t.task_name for t in task_objects if t.get_config("output_type") == "generate_until"]
-        if generating:
-            raise EvalError(f"--tasks: {generating[0]} generates text, which our checkpoints do not through the "
-                            "harness; export with `fuxi convert to-hf` and evaluate the export")
+        refuse_generation(tasks)
+    manager, task_objects = loaded if loaded is not None else load_tasks(tasks)
+    for task in task_objects:  # reused tasks: the same few-shot examples at every evaluation
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     if environment_info:
         return lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=manager, limit=limit,
                                        log_samples=False, fewshot_random_seed=FEWSHOT_SEED)

@@ -16,14 +16,14 @@ from pretrain.checkpointing import capture_rng_state, restore_rng_state
 from pretrain.distributed import barrier
 from pretrain.evaluation.benchmarks import resolve_tasks
 from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.harness import build_report, evaluate, harness_task_names
+from pretrain.evaluation.harness import build_report, evaluate, harness_task_names, load_tasks, refuse_generation
 
 log = logging.getLogger("fuxi.train")
 
 
 def check_eval_config(cfg) -> None:
-    """For pretrain/preflight.py, before anything is loaded: lm-eval is installed and every task name resolves
-    (TrainConfig itself checks that run.tokenizer is set)."""
+    """For pretrain/preflight.py, before anything is loaded: lm-eval is installed, every task name resolves and
+    none generates text (TrainConfig itself checks that run.tokenizer is set)."""
     from model.typed_config import ConfigError
 
     try:
@@ -32,7 +32,8 @@ def check_eval_config(cfg) -> None:
         raise ConfigError("logging.eval_every_steps: in-loop evaluation needs lm-evaluation-harness; install it "
                           f"with `pip install -e .[eval]` (in {cfg.source})") from None
     try:
-        resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages, harness_task_names=harness_task_names)
+        refuse_generation(resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages,
+                                        harness_task_names=harness_task_names))
     except EvalError as err:
         raise ConfigError(f"logging.eval_tasks: {err} (in {cfg.source})") from None
 
@@ -44,10 +45,10 @@ class InLoopEvaluator:
         self.tasks = resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages,
                                    harness_task_names=harness_task_names)
         self._lm = None
+        self._loaded = None  # the harness's tasks, built on first use (local ones read their data from disk)
 
     def due(self, step: int) -> bool:
-        every = self.cfg.logging.eval_every_steps
-        return bool(every) and (step % every == 0 or step == self.cfg.schedule.total_steps)
+        return step % self.cfg.logging.eval_every_steps == 0 or step == self.cfg.schedule.total_steps
 
     def _harness_lm(self):
         if self._lm is None:
@@ -66,8 +67,9 @@ class InLoopEvaluator:
             rng = capture_rng_state()
             try:
                 module.eval()
+                self._loaded = self._loaded or load_tasks(self.tasks)
                 results = evaluate(self._harness_lm(), self.tasks, self.cfg.logging.eval_limit,
-                                   environment_info=False)
+                                   environment_info=False, loaded=self._loaded)
                 report = build_report(results, self.tasks)
             finally:
                 module.train(was_training)
