@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 # no longer turn `make test` or CI red without a change here.
 CONSTRAINTS := constraints.txt
 PIN := -c $(CONSTRAINTS)
+# The project installs one import name, `fuxi`; its folders at the repository root (`kernels/`, `model/`, ...) must
+# not be importable under their own names, where `kernels/` would shadow Hugging Face's `kernels` package (which
+# transformers imports). `python -m` puts the working directory first on sys.path; Python >= 3.11 leaves it off.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install quickstart test test-gpu test-compat lock clean gpu-wheels gpu-check-dry
 
@@ -22,7 +26,7 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 install: $(VENV)/.installed
 
 quickstart: install
-	HF_HUB_OFFLINE=1 $(PY) -m launch.quickstart
+	HF_HUB_OFFLINE=1 $(PY) -m fuxi.launch.quickstart
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --timeout 900 tests
@@ -68,7 +72,7 @@ gpu-wheels: install
 	$(PIP) download -q --no-deps $(PIN) --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
 		--implementation cp $(GPU_PLATFORMS) -d .whl.tmp $(GPU_BINARY_WHEELS)
 	rm -rf .whl && mv .whl.tmp .whl
-	$(PY) -m launch.gpu_check --check-carry
+	$(PY) -m fuxi.launch.gpu_check --check-carry
 
 # The GPU check on this CPU at tiny shapes (Triton under the interpreter); tests/test_gpu_check.py runs it too.
 gpu-check-dry: install

@@ -1,7 +1,15 @@
 """fuxi-pretrain: multilingual LLM pretraining (FuxiTranyu, MoE-LPR, PreAlign, GhostRNN)."""
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# One import namespace, the folders kept at the repository root: `model/` is imported as `fuxi.model`, and so on.
+# Generic top-level names (`kernels`, `model`, `launch`) collide with other distributions (transformers >= 5.25
+# requires Hugging Face's `kernels`); `fuxi` is the only top-level name this package installs.
+FOLDERS = ["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch", "experiments"]
+package_dir = {f"fuxi.{folder}": folder for folder in FOLDERS}
+packages = [f"fuxi.{folder}{'.' + sub if sub else ''}" for folder in FOLDERS
+            for sub in ["", *find_packages(folder)]]
 
 # torch is left unpinned on purpose: GPU users install the torch build for their CUDA first; on a CPU-only
 # machine the Makefile installs torch==2.13.0 (the CPU wheel) before this package so pip keeps it.
@@ -36,10 +44,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["model", "kernels", "data_pipeline", "pretrain", "pretrain.evaluation", "checkpoints", "launch",
-              "experiments"],
-    package_data={"checkpoints": ["hf_files/*.py"], "data_pipeline": ["corpus/*", "corpus/**/*"],
-                  "pretrain.evaluation": ["tasks/*", "tasks/**/*"]},
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"fuxi.checkpoints": ["hf_files/*.py"], "fuxi.data_pipeline": ["corpus/*", "corpus/**/*"],
+                  "fuxi.pretrain.evaluation": ["tasks/*", "tasks/**/*"]},
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2"],
@@ -49,5 +57,5 @@ setup(
         "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
         "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`
     },
-    entry_points={"console_scripts": ["fuxi=launch.cli:main"]},
+    entry_points={"console_scripts": ["fuxi=fuxi.launch.cli:main"]},
 )

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.model_checkpoint import own_tokenizer, read_model_config, save_model_checkpoint
-from checkpoints.sharded_safetensors import CheckpointError
+from fuxi.checkpoints.model_checkpoint import own_tokenizer, read_model_config, save_model_checkpoint
+from fuxi.checkpoints.sharded_safetensors import CheckpointError
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 

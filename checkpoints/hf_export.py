@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.model_checkpoint import own_tokenizer, read_model_config, replaced_folder
-from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
-from model import ModelConfig
+from fuxi.checkpoints.model_checkpoint import own_tokenizer, read_model_config, replaced_folder
+from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
+from fuxi.model import ModelConfig
 
 HF_FILES = Path(__file__).parent / "hf_files"
 LAYOUTS = ("native", "tjunlp")
@@ -101,7 +101,7 @@ def hf_config_dict(config: ModelConfig, dtype: str, layout: str | None = None) -
 def moe_hf_fields(config: ModelConfig) -> dict:
     """FuxiTranyu-MoE: the routing fields the shipped modeling file reads, plus `fuxi_moe` (our MoEConfig,
     training switches included) so that `convert from-hf` restores it exactly."""
-    from model.typed_config import to_dict
+    from fuxi.model.typed_config import to_dict
 
     moe = config.moe
     return {

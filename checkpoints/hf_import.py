@@ -16,9 +16,9 @@ from typing import Iterator
 
 import torch
 
-from checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoint
-from checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
-from model import ModelConfig, build_model
+from fuxi.checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoint
+from fuxi.checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
+from fuxi.model import ModelConfig, build_model
 
 # Suffix of an HF MLP tensor name -> (our name, stored transposed when the shape cannot tell: only when the
 # FFN is as wide as the hidden size, where the naming convention decides).
@@ -134,8 +134,8 @@ def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
     fields; either way it must agree with the routing fields the shipped modeling file reads."""
     import dataclasses
 
-    from model.config import MoEConfig
-    from model.typed_config import ConfigError, from_dict
+    from fuxi.model.config import MoEConfig
+    from fuxi.model.typed_config import ConfigError, from_dict
 
     missing = [k for k in ("num_experts", "num_experts_per_tok") if k not in cfg]
     if missing:

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors, tensor_shapes
-from data_pipeline.staging import staged_folder
-from model import ModelConfig, build_model
-from model.typed_config import ConfigError, from_dict, to_dict
+from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors, tensor_shapes
+from fuxi.data_pipeline.staging import staged_folder
+from fuxi.model import ModelConfig, build_model
+from fuxi.model.typed_config import ConfigError, from_dict, to_dict
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the model was trained with, beside the weights

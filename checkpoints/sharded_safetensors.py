@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.io_utils import new_file_mode
+from fuxi.data_pipeline.io_utils import new_file_mode
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoints.model_checkpoint import (check_tensor_names, own_tokenizer, read_model_config,
+from fuxi.checkpoints.model_checkpoint import (check_tensor_names, own_tokenizer, read_model_config,
                                          save_model_checkpoint)
-from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
-from model import build_model
-from model.config import MoEConfig
-from model.upcycle import upcycle_config, upcycle_tensors
+from fuxi.checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
+from fuxi.model import build_model
+from fuxi.model.config import MoEConfig
+from fuxi.model.upcycle import upcycle_config, upcycle_tensors
 
 
 def upcycle_checkpoint(dense_dir: str | Path, out_dir: str | Path, moe: MoEConfig, seed: int = 0,

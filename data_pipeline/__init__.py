@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import importlib
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataConfigError, DataError, ManifestError, ShardError
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.errors import DataConfigError, DataError, ManifestError, ShardError
 
 _LAZY = {
     "CleanReport": "data_pipeline.clean",

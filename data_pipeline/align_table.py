@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import atomic_write, iter_json_records, write_json
-from data_pipeline.textstats import word_units
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.io_utils import atomic_write, iter_json_records, write_json
+from fuxi.data_pipeline.textstats import word_units
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class CorpusFrequency:
 
 
 def language_texts(corpus_dir: str | Path, lang: str) -> list[str]:
-    from data_pipeline.corpus import iter_jsonl
+    from fuxi.data_pipeline.corpus import iter_jsonl
     path = Path(corpus_dir) / f"{lang}.jsonl"
     return [doc.text for doc in iter_jsonl(path)] if path.is_file() else []
 
@@ -369,14 +369,14 @@ class BuildReport:
     config: dict
 
     def table(self) -> str:
-        from data_pipeline.tables import format_table
+        from fuxi.data_pipeline.tables import format_table
         rows = [[lang, s["words"], s["freedict"], s["parallel"], s["both"], s.get("package") or "-"]
                 for lang, s in self.per_language.items()]
         return format_table(["lang", "words", "from freedict", "from parallel", "in both", "package"], rows)
 
 
 def _default_dirs(cfg: AlignTableConfig) -> tuple[Path | None, Path]:
-    from data_pipeline.corpus import BUNDLED_CORPUS
+    from fuxi.data_pipeline.corpus import BUNDLED_CORPUS
     parallel = cfg.parallel_dir
     parallel = BUNDLED_CORPUS / "parallel" if parallel is None else (Path(parallel) if parallel else None)
     corpus = Path(cfg.corpus_dir) if cfg.corpus_dir else BUNDLED_CORPUS / "train"

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="packing processes (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="keep the intermediate files here (default: a temp dir)")
-    from data_pipeline import bench_scale
+    from fuxi.data_pipeline import bench_scale
     bench_scale.add_arguments(parser)
 
 
@@ -54,16 +54,16 @@ def _replicate(clean_train: Path, out: Path, copies: int) -> Path:
 
 def run(args) -> dict:
     if getattr(args, "scale", False):
-        from data_pipeline import bench_scale
+        from fuxi.data_pipeline import bench_scale
         return bench_scale.run(args)
-    from data_pipeline.clean import clean
-    from data_pipeline.config import DataConfig
-    from data_pipeline.corpus import bundled_corpus
-    from data_pipeline.loader import build_train_loader
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.pack import pack
-    from data_pipeline.tables import format_table
-    from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+    from fuxi.data_pipeline.clean import clean
+    from fuxi.data_pipeline.config import DataConfig
+    from fuxi.data_pipeline.corpus import bundled_corpus
+    from fuxi.data_pipeline.loader import build_train_loader
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.pack import pack
+    from fuxi.data_pipeline.tables import format_table
+    from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-data-"))
     num_proc = args.num_proc or os.cpu_count() or 1

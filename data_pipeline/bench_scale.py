@@ -58,7 +58,7 @@ def _sentences(text: str) -> list[str]:
 
 
 def _joiner(lang: str, text: str) -> str:
-    from data_pipeline.textstats import spaceless_fraction
+    from fuxi.data_pipeline.textstats import spaceless_fraction
     if lang.startswith("code_"):
         return "\n"
     return "" if spaceless_fraction(text) > 0.5 else " "
@@ -67,8 +67,8 @@ def _joiner(lang: str, text: str) -> str:
 def grow_corpus(source: Path, out: Path, factor: int, seed: int = 0, planted: float = 0.0) -> list[dict]:
     """`factor` x the corpus by sentence reshuffling; with `planted`, that fraction of the training documents
     gets an edited copy at the end of its file. Returns the planted pairs (lang, original, copy)."""
-    from data_pipeline.corpus import iter_jsonl
-    from data_pipeline.textstats import word_units
+    from fuxi.data_pipeline.corpus import iter_jsonl
+    from fuxi.data_pipeline.textstats import word_units
     rng = random.Random(seed)
     pairs = []
     for split in ("valid", "train"):
@@ -100,7 +100,7 @@ def grow_corpus(source: Path, out: Path, factor: int, seed: int = 0, planted: fl
 
 def _edit(text: str, units: list[str], fraction: float, rng: random.Random) -> str:
     """Replace `fraction` of the word units (at least one) by other units of the same text, in place."""
-    from data_pipeline.textstats import word_unit_spans
+    from fuxi.data_pipeline.textstats import word_unit_spans
     n = max(1, round(fraction * len(units)))
     spans = word_unit_spans(text)
     chosen = sorted(rng.sample(range(len(spans)), n), reverse=True)
@@ -221,7 +221,7 @@ class Results:
 # --- the jobs --------------------------------------------------------------------------------------------------
 
 def _ours_clean(corpus: Path, out: Path, tasks: int, workers: int) -> str:
-    return (f"from data_pipeline.clean import clean; from data_pipeline.engine import ExecutorConfig; "
+    return (f"from fuxi.data_pipeline.clean import clean; from fuxi.data_pipeline.engine import ExecutorConfig; "
             f"clean({str(corpus)!r}, {str(out)!r}, executor=ExecutorConfig(tasks={tasks}, workers={workers}, "
             f"progress=False))")
 
@@ -232,7 +232,7 @@ def _old_clean(corpus: Path, out: Path, workers: int) -> str:
 
 
 def _ours_pack(split: Path, tok: Path, out: Path, tasks: int, workers: int, extra: str = "") -> str:
-    return (f"from data_pipeline.pack import pack; from data_pipeline.engine import ExecutorConfig; "
+    return (f"from fuxi.data_pipeline.pack import pack; from fuxi.data_pipeline.engine import ExecutorConfig; "
             f"pack({str(split)!r}, {str(tok)!r}, {str(out)!r}, seq_len=2048, shard_bytes=64 << 20, "
             f"executor=ExecutorConfig(tasks={tasks}, workers={workers}, progress=False{extra}))")
 
@@ -285,7 +285,10 @@ LocalPipelineExecutor([JsonlReader({str(split)!r}, glob_pattern="*.jsonl"),
 """
 
 
-_STARTUP = "import data_pipeline.pack, webdataset, numpy"
+# what starting an interpreter and importing pack's modules costs: ours (the installed package) and the baseline
+# (a checkout from before the `fuxi` namespace, imported by its bare folder name from PYTHONPATH)
+_STARTUP = "import fuxi.data_pipeline.pack, webdataset, numpy"
+_STARTUP_BASELINE = "import data_pipeline.pack, webdataset, numpy"
 
 
 def _token_count(manifest: Path) -> int:
@@ -307,9 +310,9 @@ def _recall(pairs: list[dict], kept: set[str], near_dups: int | None, originals_
     """Recall per script over pairs with true Jaccard >= 0.8 whose original survived the other filters.
     Precision = planted copies removed as near duplicates / all near-duplicate removals, where a removed copy
     counts only if it passes the filters and is not an exact duplicate (else it was removed for that)."""
-    from data_pipeline.dedup import exact_key, jaccard, shingles
-    from data_pipeline.filters import DocumentFilter
-    from data_pipeline.textstats import dominant_script, nfc
+    from fuxi.data_pipeline.dedup import exact_key, jaccard, shingles
+    from fuxi.data_pipeline.filters import DocumentFilter
+    from fuxi.data_pipeline.textstats import dominant_script, nfc
     doc_filter = DocumentFilter()
     originals = {exact_key(nfc(p["original"])) for p in pairs}
     per_script: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -354,9 +357,9 @@ def _baseline(ref: str, into: Path) -> Path | None:
 
 
 def run(args) -> dict:
-    from data_pipeline.corpus import bundled_corpus
-    from data_pipeline.tables import format_table
-    from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+    from fuxi.data_pipeline.corpus import bundled_corpus
+    from fuxi.data_pipeline.tables import format_table
+    from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
     work = Path(args.workdir).absolute() if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-scale-"))
     logs = work / "logs"
@@ -367,7 +370,7 @@ def run(args) -> dict:
     base = _baseline(args.baseline_ref, work / "baseline")
     if base is not None:
         old_env = {"PYTHONPATH": str(base)}
-    ours_env = {"PYTHONPATH": str(REPO)}
+    ours_env: dict = {}  # the installed package
     done = Results(work / "results.json")
     try:
         corpora = {}
@@ -428,7 +431,7 @@ def run(args) -> dict:
             packs["today"] = done.measure("oldpack", _old_pack(split, tok, work / "oldpack", args.workers), old_env,
                                           logs / "oldpack.log", work / "oldpack")
             packs["today"]["tokens_per_cpu_s"] = round(tokens / packs["today"]["cpu_s"])
-            startup["today"] = done.measure("startup-today", _STARTUP, old_env, logs / "startup-today.log")["cpu_s"]
+            startup["today"] = done.measure("startup-today", _STARTUP_BASELINE, old_env, logs / "startup-today.log")["cpu_s"]
             packs["today"]["tokens_per_cpu_s_after_startup"] = round(
                 tokens / (packs["today"]["cpu_s"] - startup["today"]))
         result["pack"] = {"tokens": tokens, "corpus": f"{hi}x", "startup_cpu_s": startup, **packs}
@@ -486,8 +489,8 @@ def run(args) -> dict:
             done.measure(f"mm-machine{r}", _ours_pack(four / "train", tok, work / f"mm-machine{r}", 4, 1,
                                                       extra=f", local_tasks=1, rank_offset={r}"),
                          ours_env, logs / f"mm-machine{r}.log", work / f"mm-machine{r}")
-        from data_pipeline.manifest import load_manifest
-        from data_pipeline.merge import merge_manifests
+        from fuxi.data_pipeline.manifest import load_manifest
+        from fuxi.data_pipeline.merge import merge_manifests
         merged = load_manifest(merge_manifests([work / f"mm-machine{r}" for r in range(4)], work / "mm-merged"))
         single = load_manifest(work / "mm-pack1" / "manifest.json")
         result["multi_machine"] = {

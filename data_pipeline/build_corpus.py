@@ -8,7 +8,7 @@ Debian 12 machine:
         fortunes-br fortunes-bg fortunes-cs manpages-de manpages-fr manpages-ru manpages-es manpages-ja \
         manpages-zh manpages-vi manpages-uk manpages-el manpages-tr manpages-it manpages-pl manpages-nl \
         manpages-id groff-base libpython3.11-dev libjs-sphinxdoc libjs-jquery libjs-underscore postgresql-15
-    python -m data_pipeline.build_corpus            # writes data_pipeline/corpus/
+    python -m fuxi.data_pipeline.build_corpus            # writes data_pipeline/corpus/
 
 The gettext catalogs come from whatever packages are installed (their set decides what is found). Each
 language gets a byte budget (deliberately very uneven, like real pretraining data) filled from its sources
@@ -31,13 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.corpus import BUNDLED_CORPUS
-from data_pipeline.filters import DocumentFilter, FilterConfig
-from data_pipeline.io_utils import atomic_write, write_json
-from data_pipeline.tables import format_table
-from data_pipeline.textstats import nfc, script_of
+from fuxi.data_pipeline.corpus import BUNDLED_CORPUS
+from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
+from fuxi.data_pipeline.io_utils import atomic_write, write_json
+from fuxi.data_pipeline.tables import format_table
+from fuxi.data_pipeline.textstats import nfc, script_of
 
-log = logging.getLogger("build_corpus")
+log = logging.getLogger(__name__)
 
 # Byte budgets (UTF-8) per language: uneven on purpose, from 700 kB (English) down to 18 kB.
 BUDGETS = {
@@ -498,7 +498,7 @@ def _write_readme(out_dir: Path, stats: dict, provenance: Provenance) -> None:
             lic_rows.append([lang, pkg, lic, "+".join(e["kinds"]), e["documents"], e["bytes"]])
     text = f"""# Bundled multilingual corpus
 
-Built by `python -m data_pipeline.build_corpus` (see its docstring for the apt packages it reads) on a
+Built by `python -m fuxi.data_pipeline.build_corpus` (see its docstring for the apt packages it reads) on a
 Debian 12 machine. Do not edit by hand: rebuild.
 
 - `train/<lang>.jsonl`, `valid/<lang>.jsonl`: one document per line, `{{"text", "lang", "source"}}`; the

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.corpus import (GZ_JSONL_SUFFIXES, Document, find_inputs, iter_jsonl, iter_text_files,
+from fuxi.data_pipeline.corpus import (GZ_JSONL_SUFFIXES, Document, find_inputs, iter_jsonl, iter_text_files,
                                   language_folder_files, normalize_language, parse_document)
-from data_pipeline.io_utils import line_number
+from fuxi.data_pipeline.io_utils import line_number
 
 ID_BITS = 32
 

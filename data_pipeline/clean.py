@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from data_pipeline.corpus import find_splits
-from data_pipeline.dedup import DedupConfig, exact_key
-from data_pipeline.errors import DataConfigError
-from data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
-from data_pipeline.io_utils import input_stamp
-from data_pipeline.tables import format_table
-from data_pipeline.textstats import nfc
+from fuxi.data_pipeline.corpus import find_splits
+from fuxi.data_pipeline.dedup import DedupConfig, exact_key
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
+from fuxi.data_pipeline.io_utils import input_stamp
+from fuxi.data_pipeline.tables import format_table
+from fuxi.data_pipeline.textstats import nfc
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "clean_report.json"
@@ -180,8 +180,8 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     `num_proc` processes and as many tasks). work_dir: intermediate files (default: `.<out>.work` beside the
     output), removed after success unless `keep_work`.
     """
-    from data_pipeline.clean_stages import clean_stages
-    from data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
+    from fuxi.data_pipeline.clean_stages import clean_stages
+    from fuxi.data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
 
     filters = filters or FilterConfig()
     dedup = dedup or DedupConfig()
@@ -208,7 +208,7 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         max_docs_per_language=max_docs_per_language,
         holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
         chunk_bytes=max(1, int(chunk_mb * (1 << 20))))
-    from data_pipeline.staging import refuse_foreign
+    from fuxi.data_pipeline.staging import refuse_foreign
     refuse_foreign(out_dir, (REPORT_NAME, "train", "valid", *settings.splits, *_splits_of_earlier_run(out_dir)))
     fingerprint = settings.fingerprint()
     report_path = out_dir / REPORT_NAME

@@ -26,15 +26,15 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.chunks import ID_BITS, Chunk, doc_id, load_plan, plan_chunks, read_chunk
-from data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
+from fuxi.data_pipeline.chunks import ID_BITS, Chunk, doc_id, load_plan, plan_chunks, read_chunk
+from fuxi.data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
                                  merge_counters, ordered_stats)
-from data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
-from data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
-from data_pipeline.engine import Stage, TaskError, TaskStep, deal
-from data_pipeline.errors import DataError
-from data_pipeline.io_utils import atomic_write, write_json
-from data_pipeline.staging import switch_folder
+from fuxi.data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
+from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
+from fuxi.data_pipeline.engine import Stage, TaskError, TaskStep, deal
+from fuxi.data_pipeline.errors import DataError
+from fuxi.data_pipeline.io_utils import atomic_write, write_json
+from fuxi.data_pipeline.staging import switch_folder
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:

@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from fuxi.data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = Fal
 
 
 def executor_config(args):
-    from data_pipeline.engine import ExecutorConfig
+    from fuxi.data_pipeline.engine import ExecutorConfig
     return ExecutorConfig(executor=args.executor, tasks=args.tasks, workers=args.workers,
                           local_tasks=getattr(args, "local_tasks", -1), rank_offset=getattr(args, "rank_offset", 0),
                           partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
@@ -71,7 +71,7 @@ def executor_config(args):
 
 
 def cmd_build_corpus(args) -> int:
-    from data_pipeline import build_corpus
+    from fuxi.data_pipeline import build_corpus
     argv = ["--out", args.out, "--seed", str(args.seed), "--scale", str(args.scale)]
     if args.languages:
         argv += ["--languages", *args.languages]
@@ -80,9 +80,9 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from data_pipeline.clean import LangIdConfig, clean
-    from data_pipeline.dedup import DedupConfig
-    from data_pipeline.filters import FilterConfig
+    from fuxi.data_pipeline.clean import LangIdConfig, clean
+    from fuxi.data_pipeline.dedup import DedupConfig
+    from fuxi.data_pipeline.filters import FilterConfig
     filters = FilterConfig(min_words=args.min_words, max_urls=args.max_urls)
     dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.threshold)
     langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
@@ -99,8 +99,8 @@ def cmd_clean(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
-    from data_pipeline.tokenizer import META_FILE, TokenizerConfig
-    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    from fuxi.data_pipeline.tokenizer import META_FILE, TokenizerConfig
+    from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
     config = TokenizerConfig(vocab_size=args.vocab_size, backend=args.backend,
                              max_docs_per_language=args.max_docs_per_language, seed=args.seed)
     out = train_tokenizer_task(args.corpus, args.out, config, executor_config(args))
@@ -112,7 +112,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_fertility(args) -> int:
-    from data_pipeline.fertility import fertility, fertility_table, plot_fertility
+    from fuxi.data_pipeline.fertility import fertility, fertility_table, plot_fertility
     stats = fertility(args.tokenizer, args.corpus, args.max_docs_per_language)
     print(fertility_table(stats))
     if args.plot:
@@ -123,8 +123,8 @@ def cmd_fertility(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.pack import pack
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.pack import pack
     languages = load_manifest(args.languages_from).languages if args.languages_from else args.languages
     path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
                 languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
@@ -137,8 +137,8 @@ def cmd_pack(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.merge import merge_manifests
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.merge import merge_manifests
     path = merge_manifests(args.sources, args.out, verify=not args.no_verify)
     print(_manifest_table(load_manifest(path)))
     print(f"merged {len(args.sources)} sources -> {path}")
@@ -146,7 +146,7 @@ def cmd_merge(args) -> int:
 
 
 def _manifest_table(manifest) -> str:
-    from data_pipeline.tables import format_table
+    from fuxi.data_pipeline.tables import format_table
     samples = manifest.samples_per_language()
     shards = {lang: sum(1 for s in manifest.shards if s.language == lang) for lang in manifest.languages}
     rows = [[lang, shards[lang], samples[lang], s.documents, s.tokens, s.dropped_tokens, s.utf8_bytes,
@@ -156,8 +156,8 @@ def _manifest_table(manifest) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.shards import iter_blocks, verify_shards
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.shards import iter_blocks, verify_shards
     manifest = load_manifest(args.manifest)
     print(_manifest_table(manifest))
     print(f"split {manifest.split}, seq_len {manifest.seq_len}, vocab {manifest.vocab_size}, "
@@ -168,7 +168,7 @@ def cmd_inspect(args) -> int:
         print(f"verified: every shard's size and sha256 match the manifest; all {count:,} samples decode with the "
               f"expected dtypes and lengths, ids in range, tokens per language as listed")
     if args.show:
-        from data_pipeline.tokenizer import load_tokenizer
+        from fuxi.data_pipeline.tokenizer import load_tokenizer
         tok = load_tokenizer(args.tokenizer or manifest.root / manifest.tokenizer_path)
         for i, (key, block) in enumerate(iter_blocks(manifest)):
             if i >= args.show:
@@ -179,9 +179,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_mixture(args) -> int:
-    from data_pipeline.config import DataConfig
-    from data_pipeline.loader import build_plan, build_train_loader
-    from data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.config import DataConfig
+    from fuxi.data_pipeline.loader import build_plan, build_train_loader
+    from fuxi.data_pipeline.manifest import load_manifest
     manifest = load_manifest(args.manifest)
     cfg = DataConfig(train_manifest=str(manifest.path), seq_len=manifest.seq_len, mixing=args.mixing,
                      alpha=args.alpha, weights=_weights(args.weights), max_epochs_per_language=args.max_epochs,
@@ -204,7 +204,7 @@ def cmd_mixture(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from data_pipeline.prepare import prepare_dataset
+    from fuxi.data_pipeline.prepare import prepare_dataset
     prepared = prepare_dataset(args.out, args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
                                backend=args.backend, max_docs_per_language=args.max_docs_per_language,
                                shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
@@ -218,7 +218,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_align_table(args) -> int:
-    from data_pipeline.align_table import (AlignTableConfig, build_alignment_table, write_alignment_table,
+    from fuxi.data_pipeline.align_table import (AlignTableConfig, build_alignment_table, write_alignment_table,
                                            write_build_report)
     cfg = AlignTableConfig(languages=args.languages, freedict_dir=None if args.no_freedict else args.freedict_dir,
                            parallel_dir="" if args.no_parallel else args.parallel, corpus_dir=args.corpus,

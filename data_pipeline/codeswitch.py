@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.config import CODESWITCH_DIRECTIONS
-from data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
+from fuxi.data_pipeline.errors import DataConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class CodeSwitchTable:
                              direction: str = "source_to_target") -> "CodeSwitchTable":
         """Tokenise every word of an alignment table as it appears after a space (" " + word). Words of languages
         outside `languages` are left out; a concept whose source is left out switches nothing source_to_target."""
-        from data_pipeline.align_table import read_alignment_table
-        from data_pipeline.tokenizer import load_tokenizer
+        from fuxi.data_pipeline.align_table import read_alignment_table
+        from fuxi.data_pipeline.tokenizer import load_tokenizer
 
         table = read_alignment_table(table_path)
         tok = load_tokenizer(tokenizer_dir)
@@ -218,7 +218,7 @@ def build_codeswitch_transform(table_path: str, tokenizer_dir: str | None, ratio
                                languages: list[str] | None = None,
                                direction: str = "source_to_target") -> CodeSwitchTransform:
     """The transform a DataConfig with `codeswitch_ratio > 0` asks for."""
-    from data_pipeline.tokenizer import EOS_ID
+    from fuxi.data_pipeline.tokenizer import EOS_ID
 
     if not tokenizer_dir:
         raise DataConfigError("tokenizer: code-switching tokenises the alignment table, so data.tokenizer (or "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.errors import DataConfigError
 
 MIXING_MODES = ("temperature", "weights", "natural", "uniform")
 ON_ERROR_MODES = ("raise", "skip")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from data_pipeline.errors import DataError
-from data_pipeline.io_utils import decode_utf8, parse_json_line
+from fuxi.data_pipeline.errors import DataError
+from fuxi.data_pipeline.io_utils import decode_utf8, parse_json_line
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"
 # Labels that mean "no language given": such documents are labelled by the language identifier.
@@ -130,5 +130,5 @@ def bundled_corpus() -> Path:
     """The repo's own multilingual corpus (train/ and valid/ JSONL per language)."""
     if not (BUNDLED_CORPUS / "train").is_dir():
         raise DataError(f"{BUNDLED_CORPUS}: the bundled corpus is missing; rebuild it with "
-                        "`python -m data_pipeline.build_corpus`")
+                        "`python -m fuxi.data_pipeline.build_corpus`")
     return BUNDLED_CORPUS

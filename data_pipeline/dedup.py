@@ -23,8 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from data_pipeline.errors import DataConfigError
-from data_pipeline.textstats import word_units
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.textstats import word_units
 
 _WS_RE = re.compile(r"\s+")
 _MERSENNE = np.uint64((1 << 61) - 1)

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from data_pipeline.tokenizer import load_tokenizer
+from fuxi.data_pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import PipelineStats
 from tqdm import tqdm
 
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import write_json
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.io_utils import write_json
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm", "ray")

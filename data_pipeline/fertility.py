@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from data_pipeline.corpus import iter_documents
-from data_pipeline.errors import DataError
-from data_pipeline.tables import format_table
-from data_pipeline.textstats import word_units
-from data_pipeline.tokenizer import load_tokenizer
+from fuxi.data_pipeline.corpus import iter_documents
+from fuxi.data_pipeline.errors import DataError
+from fuxi.data_pipeline.tables import format_table
+from fuxi.data_pipeline.textstats import word_units
+from fuxi.data_pipeline.tokenizer import load_tokenizer
 
 
 def fertility(tokenizer_dir: str | Path, corpus: str | Path, max_docs_per_language: int | None = None

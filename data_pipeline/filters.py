@@ -17,8 +17,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_pipeline.errors import DataConfigError
-from data_pipeline.textstats import spaceless_fraction, word_units
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.textstats import spaceless_fraction, word_units
 
 URL_RE = re.compile(r"(?:https?|ftp)://\S+|\bwww\.[a-z0-9-]+\.[a-z]{2,}\S*", re.IGNORECASE)
 

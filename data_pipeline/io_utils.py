@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from data_pipeline.errors import DataError
+from fuxi.data_pipeline.errors import DataError
 
 
 @contextlib.contextmanager

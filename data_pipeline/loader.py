@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataConfigError, DataError, ManifestError
-from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.mixing import MixturePlan, plan_mixture
-from data_pipeline.shards import ShardReader
-from data_pipeline.stream import MixtureDataset, default_transform, unpack_batch
-from data_pipeline.tables import format_table
-from data_pipeline.tokenizer import tokenizer_hash
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.errors import DataConfigError, DataError, ManifestError
+from fuxi.data_pipeline.manifest import Manifest, load_manifest
+from fuxi.data_pipeline.mixing import MixturePlan, plan_mixture
+from fuxi.data_pipeline.shards import ShardReader
+from fuxi.data_pipeline.stream import MixtureDataset, default_transform, unpack_batch
+from fuxi.data_pipeline.tables import format_table
+from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_pipeline.errors import ManifestError
-from data_pipeline.manifest import LanguageStats, Manifest, ShardInfo, load_manifest
+from fuxi.data_pipeline.errors import ManifestError
+from fuxi.data_pipeline.manifest import LanguageStats, Manifest, ShardInfo, load_manifest
 
 MANIFEST_NAME = "manifest.json"
 TASK_GLOB = "task-*.manifest.json"

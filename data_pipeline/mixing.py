@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.tables import format_table
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.tables import format_table
 
 
 def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,

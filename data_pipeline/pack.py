@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.encoders import FastEncoder
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import decode_utf8, input_stamp, line_number
-from data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
-from data_pipeline.shards import Block, ShardWriter
-from data_pipeline.tokenizer import EOS_ID, load_tokenizer
+from fuxi.data_pipeline.encoders import FastEncoder
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.io_utils import decode_utf8, input_stamp, line_number
+from fuxi.data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
+from fuxi.data_pipeline.shards import Block, ShardWriter
+from fuxi.data_pipeline.tokenizer import EOS_ID, load_tokenizer
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
@@ -228,9 +228,9 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     submitted to a cluster or this machine ran only some tasks (then its folder holds their task manifests,
     for `fuxi data merge`).
     """
-    from data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
-    from data_pipeline.pack_stages import pack_stages
-    from data_pipeline.staging import refuse_foreign
+    from fuxi.data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
+    from fuxi.data_pipeline.pack_stages import pack_stages
+    from fuxi.data_pipeline.staging import refuse_foreign
 
     if seq_len < 1:
         raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
@@ -266,7 +266,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     import webdataset  # noqa: F401 - imported once here, not in every forked task (it imports torch)
     done = run_stages(pack_stages(settings, executor.num_tasks), work, executor)
     if executor.executor == "local" and executor.partial:
-        from data_pipeline.staging import switch_folder
+        from fuxi.data_pipeline.staging import switch_folder
         switch_folder(settings.staging, out_dir)  # this machine's shards and task manifests
         print(f"pack: tasks {executor.rank_offset}-{executor.rank_offset + executor.local_tasks - 1} of "
               f"{executor.num_tasks} -> {out_dir}; combine all machines' folders with `fuxi data merge`")

@@ -18,16 +18,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from data_pipeline.clean import CleanReport, LangIdConfig, clean
-from data_pipeline.config import DataConfig
-from data_pipeline.corpus import bundled_corpus, find_splits
-from data_pipeline.dedup import DedupConfig
-from data_pipeline.errors import DataConfigError
-from data_pipeline.filters import FilterConfig
-from data_pipeline.io_utils import write_json
-from data_pipeline.pack import MANIFEST_NAME, language_files, pack
-from data_pipeline.staging import refuse_foreign, staged_folder
-from data_pipeline.tokenizer import TokenizerConfig
+from fuxi.data_pipeline.clean import CleanReport, LangIdConfig, clean
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.corpus import bundled_corpus, find_splits
+from fuxi.data_pipeline.dedup import DedupConfig
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.filters import FilterConfig
+from fuxi.data_pipeline.io_utils import write_json
+from fuxi.data_pipeline.pack import MANIFEST_NAME, language_files, pack
+from fuxi.data_pipeline.staging import refuse_foreign, staged_folder
+from fuxi.data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
 PREPARE_FILE = "prepare.json"
@@ -40,7 +40,7 @@ class PreparedData(NamedTuple):
 
     def data_config(self, **overrides) -> DataConfig:
         """A DataConfig that streams this dataset (seq_len read from the manifest)."""
-        from data_pipeline.manifest import load_manifest
+        from fuxi.data_pipeline.manifest import load_manifest
         if "seq_len" not in overrides:
             overrides["seq_len"] = load_manifest(self.train_manifest).seq_len
         fields = {"train_manifest": str(self.train_manifest), "val_manifest": str(self.val_manifest),
@@ -68,7 +68,7 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     complete): None is returned after a submission; run the same call again when the jobs have finished
     (finished stages are not redone).
     """
-    from data_pipeline.engine import ExecutorConfig, default_work_dir
+    from fuxi.data_pipeline.engine import ExecutorConfig, default_work_dir
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
     out_dir = Path(out_dir).absolute()
@@ -120,7 +120,7 @@ def _run_stages(root: Path, corpus: Path, executor, *, vocab_size: int, seq_len:
                 tokenizer_dir: str | Path | None) -> tuple[CleanReport, list[Path]] | None:
     """clean -> tokenizer -> pack train and valid, each into its folder under `root` (each stage skips itself
     when its folder is up to date with its inputs and settings); None when a stage did not finish here."""
-    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
     report = clean(find_splits(corpus), root / "clean", filters=filters, dedup=dedup, langid=langid,
                    languages=languages, max_docs_per_language=max_docs_per_language,
                    holdout_fraction=holdout_fraction, executor=executor)

@@ -24,9 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.errors import ShardError
-from data_pipeline.io_utils import publish, sha256_file
-from data_pipeline.manifest import DOC_DTYPE, LANG_DTYPE, TOKEN_DTYPE, Manifest, ShardInfo
+from fuxi.data_pipeline.errors import ShardError
+from fuxi.data_pipeline.io_utils import publish, sha256_file
+from fuxi.data_pipeline.manifest import DOC_DTYPE, LANG_DTYPE, TOKEN_DTYPE, Manifest, ShardInfo
 
 log = logging.getLogger(__name__)
 MEMBERS = ("doc.npy", "lang.npy", "tokens.npy")  # TarWriter writes a sample's members in sorted order

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.errors import DataError
+from fuxi.data_pipeline.errors import DataError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.errors import ShardError
-from data_pipeline.manifest import Manifest, ShardInfo
-from data_pipeline.mixing import MixturePlan
-from data_pipeline.shards import Block, ShardReader
+from fuxi.data_pipeline.errors import ShardError
+from fuxi.data_pipeline.manifest import Manifest, ShardInfo
+from fuxi.data_pipeline.mixing import MixturePlan
+from fuxi.data_pipeline.shards import Block, ShardReader
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 64  # corrupt samples in a row before giving up

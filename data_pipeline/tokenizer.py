@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_pipeline.corpus import iter_documents
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.io_utils import write_json
-from data_pipeline.staging import staged_folder
+from fuxi.data_pipeline.corpus import iter_documents
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.io_utils import write_json
+from fuxi.data_pipeline.staging import staged_folder
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-from data_pipeline.engine import (ExecutorConfig, Stage, TaskStep, default_work_dir, prepare_work_dir,
+from fuxi.data_pipeline.engine import (ExecutorConfig, Stage, TaskStep, default_work_dir, prepare_work_dir,
                                   run_stages)
-from data_pipeline.io_utils import input_stamp
-from data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
+from fuxi.data_pipeline.io_utils import input_stamp
+from fuxi.data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
 
 
 class TrainTokenizer(TaskStep):

@@ -8,7 +8,7 @@
    against the same network at initialisation;
 4. kws: a synthetic keyword-spotting toy (methods.md 4.6.7): GRU vs GhostGRU A/B at s = 2, D = H.
 
-    python -m experiments.ghostrnn --out runs/ghostrnn_experiment
+    python -m fuxi.experiments.ghostrnn --out runs/ghostrnn_experiment
 
 Writes results.json, report.md and PNG plots under --out; prints tables and, last, one JSON line.
 Byte-level models (vocabulary 256) need no tokenizer, so bits per byte compare across languages and variants.
@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.config import GhostRNNConfig, ModelConfig
-from model.ghostrnn import GhostGRU, GhostGRUShape, GhostRNNForCausalLM, dimension_cosine_similarity
+from fuxi.model.config import GhostRNNConfig, ModelConfig
+from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape, GhostRNNForCausalLM, dimension_cosine_similarity
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load_corpus(folder: str | None, min_bytes: int) -> tuple[dict[str, ByteStrea
     root = Path(folder) if folder else None
     if root is None:
         try:
-            from data_pipeline.corpus import bundled_corpus
+            from fuxi.data_pipeline.corpus import bundled_corpus
 
             root = Path(bundled_corpus())
         except ImportError:
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     results: dict = {"args": vars(args).copy()}
     results["args"].pop("func", None)
-    report = ["# GhostRNN measurements", "", f"Command: `python -m experiments.ghostrnn "
+    report = ["# GhostRNN measurements", "", f"Command: `python -m fuxi.experiments.ghostrnn "
               f"{' '.join(sys.argv[1:])}`", ""]
 
     if "costs" in parts:

@@ -6,7 +6,7 @@ therefore the token budget. For each of configs/model/ghostrnn-{gru,a-s2,b-s2,a-
 one after another on the same BPE token stream. The trainer's per-language validation (loss in nats per token
 and bits per byte) at the start and at the end is collected into a table, results.json and a PNG.
 
-    python -m experiments.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
+    python -m fuxi.experiments.ghostrnn_pretrain_compare [--set schedule.total_steps=600] [--variants gru,a-s2]
 
 The tokenizer and shards are built into the run config's data folder when they are missing. The last printed
 line is one JSON object of the figures.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from model.typed_config import ConfigError, read_yaml
-from pretrain.config import TrainConfig, load_train_config
-from pretrain.schedule import sequences_before
+from fuxi.model.typed_config import ConfigError, read_yaml
+from fuxi.pretrain.config import TrainConfig, load_train_config
+from fuxi.pretrain.schedule import sequences_before
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def ensure_dataset(cfg: TrainConfig) -> None:
         if given is None or Path(given) != wanted:
             raise ConfigError(f"{name}: {given} is not {wanted}; the driver only builds prepare_dataset's layout "
                               f"(run `fuxi data prepare` yourself for another one)")
-    from data_pipeline.prepare import prepare_dataset
+    from fuxi.data_pipeline.prepare import prepare_dataset
 
     print(f"preparing the bundled corpus into {data_dir} (tokenizer {cfg.model.vocab_size}, seq_len "
           f"{cfg.data.seq_len})", flush=True)
@@ -107,7 +107,7 @@ def ensure_dataset(cfg: TrainConfig) -> None:
 # ---- measurements -----------------------------------------------------------------------------------------
 
 def parameter_counts(cfg: TrainConfig) -> dict[str, int]:
-    from model import build_model
+    from fuxi.model import build_model
 
     model = build_model(cfg.model)
     return {"params": model.num_parameters(), "rnn_params": sum(p.numel() for p in model.rnn.parameters())}
@@ -131,7 +131,7 @@ def mean_over_languages(report: dict, key: str) -> float:
 
 
 def train_variant(cfg: TrainConfig) -> dict:
-    from pretrain.trainer import train
+    from fuxi.pretrain.trainer import train
 
     shutil.rmtree(cfg.run.output_dir, ignore_errors=True)  # resume is off: each variant starts clean
     started = time.time()
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "data_pipeline"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "fuxi.data_pipeline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run(args)
     return 0

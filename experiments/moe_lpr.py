@@ -17,7 +17,7 @@ Every training phase is a real `fuxi pretrain` run (a subprocess, like a user's)
 validation batches for every model. The LPR forms' router gradients are measured on (b)'s routing of the
 original-language validation tokens (docs/moe_lpr.md, "Losses").
 
-    python -m experiments.moe_lpr --out runs/moe_lpr_experiment --seeds 3 --replay-share 0.01,0.1 \
+    python -m fuxi.experiments.moe_lpr --out runs/moe_lpr_experiment --seeds 3 --replay-share 0.01,0.1 \
         --docs-png docs/moe_lpr_forgetting.png
 
 Writes results.json, report.md and forgetting.png under --out; prints tables and, last, one JSON line.
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- phases ------------------------------------------------------------------------------------------------
 
 def prepare_data(args, out: Path, languages: list[str]) -> Path:
-    from data_pipeline.prepare import prepare_dataset
+    from fuxi.data_pipeline.prepare import prepare_dataset
 
     data_dir = out / "data"
     stamp = {"languages": languages, "vocab": args.vocab, "seq_len": SEQ_LEN, "corpus": args.corpus}
@@ -141,7 +141,7 @@ def shown(path: Path) -> str:
 def subprocess_env(threads: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+    env.update(PYTHONSAFEPATH="1", OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
     return env
 
@@ -165,7 +165,7 @@ def train_phase(name: str, cfg: dict, seed_dir: Path, args, commands: list[str])
     config_path = seed_dir / "configs" / f"{name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    command = [sys.executable, "-m", "launch.cli", "pretrain", "--config", str(config_path)]
+    command = [sys.executable, "-m", "fuxi.launch.cli", "pretrain", "--config", str(config_path)]
     commands.append(f"OMP_NUM_THREADS={args.threads} fuxi pretrain --config {shown(config_path)}")
     wall = None
     if not (args.reuse and (run_dir / "final" / "config.yaml").is_file()):
@@ -180,7 +180,7 @@ def train_phase(name: str, cfg: dict, seed_dir: Path, args, commands: list[str])
 
 def upcycle_phase(seed_dir: Path, args, seed: int, original: list[str], commands: list[str]) -> Path:
     target = seed_dir / "upcycled"
-    command = [sys.executable, "-m", "launch.cli", "upcycle", "--checkpoint", str(seed_dir / "dense" / "final"),
+    command = [sys.executable, "-m", "fuxi.launch.cli", "upcycle", "--checkpoint", str(seed_dir / "dense" / "final"),
                "--experts", str(args.experts), "--top-k", str(args.top_k), "--out", str(target),
                "--original-languages", *original, "--seed", str(seed)]
     commands.append("fuxi " + shlex.join(shown(Path(c)) if "/" in c else c for c in command[3:]))
@@ -191,8 +191,8 @@ def upcycle_phase(seed_dir: Path, args, seed: int, original: list[str], commands
 
 def moe_model_section(upcycled: Path, stage: str, **moe) -> dict:
     """The upcycled checkpoint's own model config with the stage's loss settings from its template."""
-    from checkpoints.model_checkpoint import read_model_config
-    from model.typed_config import to_dict
+    from fuxi.checkpoints.model_checkpoint import read_model_config
+    from fuxi.model.typed_config import to_dict
 
     model = to_dict(read_model_config(upcycled))
     template = load_template("stage1" if stage == "moe_lpr_stage1" else "stage2")["model"]["moe"]
@@ -217,8 +217,8 @@ def review_steps(share: float, stage1_tokens: int, batch: int, original_fraction
 # ---- evaluation ----------------------------------------------------------------------------------------------
 
 def validation_batches(data_dir: Path, languages: list[str], batches: int) -> dict:
-    from data_pipeline.config import DataConfig
-    from data_pipeline.loader import build_val_batches
+    from fuxi.data_pipeline.config import DataConfig
+    from fuxi.data_pipeline.loader import build_val_batches
 
     cfg = DataConfig(train_manifest=str(data_dir / "train" / "manifest.json"),
                      val_manifest=str(data_dir / "valid" / "manifest.json"), seq_len=SEQ_LEN,
@@ -229,10 +229,10 @@ def validation_batches(data_dir: Path, languages: list[str], batches: int) -> di
 @torch.no_grad()
 def evaluate(checkpoint: Path, val_batches: dict, table: list[str], with_router: bool) -> dict:
     """Held-out loss (nats/token) per language and, for MoE models, mean G_0 and expert shares per language."""
-    from checkpoints.model_checkpoint import load_model
-    from pretrain.distributed import DistributedContext
-    from pretrain.moe_stages import router_stats_on_batches
-    from pretrain.validation import evaluate_per_language
+    from fuxi.checkpoints.model_checkpoint import load_model
+    from fuxi.pretrain.distributed import DistributedContext
+    from fuxi.pretrain.moe_stages import router_stats_on_batches
+    from fuxi.pretrain.validation import evaluate_per_language
 
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = load_model(checkpoint).eval()
@@ -251,7 +251,7 @@ def lpr_gradient_ratio(logits: list[torch.Tensor], top_k: int) -> dict:
     """Router-logit gradient of the paper form (-log G_0) against the code form (cross-entropy over the
     probabilities), both averaged the same way, on the given original-language tokens' logits (one [T, N]
     tensor per MoE layer): the ratio of the gradient norms, and its per-token median."""
-    from model.moe import lpr_loss, route
+    from fuxi.model.moe import lpr_loss, route
 
     grads = {}
     for form in ("paper", "code"):
@@ -266,7 +266,7 @@ def lpr_gradient_ratio(logits: list[torch.Tensor], top_k: int) -> dict:
 @torch.no_grad()
 def original_router_logits(checkpoint: Path, val_batches: dict, original: list[str]) -> list[torch.Tensor]:
     """Each MoE layer's router logits on the original languages' validation tokens."""
-    from checkpoints.model_checkpoint import load_model
+    from fuxi.checkpoints.model_checkpoint import load_model
 
     model = load_model(checkpoint).eval()
     per_layer: list[list[torch.Tensor]] = []
@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> dict:
     progress.set_postfix_str("data")
     data_dir = prepare_data(args, out, languages)
     progress.update()
-    from data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.manifest import load_manifest
 
     table = list(load_manifest(data_dir / "train" / "manifest.json").languages)
     val_batches = validation_batches(data_dir, languages, args.val_batches)
@@ -554,7 +554,7 @@ def run(args: argparse.Namespace) -> dict:
         docs_png.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, docs_png)
     wall = time.perf_counter() - started
-    command = f"python -m experiments.moe_lpr {shlex.join(sys.argv[1:])}".strip()
+    command = f"python -m fuxi.experiments.moe_lpr {shlex.join(sys.argv[1:])}".strip()
     results = {"command": command, "args": vars(args), "seeds": seeds, "original": original, "expansion": expansion,
                "shares": shares, "per_seed": per_seed, "summary": agg, "comparisons": comparisons,
                "lpr_gradient": gradient_summary, "evals": per_seed_evals, "runs": seed_runs, "wall_s": wall}
@@ -595,11 +595,11 @@ def write_report(out: Path, results: dict, keys: list[str], png: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.moe_lpr", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fuxi.experiments.moe_lpr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("data_pipeline").setLevel(logging.WARNING)  # the cleaning report is in <out>/data
+    logging.getLogger("fuxi.data_pipeline").setLevel(logging.WARNING)  # the cleaning report is in <out>/data
     run(parser.parse_args(argv))
     return 0
 

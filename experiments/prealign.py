@@ -26,7 +26,7 @@ asked in Clone: Clone "good" vs Clone "bad", words Clone text never contains); c
 application (English-only facts queried in Clone, answer among all Clone cities / jobs); word alignment per
 layer (aligned vs random pairs).
 
-    python -m experiments.prealign --out runs/prealign_experiment --seeds 3 --weightings align,lm
+    python -m fuxi.experiments.prealign --out runs/prealign_experiment --seeds 3 --weightings align,lm
 
 Writes results.json, report.md and prealign_english_clone.png under --out; prints tables and, last, one JSON
 line. Runs in a few minutes on 2 CPU cores.
@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, tokenizer_word_starts
-from data_pipeline.config import CODESWITCH_DIRECTIONS
-from data_pipeline.stream import default_transform
-from model import ModelConfig, build_model
-from pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
-from pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
+from fuxi.data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, tokenizer_word_starts
+from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
+from fuxi.data_pipeline.stream import default_transform
+from fuxi.model import ModelConfig, build_model
+from fuxi.pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
+from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
                                      format_alignment_report, prealign_loss)
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class EnglishClone:
     """The English BPE and its clone: ids t -> t + V (EOS shared); word starts and the word table."""
 
     def __init__(self, tokenizer_dir: Path):
-        from data_pipeline.tokenizer import load_tokenizer
+        from fuxi.data_pipeline.tokenizer import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.english_vocab = self.tok.get_vocab_size(with_added_tokens=True)
@@ -464,7 +464,7 @@ def plot(out: Path, runs: list[dict], summary: dict) -> str:
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """Every arm of one seed: world, tokenizer, data, evaluation sets and initial weights all follow the seed."""
-    from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+    from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
     args = argparse.Namespace(**{**vars(args), "seed": seed})
     rng = np.random.default_rng(seed)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cross_entropy import (IGNORE_INDEX, default_vocab_chunk, linear_cross_entropy_chunked,
+from fuxi.kernels.cross_entropy import (IGNORE_INDEX, default_vocab_chunk, linear_cross_entropy_chunked,
                                    linear_cross_entropy_torch)
-from kernels.gelu import bias_gelu_torch, bias_gelu_triton, gelu_fast_torch
-from kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
-from kernels.rope import apply_rope_torch, apply_rope_triton, rope_cos_sin, rotate_half
-from kernels.triton_runtime import HAS_TRITON, check_launchable
+from fuxi.kernels.gelu import bias_gelu_torch, bias_gelu_triton, gelu_fast_torch
+from fuxi.kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
+from fuxi.kernels.rope import apply_rope_torch, apply_rope_triton, rope_cos_sin, rotate_half
+from fuxi.kernels.triton_runtime import HAS_TRITON, check_launchable
 
 __all__ = ["HAS_TRITON", "IGNORE_INDEX", "IMPLEMENTATIONS", "add_rms_norm", "apply_rope", "bias_gelu",
            "default_vocab_chunk", "gelu_fast_torch", "linear_cross_entropy", "linear_cross_entropy_torch",

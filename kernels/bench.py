@@ -32,12 +32,12 @@ from typing import Callable
 
 import torch
 
-import kernels
-from kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_torch
-from kernels.gelu import bias_gelu_torch
-from kernels.rms_norm import rms_norm_torch
-from kernels.rope import apply_rope_torch, rope_cos_sin
-from kernels.triton_runtime import INTERPRET
+from fuxi import kernels
+from fuxi.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_torch
+from fuxi.kernels.gelu import bias_gelu_torch
+from fuxi.kernels.rms_norm import rms_norm_torch
+from fuxi.kernels.rope import apply_rope_torch, rope_cos_sin
+from fuxi.kernels.triton_runtime import INTERPRET
 
 HIDDEN, FFN, HEADS, HEAD_DIM, VOCAB = 4096, 16_384, 32, 128, 250_680
 GPU_TOKENS = (4096, 8192, 16384)

@@ -27,7 +27,7 @@ reference, which does build the full logits, is `linear_cross_entropy_torch`.
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_runtime import compute_dtype, next_power_of_2, num_warps_for, stats_dtype, tl, triton
+from fuxi.kernels.triton_runtime import compute_dtype, next_power_of_2, num_warps_for, stats_dtype, tl, triton
 
 IGNORE_INDEX = -100
 

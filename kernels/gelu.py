@@ -12,7 +12,7 @@ the same function, one transcendental, and no cancellation in 1 + tanh(u) for ve
 """
 import torch
 
-from kernels.triton_runtime import (autotuned, compute_dtype, next_power_of_2, persistent_programs, sm_count,
+from fuxi.kernels.triton_runtime import (autotuned, compute_dtype, next_power_of_2, persistent_programs, sm_count,
                                     stats_dtype, tl, triton)
 
 SQRT_2_OVER_PI = 0.7978845608

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_runtime import next_power_of_2, tl, triton
+from fuxi.kernels.triton_runtime import next_power_of_2, tl, triton
 
 GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
 _ACT_CODE = {name: code for code, name in enumerate(GHOST_ACTIVATIONS)}
@@ -417,7 +417,7 @@ def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh
         raise ValueError(f"keep: expected {list(gx.shape[:2])}, got {list(keep.shape)}")
     if gx.shape[1] == 0:
         return gx.new_zeros(gx.shape[0], 0, m + ghost_weight.shape[0])
-    from kernels import use_triton  # late: kernels/__init__ may one day import this module
+    from fuxi.kernels import use_triton  # late: kernels/__init__ may one day import this module
 
     if use_triton(impl, gx, "ghost_gru"):
         return GhostGRUScanTriton.apply(gx, w_rz, w_n, b_hh, ghost_weight, ghost_bias, h0, keep, act, block_sizes)

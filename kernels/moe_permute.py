@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
-from kernels.triton_runtime import next_power_of_2, rows_per_program, tl, triton
+from fuxi.kernels import use_triton
+from fuxi.kernels.triton_runtime import next_power_of_2, rows_per_program, tl, triton
 
 IMPLEMENTATIONS = ("auto", "triton", "torch")
 

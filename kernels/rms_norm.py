@@ -6,7 +6,7 @@ row; the backward recomputes the normalised row from it and reduces the weight g
 """
 import torch
 
-from kernels.triton_runtime import (compute_dtype, next_power_of_2, num_warps_for, persistent_programs,
+from fuxi.kernels.triton_runtime import (compute_dtype, next_power_of_2, num_warps_for, persistent_programs,
                                     rows_per_program, stats_dtype, tl, triton)
 
 

@@ -8,7 +8,7 @@ one Triton kernel does both directions, q and k in one launch, any strides with 
 """
 import torch
 
-from kernels.triton_runtime import compute_dtype, next_power_of_2, num_warps_for, tl, triton
+from fuxi.kernels.triton_runtime import compute_dtype, next_power_of_2, num_warps_for, tl, triton
 
 
 # ---- torch reference --------------------------------------------------------------------------------------

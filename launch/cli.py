@@ -9,11 +9,11 @@ from pathlib import Path
 
 # `fuxi bench <name>` -> the module holding add_arguments(parser) and run(args) -> dict.
 BENCHMARKS = {
-    "kernels": "kernels.bench",
-    "data": "data_pipeline.bench",
-    "train": "pretrain.bench",
-    "ghostrnn": "model.ghost_gru_bench",
-    "moe": "model.moe_bench",
+    "kernels": "fuxi.kernels.bench",
+    "data": "fuxi.data_pipeline.bench",
+    "train": "fuxi.pretrain.bench",
+    "ghostrnn": "fuxi.model.ghost_gru_bench",
+    "moe": "fuxi.model.moe_bench",
 }
 
 
@@ -28,8 +28,8 @@ def parse_size(text: str) -> int:
 
 
 def cmd_info(args) -> int:
-    from model import load_model_config
-    from pretrain.estimates import format_report, model_report
+    from fuxi.model import load_model_config
+    from fuxi.pretrain.estimates import format_report, model_report
 
     config = load_model_config(args.config, args.set)
     report = model_report(config, world_size=args.world_size, seq_len=args.seq_len, micro_batch=args.micro_batch)
@@ -41,8 +41,8 @@ def cmd_info(args) -> int:
 def cmd_convert_to_hf(args) -> int:
     import tempfile
 
-    from checkpoints import export_to_hf
-    from checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint, is_deepspeed_checkpoint
+    from fuxi.checkpoints import export_to_hf
+    from fuxi.checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint, is_deepspeed_checkpoint
 
     shard_bytes = parse_size(args.shard_size)
     if is_deepspeed_checkpoint(args.checkpoint):  # a training checkpoint: gather the ZeRO partitions first
@@ -58,7 +58,7 @@ def cmd_convert_to_hf(args) -> int:
 
 
 def cmd_convert_from_hf(args) -> int:
-    from checkpoints import import_from_hf
+    from fuxi.checkpoints import import_from_hf
 
     out = import_from_hf(args.hf, args.out, max_shard_bytes=parse_size(args.shard_size))
     print(f"wrote fuxi checkpoint to {out}")
@@ -66,8 +66,8 @@ def cmd_convert_from_hf(args) -> int:
 
 
 def cmd_upcycle(args) -> int:
-    from checkpoints.upcycle_checkpoint import upcycle_checkpoint
-    from model.config import MoEConfig
+    from fuxi.checkpoints.upcycle_checkpoint import upcycle_checkpoint
+    from fuxi.model.config import MoEConfig
 
     moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, layers=args.layers,
                     top1_code_compat=args.top1_code_compat, original_languages=args.original_languages)
@@ -80,8 +80,8 @@ def cmd_upcycle(args) -> int:
 def cmd_eval(args) -> int:
     import logging
 
-    from pretrain.evaluation.benchmarks import describe_tasks
-    from pretrain.evaluation.errors import EvalError
+    from fuxi.pretrain.evaluation.benchmarks import describe_tasks
+    from fuxi.pretrain.evaluation.errors import EvalError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.list_tasks:
@@ -93,22 +93,22 @@ def cmd_eval(args) -> int:
         import lm_eval  # noqa: F401
     except ImportError:
         raise EvalError("lm-evaluation-harness is not installed: pip install -e .[eval]") from None
-    from pretrain.evaluation.checkpoint_eval import EvalSettings
+    from fuxi.pretrain.evaluation.checkpoint_eval import EvalSettings
 
     settings = EvalSettings(tasks=args.tasks, languages=args.languages, num_fewshot=args.num_fewshot,
                             limit=args.limit, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                             batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
     if args.run:
-        from pretrain.evaluation.trajectory import evaluate_run, format_trajectory
+        from fuxi.pretrain.evaluation.trajectory import evaluate_run, format_trajectory
 
         trajectory = evaluate_run(args.run, settings, eval_root=args.out)
         print(format_trajectory(trajectory))
         print(f"results and plots in {trajectory['eval_dir']}")
         print(json.dumps(trajectory))
         return 0
-    from data_pipeline.io_utils import atomic_write, write_json
-    from pretrain.evaluation.checkpoint_eval import evaluate_checkpoint
-    from pretrain.evaluation.harness import format_report
+    from fuxi.data_pipeline.io_utils import atomic_write, write_json
+    from fuxi.pretrain.evaluation.checkpoint_eval import evaluate_checkpoint
+    from fuxi.pretrain.evaluation.harness import format_report
 
     report, harness_results = evaluate_checkpoint(args.checkpoint, settings)
     print(format_report(report))
@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--shard-size", default="5GB")
     from_hf.set_defaults(func=cmd_convert_from_hf)
 
-    from data_pipeline import cli as data_cli
-    from pretrain import cli as pretrain_cli
-    from pretrain.evaluation.benchmarks import DEFAULT_TASKS
+    from fuxi.data_pipeline import cli as data_cli
+    from fuxi.pretrain import cli as pretrain_cli
+    from fuxi.pretrain.evaluation.benchmarks import DEFAULT_TASKS
 
     data_cli.register(sub)
 
@@ -217,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints import CheckpointError
-    from data_pipeline.errors import DataError
-    from model.typed_config import ConfigError
-    from pretrain.evaluation.errors import EvalError
+    from fuxi.checkpoints import CheckpointError
+    from fuxi.data_pipeline.errors import DataError
+    from fuxi.model.typed_config import ConfigError
+    from fuxi.pretrain.evaluation.errors import EvalError
 
     args = build_parser().parse_args(argv)
     try:

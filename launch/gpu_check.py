@@ -1,6 +1,6 @@
 """The GPU check: every GPU-only test and benchmark of the project in one time-boxed command.
 
-`bash launch/gpu_check.sh` runs `python -m launch.gpu_check` with the GPU machine's python3 (docs/benchmarks.md,
+`bash launch/gpu_check.sh` runs `python -m fuxi.launch.gpu_check` with the GPU machine's python3 (docs/benchmarks.md,
 "GPU check"). Steps, in order, each a subprocess in its own process group with its own time box, so that a
 slow or hung step is killed and the rest still run:
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data_pipeline.io_utils import write_json
+from fuxi.data_pipeline.io_utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = 1
@@ -87,7 +87,7 @@ class Context:
 # ---- the steps -------------------------------------------------------------------------------------------
 
 def _cli(ctx: Context, *args: str) -> list[str]:
-    return [ctx.python, "-m", "launch.cli", *args]
+    return [ctx.python, "-m", "fuxi.launch.cli", *args]
 
 
 def wheels_argv(ctx: Context) -> list[str] | None:
@@ -107,8 +107,7 @@ def wheels_after(ctx: Context, record: dict) -> None:
     target = ctx.work / "site"
     on_path = not ctx.dry_run and record["status"] == "ok"
     if on_path:  # every later step imports the carried packages from here, before the image's own
-        ctx.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), str(REPO), ctx.env.get("PYTHONPATH"))
-                                                if p)
+        ctx.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), ctx.env.get("PYTHONPATH")) if p)
     record["result"] = {"installed": sorted(p.name for p in target.glob("*.dist-info")) if target.is_dir() else [],
                         "target": str(target), "on_pythonpath": on_path}
     if record["status"] != "ok" and sys.version_info[:2] != (3, 12):
@@ -131,7 +130,7 @@ def wheels_after(ctx: Context, record: dict) -> None:
 
 
 def env_argv(ctx: Context) -> list[str]:
-    return [ctx.python, "-m", "launch.gpu_check", "--env-report"] + (["--dry-run"] if ctx.dry_run else [])
+    return [ctx.python, "-m", "fuxi.launch.gpu_check", "--env-report"] + (["--dry-run"] if ctx.dry_run else [])
 
 
 def pytest_argv(ctx: Context) -> list[str]:
@@ -234,7 +233,7 @@ def ghostgru_argv(ctx: Context) -> list[str]:
 
 
 def sanity_argv(ctx: Context) -> list[str]:
-    return [ctx.python, "-m", "launch.pretrain_sanity", "--out", str(ctx.work_dir("pretrain_sanity"))] + \
+    return [ctx.python, "-m", "fuxi.launch.pretrain_sanity", "--out", str(ctx.work_dir("pretrain_sanity"))] + \
         (["--dry-run"] if ctx.dry_run else [])
 
 
@@ -475,7 +474,7 @@ def headline(records: dict) -> dict:
 
 
 def run_check(args: argparse.Namespace) -> dict:
-    from launch.gpu_check_report import evaluate_goals, markdown_report
+    from fuxi.launch.gpu_check_report import evaluate_goals, markdown_report
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -33,5 +33,14 @@ if [ "$dry_run" = 0 ] && [ "$version" != "3.12" ] && ls .whl/*cp312*.whl >/dev/n
     echo "gpu_check: WARNING: $PYTHON is Python $version but .whl/ holds cp312 wheels;" \
          "rebuild them with: make gpu-wheels GPU_PYTHON_VERSION=$version" >&2
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "$PYTHON" -m launch.gpu_check "$@"
+# The GPU machine has the checkout but no install of it: expose the checkout's packages (every top folder with an
+# __init__.py) as the `fuxi` namespace through a folder of links, as an install would. PYTHONSAFEPATH keeps the
+# checkout's root off sys.path, where its `kernels/` would shadow Hugging Face's package of that name.
+if ! "$PYTHON" -c 'import fuxi.launch.gpu_check' >/dev/null 2>&1; then
+    namespace=$(mktemp -d "${TMPDIR:-/tmp}/fuxi-namespace.XXXXXX")
+    mkdir "$namespace/fuxi"
+    for init in */__init__.py; do ln -s "$PWD/${init%/__init__.py}" "$namespace/fuxi/${init%/__init__.py}"; done
+    export PYTHONPATH="$namespace${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
+exec "$PYTHON" -m fuxi.launch.gpu_check "$@"

@@ -1,6 +1,6 @@
 """gpu_check.json -> the issue's goals and the markdown rows for docs/benchmarks.md.
 
-    python -m launch.gpu_check_report gpu_check_out/gpu_check.json     # prints the markdown section
+    python -m fuxi.launch.gpu_check_report gpu_check_out/gpu_check.json     # prints the markdown section
 
 launch/gpu_check.py also writes it as gpu_check.md beside the JSON, so recording a GPU session's figures is a
 copy and paste, with the date, device and versions filled in from the run itself.
@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from kernels.bench import Result, markdown_table
+from fuxi.kernels.bench import Result, markdown_table
 
 # (goal, how it is read from a step's result, comparison, threshold) -- the figures issue 14 asks to beat.
 GOALS = {

@@ -1,4 +1,4 @@
-"""The whole training path on a GPU, checked against the CPU: `python -m launch.pretrain_sanity --out DIR`.
+"""The whole training path on a GPU, checked against the CPU: `python -m fuxi.launch.pretrain_sanity --out DIR`.
 
 A small FuxiTranyu trains for 20 optimizer steps through `fuxi pretrain` twice on the same shards, from the same
 initial weights and in the same data order: once on the GPU (bf16, ZeRO-2, the Triton kernels, validation,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.io_utils import atomic_write, write_json
+from fuxi.data_pipeline.io_utils import atomic_write, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 256,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20; dry run 3)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: Triton under the interpreter on CPU")
     args = parser.parse_args(argv)
-    from pretrain.metrics import read_metrics
+    from fuxi.pretrain.metrics import read_metrics
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     data = out / "data"
     docs = "6" if args.dry_run else "12"
-    subprocess.run([sys.executable, "-m", "launch.cli", "data", "prepare", str(data), "--vocab-size",
+    subprocess.run([sys.executable, "-m", "fuxi.launch.cli", "data", "prepare", str(data), "--vocab-size",
                     str(MODEL["vocab_size"]), "--seq-len", str(MODEL["max_seq_len"]), "--max-docs-per-language",
                     docs, "--quiet"], cwd=REPO, env=_env(cpu_only=True, interpret=False), check=True)
     prepared_s = time.time() - started
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         config = out / f"{name}.yaml"
         config.write_text(yaml.safe_dump(run_config(data, run_dir, name, prec, kernels, steps, args.dry_run)))
         log = open(out / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", "--config", str(config)],
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "fuxi.launch.cli", "pretrain", "--config", str(config)],
                                         cwd=REPO, env=_env(cpu_only=name != "gpu", interpret=interpret),
                                         stdout=log, stderr=subprocess.STDOUT), log, run_dir)
     losses, failed = {}, []

@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field of configs/train/quickstart.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "data_pipeline"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "fuxi.data_pipeline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from data_pipeline.prepare import prepare_dataset
-    from pretrain.config import load_train_config
-    from pretrain.trainer import train
+    from fuxi.data_pipeline.prepare import prepare_dataset
+    from fuxi.pretrain.config import load_train_config
+    from fuxi.pretrain.trainer import train
 
     started = time.time()
     shutil.rmtree(OUT, ignore_errors=True)  # a demo: always from scratch

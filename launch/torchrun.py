@@ -1,4 +1,4 @@
-"""`python -m launch.torchrun ...`: torchrun (same arguments), made safe for preemption. The launch scripts use it.
+"""`python -m fuxi.launch.torchrun ...`: torchrun (same arguments), made safe for preemption. The launch scripts use it.
 
 On SIGTERM/SIGINT torchrun signals each rank's process group (the rank and its DataLoader workers) and waits up
 to `--shutdown-timeout` seconds (default here: $SHUTDOWN_TIMEOUT or 300, torchrun's own default is 30) for the
@@ -24,7 +24,7 @@ def _act_on_first_signal_only() -> None:
 
     raise_signal_exception = getattr(api, "_terminate_process_handler", None)  # what torchrun installs
     if raise_signal_exception is None:  # a torch release that renamed it: plain torchrun behaviour
-        print("launch.torchrun: torch.distributed.elastic has no _terminate_process_handler; a second signal "
+        print("fuxi.launch.torchrun: torch.distributed.elastic has no _terminate_process_handler; a second signal "
               "may cut the ranks' checkpoint short", file=sys.stderr)
         return
 
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any(a.split("=")[0] in ("--shutdown-timeout", "--shutdown_timeout") for a in argv):
         argv = ["--shutdown-timeout", os.environ.get("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT)), *argv]
     _act_on_first_signal_only()
+    # torchrun starts each rank as `python -m ...`, which puts the working directory first on sys.path; from a
+    # checkout of this project that directory holds folders named `kernels/`, `model/`, ... that would shadow
+    # other packages of those names (Hugging Face's `kernels`, which transformers imports). Python >= 3.11 leaves
+    # it off with PYTHONSAFEPATH; the ranks import this project as `fuxi` from the install either way.
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
     try:
         torchrun_main(argv)
     except SignalException as err:

@@ -8,9 +8,10 @@
 set -euo pipefail
 CONFIG=${1:?usage: $0 <run.yaml> [--set key=value ...]}; shift
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONSAFEPATH=1  # the checkout's root off sys.path: its kernels/ would shadow Hugging Face's
 : "${NNODES:?set NNODES}" "${RDZV_HOST:?set RDZV_HOST}"
-exec "$PYTHON" -m launch.torchrun \
+exec "$PYTHON" -m fuxi.launch.torchrun \
     --nnodes "$NNODES" --nproc_per_node "${NPROC:-8}" \
     --rdzv_backend c10d --rdzv_endpoint "${RDZV_HOST}:${RDZV_PORT:-29400}" --rdzv_id "${RUN_ID:-fuxi}" \
     --max_restarts "${MAX_RESTARTS:-0}" \
-    -m launch.cli pretrain --config "$CONFIG" "$@"
+    -m fuxi.launch.cli pretrain --config "$CONFIG" "$@"

@@ -7,6 +7,7 @@
 set -euo pipefail
 CONFIG=${1:?usage: $0 <run.yaml> [--set key=value ...]}; shift
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONSAFEPATH=1  # the checkout's root off sys.path: its kernels/ would shadow Hugging Face's
 NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-exec "$PYTHON" -m launch.torchrun --standalone --nproc_per_node "$NPROC" \
-    -m launch.cli pretrain --config "$CONFIG" "$@"
+exec "$PYTHON" -m fuxi.launch.torchrun --standalone --nproc_per_node "$NPROC" \
+    -m fuxi.launch.cli pretrain --config "$CONFIG" "$@"

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels import IMPLEMENTATIONS
-from model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
+from fuxi.kernels import IMPLEMENTATIONS
+from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
 
 ATTENTION_CHOICES = ("auto", "sdpa", "flash")
 GHOST_GATE_INPUTS = ("full", "intrinsic")
@@ -166,7 +166,7 @@ class ModelConfig:
         for name in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(f"{name}: {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
-        from model.registry import validate_model_type  # late: the registry imports the model files
+        from fuxi.model.registry import validate_model_type  # late: the registry imports the model files
 
         validate_model_type(self)  # what only one architecture needs (attention heads, MoE or GhostRNN blocks)
 

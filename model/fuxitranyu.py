@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from model.attention import causal_attention
-from model.config import ModelConfig
-from model.typed_config import ConfigError
-from model.lm_head import LMHead, generate_tokens
-from model.outputs import CausalLMOutput
+from fuxi import kernels
+from fuxi.model.attention import causal_attention
+from fuxi.model.config import ModelConfig
+from fuxi.model.typed_config import ConfigError
+from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.model.outputs import CausalLMOutput
 
 
 class RMSNorm(nn.Module):

@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.fuxitranyu import Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
-from model.lm_head import LMHead
-from model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
-from model.outputs import CausalLMOutput
-from model.typed_config import ConfigError
+from fuxi.model.config import ModelConfig
+from fuxi.model.fuxitranyu import Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
+from fuxi.model.lm_head import LMHead
+from fuxi.model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
+from fuxi.model.outputs import CausalLMOutput
+from fuxi.model.typed_config import ConfigError
 
 
 @dataclass

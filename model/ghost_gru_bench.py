@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from model.ghostrnn import GhostGRU, GhostGRUShape
+from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape
 
 VARIANTS = {  # name -> (feed_ghost_back, gate_input); each runs at every ratio of --ratios
     "A": (True, "full"),

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
-from model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
-from model.lm_head import LMHead, generate_tokens
-from model.outputs import CausalLMOutput
-from model.typed_config import ConfigError
+from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
+from fuxi.model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
+from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.model.outputs import CausalLMOutput
+from fuxi.model.typed_config import ConfigError
 
 logger = logging.getLogger(__name__)
 

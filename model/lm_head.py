@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from model.outputs import CausalLMOutput
+from fuxi import kernels
+from fuxi.model.outputs import CausalLMOutput
 
 
 class LMHead(nn.Linear):

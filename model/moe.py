@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels.moe_permute import combine_tokens, permute_tokens
-from model.config import ModelConfig
-from model.fuxitranyu import MLP
+from fuxi import kernels
+from fuxi.kernels.moe_permute import combine_tokens, permute_tokens
+from fuxi.model.config import ModelConfig
+from fuxi.model.fuxitranyu import MLP
 
 
 class RouterOutput(NamedTuple):

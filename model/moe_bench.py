@@ -11,9 +11,9 @@ import argparse
 import json
 import torch
 
-from kernels.bench import median_ms
-from model.config import ModelConfig, MoEConfig
-from model.moe import MoEFeedForward, grouped_mm_available
+from fuxi.kernels.bench import median_ms
+from fuxi.model.config import ModelConfig, MoEConfig
+from fuxi.model.moe import MoEFeedForward, grouped_mm_available
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from model.config import ModelConfig
-from model.typed_config import ConfigError
+from fuxi.model.config import ModelConfig
+from fuxi.model.typed_config import ConfigError
 
 _BUILDERS: dict[str, Callable[[], type[nn.Module]]] = {}
 
@@ -41,7 +41,7 @@ def build_model(config: ModelConfig, device=None) -> nn.Module:
 
 
 def _fuxitranyu():
-    from model.fuxitranyu import FuxiTranyuForCausalLM
+    from fuxi.model.fuxitranyu import FuxiTranyuForCausalLM
 
     return FuxiTranyuForCausalLM
 
@@ -50,7 +50,7 @@ register_model("fuxitranyu", _fuxitranyu)
 
 
 def _fuxitranyu_moe():
-    from model.fuxitranyu_moe import FuxiTranyuMoEForCausalLM
+    from fuxi.model.fuxitranyu_moe import FuxiTranyuMoEForCausalLM
 
     return FuxiTranyuMoEForCausalLM
 
@@ -59,7 +59,7 @@ register_model("fuxitranyu_moe", _fuxitranyu_moe)
 
 
 def _ghostrnn_lm():
-    from model.ghostrnn import GhostRNNForCausalLM
+    from fuxi.model.ghostrnn import GhostRNNForCausalLM
 
     return GhostRNNForCausalLM
 

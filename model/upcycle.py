@@ -16,9 +16,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from model.config import ModelConfig, MoEConfig
-from model.registry import build_model
-from model.typed_config import ConfigError
+from fuxi.model.config import ModelConfig, MoEConfig
+from fuxi.model.registry import build_model
+from fuxi.model.typed_config import ConfigError
 
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.((?:up_proj|down_proj)\.(?:weight|bias))$")
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.")

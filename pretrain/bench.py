@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
+from fuxi.pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
 
 # Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank (20): bf16 parameter and gradient (2 + 2),
 # fp32 master, momentum and variance (12; pretrain/estimates.py), plus the fp32 gradient partition DeepSpeed
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace, layers: int):
-    from model import ModelConfig
+    from fuxi.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=args.vocab, pad_vocab_multiple=128 if args.vocab > 65536 else 1,
                       hidden_size=args.hidden, num_layers=layers, num_heads=args.heads,
@@ -64,7 +64,7 @@ def model_config(args: argparse.Namespace, layers: int):
 def layers_that_fit(args: argparse.Namespace, memory_bytes: float) -> dict:
     """The most layers whose model states (STEP_BYTES_PER_PARAM per parameter) and activations fit
     `memory_bytes` on one rank, at least 1; parameter counts from meta-device models of 1 and 2 layers."""
-    from model import build_model
+    from fuxi.model import build_model
 
     one, two = (build_model(model_config(args, n), device="meta").num_parameters() for n in (1, 2))
     per_layer_params, fixed_params = two - one, 2 * one - two
@@ -80,12 +80,12 @@ def layers_that_fit(args: argparse.Namespace, memory_bytes: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from data_pipeline.config import DataConfig
-    from kernels.bench import measure_matmul_tflops
-    from model import build_model
-    from pretrain.config import OptimizerConfig, ParallelismConfig, ScheduleConfig, TrainConfig
-    from pretrain.distributed import build_engine, init_distributed
-    from pretrain.estimates import device_peak_tflops, mfu, model_report
+    from fuxi.data_pipeline.config import DataConfig
+    from fuxi.kernels.bench import measure_matmul_tflops
+    from fuxi.model import build_model
+    from fuxi.pretrain.config import OptimizerConfig, ParallelismConfig, ScheduleConfig, TrainConfig
+    from fuxi.pretrain.distributed import build_engine, init_distributed
+    from fuxi.pretrain.estimates import device_peak_tflops, mfu, model_report
 
     ctx = init_distributed()
     on_gpu = ctx.device.type == "cuda"

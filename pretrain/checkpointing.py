@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import yaml
 
-from checkpoints.deepspeed_checkpoint import load_weights_only
-from checkpoints.sharded_safetensors import atomic_write_text
-from model.typed_config import to_dict
-from pretrain.distributed import barrier
+from fuxi.checkpoints.deepspeed_checkpoint import load_weights_only
+from fuxi.checkpoints.sharded_safetensors import atomic_write_text
+from fuxi.model.typed_config import to_dict
+from fuxi.pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"

@@ -25,8 +25,8 @@ EXIT_DIVERGED = 3
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from pretrain.config import load_train_config
-    from pretrain.trainer import NonFiniteLossError, train
+    from fuxi.pretrain.config import load_train_config
+    from fuxi.pretrain.trainer import NonFiniteLossError, train
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

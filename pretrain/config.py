@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.config import DataConfig
-from model import ModelConfig
-from model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.model import ModelConfig
+from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
 
 STAGES = ("pretrain", "moe_lpr_stage1", "moe_lpr_stage2", "prealign_init")
 

@@ -2,16 +2,16 @@
 (for bits-per-byte) and the held-out batches per language."""
 from __future__ import annotations
 
-from pretrain.config import TrainConfig
+from fuxi.pretrain.config import TrainConfig
 
 
 class TrainData:
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
-        from data_pipeline.loader import build_train_loader
+        from fuxi.data_pipeline.loader import build_train_loader
 
         self.cfg = cfg
         if cfg.stage == "prealign_init":  # dictionary entries, not the text stream (pretrain/prealign_stage.py)
-            from pretrain.prealign_stage import build_dictionary_loader
+            from fuxi.pretrain.prealign_stage import build_dictionary_loader
 
             self.loader = build_dictionary_loader(cfg, cfg.parallelism.micro_batch, rank, world_size)
         else:
@@ -25,8 +25,8 @@ class TrainData:
         """PreAlign's input-only code-switching when data.codeswitch_ratio > 0 (validation stays plain)."""
         if cfg.data.codeswitch_ratio <= 0:
             return None
-        from data_pipeline.align_table import SHIPPED_TABLE
-        from data_pipeline.codeswitch import build_codeswitch_transform
+        from fuxi.data_pipeline.align_table import SHIPPED_TABLE
+        from fuxi.data_pipeline.codeswitch import build_codeswitch_transform
 
         return build_codeswitch_transform(cfg.data.codeswitch_table or str(SHIPPED_TABLE),
                                           cfg.data.tokenizer or cfg.run.tokenizer, cfg.data.codeswitch_ratio,
@@ -35,7 +35,7 @@ class TrainData:
     def validation_batches(self, max_batches_per_language: int, batch_size: int) -> dict[str, list[dict]]:
         if not self.cfg.data.val_manifest or max_batches_per_language <= 0:
             return {}
-        from data_pipeline.loader import build_val_batches
+        from fuxi.data_pipeline.loader import build_val_batches
 
         return build_val_batches(self.cfg.data, batch_size=batch_size,
                                  max_batches_per_language=max_batches_per_language)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pretrain.config import TrainConfig
+from fuxi.pretrain.config import TrainConfig
 
 
 @dataclass
@@ -92,7 +92,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, ctx: DistributedConte
     anything but tensors and DeepSpeed's data classes (DeepSpeed's own reader would run a crafted file)."""
     import deepspeed
 
-    from checkpoints.deepspeed_checkpoint import WeightsOnlyCheckpointReader
+    from fuxi.checkpoints.deepspeed_checkpoint import WeightsOnlyCheckpointReader
 
     optimizer = build_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]

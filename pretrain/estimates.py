@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model import ModelConfig, build_model
+from fuxi.model import ModelConfig, build_model
 
 # ZeRO paper (arXiv 1910.02054): mixed-precision Adam keeps 2 (bf16 params) + 2 (bf16 grads) + 12 (fp32 master,
 # momentum, variance) = 16 bytes per parameter.

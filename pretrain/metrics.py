@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.distributed import all_reduce_sum
+from fuxi.pretrain.distributed import all_reduce_sum
 
 
 class LanguageLoss:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from model.moe import original_language_mask
-from model.moe_stats import RouterStats, plot_router_shares, router_statistics
-from model.typed_config import ConfigError
-from model.upcycle import stage1_trainable, stage2_trainable
-from checkpoints.sharded_safetensors import atomic_write_text
-from pretrain.config import TrainConfig
-from pretrain.distributed import all_reduce_sum
-from pretrain.stages import PretrainStage, StepLoss, register_stage
+from fuxi.model.moe import original_language_mask
+from fuxi.model.moe_stats import RouterStats, plot_router_shares, router_statistics
+from fuxi.model.typed_config import ConfigError
+from fuxi.model.upcycle import stage1_trainable, stage2_trainable
+from fuxi.checkpoints.sharded_safetensors import atomic_write_text
+from fuxi.pretrain.config import TrainConfig
+from fuxi.pretrain.distributed import all_reduce_sum
+from fuxi.pretrain.stages import PretrainStage, StepLoss, register_stage
 
 log = logging.getLogger("fuxi.train")
 

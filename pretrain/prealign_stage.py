@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.typed_config import ConfigError
-from pretrain.config import TrainConfig
-from pretrain.stages import PretrainStage, StepLoss, register_stage
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.config import TrainConfig
+from fuxi.pretrain.stages import PretrainStage, StepLoss, register_stage
 
 log = logging.getLogger("fuxi.train")
 IGNORE_INDEX = -100
@@ -95,8 +95,8 @@ class DictionaryEntries:
                    max_word_tokens: int, only_languages: list[str] | None = None) -> "DictionaryEntries":
         """Tokenise an alignment table; `languages` is the run's language list (table languages it lacks are
         appended). Words longer than max_word_tokens tokens are skipped (counted in the log)."""
-        from data_pipeline.align_table import read_alignment_table
-        from data_pipeline.tokenizer import load_tokenizer
+        from fuxi.data_pipeline.align_table import read_alignment_table
+        from fuxi.data_pipeline.tokenizer import load_tokenizer
 
         table = read_alignment_table(table_path)
         tok = load_tokenizer(tokenizer_dir)
@@ -208,7 +208,7 @@ class DictionaryLoader:
 
     def mixture_report(self) -> str:
         """Word tokens consumed per language on this rank (the trainer logs it at the end of a run)."""
-        from data_pipeline.tables import format_table
+        from fuxi.data_pipeline.tables import format_table
 
         total = max(int(self.tokens_seen.sum()), 1)
         rows = [[lang, int(n), f"{100 * int(n) / total:.1f}%"]
@@ -229,9 +229,9 @@ class DictionaryLoader:
 def build_dictionary_loader(cfg: TrainConfig, batch_size: int, rank: int, world_size: int) -> DictionaryLoader:
     """The prealign_init stage's data: the alignment table, tokenised with the run's tokenizer, in the order of
     the train manifest's language list (so held-out per-language validation keeps its language ids)."""
-    from data_pipeline.align_table import SHIPPED_TABLE
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.tokenizer import EOS_ID
+    from fuxi.data_pipeline.align_table import SHIPPED_TABLE
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.tokenizer import EOS_ID
 
     pa = cfg.prealign
     tokenizer = cfg.data.tokenizer or cfg.run.tokenizer
@@ -479,7 +479,7 @@ class PreAlignInitStage(PretrainStage):
         self._measured_initial = False
 
     def _report(self, model, output_embedding: torch.Tensor, device) -> dict:
-        from data_pipeline.align_table import SHIPPED_TABLE
+        from fuxi.data_pipeline.align_table import SHIPPED_TABLE
 
         if self._entries is None:
             tokenizer = self.cfg.data.tokenizer or self.cfg.run.tokenizer
@@ -515,7 +515,7 @@ class PreAlignInitStage(PretrainStage):
         """Per-space alignment of the initial and the final weights: alignment_report.json (+ PNG)."""
         after = self._report(engine, self.output_embedding(engine), ctx.device)
         if ctx.is_main:
-            from checkpoints.sharded_safetensors import atomic_write_text
+            from fuxi.checkpoints.sharded_safetensors import atomic_write_text
 
             out_dir = Path(out_dir)
             atomic_write_text(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},

@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model.typed_config import ConfigError
-from pretrain.config import TrainConfig
-from pretrain.schedule import check_batch_divisibility
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.config import TrainConfig
+from fuxi.pretrain.schedule import check_batch_divisibility
 
 
 def check_run_config(cfg: TrainConfig, world_size: int) -> None:
@@ -35,7 +35,7 @@ def check_run_config(cfg: TrainConfig, world_size: int) -> None:
         if tokenizer:
             _check_tokenizer(cfg, key, tokenizer, manifests)
     if cfg.logging.eval_every_steps:
-        from pretrain.evaluation.in_loop import check_eval_config
+        from fuxi.pretrain.evaluation.in_loop import check_eval_config
 
         check_eval_config(cfg)
 
@@ -74,8 +74,8 @@ def _require(cfg: TrainConfig, key: str, path: str, kind: str) -> None:
 def _manifests(cfg: TrainConfig) -> dict:
     """{key: Manifest} of the manifests the run reads, checked as the loader checks them (`open_manifest`:
     data.seq_len, and data.tokenizer's hash when it is set)."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.loader import open_manifest
+    from fuxi.data_pipeline.errors import DataError
+    from fuxi.data_pipeline.loader import open_manifest
 
     fields = {f.name for f in dataclasses.fields(cfg.data)}
     out = {}
@@ -95,7 +95,7 @@ def _manifests(cfg: TrainConfig) -> dict:
 def _check_tokenizer(cfg: TrainConfig, key: str, tokenizer: str, manifests: dict) -> None:
     """The tokenizer fits model.vocab_size; run.tokenizer also has the shards' hash (open_manifest checked
     data.tokenizer's)."""
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+    from fuxi.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 
     if key == "run.tokenizer":
         digest = tokenizer_hash(tokenizer)
@@ -111,7 +111,7 @@ def _check_tokenizer(cfg: TrainConfig, key: str, tokenizer: str, manifests: dict
 
 
 def _check_initial_weights(cfg: TrainConfig) -> None:
-    from checkpoints import CheckpointError, read_model_config
+    from fuxi.checkpoints import CheckpointError, read_model_config
 
     try:
         saved = read_model_config(cfg.checkpoint.init_from)

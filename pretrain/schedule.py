@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from pretrain.config import ScheduleConfig
+from fuxi.pretrain.config import ScheduleConfig
 
 
 def cosine_lr(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -51,7 +51,7 @@ def sequences_before(step: int, cfg: ScheduleConfig) -> int:
 def check_batch_divisibility(cfg: ScheduleConfig, micro_batch: int, world_size: int, source: str = "") -> None:
     """Every global batch of the ramp must be a whole number of micro-batches on every rank. The error names
     the entry at fault (`schedule.global_batch` or `schedule.batch_ramp[i].global_batch`) and `source`."""
-    from model.typed_config import ConfigError
+    from fuxi.model.typed_config import ConfigError
 
     unit = micro_batch * world_size
     entries = [("schedule.global_batch", cfg.global_batch)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.config import TrainConfig
+from fuxi.pretrain.config import TrainConfig
 
 
 @dataclass
@@ -61,5 +61,5 @@ def build_stage(cfg: TrainConfig, languages: list[str]):
 
 
 # Stages defined in their own modules register themselves on import (after the names above exist).
-from pretrain import moe_stages  # noqa: E402,F401
-from pretrain import prealign_stage  # noqa: E402,F401
+from fuxi.pretrain import moe_stages  # noqa: E402,F401
+from fuxi.pretrain import prealign_stage  # noqa: E402,F401

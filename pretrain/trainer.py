@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import build_model
-from pretrain.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
-from pretrain.config import TrainConfig
-from pretrain.data import TrainData
-from pretrain.distributed import all_reduce_sum, any_rank, barrier, build_engine, init_distributed
-from pretrain.estimates import device_peak_tflops
-from pretrain.estimates import flops_per_token as estimated_flops_per_token
-from pretrain.metrics import (LanguageLoss, MetricsLogger, SpeedMonitor, console_line, memory_stats,
+from fuxi.model import build_model
+from fuxi.pretrain.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
+from fuxi.pretrain.config import TrainConfig
+from fuxi.pretrain.data import TrainData
+from fuxi.pretrain.distributed import all_reduce_sum, any_rank, barrier, build_engine, init_distributed
+from fuxi.pretrain.estimates import device_peak_tflops
+from fuxi.pretrain.estimates import flops_per_token as estimated_flops_per_token
+from fuxi.pretrain.metrics import (LanguageLoss, MetricsLogger, SpeedMonitor, console_line, memory_stats,
                               per_language_report, plot_loss_per_language)
-from pretrain.preflight import check_run_config
-from pretrain.schedule import global_batch_at, lr_at
-from pretrain.stages import build_stage
-from pretrain.validation import evaluate_per_language
+from fuxi.pretrain.preflight import check_run_config
+from fuxi.pretrain.schedule import global_batch_at, lr_at
+from fuxi.pretrain.stages import build_stage
+from fuxi.pretrain.validation import evaluate_per_language
 
 log = logging.getLogger("fuxi.train")
 
@@ -75,8 +75,8 @@ class TrainResult:
 
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     """Copy a checkpoint's weights into `model`; its model type was checked by pretrain/preflight.py."""
-    from checkpoints.model_checkpoint import check_tensor_names
-    from checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
+    from fuxi.checkpoints.model_checkpoint import check_tensor_names
+    from fuxi.checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
 
     check_tensor_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensor_shapes(path), path)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
     val_batches = data.validation_batches(cfg.logging.val_batches_per_language, cfg.parallelism.micro_batch)
     evaluator = None
     if cfg.logging.eval_every_steps:
-        from pretrain.evaluation.in_loop import InLoopEvaluator
+        from fuxi.pretrain.evaluation.in_loop import InLoopEvaluator
 
         evaluator = InLoopEvaluator(cfg, engine, ctx)
 
@@ -151,7 +151,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
         return report
 
     def downstream_eval() -> None:
-        from pretrain.evaluation.in_loop import eval_metrics
+        from fuxi.pretrain.evaluation.in_loop import eval_metrics
 
         report = evaluator.run(step)
         if report is not None:
@@ -297,8 +297,8 @@ def _train(cfg: TrainConfig, preemption: PreemptionSignal) -> TrainResult:
 
 def export_final(checkpoint: str, out_dir: Path, tokenizer: str | None, hf: bool = True) -> Path:
     """The last training checkpoint -> <out_dir>/final (our plain format) -> <out_dir>/hf (Hugging Face)."""
-    from checkpoints import export_to_hf
-    from checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint
+    from fuxi.checkpoints import export_to_hf
+    from fuxi.checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint
 
     plain = consolidate_deepspeed_checkpoint(checkpoint, out_dir / "final")
     if not hf:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pretrain.metrics import LanguageLoss, per_language_report
+from fuxi.pretrain.metrics import LanguageLoss, per_language_report
 
 
 @torch.no_grad()

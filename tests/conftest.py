@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Subprocesses started from the repository root must not import its folders under their bare names (`kernels/`
+# would shadow Hugging Face's `kernels`): the project is imported as `fuxi` from the install.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests use tiny shapes: one intra-op thread is as fast, and `pytest -n 2` on 2 cores (or a busy machine) does

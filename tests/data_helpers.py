@@ -1,6 +1,6 @@
 """A small real dataset for tests in every room, built once per test process from the bundled corpus.
 
-    from tests.data_helpers import tiny_dataset
+    from data_helpers import tiny_dataset
 
     @pytest.fixture(scope="session")
     def data(tmp_path_factory):
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.prepare import PreparedData, prepare_dataset
+from fuxi.data_pipeline.prepare import PreparedData, prepare_dataset
 
 TINY = dict(vocab_size=1024, seq_len=64, max_docs_per_language=24, shard_bytes=128 << 10, seed=0)
 _CACHE: dict[tuple, PreparedData] = {}
@@ -39,9 +39,9 @@ def rewrite_shard(manifest_path: Path, index: int, change) -> Path:
 
     import webdataset as wds
 
-    from data_pipeline.io_utils import sha256_file
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.shards import ShardReader, npy_bytes
+    from fuxi.data_pipeline.io_utils import sha256_file
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.shards import ShardReader, npy_bytes
 
     manifest = load_manifest(manifest_path)
     shard = manifest.shards[index]

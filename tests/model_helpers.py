@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelConfig, build_model
+from fuxi.model import ModelConfig, build_model
 
 MULTILINGUAL_TEXT = [
     "The quick brown fox jumps over the lazy dog.",

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from launch.cli import main, parse_size
-from pretrain.estimates import mfu, peak_tflops_for, zero_model_state_bytes
+from fuxi.launch.cli import main, parse_size
+from fuxi.pretrain.estimates import mfu, peak_tflops_for, zero_model_state_bytes
 
 PSI = 8_094_724_096
 
@@ -49,8 +49,8 @@ def test_parse_size():
 
 
 def test_convert_cli_round_trip(tmp_path, capsys):
-    from checkpoints import load_model, save_model
-    from tests.model_helpers import tiny_model
+    from fuxi.checkpoints import load_model, save_model
+    from model_helpers import tiny_model
 
     model = tiny_model()
     save_model(model, tmp_path / "ours")
@@ -66,8 +66,8 @@ def test_convert_cli_round_trip(tmp_path, capsys):
 def test_upcycle_cli_preserves_the_dense_function(tmp_path):
     import torch
 
-    from checkpoints import load_model, save_model
-    from tests.model_helpers import multilingual_ids, tiny_model
+    from fuxi.checkpoints import load_model, save_model
+    from model_helpers import multilingual_ids, tiny_model
 
     dense = tiny_model()
     save_model(dense, tmp_path / "dense")

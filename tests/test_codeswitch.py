@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.align_table import SHIPPED_TABLE
-from data_pipeline.codeswitch import (CodeSwitchTable, CodeSwitchTransform, build_codeswitch_transform,
+from fuxi.data_pipeline.align_table import SHIPPED_TABLE
+from fuxi.data_pipeline.codeswitch import (CodeSwitchTable, CodeSwitchTransform, build_codeswitch_transform,
                                       segment_words, split_words, tokenizer_word_starts)
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.loader import build_train_loader
-from data_pipeline.stream import default_transform
-from data_pipeline.tokenizer import load_tokenizer
-from tests.data_helpers import tiny_dataset
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.loader import build_train_loader
+from fuxi.data_pipeline.stream import default_transform
+from fuxi.data_pipeline.tokenizer import load_tokenizer
+from data_helpers import tiny_dataset
 
 # A token-level toy vocabulary: 0 is EOS (special); even ids start a word, odd ids continue one; ids >= 20
 # appear only as translations.
@@ -224,9 +224,9 @@ def test_config_validation_and_trainer_wiring(data, tmp_path):
     with pytest.raises(DataConfigError, match="^codeswitch_direction"):
         DataConfig(train_manifest="m.json", codeswitch_direction="both").validate()
     assert DataConfig(train_manifest="m.json").codeswitch_direction == "source_to_target"
-    from pretrain.config import load_train_config
-    from pretrain.data import TrainData
-    from tests.trainer_helpers import run_config
+    from fuxi.pretrain.config import load_train_config
+    from fuxi.pretrain.data import TrainData
+    from trainer_helpers import run_config
 
     raw_cfg = run_config(data, tmp_path, data={"codeswitch_ratio": 0.05, "seq_len": 64})
     raw_cfg["model"]["max_seq_len"] = 64

@@ -3,8 +3,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from model import ModelConfig, load_model_config
-from model.typed_config import ConfigError, apply_overrides, from_dict, load_config, parse_override, to_dict
+from fuxi.model import ModelConfig, load_model_config
+from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, load_config, parse_override, to_dict
 
 
 @dataclass

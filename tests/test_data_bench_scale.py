@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_pipeline.bench_scale import grow_corpus, measure
-from data_pipeline.corpus import bundled_corpus
-from data_pipeline.dedup import jaccard, shingles
+from fuxi.data_pipeline.bench_scale import grow_corpus, measure
+from fuxi.data_pipeline.corpus import bundled_corpus
+from fuxi.data_pipeline.dedup import jaccard, shingles
 
 
 def test_measure_counts_workers_that_outlive_their_parent():

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.clean import clean
-from data_pipeline.engine import ExecutorConfig
-from data_pipeline.dedup import DedupConfig, candidate_probability, jaccard, lsh_params, minhash_signature, shingles
-from data_pipeline.filters import (DocumentFilter, FilterConfig, alpha_word_fraction, char_repetition_ratio,
+from fuxi.data_pipeline.clean import clean
+from fuxi.data_pipeline.engine import ExecutorConfig
+from fuxi.data_pipeline.dedup import DedupConfig, candidate_probability, jaccard, lsh_params, minhash_signature, shingles
+from fuxi.data_pipeline.filters import (DocumentFilter, FilterConfig, alpha_word_fraction, char_repetition_ratio,
                                    count_urls, duplicate_line_fraction, duplicate_ngram_char_fraction,
                                    top_ngram_char_fraction)
-from data_pipeline.textstats import word_units
+from fuxi.data_pipeline.textstats import word_units
 
 WORDS = ("river mountain quiet window garden yellow market letter silver bridge forest thunder candle "
          "harbor lantern meadow pencil rocket saddle timber velvet wander zephyr anchor basket cactus "

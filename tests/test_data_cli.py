@@ -9,9 +9,9 @@ import pytest
 
 import numpy as np
 
-from data_pipeline.cli import main, register
-from data_pipeline.pack import pack
-from tests.data_helpers import rewrite_shard, tiny_dataset
+from fuxi.data_pipeline.cli import main, register
+from fuxi.data_pipeline.pack import pack
+from data_helpers import rewrite_shard, tiny_dataset
 
 
 @pytest.fixture(scope="module")

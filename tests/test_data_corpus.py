@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.corpus import BUNDLED_CORPUS, find_splits, iter_documents
-from data_pipeline.errors import DataError
-from data_pipeline.textstats import script_of
+from fuxi.data_pipeline.corpus import BUNDLED_CORPUS, find_splits, iter_documents
+from fuxi.data_pipeline.errors import DataError
+from fuxi.data_pipeline.textstats import script_of
 
 CODE_PREFIX = "code_"
 
@@ -101,7 +101,7 @@ def test_chunked_reading_equals_iter_documents_documents_and_errors(tmp_path):
     documents as iter_documents, and a bad line gives the same message, also in a chunk starting mid-file."""
     import gzip
 
-    from data_pipeline.chunks import plan_chunks, read_chunk
+    from fuxi.data_pipeline.chunks import plan_chunks, read_chunk
 
     def chunked(source, chunk_bytes=64):
         return [d for c in plan_chunks({"train": source}, chunk_bytes) for d in read_chunk(c)]

@@ -14,20 +14,20 @@ import dill
 import numpy as np
 import pytest
 
-from data_pipeline.chunks import plan_chunks, read_chunk
-from data_pipeline.clean import clean
-from data_pipeline.clean_stages import ProcessChunks, WriteKept
-from data_pipeline.corpus import bundled_corpus, iter_jsonl
-from data_pipeline.dedup import DedupConfig, shingles
-from data_pipeline.engine import ExecutorConfig, TaskError
-from data_pipeline.errors import DataError, ManifestError, ShardError
-from data_pipeline.filters import DocumentFilter, FilterConfig
-from data_pipeline.manifest import load_manifest
-from data_pipeline.merge import merge_manifests
-from data_pipeline.pack import pack
-from data_pipeline.shards import ShardReader
-from data_pipeline.textstats import word_units
-from tests.data_helpers import tiny_dataset
+from fuxi.data_pipeline.chunks import plan_chunks, read_chunk
+from fuxi.data_pipeline.clean import clean
+from fuxi.data_pipeline.clean_stages import ProcessChunks, WriteKept
+from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+from fuxi.data_pipeline.dedup import DedupConfig, shingles
+from fuxi.data_pipeline.engine import ExecutorConfig, TaskError
+from fuxi.data_pipeline.errors import DataError, ManifestError, ShardError
+from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.merge import merge_manifests
+from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.shards import ShardReader
+from fuxi.data_pipeline.textstats import word_units
+from data_helpers import tiny_dataset
 
 LOCAL = dict(progress=False)
 SCRIPTS = {"en": "Latin", "ru": "Cyrillic", "zh": "CJK", "ja": "CJK", "th": "Thai", "ar": "Arabic",

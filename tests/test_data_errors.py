@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from data_pipeline.errors import DataError, ManifestError, ShardError
-from data_pipeline.loader import build_train_loader, build_val_batches
-from data_pipeline.manifest import load_manifest
-from data_pipeline.pack import pack
-from data_pipeline.stream import MixtureOrder
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from tests.data_helpers import rewrite_shard, tiny_dataset
+from fuxi.data_pipeline.errors import DataError, ManifestError, ShardError
+from fuxi.data_pipeline.loader import build_train_loader, build_val_batches
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.stream import MixtureOrder
+from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from data_helpers import rewrite_shard, tiny_dataset
 
 LANGS = ["hi", "th"]
 

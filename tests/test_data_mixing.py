@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.mixing import plan_mixture, round_allocation, target_shares, water_fill
+from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.data_pipeline.mixing import plan_mixture, round_allocation, target_shares, water_fill
 
 
 def unimax_reference(sizes: dict[str, float], budget: float, max_epochs: float) -> dict[str, float]:

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline.manifest import load_manifest
-from data_pipeline.pack import pack, plan_jobs, language_files, read_documents
-from data_pipeline.shards import ShardReader, iter_blocks
-from data_pipeline.tokenizer import load_tokenizer
-from tests.data_helpers import tiny_dataset
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.pack import pack, plan_jobs, language_files, read_documents
+from fuxi.data_pipeline.shards import ShardReader, iter_blocks
+from fuxi.data_pipeline.tokenizer import load_tokenizer
+from data_helpers import tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,8 @@ def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, messa
     from the byte offset."""
     import re
 
-    from data_pipeline.errors import DataError
-    from data_pipeline.pack import line_offsets
+    from fuxi.data_pipeline.errors import DataError
+    from fuxi.data_pipeline.pack import line_offsets
 
     path = tmp_path / "en.jsonl"
     path.write_bytes(b'{"text": "a", "lang": "en"}\n\n{"text": "b"}\n' + bad + b"\n")
@@ -136,9 +136,9 @@ def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, messa
 
 def test_pack_tasks_take_the_tokenizer_hash_and_vocabulary_from_the_plan(data, tmp_path, monkeypatch):
     """The plan stage parses tokenizer.json once; the pack tasks (here 2) do not hash or load it again."""
-    import data_pipeline.pack_stages as pack_stages
-    from data_pipeline.engine import ExecutorConfig
-    from data_pipeline.tokenizer import tokenizer_hash
+    import fuxi.data_pipeline.pack_stages as pack_stages
+    from fuxi.data_pipeline.engine import ExecutorConfig
+    from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
     calls = []
     for name in ("tokenizer_hash", "load_tokenizer"):

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from data_pipeline.cli import main
-from data_pipeline.errors import DataError
-from data_pipeline.io_utils import sha256_file
-from data_pipeline.manifest import load_manifest
-from data_pipeline.pack import pack
-from data_pipeline.staging import exchange, staged_folder, switch_folder
-from tests.data_helpers import tiny_dataset
+from fuxi.data_pipeline.cli import main
+from fuxi.data_pipeline.errors import DataError
+from fuxi.data_pipeline.io_utils import sha256_file
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.staging import exchange, staged_folder, switch_folder
+from data_helpers import tiny_dataset
 
 LANGS = ["en", "hi", "ru", "zh"]
 
@@ -115,7 +115,7 @@ def test_switch_exchanges_folders_and_falls_back_to_two_renames(tmp_path, monkey
     else:
         assert [p.name for p in old.iterdir()] == ["a"] and [p.name for p in new.iterdir()] == ["b"]
 
-    import data_pipeline.staging as staging
+    import fuxi.data_pipeline.staging as staging
 
     monkeypatch.setattr(staging, "exchange", lambda a, b: False)  # e.g. NFS
     with staged_folder(old, owned=("a", "c")) as tmp:
@@ -132,13 +132,13 @@ def test_switch_exchanges_folders_and_falls_back_to_two_renames(tmp_path, monkey
 def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, monkeypatch):
     """prepare killed while packing the valid split (after clean, the tokenizer and the train split finished):
     nothing is published, and the re-run packs only the valid split; the result equals an uninterrupted run."""
-    from data_pipeline.clean_stages import ProcessChunks
-    from data_pipeline.engine import TaskError
-    from data_pipeline.pack_stages import PackTasks
-    from data_pipeline.prepare import prepare_dataset
-    from data_pipeline.tokenizer import tokenizer_hash
-    from data_pipeline.tokenizer_stage import TrainTokenizer
-    from tests.data_helpers import TINY
+    from fuxi.data_pipeline.clean_stages import ProcessChunks
+    from fuxi.data_pipeline.engine import TaskError
+    from fuxi.data_pipeline.pack_stages import PackTasks
+    from fuxi.data_pipeline.prepare import prepare_dataset
+    from fuxi.data_pipeline.tokenizer import tokenizer_hash
+    from fuxi.data_pipeline.tokenizer_stage import TrainTokenizer
+    from data_helpers import TINY
 
     pack_task = PackTasks.run_task
 

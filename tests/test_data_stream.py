@@ -7,13 +7,13 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataConfigError
-from data_pipeline.loader import build_plan, build_train_loader, build_val_batches
-from data_pipeline.manifest import load_manifest
-from data_pipeline.shards import ShardReader
-from data_pipeline.stream import MixtureOrder, default_transform
-from tests.data_helpers import tiny_dataset
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.loader import build_plan, build_train_loader, build_val_batches
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.shards import ShardReader
+from fuxi.data_pipeline.stream import MixtureOrder, default_transform
+from data_helpers import tiny_dataset
 
 SMALL = ["hi", "th"]  # 8 shards in all: fewer than the 5 ranks x 2 workers below
 
@@ -190,7 +190,7 @@ def test_validation_batches(data):
 
 
 def test_data_config_through_the_typed_loader(data):
-    from model.typed_config import ConfigError, from_dict
+    from fuxi.model.typed_config import ConfigError, from_dict
     cfg = from_dict(DataConfig, {"train_manifest": str(data.train_manifest), "seq_len": 64,
                                  "weights": {"en": 1, "de": 0.5}, "mixing": "weights", "languages": None})
     assert cfg.weights == {"en": 1.0, "de": 0.5}

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from data_pipeline.clean import clean
-from data_pipeline.corpus import bundled_corpus, iter_documents
-from data_pipeline.encoders import PROBE, FastEncoder
-from data_pipeline.errors import DataConfigError
-from data_pipeline.fertility import fertility, plot_fertility
-from data_pipeline.textstats import word_units
-from data_pipeline.tokenizer import (EOS_ID, EOS_TOKEN, META_FILE, TokenizerConfig, load_tokenizer, tokenizer_hash,
+from fuxi.data_pipeline.clean import clean
+from fuxi.data_pipeline.corpus import bundled_corpus, iter_documents
+from fuxi.data_pipeline.encoders import PROBE, FastEncoder
+from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.data_pipeline.fertility import fertility, plot_fertility
+from fuxi.data_pipeline.textstats import word_units
+from fuxi.data_pipeline.tokenizer import (EOS_ID, EOS_TOKEN, META_FILE, TokenizerConfig, load_tokenizer, tokenizer_hash,
                                      train_tokenizer)
 
 
@@ -127,8 +127,8 @@ def _write_inputs(corpus, layout: str, texts: list[str]) -> None:
 def test_tokenizer_task_retrains_when_inputs_change_in_any_layout(tmp_path, layout):
     """Every input layout iter_documents reads is part of the task's "inputs changed?" stamp (not only
     <lang>.jsonl files); the job hash lands in the metadata file of the switched-in folder."""
-    from data_pipeline.engine import ExecutorConfig
-    from data_pipeline.tokenizer_stage import train_tokenizer_task
+    from fuxi.data_pipeline.engine import ExecutorConfig
+    from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
 
     corpus = tmp_path / ("corpus" if layout == "folders" else "corpus.jsonl.gz")
     texts = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(3)]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.evaluation.benchmarks import BENCHMARKS, GROUPS, describe_tasks, resolve_tasks
-from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.local_tasks import TASKS_DIR, tasks_digest
-from tests.trainer_helpers import run_config, run_pretrain, tiny_training_dataset, train_losses, write_config
+from fuxi.pretrain.evaluation.benchmarks import BENCHMARKS, GROUPS, describe_tasks, resolve_tasks
+from fuxi.pretrain.evaluation.errors import EvalError
+from fuxi.pretrain.evaluation.local_tasks import TASKS_DIR, tasks_digest
+from trainer_helpers import run_config, run_pretrain, tiny_training_dataset, train_losses, write_config
 
 LANGS = ["zh", "ru"]  # languages of the tiny training set that both local task families have
 LIMIT = 8
@@ -45,7 +45,7 @@ def trained(data, tmp_path_factory):
 
 def fuxi_eval(capsys, *argv) -> dict:
     """`fuxi eval ...` in this process; its last stdout line is one JSON object."""
-    from launch.cli import main
+    from fuxi.launch.cli import main
 
     rc = main(["eval", *argv])
     out = capsys.readouterr().out.strip().splitlines()
@@ -88,10 +88,10 @@ def harness_scores(hf_dir: Path, limit: int, **model_args) -> dict:
 # ---- the shipped tasks -----------------------------------------------------------------------------------------
 
 def test_local_tasks_rebuild_byte_identically_and_are_well_formed(tmp_path):
-    """`python -m pretrain.evaluation.build_tasks` reproduces the shipped files exactly; every question's answer
+    """`python -m fuxi.pretrain.evaluation.build_tasks` reproduces the shipped files exactly; every question's answer
     is the pair's translation, among distinct same-language choices, and never occurs in the training split."""
-    from data_pipeline.corpus import bundled_corpus
-    from pretrain.evaluation.build_tasks import build
+    from fuxi.data_pipeline.corpus import bundled_corpus
+    from fuxi.pretrain.evaluation.build_tasks import build
 
     build(bundled_corpus(), tmp_path)
     shutil.copy(TASKS_DIR / "translation_choice" / "_translation_choice_yaml", tmp_path / "translation_choice")
@@ -237,7 +237,7 @@ def test_trajectory_evaluates_each_checkpoint_once(trained, capsys):
     """`fuxi eval --run`: both checkpoints into one table and a PNG per language over tokens seen; a second call
     evaluates only what is not cached (here: the checkpoint whose results were removed) and gets the same
     numbers; other settings (limit, dtype, shots) get another cache."""
-    from pretrain.evaluation.checkpoint_eval import EvalSettings
+    from fuxi.pretrain.evaluation.checkpoint_eval import EvalSettings
 
     args = ["--run", str(trained), "--languages", *LANGS, "--limit", "4", "--dtype", "float32", "--device", "cpu"]
     first = fuxi_eval(capsys, *args)
@@ -318,8 +318,8 @@ def test_in_loop_eval_under_zero3_on_two_ranks(data, tmp_path, capsys):
 
 
 def test_in_loop_eval_needs_a_tokenizer(data, tmp_path):
-    from model.typed_config import ConfigError
-    from pretrain.config import load_train_config
+    from fuxi.model.typed_config import ConfigError
+    from fuxi.pretrain.config import load_train_config
 
     cfg = eval_run_config(data, tmp_path / "x", run={"tokenizer": None})
     with pytest.raises(ConfigError, match="logging.eval_every_steps: in-loop evaluation needs run.tokenizer"):
@@ -334,7 +334,7 @@ def test_in_loop_eval_needs_a_tokenizer(data, tmp_path):
 
 
 def fuxi_eval_error(capsys, *argv) -> str:
-    from launch.cli import main
+    from fuxi.launch.cli import main
 
     assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -344,10 +344,10 @@ def fuxi_eval_error(capsys, *argv) -> str:
 @pytest.mark.hf
 def test_bad_input_gets_one_line_errors(trained, data, capsys, tmp_path):
     """Indexes the harness's own tasks once for this process (about 20 s), to know that a name is none of them."""
-    from model.typed_config import ConfigError
-    from pretrain.config import load_train_config
-    from pretrain.evaluation.harness import harness_task_names
-    from pretrain.evaluation.in_loop import check_eval_config
+    from fuxi.model.typed_config import ConfigError
+    from fuxi.pretrain.config import load_train_config
+    from fuxi.pretrain.evaluation.harness import harness_task_names
+    from fuxi.pretrain.evaluation.in_loop import check_eval_config
 
     common = ["--limit", "2", "--languages", "zh", "--dtype", "float32", "--device", "cpu"]
 
@@ -388,7 +388,7 @@ def test_moe_checkpoint_and_its_remote_code_export(trained, capsys, tmp_path):
     """An upcycled MoE-LPR model computes the dense function (expert 0 is the dense FFN), so its scores equal the
     dense ones; its export (remote code) is evaluated through our importer without running that code, and
     equals the harness loading the export with trust_remote_code=True."""
-    from launch.cli import main
+    from fuxi.launch.cli import main
 
     # The dense checkpoint's tokenizer travels through upcycle and export: no --tokenizer anywhere.
     assert main(["upcycle", "--checkpoint", str(trained / "final"), "--experts", "3", "--top-k", "2",

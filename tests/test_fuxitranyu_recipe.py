@@ -6,9 +6,9 @@ from dataclasses import asdict
 
 import pytest
 
-from data_pipeline.mixing import target_shares
-from pretrain.config import load_train_config
-from pretrain.schedule import global_batch_at, lr_at, sequences_before
+from fuxi.data_pipeline.mixing import target_shares
+from fuxi.pretrain.config import load_train_config
+from fuxi.pretrain.schedule import global_batch_at, lr_at, sequences_before
 
 RECIPE = "configs/train/fuxitranyu-8b.yaml"
 PUBLISHED_MIX = "configs/train/fuxitranyu-8b-published-mix.yaml"

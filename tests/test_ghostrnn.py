@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.ghost_gru import GHOST_ACTIVATIONS as KERNEL_ACTIVATIONS
-from model import build_model, load_model_config
-from model.config import GHOST_ACTIVATIONS, GhostRNNConfig, ModelConfig
-from model.ghostrnn import (GhostGRU, GhostGRUCell, GhostGRUShape, GhostRNNForCausalLM,
+from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS as KERNEL_ACTIVATIONS
+from fuxi.model import build_model, load_model_config
+from fuxi.model.config import GHOST_ACTIVATIONS, GhostRNNConfig, ModelConfig
+from fuxi.model.ghostrnn import (GhostGRU, GhostGRUCell, GhostGRUShape, GhostRNNForCausalLM,
                             dimension_cosine_similarity, intrinsic_size, redundancy_fraction)
-from model.typed_config import ConfigError, from_dict
+from fuxi.model.typed_config import ConfigError, from_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
@@ -129,7 +129,7 @@ def test_macs_are_parameters_without_biases():
 
 def test_lm_parameter_count_and_log_at_build(caplog):
     config = tiny_lm_config(ghostrnn=GhostRNNConfig(ratio=3, feed_ghost_back=False, gate_input="intrinsic"))
-    with caplog.at_level(logging.INFO, logger="model.ghostrnn"):
+    with caplog.at_level(logging.INFO, logger="fuxi.model.ghostrnn"):
         model = build_model(config)
     h, v, m = config.hidden_size, config.padded_vocab_size, math.ceil(config.hidden_size / 3)
     expected = 2 * v * h + config.num_layers * variant_b_params(h, h, m)

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from kernels.ghost_gru import ghost_gru_scan, ghost_gru_scan_torch
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
-from model.config import GhostRNNConfig, ModelConfig
-from model.ghostrnn import GhostGRU
-from model.registry import build_model
+from fuxi.kernels.ghost_gru import ghost_gru_scan, ghost_gru_scan_torch
+from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
+from fuxi.model.config import GhostRNNConfig, ModelConfig
+from fuxi.model.ghostrnn import GhostGRU
+from fuxi.model.registry import build_model
 
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_G": 16, "BLOCK_H": 16}
 

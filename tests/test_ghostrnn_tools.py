@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from launch.cli import main
-from experiments.ghostrnn import (ByteStream, cost_rows, keyword_data, redundancy_report, sample_batch,
+from fuxi.launch.cli import main
+from fuxi.experiments.ghostrnn import (ByteStream, cost_rows, keyword_data, redundancy_report, sample_batch,
                                         validation_windows, build_byte_lm)
 
 
@@ -37,7 +37,7 @@ def test_fuxi_info_names_a_bad_ghostrnn_field(capsys):
 
 
 def test_bench_prints_table_and_last_line_json(capsys):
-    from model import ghost_gru_bench
+    from fuxi.model import ghost_gru_bench
 
     parser = argparse.ArgumentParser()
     ghost_gru_bench.add_arguments(parser)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import gpu_check
-from launch.gpu_check_report import GOALS, evaluate_goals, markdown_report
+from fuxi.launch import gpu_check
+from fuxi.launch.gpu_check_report import GOALS, evaluate_goals, markdown_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_goals_read_the_step_results():
 def test_layers_that_fit_an_h100_and_an_h200():
     """8B widths (201,371,648 parameters per layer; embedding + LM head + norm 2,053,595,136 at V 250,752):
     20 bytes per parameter plus 40 bytes per token and unit of activations, 4 GB reserved."""
-    from pretrain import bench
+    from fuxi.pretrain import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import CheckpointError, export_to_hf, import_from_hf, load_model, save_model
-from checkpoints.hf_import import load_hf_reference, map_hf_name
-from checkpoints.sharded_safetensors import iter_tensors, shard_files
-from tests.model_helpers import multilingual_ids, tiny_model
+from fuxi.checkpoints import CheckpointError, export_to_hf, import_from_hf, load_model, save_model
+from fuxi.checkpoints.hf_import import load_hf_reference, map_hf_name
+from fuxi.checkpoints.sharded_safetensors import iter_tensors, shard_files
+from model_helpers import multilingual_ids, tiny_model
 
 pytestmark = pytest.mark.hf
 
@@ -293,7 +293,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
         yield "model.embed_tokens.weight", torch.zeros(3)
         raise RuntimeError("disk full")
 
-    from checkpoints.model_checkpoint import save_model_checkpoint
+    from fuxi.checkpoints.model_checkpoint import save_model_checkpoint
 
     with pytest.raises(RuntimeError, match="disk full"):
         save_model_checkpoint(exploding_items(), model.config, tmp_path / "ckpt")
@@ -305,8 +305,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 CONVERSION_MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading
     import torch
-    from checkpoints import export_to_hf
-    from checkpoints.sharded_safetensors import shard_files
+    from fuxi.checkpoints import export_to_hf
+    from fuxi.checkpoints.sharded_safetensors import shard_files
 
     def anon_rss():  # private memory only: the mmapped input shards are page cache, not a copy of the model
         for line in open("/proc/self/status"):

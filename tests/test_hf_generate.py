@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from checkpoints import export_to_hf, save_model
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from model.config import MoEConfig
-from model.upcycle import upcycle_model
-from tests.model_helpers import MULTILINGUAL_TEXT, tiny_model
+from fuxi.checkpoints import export_to_hf, save_model
+from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from fuxi.model.config import MoEConfig
+from fuxi.model.upcycle import upcycle_model
+from model_helpers import MULTILINGUAL_TEXT, tiny_model
 
 pytestmark = pytest.mark.hf
 
@@ -24,7 +24,7 @@ LAYOUTS = ["native", "tjunlp", "moe"]
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from data_pipeline.corpus import bundled_corpus
+    from fuxi.data_pipeline.corpus import bundled_corpus
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     return train_tokenizer(bundled_corpus() / "train", out, TokenizerConfig(vocab_size=300, max_docs_per_language=2,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kernels import bench
+from fuxi.kernels import bench
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-import kernels
-from kernels.cross_entropy import default_vocab_chunk, linear_cross_entropy_torch
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
+from fuxi import kernels
+from fuxi.kernels.cross_entropy import default_vocab_chunk, linear_cross_entropy_torch
+from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "torch"]
@@ -130,7 +130,7 @@ def test_full_logits_are_never_materialised(impl, monkeypatch):
     if impl == "triton" and not torch.cuda.is_available():
         # The CPU interpreter stages kernel arguments through its own host copies; those are not the
         # function's allocations (a GPU launch makes none), so hide the launches from the probe.
-        import kernels.cross_entropy as ce
+        import fuxi.kernels.cross_entropy as ce
 
         def unobserved(step):
             def run(*args):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.gelu import BWD_CONFIGS, FWD_CONFIGS, bias_gelu_backward, bias_gelu_forward, bias_gelu_torch
+from fuxi import kernels
+from fuxi.kernels.gelu import BWD_CONFIGS, FWD_CONFIGS, bias_gelu_backward, bias_gelu_forward, bias_gelu_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,8 +63,8 @@ def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
     full batch), a third in the same bucket reuses the choice."""
     import time
 
-    from kernels import gelu
-    from kernels.triton_runtime import autotuned
+    from fuxi.kernels import gelu
+    from fuxi.kernels.triton_runtime import autotuned
 
     def cpu_timer(fn, quantiles):
         start = time.perf_counter()

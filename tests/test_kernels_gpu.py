@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.cross_entropy import linear_cross_entropy_torch
-from kernels.gelu import bias_gelu_torch
-from kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
-from kernels.rope import apply_rope_torch, rope_cos_sin
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
+from fuxi import kernels
+from fuxi.kernels.cross_entropy import linear_cross_entropy_torch
+from fuxi.kernels.gelu import bias_gelu_torch
+from fuxi.kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
+from fuxi.kernels.rope import apply_rope_torch, rope_cos_sin
+from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -147,7 +147,7 @@ def test_fused_loss_bad_label_stops_on_the_device():
     import sys
     from pathlib import Path
 
-    code = ("import torch, kernels\n"
+    code = ("import torch\nfrom fuxi import kernels\n"
             "h = torch.randn(8, 16, device='cuda'); w = torch.randn(100, 16, device='cuda')\n"
             "labels = torch.tensor([1, 2, 3, 100, 4, 5, 6, 7], device='cuda')\n"
             "kernels.linear_cross_entropy(h, w, labels, impl='triton')\n"

@@ -4,9 +4,9 @@ model with the torch references — loss, per-token losses and every parameter g
 import pytest
 import torch
 
-import kernels
-from model.config import ModelConfig
-from model.fuxitranyu import FuxiTranyuForCausalLM
+from fuxi import kernels
+from fuxi.model.config import ModelConfig
+from fuxi.model.fuxitranyu import FuxiTranyuForCausalLM
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 301  # odd: exercises the masked tail of every vocab tile

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
+from fuxi import kernels
+from fuxi.kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5

@@ -3,8 +3,8 @@ in place on projection outputs viewed as heads."""
 import pytest
 import torch
 
-import kernels
-from kernels.rope import apply_rope_torch, rope_cos_sin
+from fuxi import kernels
+from fuxi.kernels.rope import apply_rope_torch, rope_cos_sin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.rms_norm import rms_norm_torch
+from fuxi import kernels
+from fuxi.kernels.rms_norm import rms_norm_torch
 
 
 def test_impl_resolution_on_cpu():
@@ -26,7 +26,7 @@ def test_impl_resolution_on_cpu():
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    code = ("import torch, kernels\n"
+    code = ("import torch\nfrom fuxi import kernels\n"
             "try:\n"
             "    kernels.rms_norm(torch.randn(2, 4), torch.ones(4), 1e-5, impl='triton')\n"
             "except RuntimeError as e:\n"

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import gelu_fast_torch, rope_cos_sin
-from kernels.rope import apply_rope_torch
-from model import ModelConfig, build_model
-from model.attention import _varlen_boundaries, document_causal_mask
-from tests.model_helpers import multilingual_ids, tiny_config, tiny_model
+from fuxi.kernels import gelu_fast_torch, rope_cos_sin
+from fuxi.kernels.rope import apply_rope_torch
+from fuxi.model import ModelConfig, build_model
+from fuxi.model.attention import _varlen_boundaries, document_causal_mask
+from model_helpers import multilingual_ids, tiny_config, tiny_model
 
 
 def published_parameter_count(vocab: int) -> int:

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from checkpoints import CheckpointError, import_from_hf, load_model, save_model
-from checkpoints.hf_import import load_hf_reference
-from checkpoints.sharded_safetensors import iter_tensors
-from launch.cli import main as fuxi
-from model.config import MoEConfig
-from model.upcycle import upcycle_model
-from tests.model_helpers import multilingual_ids, tiny_model
+from fuxi.checkpoints import CheckpointError, import_from_hf, load_model, save_model
+from fuxi.checkpoints.hf_import import load_hf_reference
+from fuxi.checkpoints.sharded_safetensors import iter_tensors
+from fuxi.launch.cli import main as fuxi
+from fuxi.model.config import MoEConfig
+from fuxi.model.upcycle import upcycle_model
+from model_helpers import multilingual_ids, tiny_model
 
 pytestmark = pytest.mark.hf
 

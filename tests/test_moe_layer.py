@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig, MoEConfig
-from model.fuxitranyu import MLP
-from model.moe import (MoEFeedForward, RouterOutput, balance_loss, lpr_loss, original_language_mask, route)
-from model.typed_config import ConfigError, load_config
+from fuxi.model.config import ModelConfig, MoEConfig
+from fuxi.model.fuxitranyu import MLP
+from fuxi.model.moe import (MoEFeedForward, RouterOutput, balance_loss, lpr_loss, original_language_mask, route)
+from fuxi.model.typed_config import ConfigError, load_config
 
 H, FFN = 32, 64
 
@@ -210,7 +210,7 @@ def test_default_lpr_is_the_released_cross_entropy_over_the_probabilities():
 def test_paper_form_router_gradient_is_n_times_the_code_form_at_uniform_routing(num_experts):
     """d(-log p_0)/dz = p - e_0; the code form's is (diag p - p p^T)(q - e_0) with q = softmax(p), which at
     p = 1/N is (p - e_0)/N: the paper form pulls N times harder (docs/moe_lpr.md measures the ratio elsewhere)."""
-    from experiments.moe_lpr import lpr_gradient_ratio
+    from fuxi.experiments.moe_lpr import lpr_gradient_ratio
 
     uniform = lpr_gradient_ratio([torch.zeros(5, num_experts)], top_k=2)
     assert uniform["norm_ratio"] == pytest.approx(num_experts, rel=1e-5)
@@ -303,7 +303,7 @@ def test_language_flags_survive_a_packed_block_boundary():
     (id 0) and each token carrying its document's language. After the stream's next-token shift and
     `original_language_mask` the flags are 1...1 0...0 at the exact boundary, each EOS with its own doc's flag,
     and LPR counts exactly the flagged positions."""
-    from data_pipeline.stream import default_transform
+    from fuxi.data_pipeline.stream import default_transform
 
     old_doc, new_doc = [11, 12, 13, 0], [21, 22, 23, 24, 0]  # EOS-terminated, as data_pipeline/pack.py emits
     tokens = torch.tensor(old_doc + new_doc)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.moe_lpr import SEQ_LEN, aggregate, paired, review_mix, review_steps, seed_summary
+from fuxi.experiments.moe_lpr import SEQ_LEN, aggregate, paired, review_mix, review_steps, seed_summary
 
 
 @pytest.mark.parametrize("share, batch", [(0.01, 16), (0.01, 4), (0.1, 16), (0.27, 16), (1e-6, 16)])

@@ -5,14 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-from checkpoints import load_model, save_model
-from launch.cli import main as fuxi
-from model import build_model
-from model.config import MoEConfig
-from model.moe_stats import plot_router_shares, router_statistics
-from model.upcycle import (stage1_trainable, stage1_trainable_count, stage2_trainable, upcycle_config,
+from fuxi.checkpoints import load_model, save_model
+from fuxi.launch.cli import main as fuxi
+from fuxi.model import build_model
+from fuxi.model.config import MoEConfig
+from fuxi.model.moe_stats import plot_router_shares, router_statistics
+from fuxi.model.upcycle import (stage1_trainable, stage1_trainable_count, stage2_trainable, upcycle_config,
                            upcycle_model)
-from tests.model_helpers import multilingual_ids, tiny_config, tiny_model
+from model_helpers import multilingual_ids, tiny_config, tiny_model
 
 N, K = 4, 2
 

@@ -3,8 +3,8 @@ the Triton kernels (CPU interpreter, fp32) against the torch reference, forward 
 import pytest
 import torch
 
-from kernels.moe_permute import combine_tokens, permute_tokens, source_tokens
-from model.moe import plan_dispatch
+from fuxi.kernels.moe_permute import combine_tokens, permute_tokens, source_tokens
+from fuxi.model.moe import plan_dispatch
 
 
 def _routing(num_tokens, top_k, num_experts, seed=0, empty_expert=None):

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints.model_checkpoint import save_model_checkpoint
-from checkpoints.sharded_safetensors import iter_tensors
-from model import ModelConfig, build_model
-from model.config import MoEConfig
-from model.moe_stats import router_statistics
-from model.typed_config import ConfigError, to_dict
-from model.upcycle import is_new_expert, is_router, upcycle_config, upcycle_model, upcycle_tensors
-from pretrain.config import load_train_config
-from pretrain.stages import build_stage
-from tests.trainer_helpers import run_config, run_pretrain, tiny_training_dataset, write_config
+from fuxi.checkpoints.model_checkpoint import save_model_checkpoint
+from fuxi.checkpoints.sharded_safetensors import iter_tensors
+from fuxi.model import ModelConfig, build_model
+from fuxi.model.config import MoEConfig
+from fuxi.model.moe_stats import router_statistics
+from fuxi.model.typed_config import ConfigError, to_dict
+from fuxi.model.upcycle import is_new_expert, is_router, upcycle_config, upcycle_model, upcycle_tensors
+from fuxi.pretrain.config import load_train_config
+from fuxi.pretrain.stages import build_stage
+from trainer_helpers import run_config, run_pretrain, tiny_training_dataset, write_config
 
 ORIGINAL = ["en", "zh"]
 EXPANSION = ["ru", "code_python"]
@@ -94,7 +94,7 @@ def records(run_dir, kind: str) -> list[dict]:
 def test_stages_freeze_everything_but_their_trainable_set_under_deepspeed(data, upcycled, tmp_path, zero_stage):
     """Two optimizer steps (micro 2 x accumulation 2) per stage, in process, fp32; compared bitwise through
     the consolidated checkpoints (`run.export_final`), which is also how stage 2 receives stage 1's weights."""
-    from pretrain.trainer import train
+    from fuxi.pretrain.trainer import train
 
     first, second = tmp_path / "stage1", tmp_path / "stage2"
     train(load_train_config(None, data=stage_config(data, first, "moe_lpr_stage1", upcycled, zero_stage)))
@@ -205,7 +205,7 @@ def test_stage1_loss_is_lm_plus_alpha_balance():
 
 def test_router_meter_equals_statistics_of_the_whole_batch():
     """Token-weighted accumulation over micro-batches == router_statistics over their concatenation."""
-    from pretrain.moe_stages import RouterStatsMeter
+    from fuxi.pretrain.moe_stages import RouterStatsMeter
 
     stage, model = in_memory_stage("moe_lpr_stage2", ["en", "ru", "zh"], ["en"])
     first = packed_batch(torch.tensor([[0] * 12 + [1] * 4, [1] * 16]), seed=2)
@@ -250,7 +250,7 @@ def test_moe_stage_refuses_a_dense_model():
 def test_shipped_moe_lpr_configs_load_and_stage2_matches_the_8b_model():
     import dataclasses
 
-    from model.config import load_model_config
+    from fuxi.model.config import load_model_config
 
     for name in ("stage1", "stage2", "tiny-dense", "tiny-stage1", "tiny-stage2"):
         cfg = load_train_config(f"configs/train/moe-lpr-{name}.yaml")
@@ -295,8 +295,8 @@ def toy_batch(perm, langs: list[int], gen, structured: bool = True) -> dict:
 
 def toy_train(model, stage_name: str, steps: int, langs: list[int], seed: int, perm, structured=True, **moe):
     """The stage's configure + compute_loss with the trainer's optimizer, clipping and cosine schedule."""
-    from pretrain.distributed import build_optimizer
-    from pretrain.schedule import lr_at
+    from fuxi.pretrain.distributed import build_optimizer
+    from fuxi.pretrain.schedule import lr_at
 
     section = to_dict(model.config)
     if moe:

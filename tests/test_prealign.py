@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.typed_config import ConfigError
-from pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, DictionaryLoader, alignment_report,
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, DictionaryLoader, alignment_report,
                                      contrastive_alignment_loss, prealign_loss, space_names, word_vectors)
-from tests.model_helpers import tiny_model
+from model_helpers import tiny_model
 
 TAU = 0.1
 
@@ -144,7 +144,7 @@ def test_alpha_weights_the_chosen_term(weights):
 def test_default_is_the_released_weighting_lm_plus_a_tenth_of_align():
     """Both released trainers compute L_LM + 0.1 * L_align; the config default and the function default do too.
     The reference recomputes the LM term from the logits and the alignment term from the hidden states."""
-    from pretrain.config import PreAlignConfig
+    from fuxi.pretrain.config import PreAlignConfig
 
     cfg = PreAlignConfig()
     assert (cfg.alpha_weights, cfg.alpha, cfg.temperature) == ("align", 0.1, 0.1)

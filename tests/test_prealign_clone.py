@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from experiments.prealign import (EOS, MOODS, NEGATIVE, WEIGHTING_SUFFIX, EnglishClone, choice_accuracy,
+from fuxi.data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, split_words
+from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from fuxi.experiments.prealign import (EOS, MOODS, NEGATIVE, WEIGHTING_SUFFIX, EnglishClone, choice_accuracy,
                                         make_documents, make_world, mood_example, pack_blocks)
-from pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
+from fuxi.pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_every_init_weighting_names_its_arm():
 
 def test_experiment_driver_end_to_end_smoke(tmp_path, capsys):
     """The driver runs every stage at toy size and writes its files; the last printed line is the JSON."""
-    from experiments.prealign import main
+    from fuxi.experiments.prealign import main
 
     out = tmp_path / "exp"
     assert main(["--out", str(out), "--arms", "joint,prealign", "--english-docs", "60", "--clone-docs", "20",

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from data_pipeline.align_table import (SHIPPED_TABLE, AlignmentTable, AlignTableConfig, Concept,
+from fuxi.data_pipeline.align_table import (SHIPPED_TABLE, AlignmentTable, AlignTableConfig, Concept,
                                        build_alignment_table, parse_freedict_entry, read_alignment_table,
                                        read_freedict, write_alignment_table)
-from data_pipeline.errors import DataError
+from fuxi.data_pipeline.errors import DataError
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
@@ -127,7 +127,7 @@ def test_read_freedict_and_build_choose_translations(tmp_path):
 
 
 def test_cli_writes_table_and_provenance(tmp_path, capsys):
-    from data_pipeline.cli import main
+    from fuxi.data_pipeline.cli import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from model.typed_config import ConfigError
-from pretrain.config import load_train_config
-from tests.trainer_helpers import REPO, run_config, run_pretrain, tiny_training_dataset, write_config
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.config import load_train_config
+from trainer_helpers import REPO, run_config, run_pretrain, tiny_training_dataset, write_config
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def data(tmp_path_factory):
 def toy_table(data, path: Path, concepts: int = 30) -> Path:
     """Pairs of distinct one-token words of the tiny tokenizer: a dictionary a few steps can align (the shipped
     table's words are long byte sequences for a 512-token vocabulary)."""
-    from data_pipeline.tokenizer import load_tokenizer
+    from fuxi.data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(data.tokenizer_dir)
     words = sorted(t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha())

@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from model.typed_config import ConfigError
-from pretrain.config import BatchStage, PeakCut, ScheduleConfig
-from pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at, sequences_before
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.config import BatchStage, PeakCut, ScheduleConfig
+from fuxi.pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at, sequences_before
 
 
 def test_cosine_from_3e4_to_3e5_with_warmup():

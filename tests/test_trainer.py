@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from model.typed_config import ConfigError
-from pretrain.config import load_train_config
-from pretrain.metrics import LanguageLoss, per_language_report
-from tests.trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env,
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.config import load_train_config
+from fuxi.pretrain.metrics import LanguageLoss, per_language_report
+from trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env,
                                    tiny_training_dataset,
                                    train_losses, write_config)
 
@@ -84,7 +84,7 @@ def test_two_ranks_match_one_process(data, tmp_path, zero_stage):
 
 
 def test_ranks_read_disjoint_samples_covering_the_single_process_order(data):
-    from data_pipeline.loader import build_train_loader
+    from fuxi.data_pipeline.loader import build_train_loader
 
     cfg = load_train_config(None, data=run_config(data, "unused")).data
 
@@ -138,7 +138,7 @@ def test_ghostrnn_lm_trains_checkpoints_and_resumes_exactly_through_the_trainer(
     """model.type ghostrnn_lm on the same stream, checkpointed and resumed the same way (in-process)."""
     import shutil
 
-    from pretrain.trainer import train
+    from fuxi.pretrain.trainer import train
 
     model = {"type": "ghostrnn_lm", "vocab_size": 512, "hidden_size": 32, "num_layers": 2, "max_seq_len": 32,
              "kernels": "torch", "ghostrnn": {"ratio": 2, "feed_ghost_back": True}}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import CheckpointError
-from launch.cli import main as fuxi
-from pretrain.config import load_train_config
-from pretrain.metrics import read_metrics
-from tests.trainer_helpers import run_config, tiny_training_dataset, write_config
+from fuxi.checkpoints import CheckpointError
+from fuxi.launch.cli import main as fuxi
+from fuxi.pretrain.config import load_train_config
+from fuxi.pretrain.metrics import read_metrics
+from trainer_helpers import run_config, tiny_training_dataset, write_config
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_a_missing_model_file_names_the_key(data, tmp_path, capsys):
 def test_a_tokenizer_other_than_the_shards_is_refused_whichever_key_names_it(data, tmp_path, capsys):
     """run.tokenizer names a tokenizer whose ids of two tokens are swapped (data.tokenizer unset, as in the
     quickstart config): the shards' ids would mean other tokens. Both hashes are in the message."""
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.tokenizer import tokenizer_hash
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
     swapped = swap_two_ids(data.tokenizer_dir, tmp_path / "swapped")
     cfg = run_config(data, tmp_path / "run", run={"output_dir": str(tmp_path / "run"), "tokenizer": str(swapped)})
@@ -92,7 +92,7 @@ def test_a_tokenizer_other_than_the_shards_is_refused_whichever_key_names_it(dat
 
 def poison_losses(monkeypatch, steps, micro_batches=2):
     """From now on the stage's loss is NaN at the given steps (counted from 1; `micro_batches` per step)."""
-    import pretrain.stages as stages
+    import fuxi.pretrain.stages as stages
 
     original = stages.PretrainStage.compute_loss
     calls = {"n": 0}
@@ -111,8 +111,8 @@ def test_manifest_checks_name_the_data_key_and_the_manifest(data, tmp_path, caps
     """The loader's own manifest checks (data_pipeline.loader.open_manifest) run before anything loads, as one
     line naming the data key, the manifest and the config: another seq_len, data.tokenizer with another hash,
     an unreadable manifest."""
-    from data_pipeline.manifest import load_manifest
-    from data_pipeline.tokenizer import tokenizer_hash
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
     out = tmp_path / "run"
     config = write_config(run_config(data, out), tmp_path / "run.yaml")
@@ -208,7 +208,7 @@ def plant_payload(path, marker):
 def test_resume_refuses_a_checkpoint_file_that_would_run_code(data, tmp_path, zero_stage):
     """A pickle payload in each .pt of a training checkpoint in turn (DeepSpeed's model states and ZeRO optimizer
     partition, our per-rank state): resuming refuses the file, naming it, and the payload never runs."""
-    from pretrain.trainer import train
+    from fuxi.pretrain.trainer import train
 
     out = tmp_path / "run"
     cfg = load_train_config(None, data=run_config(data, out, schedule={"total_steps": 1, "warmup_steps": 0},
@@ -237,7 +237,7 @@ def test_resume_refuses_a_checkpoint_file_that_would_run_code(data, tmp_path, ze
 def test_mfu_and_flops_per_token_do_not_depend_on_zero_stage(data, tmp_path):
     """FLOPs per token from the config, 6N + 12·L·h·s with N counted here from the architecture: the same under
     ZeRO-1 and ZeRO-3 (which leaves each rank's parameters empty); every MFU and TFLOP/s logged follows from it."""
-    from pretrain.trainer import train
+    from fuxi.pretrain.trainer import train
 
     model = run_config(data, "unused")["model"]
     h, layers, ffn, vocab, seq = model["hidden_size"], model["num_layers"], model["ffn_hidden_size"], \
@@ -269,9 +269,9 @@ def test_replaced_samples_are_counted_in_metrics_tensorboard_and_console(data, t
     import logging
     import os
 
-    from data_pipeline.loader import build_train_loader
-    from data_pipeline.manifest import load_manifest
-    from pretrain.trainer import train
+    from fuxi.data_pipeline.loader import build_train_loader
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.pretrain.trainer import train
 
     shards = tmp_path / "shards"
     shutil.copytree(data.train_manifest.parent, shards)
@@ -305,8 +305,8 @@ def test_python_and_numpy_rngs_are_seeded_from_run_seed_and_resume(data, tmp_pat
     """A stage that draws from `random` and NumPy each micro-batch: two fresh runs draw the same numbers whatever
     the global state before them (seeded from run.seed), and a run resumed from step 2 draws what the
     uninterrupted run drew at steps 3-4 (the states are checkpointed per rank)."""
-    import pretrain.stages as stages
-    from pretrain.trainer import train
+    import fuxi.pretrain.stages as stages
+    from fuxi.pretrain.trainer import train
 
     original = stages.PretrainStage.compute_loss
     draws = []

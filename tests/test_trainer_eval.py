@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.cli import main as fuxi
-from pretrain.config import load_train_config
-from tests.trainer_helpers import run_config, tiny_training_dataset, write_config
+from fuxi.launch.cli import main as fuxi
+from fuxi.pretrain.config import load_train_config
+from trainer_helpers import run_config, tiny_training_dataset, write_config
 
 LANGS = ["zh", "ru"]
 
@@ -26,8 +26,8 @@ def eval_config(data, out, **logging) -> dict:
 
 
 def test_an_evaluation_that_fails_does_not_lose_the_checkpoint_of_its_step(data, tmp_path, monkeypatch):
-    from pretrain.evaluation.in_loop import InLoopEvaluator
-    from pretrain.trainer import train
+    from fuxi.pretrain.evaluation.in_loop import InLoopEvaluator
+    from fuxi.pretrain.trainer import train
 
     def failing(self, step):
         raise RuntimeError(f"evaluation at step {step} failed")
@@ -46,10 +46,10 @@ def test_in_loop_evaluator_builds_the_tasks_once_and_scores_the_same_each_time(d
     reused tasks score exactly what freshly built ones do (the few-shot sampler is re-seeded)."""
     from lm_eval.tasks import TaskManager
 
-    from model import build_model
-    from pretrain.distributed import DistributedContext
-    from pretrain.evaluation.harness import build_report, evaluate
-    from pretrain.evaluation.in_loop import InLoopEvaluator
+    from fuxi.model import build_model
+    from fuxi.pretrain.distributed import DistributedContext
+    from fuxi.pretrain.evaluation.harness import build_report, evaluate
+    from fuxi.pretrain.evaluation.in_loop import InLoopEvaluator
 
     cfg = load_train_config(None, data=eval_config(data, tmp_path / "run"))
     model = build_model(cfg.model)
@@ -84,8 +84,8 @@ def test_a_task_that_generates_text_is_refused_before_anything_loads(data, tmp_p
     group, is refused from its YAML by the preflight (exit 2, one line naming the key), before data or engine."""
     from lm_eval.tasks import TaskManager
 
-    import pretrain.evaluation.harness as harness
-    from pretrain.evaluation.local_tasks import TASKS_DIR
+    import fuxi.pretrain.evaluation.harness as harness
+    from fuxi.pretrain.evaluation.local_tasks import TASKS_DIR
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.trainer_helpers import (REPO, free_port, pretrain_command, run_config, run_pretrain, subprocess_env,
+from trainer_helpers import (REPO, free_port, pretrain_command, run_config, run_pretrain, subprocess_env,
                                    tiny_training_dataset, train_losses, write_config)
 
 # A constant LR (no warmup, floor = peak), so a run's losses do not depend on schedule.total_steps and an
@@ -143,7 +143,7 @@ def test_slurm_script_turns_the_time_limit_warning_into_a_checkpoint_and_a_reque
 
 def fuxi_pretrain_in_process(config, capsys) -> tuple[int, str]:
     """`fuxi pretrain` in this process: (exit code, its last stdout line)."""
-    from launch.cli import main as fuxi
+    from fuxi.launch.cli import main as fuxi
 
     capsys.readouterr()
     code = fuxi(["pretrain", "--config", str(config)])
@@ -154,9 +154,9 @@ def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validati
                                                                                    monkeypatch):
     """Step 3 has a NaN loss, which DeepSpeed (ZeRO-1) skips, leaving the weights intact, and SIGTERM arrives
     during it: the checkpoint of step 3 is written, and the validation due at step 3 does not run."""
-    import pretrain.stages as stages
+    import fuxi.pretrain.stages as stages
 
-    from pretrain.metrics import read_metrics
+    from fuxi.pretrain.metrics import read_metrics
 
     original = stages.PretrainStage.compute_loss
     calls = {"n": 0}
@@ -186,7 +186,7 @@ def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validati
 def test_sigterm_during_setup_trains_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
     """A run resumed from step 2 gets SIGTERM while its engine is built: it exits 0 once setup is done, before
     validating or training a step, and leaves `latest` (the resume point) and the metrics as they were."""
-    import pretrain.trainer as trainer
+    import fuxi.pretrain.trainer as trainer
 
     out = tmp_path / "run"
     cfg = run_config(data, out, schedule={"total_steps": 2, "warmup_steps": 0}, checkpoint={"every_steps": 2})

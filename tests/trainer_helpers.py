@@ -17,7 +17,7 @@ LANGUAGES = ["en", "zh", "ru", "code_python"]
 
 def tiny_training_dataset(tmp_path_factory):
     """Tokenizer + train/valid shards for four languages of the bundled corpus (cached per test process)."""
-    from tests.data_helpers import tiny_dataset
+    from data_helpers import tiny_dataset
 
     return tiny_dataset(tmp_path_factory, vocab_size=512, seq_len=32, max_docs_per_language=12,
                         languages=LANGUAGES)
@@ -60,15 +60,15 @@ def free_port() -> int:
 def subprocess_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
 
 
 def pretrain_command(config: Path, nproc: int = 1, overrides: tuple[str, ...] = ()) -> list[str]:
-    tail = ["-m", "launch.cli", "pretrain", "--config", str(config), *[f"--set={o}" for o in overrides]]
+    tail = ["-m", "fuxi.launch.cli", "pretrain", "--config", str(config), *[f"--set={o}" for o in overrides]]
     if nproc == 1:
         return [sys.executable, *tail]
-    return [sys.executable, "-m", "launch.torchrun", "--nproc_per_node", str(nproc), "--master_addr",
+    return [sys.executable, "-m", "fuxi.launch.torchrun", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), *tail]
 
 

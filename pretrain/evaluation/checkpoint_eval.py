@@ -6,10 +6,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from pretrain.evaluation.benchmarks import DEFAULT_TASKS, EvalTask, resolve_tasks
-from pretrain.evaluation.harness import build_report, evaluate, harness_task_names
-from pretrain.evaluation.local_tasks import tasks_digest
-from pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint, resolve_device, resolve_dtype
+from fuxi.pretrain.evaluation.benchmarks import DEFAULT_TASKS, EvalTask, resolve_tasks
+from fuxi.pretrain.evaluation.harness import build_report, evaluate, harness_task_names
+from fuxi.pretrain.evaluation.local_tasks import tasks_digest
+from fuxi.pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint, resolve_device, resolve_dtype
 
 
 @dataclass

@@ -13,11 +13,11 @@ import logging
 import math
 import statistics
 
-from data_pipeline.tables import format_table
-from pretrain.evaluation.benchmarks import BENCHMARKS, EvalTask
-from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.local_tasks import TASKS_DIR
-from pretrain.evaluation.model_adapter import HarnessModel
+from fuxi.data_pipeline.tables import format_table
+from fuxi.pretrain.evaluation.benchmarks import BENCHMARKS, EvalTask
+from fuxi.pretrain.evaluation.errors import EvalError
+from fuxi.pretrain.evaluation.local_tasks import TASKS_DIR
+from fuxi.pretrain.evaluation.model_adapter import HarnessModel
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 SHOWN_METRICS = ("acc", "acc_norm", "bits_per_byte", "byte_perplexity")

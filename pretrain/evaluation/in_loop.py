@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from pretrain.checkpointing import capture_rng_state, restore_rng_state
-from pretrain.distributed import barrier
-from pretrain.evaluation.benchmarks import resolve_tasks
-from pretrain.evaluation.errors import EvalError
-from pretrain.evaluation.harness import build_report, evaluate, harness_task_names, load_tasks, refuse_generation
+from fuxi.pretrain.checkpointing import capture_rng_state, restore_rng_state
+from fuxi.pretrain.distributed import barrier
+from fuxi.pretrain.evaluation.benchmarks import resolve_tasks
+from fuxi.pretrain.evaluation.errors import EvalError
+from fuxi.pretrain.evaluation.harness import build_report, evaluate, harness_task_names, load_tasks, refuse_generation
 
 log = logging.getLogger("fuxi.train")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("fuxi.train")
 def check_eval_config(cfg) -> None:
     """For pretrain/preflight.py, before anything is loaded: lm-eval is installed, every task name resolves and
     none generates text (TrainConfig itself checks that run.tokenizer is set)."""
-    from model.typed_config import ConfigError
+    from fuxi.model.typed_config import ConfigError
 
     try:
         import lm_eval  # noqa: F401
@@ -52,7 +52,7 @@ class InLoopEvaluator:
 
     def _harness_lm(self):
         if self._lm is None:
-            from pretrain.evaluation.model_source import our_model_lm
+            from fuxi.pretrain.evaluation.model_source import our_model_lm
 
             self._lm = our_model_lm(self.engine.module, self.cfg.model, self.cfg.run.tokenizer, self.ctx.device,
                                     self.cfg.logging.eval_batch_size, name=self.cfg.run.output_dir)

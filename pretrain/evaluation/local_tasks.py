@@ -1,5 +1,5 @@
 """The shipped local tasks (pretrain/evaluation/tasks/, built by build_tasks.py): where they are, and the dataset
-loader their YAMLs name (`custom_dataset: !function pretrain.evaluation.local_tasks.load_dataset`).
+loader their YAMLs name (`custom_dataset: !function fuxi.pretrain.evaluation.local_tasks.load_dataset`).
 
 The loader resolves `data_files` against the task folder, so the YAMLs work from any working directory, both
 through `fuxi eval` and through the harness's own CLI (`lm_eval --include_path pretrain/evaluation/tasks`).
@@ -26,7 +26,7 @@ def load_dataset(data_files: dict[str, str] | None = None, **_metadata):
         path = (TASKS_DIR / relative).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"{path}: local task data missing; rebuild with "
-                                    "`python -m pretrain.evaluation.build_tasks`")
+                                    "`python -m fuxi.pretrain.evaluation.build_tasks`")
         with open(path, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
         splits[split] = datasets.Dataset.from_list(records)

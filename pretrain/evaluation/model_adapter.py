@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from model import ModelConfig
+from fuxi.model import ModelConfig
 
 
 class HarnessModel(torch.nn.Module):

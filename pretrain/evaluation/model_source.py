@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.sharded_safetensors import CheckpointError
-from model.typed_config import ConfigError
-from pretrain.evaluation.errors import EvalError
+from fuxi.checkpoints.sharded_safetensors import CheckpointError
+from fuxi.model.typed_config import ConfigError
+from fuxi.pretrain.evaluation.errors import EvalError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUR_REMOTE_CODE_TYPES = ("fuxitranyu", "fuxitranyu_moe")
@@ -70,8 +70,8 @@ def _our_tokenizer_dir(checkpoint: Path, tokenizer: str | None) -> str:
 
 def inspect_checkpoint(path: str | Path, tokenizer: str | None = None) -> ModelSource:
     """Decide what `path` is, without reading any weights."""
-    from checkpoints.deepspeed_checkpoint import MODEL_CONFIG_FILE, is_deepspeed_checkpoint, resolve_tag_dir
-    from checkpoints.model_checkpoint import is_model_checkpoint, read_model_config
+    from fuxi.checkpoints.deepspeed_checkpoint import MODEL_CONFIG_FILE, is_deepspeed_checkpoint, resolve_tag_dir
+    from fuxi.checkpoints.model_checkpoint import is_model_checkpoint, read_model_config
 
     path = Path(path)
     if not path.exists():
@@ -107,9 +107,9 @@ def inspect_checkpoint(path: str | Path, tokenizer: str | None = None) -> ModelS
 
 def load_our_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Our model with the weights of an "ours", "deepspeed" or "hf-imported" source, in eval mode."""
-    from checkpoints.deepspeed_checkpoint import MODEL_CONFIG_FILE, consolidated_state_dict
-    from checkpoints.hf_import import read_hf_checkpoint
-    from checkpoints.model_checkpoint import load_model, model_from_tensors, read_model_config
+    from fuxi.checkpoints.deepspeed_checkpoint import MODEL_CONFIG_FILE, consolidated_state_dict
+    from fuxi.checkpoints.hf_import import read_hf_checkpoint
+    from fuxi.checkpoints.model_checkpoint import load_model, model_from_tensors, read_model_config
 
     if source.kind == "ours":
         model = load_model(source.path, device=device, dtype=dtype)
@@ -130,7 +130,7 @@ def harness_tokenizer(tokenizer_dir: str, config, workdir: Path):
     checked against the model config)."""
     from transformers import AutoTokenizer
 
-    from checkpoints.hf_export import export_tokenizer
+    from fuxi.checkpoints.hf_export import export_tokenizer
 
     out = workdir / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def our_model_lm(module: torch.nn.Module, config, tokenizer_dir: str, device: to
     """HFLM around one of our models (or a DeepSpeed engine holding one)."""
     from lm_eval.models.huggingface import HFLM
 
-    from pretrain.evaluation.model_adapter import HarnessModel
+    from fuxi.pretrain.evaluation.model_adapter import HarnessModel
 
     with tempfile.TemporaryDirectory(prefix="fuxi-eval-") as tmp:
         try:

@@ -12,12 +12,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from data_pipeline.io_utils import atomic_write, write_json
-from data_pipeline.tables import format_table
-from pretrain.checkpointing import COMPLETE, TAG_PATTERN
-from pretrain.evaluation.benchmarks import HIGHER_IS_BETTER
-from pretrain.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
-from pretrain.evaluation.errors import EvalError
+from fuxi.data_pipeline.io_utils import atomic_write, write_json
+from fuxi.data_pipeline.tables import format_table
+from fuxi.pretrain.checkpointing import COMPLETE, TAG_PATTERN
+from fuxi.pretrain.evaluation.benchmarks import HIGHER_IS_BETTER
+from fuxi.pretrain.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
+from fuxi.pretrain.evaluation.errors import EvalError
 
 
 def run_checkpoints(run_dir: Path) -> list[dict]:
