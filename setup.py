@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 # One import namespace, the folders kept at the repository root: `model/` is imported as `fuxi.model`, and so on.
 # Generic top-level names (`kernels`, `model`, `launch`) collide with other distributions (transformers >= 5.25
 # requires Hugging Face's `kernels`); `fuxi` is the only top-level name this package installs.
-FOLDERS = ["model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch", "experiments"]
+FOLDERS = ["common", "model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch", "experiments"]
 package_dir = {f"fuxi.{folder}": folder for folder in FOLDERS}
 packages = [f"fuxi.{folder}{'.' + sub if sub else ''}" for folder in FOLDERS
             for sub in ["", *find_packages(folder)]]

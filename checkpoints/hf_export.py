@@ -101,7 +101,7 @@ def hf_config_dict(config: ModelConfig, dtype: str, layout: str | None = None) -
 def moe_hf_fields(config: ModelConfig) -> dict:
     """FuxiTranyu-MoE: the routing fields the shipped modeling file reads, plus `fuxi_moe` (our MoEConfig,
     training switches included) so that `convert from-hf` restores it exactly."""
-    from fuxi.model.typed_config import to_dict
+    from fuxi.common.typed_config import to_dict
 
     moe = config.moe
     return {

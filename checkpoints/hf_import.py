@@ -134,8 +134,9 @@ def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
     fields; either way it must agree with the routing fields the shipped modeling file reads."""
     import dataclasses
 
+    from fuxi.common.errors import ConfigError
+    from fuxi.common.typed_config import from_dict
     from fuxi.model.config import MoEConfig
-    from fuxi.model.typed_config import ConfigError, from_dict
 
     missing = [k for k in ("num_experts", "num_experts_per_tok") if k not in cfg]
     if missing:

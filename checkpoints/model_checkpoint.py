@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors, tensor_shapes
-from fuxi.data_pipeline.staging import staged_folder
+from fuxi.common.errors import ConfigError
+from fuxi.common.staging import staged_folder
+from fuxi.common.typed_config import from_dict, to_dict
 from fuxi.model import ModelConfig, build_model
-from fuxi.model.typed_config import ConfigError, from_dict, to_dict
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the model was trained with, beside the weights

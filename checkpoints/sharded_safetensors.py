@@ -15,24 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fuxi.data_pipeline.io_utils import new_file_mode
+from fuxi.common.atomic import new_file_mode, publish, write_text
+from fuxi.common.errors import InputError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, malformed or does not match the model. The message names file and keys."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardedSafetensorsWriter:
@@ -67,8 +58,7 @@ class ShardedSafetensorsWriter:
         if not self._pending:
             return
         tmp = self.out_dir / f".shard-{len(self._written):05d}.safetensors.tmp-{os.getpid()}"
-        save_file(self._pending, str(tmp), metadata=self.metadata)
-        os.chmod(tmp, self._file_mode)
+        save_file(self._pending, str(tmp), metadata=self.metadata)  # renamed into place by finish()
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -82,13 +72,13 @@ class ShardedSafetensorsWriter:
         weight_map = {}
         for i, (tmp, names) in enumerate(self._written):
             final = self.out_dir / (SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-            os.replace(tmp, final)
+            publish(tmp, final, self._file_mode)
             final_paths.append(final)
             weight_map.update({name: final.name for name in names})
         index_path = self.out_dir / INDEX_FILE
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n", fsync=True)
         elif index_path.exists():
             index_path.unlink()
         return final_paths

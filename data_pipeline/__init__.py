@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline.config import DataConfig
-from fuxi.data_pipeline.errors import DataConfigError, DataError, ManifestError, ShardError
+from fuxi.data_pipeline.errors import ManifestError, ShardError
 
 _LAZY = {
     "CleanReport": "data_pipeline.clean",
@@ -44,7 +45,7 @@ _LAZY = {
     "bundled_corpus": "data_pipeline.corpus",
 }
 
-__all__ = ["DataConfig", "DataConfigError", "DataError", "ManifestError", "ShardError", *_LAZY]
+__all__ = ["DataConfig", "ConfigError", "DataError", "ManifestError", "ShardError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fuxi.data_pipeline.errors import DataConfigError, DataError
-from fuxi.data_pipeline.io_utils import atomic_write, iter_json_records, write_json
+from fuxi.common.atomic import atomic_write, write_json
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.data_pipeline.io_utils import iter_json_records
 from fuxi.data_pipeline.textstats import word_units
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def read_alignment_table(path: str | Path) -> AlignmentTable:
 def write_alignment_table(table: AlignmentTable, path: str | Path, form: str = "multi") -> Path:
     """Write atomically in the multi-way form (one line per concept) or one-to-one pairs."""
     if form not in ("multi", "pairs"):
-        raise DataConfigError(f"form: {form!r} is not one of ['multi', 'pairs']")
+        raise ConfigError("form", f"{form!r} is not one of ['multi', 'pairs']")
     path = Path(path)
     with atomic_write(path) as f:
         if form == "multi":
@@ -354,11 +355,11 @@ class AlignTableConfig:
 
     def validate(self) -> None:
         if self.max_concepts < 1:
-            raise DataConfigError(f"max_concepts: must be >= 1, got {self.max_concepts}")
+            raise ConfigError("max_concepts", f"must be >= 1, got {self.max_concepts}")
         if self.min_translations < 1:
-            raise DataConfigError(f"min_translations: must be >= 1, got {self.min_translations}")
+            raise ConfigError("min_translations", f"must be >= 1, got {self.min_translations}")
         if self.languages is not None and ("en" in self.languages or not self.languages):
-            raise DataConfigError(f"languages: the non-English languages to translate into, got {self.languages}")
+            raise ConfigError("languages", f"the non-English languages to translate into, got {self.languages}")
 
 
 @dataclass
@@ -369,7 +370,7 @@ class BuildReport:
     config: dict
 
     def table(self) -> str:
-        from fuxi.data_pipeline.tables import format_table
+        from fuxi.common.tables import format_table
         rows = [[lang, s["words"], s["freedict"], s["parallel"], s["both"], s.get("package") or "-"]
                 for lang, s in self.per_language.items()]
         return format_table(["lang", "words", "from freedict", "from parallel", "in both", "package"], rows)

@@ -56,13 +56,13 @@ def run(args) -> dict:
     if getattr(args, "scale", False):
         from fuxi.data_pipeline import bench_scale
         return bench_scale.run(args)
+    from fuxi.common.tables import format_table
     from fuxi.data_pipeline.clean import clean
     from fuxi.data_pipeline.config import DataConfig
     from fuxi.data_pipeline.corpus import bundled_corpus
     from fuxi.data_pipeline.loader import build_train_loader
     from fuxi.data_pipeline.manifest import load_manifest
     from fuxi.data_pipeline.pack import pack
-    from fuxi.data_pipeline.tables import format_table
     from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-data-"))

@@ -32,6 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from fuxi.common.atomic import write_json
+
 BASELINE_REF = "23c7dc2"  # the single-process clean and the pool-based pack (issue 13's measurements)
 REPO = Path(__file__).resolve().parents[1]
 _SENTENCE_RE = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
@@ -214,7 +216,7 @@ class Results:
         if outputs is not None and outputs.exists():
             shutil.rmtree(outputs)
         self.data[key] = measure(code, env, log)
-        self.path.write_text(json.dumps(self.data, indent=1))
+        write_json(self.path, self.data)
         return self.data[key]
 
 
@@ -278,6 +280,7 @@ def _peer_tokenize(split: Path, tok: Path, work: Path, workers: int) -> str:
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.tokens import DocumentTokenizer
+
 LocalPipelineExecutor([JsonlReader({str(split)!r}, glob_pattern="*.jsonl"),
                        DocumentTokenizer({str(work)!r} + "/tokens", tokenizer_name_or_path={str(tok / 'tokenizer.json')!r},
                                          eos_token="<|endoftext|>")],
@@ -357,8 +360,8 @@ def _baseline(ref: str, into: Path) -> Path | None:
 
 
 def run(args) -> dict:
+    from fuxi.common.tables import format_table
     from fuxi.data_pipeline.corpus import bundled_corpus
-    from fuxi.data_pipeline.tables import format_table
     from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
     work = Path(args.workdir).absolute() if args.workdir else Path(tempfile.mkdtemp(prefix="fuxi-bench-scale-"))

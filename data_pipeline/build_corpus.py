@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuxi.common.atomic import atomic_write, write_json
+from fuxi.common.tables import format_table
 from fuxi.data_pipeline.corpus import BUNDLED_CORPUS
 from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
-from fuxi.data_pipeline.io_utils import atomic_write, write_json
-from fuxi.data_pipeline.tables import format_table
 from fuxi.data_pipeline.textstats import nfc, script_of
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.tables import format_table
 from fuxi.data_pipeline.corpus import find_splits
 from fuxi.data_pipeline.dedup import DedupConfig, exact_key
-from fuxi.data_pipeline.errors import DataConfigError
 from fuxi.data_pipeline.filters import CODE_FILTERS, TEXT_FILTERS, DocumentFilter, FilterConfig
 from fuxi.data_pipeline.io_utils import input_stamp
-from fuxi.data_pipeline.tables import format_table
 from fuxi.data_pipeline.textstats import nfc
 
 log = logging.getLogger(__name__)
@@ -190,15 +190,15 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     dedup.validate()
     splits = dict(inputs) if isinstance(inputs, Mapping) else find_splits(inputs)
     if not splits:
-        raise DataConfigError("inputs: no splits given")
+        raise ConfigError("inputs", "no splits given")
     if not 0.0 <= holdout_fraction < 1.0:
-        raise DataConfigError(f"holdout_fraction: must be in [0, 1), got {holdout_fraction}")
+        raise ConfigError("holdout_fraction", f"must be in [0, 1), got {holdout_fraction}")
     if chunk_mb <= 0:
-        raise DataConfigError(f"chunk_mb: must be > 0, got {chunk_mb}")
+        raise ConfigError("chunk_mb", f"must be > 0, got {chunk_mb}")
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     executor.validate()
     if executor.partial:
-        raise DataConfigError("local_tasks: clean's stages exchange files through one work folder; run its tasks "
+        raise ConfigError("local_tasks", "clean's stages exchange files through one work folder; run its tasks "
                               "on one machine, or on many with --executor slurm/ray and a shared work folder")
     out_dir = Path(out_dir).absolute()
     settings = CleanSettings(
@@ -208,7 +208,7 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         max_docs_per_language=max_docs_per_language,
         holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
         chunk_bytes=max(1, int(chunk_mb * (1 << 20))))
-    from fuxi.data_pipeline.staging import refuse_foreign
+    from fuxi.common.staging import refuse_foreign
     refuse_foreign(out_dir, (REPORT_NAME, "train", "valid", *settings.splits, *_splits_of_earlier_run(out_dir)))
     fingerprint = settings.fingerprint()
     report_path = out_dir / REPORT_NAME

@@ -26,15 +26,15 @@ from typing import Iterator
 
 import numpy as np
 
+from fuxi.common.atomic import atomic_write, write_json
+from fuxi.common.errors import DataError, InputError
+from fuxi.common.staging import switch_folder
 from fuxi.data_pipeline.chunks import ID_BITS, Chunk, doc_id, load_plan, plan_chunks, read_chunk
 from fuxi.data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
                                  merge_counters, ordered_stats)
 from fuxi.data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
 from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
 from fuxi.data_pipeline.engine import Stage, TaskError, TaskStep, deal
-from fuxi.data_pipeline.errors import DataError
-from fuxi.data_pipeline.io_utils import atomic_write, write_json
-from fuxi.data_pipeline.staging import switch_folder
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:
@@ -71,7 +71,7 @@ class _ChunkStep(TaskStep):
                 continue
             try:
                 docs_in, docs_out = self.process(chunk)
-            except DataError:
+            except InputError:  # bad input names itself; anything else gets the task's name
                 raise
             except Exception as err:
                 raise TaskError(f"{self.name}: task {rank} of {world_size}, {chunk.describe()}: {err}") from err

@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fuxi.data_pipeline.errors import DataError
+from fuxi.common.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def cmd_merge(args) -> int:
 
 
 def _manifest_table(manifest) -> str:
-    from fuxi.data_pipeline.tables import format_table
+    from fuxi.common.tables import format_table
     samples = manifest.samples_per_language()
     shards = {lang: sum(1 for s in manifest.shards if s.language == lang) for lang in manifest.languages}
     rows = [[lang, shards[lang], samples[lang], s.documents, s.tokens, s.dropped_tokens, s.utf8_bytes,
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except DataError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

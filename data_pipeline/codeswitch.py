@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
-from fuxi.data_pipeline.errors import DataConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class CodeSwitchTable:
         other words. all_to_all: every word maps to every other word of its concept. A key in several concepts
         maps to the union of their translations."""
         if direction not in CODESWITCH_DIRECTIONS:
-            raise DataConfigError(f"codeswitch_direction: {direction!r} is not one of {list(CODESWITCH_DIRECTIONS)}")
+            raise ConfigError("codeswitch_direction", f"{direction!r} is not one of {list(CODESWITCH_DIRECTIONS)}")
         translations: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for words in concepts:
             if not words or (direction == "source_to_target" and not words[0]):
@@ -150,7 +150,7 @@ class CodeSwitchTransform:
 
     def __init__(self, table: CodeSwitchTable, ratio: float, seed: int, pad_id: int = 0):
         if not 0.0 <= ratio <= 1.0:
-            raise DataConfigError(f"codeswitch_ratio: must be in [0, 1], got {ratio}")
+            raise ConfigError("codeswitch_ratio", f"must be in [0, 1], got {ratio}")
         self.table, self.ratio, self.seed, self.pad_id = table, ratio, seed, pad_id
         self.max_key_len = max((len(k) for k in table.translations), default=0)
 
@@ -221,7 +221,7 @@ def build_codeswitch_transform(table_path: str, tokenizer_dir: str | None, ratio
     from fuxi.data_pipeline.tokenizer import EOS_ID
 
     if not tokenizer_dir:
-        raise DataConfigError("tokenizer: code-switching tokenises the alignment table, so data.tokenizer (or "
+        raise ConfigError("tokenizer", "code-switching tokenises the alignment table, so data.tokenizer (or "
                               "run.tokenizer) must name the tokenizer directory the shards were packed with")
     table = CodeSwitchTable.from_alignment_table(table_path, tokenizer_dir, languages, direction)
     log.info("code-switching: ratio %.3f, %s, %d words with translations (table %s)", ratio, direction, len(table),

@@ -1,14 +1,14 @@
 """The trainer-facing data config: which shards to stream, how to mix languages, what to do on bad samples.
 
 Plain types only (str/int/float/bool/list/dict/Optional) so the trainer's strict YAML loader
-(`model.typed_config.from_dict`) can type-check it; `validate()` raises `DataConfigError` (a ValueError) whose
+(`model.typed_config.from_dict`) can type-check it; `validate()` raises `ConfigError` (a ValueError) whose
 message starts with the field name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.common.errors import ConfigError
 
 MIXING_MODES = ("temperature", "weights", "natural", "uniform")
 ON_ERROR_MODES = ("raise", "skip")
@@ -58,43 +58,43 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.train_manifest:
-            raise DataConfigError("train_manifest: must name a manifest.json")
+            raise ConfigError("train_manifest", "must name a manifest.json")
         if self.seq_len < 1:
-            raise DataConfigError(f"seq_len: must be >= 1, got {self.seq_len}")
+            raise ConfigError("seq_len", f"must be >= 1, got {self.seq_len}")
         if self.num_workers < 0:
-            raise DataConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.mixing not in MIXING_MODES:
-            raise DataConfigError(f"mixing: {self.mixing!r} is not one of {list(MIXING_MODES)}")
+            raise ConfigError("mixing", f"{self.mixing!r} is not one of {list(MIXING_MODES)}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise DataConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
         if self.mixing == "weights" and not self.weights:
-            raise DataConfigError("weights: mixing='weights' needs a {language: weight} mapping")
+            raise ConfigError("weights", "mixing='weights' needs a {language: weight} mapping")
         if self.weights is not None:
             bad = {k: v for k, v in self.weights.items() if not v >= 0}
             if bad:
-                raise DataConfigError(f"weights: weights must be >= 0, got {bad}")
+                raise ConfigError("weights", f"weights must be >= 0, got {bad}")
             if sum(self.weights.values()) <= 0:
-                raise DataConfigError("weights: at least one weight must be > 0")
+                raise ConfigError("weights", "at least one weight must be > 0")
         if self.max_epochs_per_language is not None and not self.max_epochs_per_language > 0:
-            raise DataConfigError(f"max_epochs_per_language: must be > 0, got {self.max_epochs_per_language}")
+            raise ConfigError("max_epochs_per_language", f"must be > 0, got {self.max_epochs_per_language}")
         if self.languages is not None:
             if not self.languages:
-                raise DataConfigError("languages: an empty list selects no data; use null for all languages")
+                raise ConfigError("languages", "an empty list selects no data; use null for all languages")
             dup = sorted({x for x in self.languages if self.languages.count(x) > 1})
             if dup:
-                raise DataConfigError(f"languages: listed twice: {dup}")
+                raise ConfigError("languages", f"listed twice: {dup}")
         if self.epoch_tokens is not None and self.epoch_tokens < 1:
-            raise DataConfigError(f"epoch_tokens: must be >= 1, got {self.epoch_tokens}")
+            raise ConfigError("epoch_tokens", f"must be >= 1, got {self.epoch_tokens}")
         if self.mixing_window < 1:
-            raise DataConfigError(f"mixing_window: must be >= 1, got {self.mixing_window}")
+            raise ConfigError("mixing_window", f"must be >= 1, got {self.mixing_window}")
         if self.on_error not in ON_ERROR_MODES:
-            raise DataConfigError(f"on_error: {self.on_error!r} is not one of {list(ON_ERROR_MODES)}")
+            raise ConfigError("on_error", f"{self.on_error!r} is not one of {list(ON_ERROR_MODES)}")
         if self.prefetch_factor < 1:
-            raise DataConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+            raise ConfigError("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.codeswitch_ratio <= 1.0:
-            raise DataConfigError(f"codeswitch_ratio: must be in [0, 1], got {self.codeswitch_ratio}")
+            raise ConfigError("codeswitch_ratio", f"must be in [0, 1], got {self.codeswitch_ratio}")
         if self.codeswitch_table is not None and not self.codeswitch_table:
-            raise DataConfigError("codeswitch_table: empty path; use null for the shipped table")
+            raise ConfigError("codeswitch_table", "empty path; use null for the shipped table")
         if self.codeswitch_direction not in CODESWITCH_DIRECTIONS:
-            raise DataConfigError(f"codeswitch_direction: {self.codeswitch_direction!r} is not one of "
+            raise ConfigError("codeswitch_direction", f"{self.codeswitch_direction!r} is not one of "
                                   f"{list(CODESWITCH_DIRECTIONS)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from fuxi.data_pipeline.errors import DataError
+from fuxi.common.errors import DataError
 from fuxi.data_pipeline.io_utils import decode_utf8, parse_json_line
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.data_pipeline.textstats import word_units
 
 _WS_RE = re.compile(r"\s+")
@@ -48,15 +48,15 @@ class DedupConfig:
 
     def validate(self) -> None:
         if self.ngram < 1:
-            raise DataConfigError(f"ngram: must be >= 1, got {self.ngram}")
+            raise ConfigError("ngram", f"must be >= 1, got {self.ngram}")
         if self.num_perm < 16:
-            raise DataConfigError(f"num_perm: must be >= 16, got {self.num_perm}")
+            raise ConfigError("num_perm", f"must be >= 16, got {self.num_perm}")
         if not 0.0 < self.threshold < 1.0:
-            raise DataConfigError(f"threshold: must be in (0, 1), got {self.threshold}")
+            raise ConfigError("threshold", f"must be in (0, 1), got {self.threshold}")
         if not 0.0 < self.min_recall < 1.0:
-            raise DataConfigError(f"min_recall: must be in (0, 1), got {self.min_recall}")
+            raise ConfigError("min_recall", f"must be in (0, 1), got {self.min_recall}")
         if self.max_comparisons < 1:
-            raise DataConfigError(f"max_comparisons: must be >= 1, got {self.max_comparisons}")
+            raise ConfigError("max_comparisons", f"must be >= 1, got {self.max_comparisons}")
 
     @property
     def bands(self) -> tuple[int, int]:

@@ -21,10 +21,10 @@ from typing import Iterator
 
 import numpy as np
 
+from fuxi.common.atomic import atomic_write
 from fuxi.data_pipeline.chunks import ID_BITS, load_plan
 from fuxi.data_pipeline.dedup import DedupConfig, UnionFind, jaccard
 from fuxi.data_pipeline.engine import TaskStep
-from fuxi.data_pipeline.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 ROUND_ENTRIES = 1 << 20  # entries merged at once (16-24 MB)

@@ -38,8 +38,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import PipelineStats
 from tqdm import tqdm
 
-from fuxi.data_pipeline.errors import DataConfigError, DataError
-from fuxi.data_pipeline.io_utils import write_json
+from fuxi.common.atomic import write_json
+from fuxi.common.errors import ConfigError, DataError, InputError
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm", "ray")
@@ -73,15 +73,17 @@ class ExecutorConfig:
 
     def validate(self) -> None:
         if self.executor not in EXECUTORS:
-            raise DataConfigError(f"executor: {self.executor!r} is not one of {list(EXECUTORS)}")
+            raise ConfigError("executor", f"{self.executor!r} is not one of {list(EXECUTORS)}")
         for name in ("tasks", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise DataConfigError(f"{name}: must be >= 1, got {value}")
+                raise ConfigError(name, f"must be >= 1, got {value}")
         if self.rank_offset < 0 or (self.local_tasks != -1 and self.local_tasks < 1):
-            raise DataConfigError(f"local_tasks/rank_offset: got {self.local_tasks}/{self.rank_offset}")
+            raise ConfigError("local_tasks" if self.rank_offset >= 0 else "rank_offset",
+                              f"local_tasks must be -1 or >= 1 and rank_offset >= 0, got "
+                              f"{self.local_tasks}/{self.rank_offset}")
         if self.executor == "slurm" and not self.partition:
-            raise DataConfigError("partition: the slurm executor needs --partition")
+            raise ConfigError("partition", "the slurm executor needs --partition")
 
     @property
     def num_workers(self) -> int:
@@ -128,7 +130,7 @@ class TaskStep(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         try:
             self.run_task(rank, world_size)
-        except DataError:
+        except InputError:  # bad input names itself; anything else gets the task's name
             raise
         except Exception as err:
             where = self.describe(rank, world_size)
@@ -323,7 +325,7 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
                 from datatrove.executor.ray import RayPipelineExecutor
                 import ray  # noqa: F401
             except ImportError:
-                raise DataConfigError("executor: ray is not installed; pip install 'fuxi-pretrain[ray]'") from None
+                raise ConfigError("executor", "ray is not installed; pip install 'fuxi-pretrain[ray]'") from None
             executors.append(RayPipelineExecutor(
                 [stage.step], tasks=stage.tasks, workers=cfg.num_workers, logging_dir=logging_dir, depends=prev,
                 cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb))

@@ -1,17 +1,8 @@
-"""Errors the data pipeline raises on bad input. Each message names the file, shard, language or field at fault.
-
-They subclass ValueError so a caller that composes our configs (the trainer's strict YAML loader) can catch them
-as plain value errors.
-"""
+"""The data pipeline's own kinds of bad input, below the roots in fuxi.common.errors (DataError for bad data,
+ConfigError for an impossible config or stage option). Each message names the file, shard or field at fault."""
 from __future__ import annotations
 
-
-class DataError(ValueError):
-    """Bad data-pipeline input: a corrupt shard, an inconsistent manifest, a language with no data, ..."""
-
-
-class DataConfigError(DataError):
-    """A DataConfig (or stage option) value is impossible. The message starts with the field name."""
+from fuxi.common.errors import DataError
 
 
 class ShardError(DataError):

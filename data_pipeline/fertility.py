@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from fuxi.common.atomic import save_figure
+from fuxi.common.errors import DataError
+from fuxi.common.tables import format_table
 from fuxi.data_pipeline.corpus import iter_documents
-from fuxi.data_pipeline.errors import DataError
-from fuxi.data_pipeline.tables import format_table
 from fuxi.data_pipeline.textstats import word_units
 from fuxi.data_pipeline.tokenizer import load_tokenizer
 
@@ -62,6 +63,5 @@ def plot_fertility(stats: dict[str, dict[str, float]], path: str | Path, title: 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fuxi.data_pipeline.errors import DataConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.data_pipeline.textstats import spaceless_fraction, word_units
 
 URL_RE = re.compile(r"(?:https?|ftp)://\S+|\bwww\.[a-z0-9-]+\.[a-z]{2,}\S*", re.IGNORECASE)
@@ -59,21 +59,21 @@ class FilterConfig:
 
     def validate(self) -> None:
         if self.min_words < 0 or self.max_words < self.min_words:
-            raise DataConfigError(f"min_words/max_words: need 0 <= min_words <= max_words, got "
-                                  f"{self.min_words}/{self.max_words}")
+            raise ConfigError("min_words" if self.min_words < 0 else "max_words",
+                              f"need 0 <= min_words <= max_words, got {self.min_words}/{self.max_words}")
         if self.max_urls < 0:
-            raise DataConfigError(f"max_urls: must be >= 0, got {self.max_urls}")
+            raise ConfigError("max_urls", f"must be >= 0, got {self.max_urls}")
         for name in ("max_flagged_word_fraction", "min_alpha_word_fraction", "max_duplicate_line_fraction",
                      "max_char_repetition", "min_code_alnum_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise DataConfigError(f"{name}: must be in [0, 1], got {value}")
+                raise ConfigError(name, f"must be in [0, 1], got {value}")
         for name in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
             for n, value in getattr(self, name).items():
                 if int(n) < 1 or not 0.0 <= value <= 1.0:
-                    raise DataConfigError(f"{name}: bad entry {n}: {value}")
+                    raise ConfigError(name, f"bad entry {n}: {value}")
         if self.char_repetition_n < 1:
-            raise DataConfigError(f"char_repetition_n: must be >= 1, got {self.char_repetition_n}")
+            raise ConfigError("char_repetition_n", f"must be >= 1, got {self.char_repetition_n}")
 
 
 # --- measurements (each independent, so tests can check them against hand-computed values) -----------------

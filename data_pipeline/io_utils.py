@@ -1,61 +1,12 @@
-"""Atomic file writes and hashing: every file the pipeline produces appears whole or not at all."""
+"""Reading the files a data stage takes in: JSON lines with errors naming the file, line and column, and the
+input stamp that tells a resumed job whether its inputs changed."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Callable, Iterator
 
-from fuxi.data_pipeline.errors import DataError
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False) -> Iterator[IO[Any]]:
-    """Write to a temp file in the same directory, then os.replace it over `path`: readers see the old file
-    or the whole new one, never a part. `fsync` also makes it durable across a power loss (slow; used for
-    manifests, whose checksums then catch any shard a crash may have lost)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def new_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (0644 under the usual 022, 0664 under a
-    cluster group's 002)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):  # not Linux: read it the racy way
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def publish(tmp: str | Path, path: str | Path, mode: int | None = None) -> None:
-    """Give a finished temp file (mkstemp makes them 0600) the mode a new file gets and rename it into place."""
-    os.chmod(tmp, new_file_mode() if mode is None else mode)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, data: Any, fsync: bool = False) -> None:
-    with atomic_write(path, fsync=fsync) as f:
-        json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=False)
-        f.write("\n")
+from fuxi.common.errors import DataError
 
 
 def input_stamp(paths) -> list[tuple[str, int, int]]:
@@ -68,14 +19,6 @@ def input_stamp(paths) -> list[tuple[str, int, int]]:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return stamp
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open_binary(path: str | Path):

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.common.tables import format_table
 from fuxi.data_pipeline.config import DataConfig
-from fuxi.data_pipeline.errors import DataConfigError, DataError, ManifestError
+from fuxi.data_pipeline.errors import ManifestError
 from fuxi.data_pipeline.manifest import Manifest, load_manifest
 from fuxi.data_pipeline.mixing import MixturePlan, plan_mixture
 from fuxi.data_pipeline.shards import ShardReader
 from fuxi.data_pipeline.stream import MixtureDataset, default_transform, unpack_batch
-from fuxi.data_pipeline.tables import format_table
 from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,14 @@ def open_manifest(path: str, cfg: DataConfig, field: str) -> Manifest:
     """Load a manifest and check it against the config: sequence length and tokenizer hash."""
     manifest = load_manifest(path)
     if manifest.seq_len != cfg.seq_len:
-        raise ManifestError(f"seq_len: the config asks for {cfg.seq_len} but {field} {manifest.path} was packed "
-                            f"with seq_len {manifest.seq_len}; repack or change seq_len")
+        raise ConfigError("seq_len", f"the config asks for {cfg.seq_len} but {field} {manifest.path} was packed "
+                                     f"with seq_len {manifest.seq_len}; repack or change seq_len")
     if cfg.tokenizer is not None:
         expected = tokenizer_hash(cfg.tokenizer)
         if expected != manifest.tokenizer_hash:
-            raise ManifestError(f"tokenizer: {cfg.tokenizer} has hash {expected[:16]}... but {field} "
-                                f"{manifest.path} was packed with tokenizer hash {manifest.tokenizer_hash[:16]}...")
+            raise ConfigError("tokenizer", f"{cfg.tokenizer} has hash {expected[:16]}... but {field} "
+                                           f"{manifest.path} was packed with tokenizer hash "
+                                           f"{manifest.tokenizer_hash[:16]}...")
     return manifest
 
 
@@ -60,11 +62,11 @@ def select_languages(manifest: Manifest, cfg: DataConfig) -> list[str]:
         wanted = [lang for lang in manifest.languages]
     unknown = [lang for lang in wanted if lang not in manifest.languages]
     if unknown:
-        raise DataError(f"languages: {unknown} have no data in {manifest.path} (it has {manifest.languages})")
+        raise ConfigError("languages", f"{unknown} have no data in {manifest.path} (it has {manifest.languages})")
     if cfg.weights:
         extra = [lang for lang in cfg.weights if lang not in manifest.languages]
         if extra:
-            raise DataError(f"weights: {extra} have no data in {manifest.path} (it has {manifest.languages})")
+            raise ConfigError("weights", f"{extra} have no data in {manifest.path} (it has {manifest.languages})")
     return [lang for lang in manifest.languages if lang in wanted]
 
 
@@ -146,11 +148,11 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise DataConfigError(f"state.version: expected {STATE_VERSION}, got {state.get('version')!r}")
+            raise ConfigError("state.version", f"expected {STATE_VERSION}, got {state.get('version')!r}")
         ours = self.fingerprint()
         for key, value in state["fingerprint"].items():
             if ours.get(key) != value:
-                raise DataConfigError(f"{key}: the saved data state has {json.dumps(value)[:200]}, this loader "
+                raise ConfigError(key, f"the saved data state has {json.dumps(value)[:200]}, this loader "
                                       f"has {json.dumps(ours.get(key))[:200]}; the sample order would differ")
         self.batches = int(state["batches"])
         self.skipped = int(state.get("skipped", 0))
@@ -210,9 +212,9 @@ def build_train_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_si
     """The trainer's loader for one rank (see the module docstring)."""
     cfg.validate()
     if batch_size < 1:
-        raise DataConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
-        raise DataConfigError(f"rank: {rank} is not in [0, world_size={world_size})")
+        raise ConfigError("rank", f"{rank} is not in [0, world_size={world_size})")
     manifest = open_manifest(cfg.train_manifest, cfg, "train_manifest")
     if cfg.on_error == "raise":
         manifest.check_files(checksums=False)  # sizes now; sha256 lazily, per shard, when first read
@@ -229,7 +231,7 @@ def build_val_batches(cfg: DataConfig, batch_size: int, max_batches_per_language
     `languages`, which the validation manifest must share."""
     cfg.validate()
     if cfg.val_manifest is None:
-        raise DataConfigError("val_manifest: not set")
+        raise ConfigError("val_manifest", "not set")
     manifest = open_manifest(cfg.val_manifest, cfg, "val_manifest")
     train_path = Path(cfg.train_manifest)
     if train_path.exists():

@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fuxi.common.atomic import sha256_file, write_json
 from fuxi.data_pipeline.errors import ManifestError, ShardError
-from fuxi.data_pipeline.io_utils import sha256_file, write_json
 
 FORMAT = "fuxi-shards/1"
 TOKEN_DTYPE, LANG_DTYPE, DOC_DTYPE = "uint32", "uint16", "uint32"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fuxi.data_pipeline.errors import DataConfigError, DataError
-from fuxi.data_pipeline.tables import format_table
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.common.tables import format_table
 
 
 def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,
@@ -22,10 +22,10 @@ def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,
     langs = list(tokens)
     if mixing == "weights":
         if not weights:
-            raise DataConfigError("weights: mixing='weights' needs a {language: weight} mapping")
+            raise ConfigError("weights", "mixing='weights' needs a {language: weight} mapping")
         missing = [lang for lang in langs if lang not in weights]
         if missing:
-            raise DataConfigError(f"weights: no weight for language(s) {missing}")
+            raise ConfigError("weights", f"no weight for language(s) {missing}")
         raw = {lang: float(weights[lang]) for lang in langs}
     else:
         total = sum(tokens.values())
@@ -38,10 +38,10 @@ def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,
         elif mixing == "uniform":
             raw = {lang: 1.0 for lang in langs}
         else:
-            raise DataConfigError(f"mixing: unknown mode {mixing!r}")
+            raise ConfigError("mixing", f"unknown mode {mixing!r}")
     norm = sum(raw.values())
     if norm <= 0:
-        raise DataConfigError("weights: all weights are zero")
+        raise ConfigError("weights", "all weights are zero")
     return {lang: raw[lang] / norm for lang in langs}
 
 

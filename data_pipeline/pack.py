@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline.encoders import FastEncoder
-from fuxi.data_pipeline.errors import DataConfigError, DataError
 from fuxi.data_pipeline.io_utils import decode_utf8, input_stamp, line_number
 from fuxi.data_pipeline.manifest import LANG_DTYPE, LanguageStats, ShardInfo
 from fuxi.data_pipeline.shards import Block, ShardWriter
@@ -228,18 +228,19 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     submitted to a cluster or this machine ran only some tasks (then its folder holds their task manifests,
     for `fuxi data merge`).
     """
+    from fuxi.common.staging import refuse_foreign
     from fuxi.data_pipeline.engine import ExecutorConfig, default_work_dir, prepare_work_dir, run_stages
     from fuxi.data_pipeline.pack_stages import pack_stages
-    from fuxi.data_pipeline.staging import refuse_foreign
 
     if seq_len < 1:
-        raise DataConfigError(f"seq_len: must be >= 1, got {seq_len}")
+        raise ConfigError("seq_len", f"must be >= 1, got {seq_len}")
     if shard_bytes < 1:
-        raise DataConfigError(f"shard_bytes: must be >= 1, got {shard_bytes}")
+        raise ConfigError("shard_bytes", f"must be >= 1, got {shard_bytes}")
     if docs_per_part < 1 or chunk_docs < 1:
-        raise DataConfigError(f"docs_per_part/chunk_docs: must be >= 1, got {docs_per_part}/{chunk_docs}")
+        raise ConfigError("docs_per_part" if docs_per_part < 1 else "chunk_docs",
+                          f"must be >= 1, got {docs_per_part}/{chunk_docs}")
     if languages is not None and len(set(languages)) != len(languages):
-        raise DataConfigError(f"languages: duplicates in {languages}")
+        raise ConfigError("languages", f"duplicates in {languages}")
     language_files(corpus)  # fail now on a bad corpus, not in a task
     load_tokenizer(tokenizer_dir)
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
@@ -266,7 +267,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     import webdataset  # noqa: F401 - imported once here, not in every forked task (it imports torch)
     done = run_stages(pack_stages(settings, executor.num_tasks), work, executor)
     if executor.executor == "local" and executor.partial:
-        from fuxi.data_pipeline.staging import switch_folder
+        from fuxi.common.staging import switch_folder
         switch_folder(settings.staging, out_dir)  # this machine's shards and task manifests
         print(f"pack: tasks {executor.rank_offset}-{executor.rank_offset + executor.local_tasks - 1} of "
               f"{executor.num_tasks} -> {out_dir}; combine all machines' folders with `fuxi data merge`")

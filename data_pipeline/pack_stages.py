@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fuxi.common.atomic import write_json
+from fuxi.common.staging import switch_folder
+from fuxi.data_pipeline.dedup_stages import save_npy
 from fuxi.data_pipeline.encoders import FastEncoder
 from fuxi.data_pipeline.engine import Stage, TaskStep, deal
-from fuxi.data_pipeline.io_utils import write_json
 from fuxi.data_pipeline.manifest import LanguageStats, Manifest, ShardInfo
 from fuxi.data_pipeline.merge import MANIFEST_NAME, merge_manifests, task_manifest_name
 from fuxi.data_pipeline.pack import PackJob, PackResult, PackSettings, language_files, plan_jobs, run_job
-from fuxi.data_pipeline.dedup_stages import save_npy
-from fuxi.data_pipeline.staging import switch_folder
 from fuxi.data_pipeline.tokenizer import EOS_ID, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)

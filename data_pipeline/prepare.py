@@ -18,15 +18,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
+from fuxi.common.atomic import write_json
+from fuxi.common.errors import ConfigError
+from fuxi.common.staging import refuse_foreign, staged_folder
 from fuxi.data_pipeline.clean import CleanReport, LangIdConfig, clean
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.data_pipeline.corpus import bundled_corpus, find_splits
 from fuxi.data_pipeline.dedup import DedupConfig
-from fuxi.data_pipeline.errors import DataConfigError
 from fuxi.data_pipeline.filters import FilterConfig
-from fuxi.data_pipeline.io_utils import write_json
 from fuxi.data_pipeline.pack import MANIFEST_NAME, language_files, pack
-from fuxi.data_pipeline.staging import refuse_foreign, staged_folder
 from fuxi.data_pipeline.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     out_dir = Path(out_dir).absolute()
     corpus = Path(corpus) if corpus is not None else bundled_corpus()
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
-        raise DataConfigError(f"tokenizer_dir: {tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
+        raise ConfigError("tokenizer_dir", f"{tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
                               f"whole; use a tokenizer folder outside it")
     final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
                          out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)

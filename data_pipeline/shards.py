@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from fuxi.common.atomic import publish, sha256_file
 from fuxi.data_pipeline.errors import ShardError
-from fuxi.data_pipeline.io_utils import publish, sha256_file
 from fuxi.data_pipeline.manifest import DOC_DTYPE, LANG_DTYPE, TOKEN_DTYPE, Manifest, ShardInfo
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from fuxi.common.atomic import write_json
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.common.staging import staged_folder
 from fuxi.data_pipeline.corpus import iter_documents
-from fuxi.data_pipeline.errors import DataConfigError, DataError
-from fuxi.data_pipeline.io_utils import write_json
-from fuxi.data_pipeline.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
-            raise DataConfigError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
+            raise ConfigError("backend", f"{self.backend!r} is not one of {list(BACKENDS)}")
         floor = 258 if self.backend == "bpe" else 300
         if self.vocab_size < floor:
-            raise DataConfigError(f"vocab_size: must be >= {floor} for the {self.backend} backend "
+            raise ConfigError("vocab_size", f"must be >= {floor} for the {self.backend} backend "
                                   f"(256 bytes + special tokens), got {self.vocab_size}")
         if self.max_docs_per_language < 1:
-            raise DataConfigError(f"max_docs_per_language: must be >= 1, got {self.max_docs_per_language}")
+            raise ConfigError("max_docs_per_language", f"must be >= 1, got {self.max_docs_per_language}")
 
 
 def sample_per_language(source: str | Path, max_docs: int, seed: int) -> dict[str, list[str]]:
@@ -127,7 +127,7 @@ def character_coverage(texts: Iterable[str], vocab_size: int, ceiling: float = 0
         running += f
         needed += 1
     if needed + 259 > vocab_size:
-        raise DataConfigError(f"vocab_size: {vocab_size} is too small for the sentencepiece backend on this "
+        raise ConfigError("vocab_size", f"{vocab_size} is too small for the sentencepiece backend on this "
                               f"corpus: covering {coverage:.1%} of its characters takes {needed} pieces; use "
                               f"at least {needed + 259 + 64} or the bpe backend")
     return coverage

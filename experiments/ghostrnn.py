@@ -30,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fuxi.common.atomic import save_figure, write_json, write_text
 from fuxi.model.config import GhostRNNConfig, ModelConfig
 from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape, GhostRNNForCausalLM, dimension_cosine_similarity
+from fuxi.pretrain.schedule import cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +212,7 @@ def train_lm(name: str, args, train: dict[str, ByteStream], windows: dict[str, t
     probs = sizes.pow(args.alpha) / sizes.pow(args.alpha).sum()
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every variant
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, 1.0, 20, args.steps, 0.0))
     curve, start = [], time.perf_counter()
     for step in tqdm(range(args.steps), desc=f"train {name}", leave=False, file=sys.stderr):
         ids, labels, doc = sample_batch(train, langs, probs, args.batch, args.seq_len, gen)
@@ -349,8 +350,7 @@ def plot(out: Path, lm: dict, redundancy: dict | None) -> list[str]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "lm_val_bpb.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "lm_val_bpb.png", dpi=120)
         written.append("lm_val_bpb.png")
     if redundancy:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -363,8 +363,7 @@ def plot(out: Path, lm: dict, redundancy: dict | None) -> list[str]:
         ax.set_ylabel("density (log)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "gru_redundancy.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "gru_redundancy.png", dpi=120)
         written.append("gru_redundancy.png")
     return written
 
@@ -443,10 +442,8 @@ def run(args: argparse.Namespace) -> dict:
         report += ["## Keyword-spotting toy (methods.md 4.6.7)", "", table, ""]
 
     results["plots"] = plot(out, lm, redundancy)
-    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_text(out / "report.md", "\n".join(report) + "\n")
+    write_json(out / "results.json", results, default=float)
     headline = {"out": str(out)}
     if "costs" in results:
         headline.update({f"params_vs_gru_{r['variant'].replace(' ', '').replace('=', '')}": round(r["params_vs_gru"], 4)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from fuxi.model.typed_config import ConfigError, read_yaml
+from fuxi.common.atomic import save_figure, write_json
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import read_yaml
 from fuxi.pretrain.config import TrainConfig, load_train_config
 from fuxi.pretrain.schedule import sequences_before
 
@@ -58,19 +60,19 @@ def variant_configs(config_path: str | Path, overrides: list[str], variants: lis
     """One TrainConfig per variant: the run config with the variant's `ghostrnn:` block, output in <out>/<slug>."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ConfigError(f"--variants: {unknown} not among {list(VARIANTS)}")
+        raise ConfigError("--variants", f"{unknown} not among {list(VARIANTS)}")
     raw = read_yaml(config_path)
     base_model = raw.get("model")
     if isinstance(base_model, str):
         base_model = read_yaml(base_model)
     if not isinstance(base_model, dict) or base_model.get("type") != "ghostrnn_lm":
-        raise ConfigError(f"{config_path}: model must be a ghostrnn_lm config (inline or a YAML path)")
+        raise ConfigError(config_path, "model must be a ghostrnn_lm config (inline or a YAML path)")
     configs = {}
     for slug in variants:
         variant_path = VARIANTS[slug][1]
         variant = read_yaml(variant_path)
         if variant.get("type") != "ghostrnn_lm" or not isinstance(variant.get("ghostrnn"), dict):
-            raise ConfigError(f"{variant_path}: expected type ghostrnn_lm with a ghostrnn: block")
+            raise ConfigError(variant_path, "expected type ghostrnn_lm with a ghostrnn: block")
         data = copy.deepcopy(raw)
         data["model"] = {**copy.deepcopy(base_model), "ghostrnn": dict(variant["ghostrnn"])}
         cfg = load_train_config(None, overrides, data=data)
@@ -95,7 +97,7 @@ def ensure_dataset(cfg: TrainConfig) -> None:
                 "run.tokenizer": (cfg.run.tokenizer, data_dir / "tokenizer")}
     for name, (given, wanted) in expected.items():
         if given is None or Path(given) != wanted:
-            raise ConfigError(f"{name}: {given} is not {wanted}; the driver only builds prepare_dataset's layout "
+            raise ConfigError(name, f"{given} is not {wanted}; the driver only builds prepare_dataset's layout "
                               f"(run `fuxi data prepare` yourself for another one)")
     from fuxi.data_pipeline.prepare import prepare_dataset
 
@@ -212,11 +214,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     ax_lang.set_xticks(range(len(languages)))
     ax_lang.set_xticklabels(languages, rotation=60, ha="right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     configs = variant_configs(args.config, args.set, variants, args.out)
     budgets = {slug: token_budget(cfg) for slug, cfg in configs.items()}
     if len(set(budgets.values())) != 1:
-        raise ConfigError(f"token budgets differ between variants: {budgets}")
+        raise ConfigError("schedule", f"token budgets differ between variants: {budgets}")
     first = next(iter(configs.values()))
     ensure_dataset(first)
     print(f"{len(configs)} variants, {first.schedule.total_steps} steps x {first.schedule.global_batch} x "
@@ -254,9 +252,7 @@ def run(args: argparse.Namespace) -> dict:
                "variants": {VARIANTS[s][0]: r for s, r in results.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", summary)
     print(json.dumps(summary))
     return summary
 

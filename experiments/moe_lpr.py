@@ -41,6 +41,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from fuxi.common.atomic import save_figure, write_json, write_text
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +194,7 @@ def upcycle_phase(seed_dir: Path, args, seed: int, original: list[str], commands
 def moe_model_section(upcycled: Path, stage: str, **moe) -> dict:
     """The upcycled checkpoint's own model config with the stage's loss settings from its template."""
     from fuxi.checkpoints.model_checkpoint import read_model_config
-    from fuxi.model.typed_config import to_dict
+    from fuxi.common.typed_config import to_dict
 
     model = to_dict(read_model_config(upcycled))
     template = load_template("stage1" if stage == "moe_lpr_stage1" else "stage2")["model"]["moe"]
@@ -404,8 +406,7 @@ def plot(agg: dict, keys: list[str], shares: list[float], path: Path, seeds: int
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -558,7 +559,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"command": command, "args": vars(args), "seeds": seeds, "original": original, "expansion": expansion,
                "shares": shares, "per_seed": per_seed, "summary": agg, "comparisons": comparisons,
                "lpr_gradient": gradient_summary, "evals": per_seed_evals, "runs": seed_runs, "wall_s": wall}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(out / "results.json", results, default=str)
     report = write_report(out, results, keys, png)
 
     table_md = summary_table(agg, keys, shares)
@@ -590,7 +591,7 @@ def write_report(out: Path, results: dict, keys: list[str], png: Path) -> Path:
              json.dumps(results["lpr_gradient"], indent=1), "```", "", f"![forgetting]({png.name})", "",
              "## Commands (first seed)", "", "```bash", *results["runs"][results["seeds"][0]]["commands"], "```", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(path, "\n".join(lines))
     return path
 
 

@@ -37,7 +37,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import re
 import sys
 import tempfile
@@ -50,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fuxi.common.atomic import save_figure, write_json, write_text
 from fuxi.data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, tokenizer_word_starts
 from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
 from fuxi.data_pipeline.stream import default_transform
@@ -57,6 +57,7 @@ from fuxi.model import ModelConfig, build_model
 from fuxi.pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
 from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
                                      format_alignment_report, prealign_loss)
+from fuxi.pretrain.schedule import cosine_lr
 
 log = logging.getLogger(__name__)
 EOS = 0
@@ -251,13 +252,6 @@ def build(args, vocab_size: int) -> torch.nn.Module:
     return build_model(config)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
 def alignment_init(model, entries: DictionaryEntries, args, weighting: str) -> list[float]:
     """Stage 1 in-process: the same loss as the trainer's prealign_init stage."""
     source = DictionaryBatches(entries, 2, seed=args.seed)
@@ -266,7 +260,7 @@ def alignment_init(model, entries: DictionaryEntries, args, weighting: str) -> l
     losses = []
     for step in tqdm(range(args.init_steps), desc="alignment init", leave=False):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.init_steps, args.init_lr, max(1, args.init_steps // 20))
+            group["lr"] = cosine_lr(step, args.init_lr, max(1, args.init_steps // 20), args.init_steps, 0.1)
         batch = source.batch(list(range(step * args.init_batch, (step + 1) * args.init_batch)))
         out = prealign_loss(model, batch, model.lm_head.weight, 2, args.temperature, args.alpha, weighting)
         opt.zero_grad()
@@ -373,7 +367,7 @@ def train_lm(model, blocks, transform, sets: EvalSets, args, desc: str) -> list[
     curve = []
     for step in tqdm(range(args.steps), desc=desc, leave=False):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, max(1, args.steps // 20))
+            group["lr"] = cosine_lr(step, args.lr, max(1, args.steps // 20), args.steps, 0.1)
         positions = np.arange(step * args.batch, (step + 1) * args.batch)
         batch = make_batch(blocks, order[positions % len(order)], positions, transform)
         out = model(batch["input_ids"], labels=batch["labels"])
@@ -457,8 +451,7 @@ def plot(out: Path, runs: list[dict], summary: dict) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "prealign_english_clone.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)
 
 
@@ -579,10 +572,8 @@ def run(args: argparse.Namespace) -> dict:
         for weighting, init in r["init"].items():
             report_md += [f"Alignment after the init stage ({weighting}, seed {r['seed']}):", "", "```",
                           format_alignment_report(init["after"]), "```", ""]
-    (out / "report.md").write_text("\n".join(report_md), encoding="utf-8")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_text(out / "report.md", "\n".join(report_md))
+    write_json(out / "results.json", results, default=float)
     headline = {"out": str(out), "seconds": round(seconds, 1), "seeds": len(runs)}
     for name, arm in summary.items():
         slug = re.sub(r"\W+", "_", name)

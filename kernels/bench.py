@@ -23,7 +23,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +32,7 @@ from typing import Callable
 import torch
 
 from fuxi import kernels
+from fuxi.common.atomic import save_figure, write_text
 from fuxi.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_torch
 from fuxi.kernels.gelu import bias_gelu_torch
 from fuxi.kernels.rms_norm import rms_norm_torch
@@ -361,19 +361,13 @@ def flce_cpu_memory(tokens: int, hidden: int, vocab: int, vocab_chunk: int | Non
 
 # ---- reporting --------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_csv(rows: list[Result], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Result)])
     writer.writeheader()
     for r in rows:
         writer.writerow(asdict(r))
-    _write_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -422,10 +416,7 @@ def write_plot(rows: list[Result], path: Path) -> None:
     if flce_mem:
         bars(axes[0][-1], flce_mem, lambda r: r.peak_mem_mb, "MiB above inputs", "flce: peak memory")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype: torch.dtype,
@@ -535,7 +526,7 @@ def run(args: argparse.Namespace) -> dict:
 
     _write_csv(rows, out_dir / "kernels.csv")
     table = markdown_table(rows)
-    _write_atomic(out_dir / "kernels.md", table + "\n")
+    write_text(out_dir / "kernels.md", table + "\n")
     if rows:
         write_plot(rows, out_dir / "kernels.png")
     print(table)

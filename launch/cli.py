@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
         print(f"results and plots in {trajectory['eval_dir']}")
         print(json.dumps(trajectory))
         return 0
-    from fuxi.data_pipeline.io_utils import atomic_write, write_json
+    from fuxi.common.atomic import atomic_write, write_json
     from fuxi.pretrain.evaluation.checkpoint_eval import evaluate_checkpoint
     from fuxi.pretrain.evaluation.harness import format_report
 
@@ -217,15 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fuxi.checkpoints import CheckpointError
-    from fuxi.data_pipeline.errors import DataError
-    from fuxi.model.typed_config import ConfigError
-    from fuxi.pretrain.evaluation.errors import EvalError
+    from fuxi.common.errors import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, EvalError) as err:
+    except InputError as err:  # a config, data, checkpoint or evaluation input at fault: one line
         print(f"fuxi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fuxi.data_pipeline.io_utils import write_json
+from fuxi.common.atomic import write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = 1
@@ -539,7 +539,7 @@ def run_check(args: argparse.Namespace) -> dict:
     report["files"] = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".json", ".log", ".md",
                                                                                             ".png"))
     write_json(out / "gpu_check.json", report)
-    (out / "gpu_check.md").write_text(markdown_report(report), encoding="utf-8")
+    write_text(out / "gpu_check.md", markdown_report(report))
     if "gpu_check.md" not in report["files"]:
         report["files"] = sorted(report["files"] + ["gpu_check.md"])
         write_json(out / "gpu_check.json", report)

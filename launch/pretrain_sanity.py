@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from fuxi.data_pipeline.io_utils import atomic_write, write_json
+from fuxi.common.atomic import save_figure, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 256,
@@ -99,9 +99,7 @@ def plot(runs: dict[str, dict[int, float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,13 @@ export is loaded with plain transformers (no remote code) for a few greedy sampl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from fuxi.common.atomic import write_json
 
 OUT = Path("runs/quickstart")
 CONFIG = "configs/train/quickstart.yaml"
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_fell_in_every_language": all(fell.values()),
         "samples": samples,
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_json(OUT / "summary.json", summary, indent=2)
     print(f"wrote {OUT / 'summary.json'} ({summary['seconds']:.0f} s); plot: {OUT / 'loss_per_language.png'}")
     if not summary["loss_fell_in_every_language"]:
         print(f"validation loss did not fall in: {[k for k, v in fell.items() if not v]}", file=sys.stderr)

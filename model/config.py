@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import apply_overrides, from_dict, read_yaml
 from fuxi.kernels import IMPLEMENTATIONS
-from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
 
 ATTENTION_CHOICES = ("auto", "sdpa", "flash")
 GHOST_GATE_INPUTS = ("full", "intrinsic")
@@ -34,13 +35,13 @@ class GhostRNNConfig:
 
     def validate(self) -> None:
         if self.ratio < 1:
-            raise ConfigError(f"ratio: must be >= 1, got {self.ratio}")
+            raise ConfigError("ratio", f"must be >= 1, got {self.ratio}")
         if self.gate_input not in GHOST_GATE_INPUTS:
-            raise ConfigError(f"gate_input: {self.gate_input!r} is not one of {list(GHOST_GATE_INPUTS)}")
+            raise ConfigError("gate_input", f"{self.gate_input!r} is not one of {list(GHOST_GATE_INPUTS)}")
         if self.ghost_act not in GHOST_ACTIVATIONS:
-            raise ConfigError(f"ghost_act: {self.ghost_act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+            raise ConfigError("ghost_act", f"{self.ghost_act!r} is not one of {list(GHOST_ACTIVATIONS)}")
         if not self.feed_ghost_back and self.gate_input == "full":
-            raise ConfigError("gate_input: 'full' needs feed_ghost_back: true (variant B carries only the "
+            raise ConfigError("gate_input", "'full' needs feed_ghost_back: true (variant B carries only the "
                               "intrinsic state); use gate_input: intrinsic")
 
 
@@ -77,31 +78,31 @@ class MoEConfig:
 
     def validate(self) -> None:
         if self.num_experts < 2:
-            raise ConfigError(f"num_experts: must be >= 2 (expert 0 plus at least one copy), got {self.num_experts}")
+            raise ConfigError("num_experts", f"must be >= 2 (expert 0 plus at least one copy), got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ConfigError(f"top_k: must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise ConfigError("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.top1_code_compat and self.top_k != 1:
-            raise ConfigError(f"top1_code_compat: only meaningful with top_k: 1, got top_k: {self.top_k}")
+            raise ConfigError("top1_code_compat", f"only meaningful with top_k: 1, got top_k: {self.top_k}")
         for name in ("balance_loss_coef", "lpr_loss_coef"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.balance_loss_coef > 0 and self.lpr_loss_coef > 0:
-            raise ConfigError(f"lpr_loss_coef: the balance loss (stage 1, balance_loss_coef="
+            raise ConfigError("lpr_loss_coef", f"the balance loss (stage 1, balance_loss_coef="
                               f"{self.balance_loss_coef}) and the LPR loss (stage 2, lpr_loss_coef="
                               f"{self.lpr_loss_coef}) are mutually exclusive; set one of them to 0")
         for name in ("balance_loss_form", "lpr_loss_form"):
             if getattr(self, name) not in MOE_LOSS_FORMS:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(MOE_LOSS_FORMS)}")
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of {list(MOE_LOSS_FORMS)}")
         if self.expert_compute not in MOE_EXPERT_COMPUTE:
-            raise ConfigError(f"expert_compute: {self.expert_compute!r} is not one of {list(MOE_EXPERT_COMPUTE)}")
+            raise ConfigError("expert_compute", f"{self.expert_compute!r} is not one of {list(MOE_EXPERT_COMPUTE)}")
         if self.layers is not None:
             if not self.layers:
-                raise ConfigError("layers: empty list; use null for all layers")
+                raise ConfigError("layers", "empty list; use null for all layers")
             if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
-                raise ConfigError(f"layers: must be distinct non-negative layer indices, got {self.layers}")
+                raise ConfigError("layers", f"must be distinct non-negative layer indices, got {self.layers}")
         if len(set(self.original_languages)) != len(self.original_languages) or \
                 any(not lang for lang in self.original_languages):
-            raise ConfigError(f"original_languages: must be distinct non-empty codes, got {self.original_languages}")
+            raise ConfigError("original_languages", f"must be distinct non-empty codes, got {self.original_languages}")
 
     def moe_layers(self, num_layers: int) -> list[int]:
         """The upcycled layer indices, sorted."""
@@ -152,20 +153,20 @@ class ModelConfig:
     def validate(self) -> None:
         def positive(name: str) -> None:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
 
         for name in ("vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads",
                      "ffn_hidden_size", "max_seq_len", "rms_norm_eps", "rope_theta", "init_std"):
             positive(name)
         if not 0.0 <= self.attention_dropout < 1.0:
-            raise ConfigError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
+            raise ConfigError("attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
         if self.kernels not in IMPLEMENTATIONS:
-            raise ConfigError(f"kernels: {self.kernels!r} is not one of {list(IMPLEMENTATIONS)}")
+            raise ConfigError("kernels", f"{self.kernels!r} is not one of {list(IMPLEMENTATIONS)}")
         if self.attention not in ATTENTION_CHOICES:
-            raise ConfigError(f"attention: {self.attention!r} is not one of {list(ATTENTION_CHOICES)}")
+            raise ConfigError("attention", f"{self.attention!r} is not one of {list(ATTENTION_CHOICES)}")
         for name in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ConfigError(f"{name}: {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+                raise ConfigError(name, f"{getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
         from fuxi.model.registry import validate_model_type  # late: the registry imports the model files
 
         validate_model_type(self)  # what only one architecture needs (attention heads, MoE or GhostRNN blocks)
@@ -173,7 +174,7 @@ class ModelConfig:
     def check_tokenizer(self, tokenizer_vocab_size: int, source: str = "tokenizer") -> None:
         """The embedding must have a row for every id the tokenizer can produce."""
         if tokenizer_vocab_size > self.vocab_size:
-            raise ConfigError(f"vocab_size: {self.vocab_size} is smaller than the {source}'s "
+            raise ConfigError("vocab_size", f"{self.vocab_size} is smaller than the {source}'s "
                               f"{tokenizer_vocab_size} tokens")
 
 

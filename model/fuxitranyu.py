@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fuxi import kernels
+from fuxi.common.errors import ConfigError
 from fuxi.model.attention import causal_attention
 from fuxi.model.config import ModelConfig
-from fuxi.model.typed_config import ConfigError
 from fuxi.model.lm_head import LMHead, generate_tokens
 from fuxi.model.outputs import CausalLMOutput
 
@@ -163,9 +163,9 @@ class FuxiTranyuForCausalLM(nn.Module):
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:
         if config.hidden_size % config.num_heads:
-            raise ConfigError(f"num_heads: {config.num_heads} does not divide hidden_size {config.hidden_size}")
+            raise ConfigError("num_heads", f"{config.num_heads} does not divide hidden_size {config.hidden_size}")
         if config.head_dim % 2:
-            raise ConfigError(f"num_heads: head_dim {config.head_dim} must be even for rotary embeddings")
+            raise ConfigError("num_heads", f"head_dim {config.head_dim} must be even for rotary embeddings")
 
     def reset_parameters(self) -> None:
         """normal(0, init_std) for weights and embeddings, zero biases, unit norms; o_proj and down_proj get

@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from fuxi.common.errors import ConfigError
 from fuxi.model.config import ModelConfig
 from fuxi.model.fuxitranyu import Block, FuxiTranyuForCausalLM, RMSNorm, RotaryEmbedding
 from fuxi.model.lm_head import LMHead
 from fuxi.model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
 from fuxi.model.outputs import CausalLMOutput
-from fuxi.model.typed_config import ConfigError
 
 
 @dataclass
@@ -103,10 +103,10 @@ class FuxiTranyuMoEForCausalLM(FuxiTranyuForCausalLM):
     def validate_config(cls, config: ModelConfig) -> None:
         super().validate_config(config)
         if config.moe is None:
-            raise ConfigError("moe: required when type is 'fuxitranyu_moe' (num_experts, top_k, ...)")
+            raise ConfigError("moe", "required when type is 'fuxitranyu_moe' (num_experts, top_k, ...)")
         bad = [i for i in config.moe.layers or [] if i >= config.num_layers]
         if bad:
-            raise ConfigError(f"moe.layers: {bad} out of range for num_layers {config.num_layers}")
+            raise ConfigError("moe.layers", f"{bad} out of range for num_layers {config.num_layers}")
 
     def reset_parameters(self) -> None:
         """The dense init for every Linear (experts included), then Xavier-normal routers (methods.md 2.2)."""

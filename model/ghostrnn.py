@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from fuxi.common.errors import ConfigError
 from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
 from fuxi.model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
 from fuxi.model.lm_head import LMHead, generate_tokens
 from fuxi.model.outputs import CausalLMOutput
-from fuxi.model.typed_config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -248,19 +248,19 @@ class GhostRNNForCausalLM(nn.Module):
     def validate_config(cls, config: ModelConfig) -> None:
         ghost = config.ghostrnn
         if ghost is None:
-            raise ConfigError("ghostrnn: model.type 'ghostrnn_lm' needs a `ghostrnn:` block "
+            raise ConfigError("ghostrnn", "model.type 'ghostrnn_lm' needs a `ghostrnn:` block "
                               "(ratio, feed_ghost_back, gate_input, ghost_act)")
         if not isinstance(ghost, GhostRNNConfig):
-            raise ConfigError(f"ghostrnn: expected a GhostRNNConfig, got {type(ghost).__name__}")
+            raise ConfigError("ghostrnn", f"expected a GhostRNNConfig, got {type(ghost).__name__}")
         try:
             ghost.validate()
         except ConfigError as err:
-            raise ConfigError(f"ghostrnn.{err}") from None
+            raise err.under("ghostrnn.") from None
         if ghost.ratio > config.hidden_size:
-            raise ConfigError(f"ghostrnn.ratio: {ghost.ratio} exceeds hidden_size {config.hidden_size}")
+            raise ConfigError("ghostrnn.ratio", f"{ghost.ratio} exceeds hidden_size {config.hidden_size}")
         for name in ("vocab_size", "hidden_size", "num_layers"):
             if getattr(config, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(config, name)}")
+                raise ConfigError(name, f"must be > 0, got {getattr(config, name)}")
 
     def reset_parameters(self) -> None:
         """Embedding N(0, 1) (nn.Embedding's default: GRU pre-activations start O(1)); lm_head N(0, init_std);

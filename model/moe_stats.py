@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fuxi.common.atomic import save_figure
+
 
 @dataclass
 class RouterStats:
@@ -95,6 +97,5 @@ def plot_router_shares(stats: RouterStats, path: str | Path, languages: Sequence
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

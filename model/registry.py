@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from fuxi.common.errors import ConfigError
 from fuxi.model.config import ModelConfig
-from fuxi.model.typed_config import ConfigError
 
 _BUILDERS: dict[str, Callable[[], type[nn.Module]]] = {}
 
@@ -18,7 +18,7 @@ def register_model(name: str, loader: Callable[[], type[nn.Module]]) -> None:
 
 def model_class(name: str) -> type[nn.Module]:
     if name not in _BUILDERS:
-        raise ConfigError(f"type: unknown model type {name!r}; known: {sorted(_BUILDERS)}")
+        raise ConfigError("type", f"unknown model type {name!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[name]()
 
 

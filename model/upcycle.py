@@ -16,9 +16,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from fuxi.common.errors import ConfigError
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.registry import build_model
-from fuxi.model.typed_config import ConfigError
 
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.((?:up_proj|down_proj)\.(?:weight|bias))$")
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -27,7 +27,7 @@ _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.")
 def upcycle_config(dense: ModelConfig, moe: MoEConfig) -> ModelConfig:
     """The MoE model config for a dense FuxiTranyu config; validated (layer indices, mutual exclusions)."""
     if dense.type != "fuxitranyu":
-        raise ConfigError(f"type: upcycling needs a dense 'fuxitranyu' model, got {dense.type!r}")
+        raise ConfigError("type", f"upcycling needs a dense 'fuxitranyu' model, got {dense.type!r}")
     config = dataclasses.replace(dense, type="fuxitranyu_moe", moe=dataclasses.replace(moe))
     config.moe.validate()
     config.validate()

@@ -14,7 +14,6 @@ A crash during a save leaves an incomplete tag dir next to an untouched `latest`
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,8 +24,8 @@ import torch
 import yaml
 
 from fuxi.checkpoints.deepspeed_checkpoint import load_weights_only
-from fuxi.checkpoints.sharded_safetensors import atomic_write_text
-from fuxi.model.typed_config import to_dict
+from fuxi.common.atomic import atomic_path, write_text
+from fuxi.common.typed_config import to_dict
 from fuxi.pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -83,18 +82,17 @@ class CheckpointManager:
         barrier()
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         rank_file = tag_dir / f"rank_{self.rank:05d}.pt"
-        tmp = rank_file.with_name(f".{rank_file.name}.tmp")
-        torch.save(rank_state, tmp)
-        os.replace(tmp, rank_file)
+        with atomic_path(rank_file) as tmp:
+            torch.save(rank_state, tmp)
         barrier()
         if self.rank == 0:
-            atomic_write_text(tag_dir / "model_config.yaml", yaml.safe_dump({"model": to_dict(model_config)},
-                                                                       sort_keys=False))
-            atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            write_text(tag_dir / "model_config.yaml", yaml.safe_dump({"model": to_dict(model_config)}, sort_keys=False),
+                       fsync=True)
+            write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2), fsync=True)
             if tokenizer_dir:
                 shutil.copytree(tokenizer_dir, tag_dir / "tokenizer", dirs_exist_ok=True)
-            atomic_write_text(tag_dir / COMPLETE, tag + "\n")
-            atomic_write_text(self.root / "latest", tag + "\n")
+            write_text(tag_dir / COMPLETE, tag + "\n", fsync=True)
+            write_text(self.root / "latest", tag + "\n", fsync=True)
             self._prune(keep=tag)
         barrier()
         return tag_dir

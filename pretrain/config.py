@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import apply_overrides, from_dict, read_yaml, require_at_least
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.model import ModelConfig
-from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, read_yaml
 
 STAGES = ("pretrain", "moe_lpr_stage1", "moe_lpr_stage2", "prealign_init")
 
@@ -26,11 +27,12 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas: expected two values in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.z_loss < 0 or self.eps <= 0:
-            raise ConfigError("weight_decay, grad_clip and z_loss must be >= 0 and eps > 0")
+            raise ConfigError("betas", f"expected two values in [0, 1), got {self.betas}")
+        require_at_least(self, 0, "weight_decay", "grad_clip", "z_loss")
+        if self.eps <= 0:
+            raise ConfigError("eps", f"must be > 0, got {self.eps}")
 
 
 @dataclass
@@ -45,10 +47,11 @@ class PeakCut:
     mode: str = "rescale"
 
     def validate(self) -> None:
-        if self.step < 0 or self.peak_lr <= 0:
-            raise ConfigError(f"step/peak_lr: need step >= 0 and peak_lr > 0, got {self.step}, {self.peak_lr}")
+        require_at_least(self, 0, "step")
+        if self.peak_lr <= 0:
+            raise ConfigError("peak_lr", f"must be > 0, got {self.peak_lr}")
         if self.mode not in ("rescale", "restart"):
-            raise ConfigError(f"mode: {self.mode!r} is not one of ['rescale', 'restart']")
+            raise ConfigError("mode", f"{self.mode!r} is not one of ['rescale', 'restart']")
 
 
 @dataclass
@@ -72,16 +75,16 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         if self.total_steps < 1:
-            raise ConfigError(f"total_steps: must be >= 1, got {self.total_steps}")
+            raise ConfigError("total_steps", f"must be >= 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ConfigError(f"warmup_steps: must be in [0, total_steps], got {self.warmup_steps}")
+            raise ConfigError("warmup_steps", f"must be in [0, total_steps], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.global_batch < 1:
-            raise ConfigError(f"global_batch: must be >= 1, got {self.global_batch}")
+            raise ConfigError("global_batch", f"must be >= 1, got {self.global_batch}")
         steps = [stage.step for stage in self.batch_ramp]
         if steps != sorted(set(steps)) or any(s.global_batch < 1 for s in self.batch_ramp):
-            raise ConfigError("batch_ramp: steps must increase and every global_batch must be >= 1")
+            raise ConfigError("batch_ramp", "steps must increase and every global_batch must be >= 1")
 
 
 @dataclass
@@ -99,11 +102,11 @@ class ParallelismConfig:
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch < 1:
-            raise ConfigError(f"micro_batch: must be >= 1, got {self.micro_batch}")
+            raise ConfigError("micro_batch", f"must be >= 1, got {self.micro_batch}")
         if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+            raise ConfigError("precision", f"{self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
 
 
 @dataclass
@@ -116,8 +119,7 @@ class CheckpointConfig:
     init_from: str | None = None
 
     def validate(self) -> None:
-        if self.every_steps < 1 or self.keep_last < 1:
-            raise ConfigError("every_steps and keep_last must be >= 1")
+        require_at_least(self, 1, "every_steps", "keep_last")
 
 
 @dataclass
@@ -140,14 +142,10 @@ class LoggingConfig:
     eval_batch_size: int = 8
 
     def validate(self) -> None:
-        if self.every_steps < 1 or self.val_every_steps < 1:
-            raise ConfigError("every_steps and val_every_steps must be >= 1")
-        if self.eval_every_steps is not None and self.eval_every_steps < 1:
-            raise ConfigError(f"eval_every_steps: must be >= 1 or null, got {self.eval_every_steps}")
+        require_at_least(self, 1, "every_steps", "val_every_steps", "eval_every_steps", "eval_limit",
+                         "eval_batch_size")
         if not self.eval_tasks:
-            raise ConfigError("eval_tasks: name at least one task (default: [fuxi_local])")
-        if (self.eval_limit is not None and self.eval_limit < 1) or self.eval_batch_size < 1:
-            raise ConfigError("eval_limit (or null) and eval_batch_size must be >= 1")
+            raise ConfigError("eval_tasks", "name at least one task (default: [fuxi_local])")
 
 
 @dataclass
@@ -193,17 +191,17 @@ class PreAlignConfig:
 
     def validate(self) -> None:
         if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
         if self.alpha < 0:
-            raise ConfigError(f"alpha: must be >= 0, got {self.alpha}")
+            raise ConfigError("alpha", f"must be >= 0, got {self.alpha}")
         if self.alpha_weights not in PREALIGN_ALPHA_WEIGHTS:
-            raise ConfigError(f"alpha_weights: {self.alpha_weights!r} is not one of {list(PREALIGN_ALPHA_WEIGHTS)}")
+            raise ConfigError("alpha_weights", f"{self.alpha_weights!r} is not one of {list(PREALIGN_ALPHA_WEIGHTS)}")
         if self.words_per_entry < 2:
-            raise ConfigError(f"words_per_entry: must be >= 2 (a word and a translation), got {self.words_per_entry}")
-        if self.max_word_tokens < 1 or self.report_concepts < 2:
-            raise ConfigError("max_word_tokens must be >= 1 and report_concepts >= 2")
+            raise ConfigError("words_per_entry", f"must be >= 2 (a word and a translation), got {self.words_per_entry}")
+        require_at_least(self, 1, "max_word_tokens")
+        require_at_least(self, 2, "report_concepts")
         if self.table is not None and not self.table:
-            raise ConfigError("table: empty path; use null for the shipped table")
+            raise ConfigError("table", "empty path; use null for the shipped table")
 
 
 @dataclass
@@ -224,15 +222,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.stage not in STAGES:
-            raise ConfigError(f"stage: {self.stage!r} is not one of {list(STAGES)}")
+            raise ConfigError("stage", f"{self.stage!r} is not one of {list(STAGES)}")
         if self.stage == "prealign_init" and self.parallelism.zero_stage == 3:
-            raise ConfigError("parallelism.zero_stage: prealign_init reads the output-embedding rows outside the "
+            raise ConfigError("parallelism.zero_stage", "prealign_init reads the output-embedding rows outside the "
                               "module's forward, which ZeRO-3 partitions; use zero_stage 0, 1 or 2")
         if self.logging.eval_every_steps and not self.run.tokenizer:
-            raise ConfigError("logging.eval_every_steps: in-loop evaluation needs run.tokenizer (the harness "
+            raise ConfigError("logging.eval_every_steps", "in-loop evaluation needs run.tokenizer (the harness "
                               "tokenizes the task text)")
         if self.data.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
+            raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")
 
 
@@ -247,7 +245,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if not model_path.is_file() and path is not None:
             model_path = Path(path).parent / raw["model"]
         if not model_path.is_file():
-            raise ConfigError(f"model: {raw['model']} not found (in {source})")
+            raise ConfigError("model", f"{raw['model']} not found", source)
         raw["model"] = read_yaml(model_path)
     cfg = from_dict(TrainConfig, apply_overrides(raw, overrides), source=source)
     cfg.source = source

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fuxi.common.atomic import save_figure
 from fuxi.pretrain.distributed import all_reduce_sum
 
 
@@ -176,6 +177,5 @@ def plot_loss_per_language(jsonl_path: str | Path, png_path: str | Path, kind: s
     ax.grid(alpha=0.3)
     ax.legend(ncol=1 + len(languages) // 20, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=120)
     return Path(png_path)

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from fuxi.common.atomic import write_text
+from fuxi.common.errors import ConfigError
 from fuxi.model.moe import original_language_mask
 from fuxi.model.moe_stats import RouterStats, plot_router_shares, router_statistics
-from fuxi.model.typed_config import ConfigError
 from fuxi.model.upcycle import stage1_trainable, stage2_trainable
-from fuxi.checkpoints.sharded_safetensors import atomic_write_text
 from fuxi.pretrain.config import TrainConfig
 from fuxi.pretrain.distributed import all_reduce_sum
 from fuxi.pretrain.stages import PretrainStage, StepLoss, register_stage
@@ -93,15 +93,15 @@ class MoELPRStage(PretrainStage):
         super().__init__(cfg, languages)
         moe = cfg.model.moe
         if cfg.model.type != "fuxitranyu_moe" or moe is None:
-            raise ConfigError(f"model.type: stage {self.name!r} needs an upcycled 'fuxitranyu_moe' model "
+            raise ConfigError("model.type", f"stage {self.name!r} needs an upcycled 'fuxitranyu_moe' model "
                               f"(`fuxi upcycle`), got {cfg.model.type!r}")
         self.moe = moe
         unknown = [lang for lang in moe.original_languages if lang not in languages]
         if unknown:
-            raise ConfigError(f"model.moe.original_languages: {unknown} are not in the data's language table "
+            raise ConfigError("model.moe.original_languages", f"{unknown} are not in the data's language table "
                               f"{list(languages)}")
         if moe.lpr_loss_coef > 0 and not moe.original_languages:
-            raise ConfigError(f"model.moe.original_languages: empty, but lpr_loss_coef={moe.lpr_loss_coef} needs "
+            raise ConfigError("model.moe.original_languages", f"empty, but lpr_loss_coef={moe.lpr_loss_coef} needs "
                               f"the original languages whose tokens LPR routes to expert 0")
         self.window = RouterStatsMeter(len(languages))
         self.run_total = RouterStatsMeter(len(languages))
@@ -166,7 +166,7 @@ class MoELPRStage(PretrainStage):
             return {}
         record = {"router_source": source, **stats.as_log(self.languages)}
         if ctx.is_main:
-            atomic_write_text(out_dir / "router_stats.json", json.dumps({
+            write_text(out_dir / "router_stats.json", json.dumps({
                 "stage": self.name, "source": source, "languages": self.languages,
                 "original_languages": list(self.moe.original_languages),
                 "token_counts": stats.token_counts.tolist(),
@@ -233,7 +233,7 @@ class MoELPRStage2(MoELPRStage):
 
     def check_stage(self) -> None:
         if self.moe.balance_loss_coef > 0:
-            raise ConfigError(f"model.moe.balance_loss_coef: {self.moe.balance_loss_coef}, but stage "
+            raise ConfigError("model.moe.balance_loss_coef", f"{self.moe.balance_loss_coef}, but stage "
                               f"moe_lpr_stage2 has no balance loss; set it to 0 and lpr_loss_coef to 0.1")
         if self.moe.lpr_loss_coef == 0:
             log.warning("moe_lpr_stage2: lpr_loss_coef is 0, so this review trains the routers on the LM loss "

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.atomic import save_figure
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import TrainConfig
 from fuxi.pretrain.stages import PretrainStage, StepLoss, register_stage
 
@@ -87,7 +88,7 @@ class DictionaryEntries:
                 groups.append(members)
                 ids.append(concept_ids[k] if concept_ids is not None else k)
         if not groups:
-            raise ConfigError("prealign.table: no concept has two distinct words after tokenisation")
+            raise ConfigError("prealign.table", "no concept has two distinct words after tokenisation")
         return cls(words, langs, groups, ids, list(languages))
 
     @classmethod
@@ -136,7 +137,7 @@ class DictionaryBatches:
         self.entries, self.k, self.seed, self.bos_id = entries, words_per_entry, seed, bos_id
         self.width = (width or entries.max_word_tokens) + 1  # + BOS
         if self.width - 1 < entries.max_word_tokens:
-            raise ConfigError(f"prealign.max_word_tokens: {self.width - 1} is shorter than the longest word "
+            raise ConfigError("prealign.max_word_tokens", f"{self.width - 1} is shorter than the longest word "
                               f"({entries.max_word_tokens} tokens)")
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -201,14 +202,14 @@ class DictionaryLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("fingerprint") != self.fingerprint():
-            raise ConfigError(f"prealign: the saved dictionary-data state {state.get('fingerprint')} does not match "
+            raise ConfigError("prealign", f"the saved dictionary-data state {state.get('fingerprint')} does not match "
                               f"this run's {self.fingerprint()}; the sample order would differ")
         self.batches = int(state["batches"])
         self.tokens_seen = torch.tensor(state["tokens_seen"], dtype=torch.int64)
 
     def mixture_report(self) -> str:
         """Word tokens consumed per language on this rank (the trainer logs it at the end of a run)."""
-        from fuxi.data_pipeline.tables import format_table
+        from fuxi.common.tables import format_table
 
         total = max(int(self.tokens_seen.sum()), 1)
         rows = [[lang, int(n), f"{100 * int(n) / total:.1f}%"]
@@ -236,7 +237,7 @@ def build_dictionary_loader(cfg: TrainConfig, batch_size: int, rank: int, world_
     pa = cfg.prealign
     tokenizer = cfg.data.tokenizer or cfg.run.tokenizer
     if not tokenizer:
-        raise ConfigError("data.tokenizer: the prealign_init stage tokenises the alignment table; name the "
+        raise ConfigError("data.tokenizer", "the prealign_init stage tokenises the alignment table; name the "
                           "tokenizer directory (data.tokenizer or run.tokenizer)")
     languages, bytes_per_token = [], {}
     if cfg.data.train_manifest and Path(cfg.data.train_manifest).is_file():
@@ -366,7 +367,7 @@ def prealign_loss(model, batch: dict[str, torch.Tensor], output_embedding: torch
     ids, labels, mask = (t.reshape(rows, -1) for t in (ids, labels, mask))
     out = model(ids, labels=labels, output_hidden_states=True)
     if out.hidden_states is None:
-        raise ConfigError("model.type: the prealign_init stage needs a model with output_hidden_states")
+        raise ConfigError("model.type", "the prealign_init stage needs a model with output_hidden_states")
     vectors = word_vectors(out.hidden_states, ids, mask, output_embedding)
     align = contrastive_alignment_loss(vectors, batch["concept_ids"].reshape(-1), batch["word_ids"].reshape(-1),
                                        temperature, label_tokens=(labels != IGNORE_INDEX).sum())
@@ -451,8 +452,7 @@ def plot_alignment_report(reports: dict[str, dict], path: str | Path, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return Path(path)
 
 
@@ -466,9 +466,9 @@ class PreAlignInitStage(PretrainStage):
     def __init__(self, cfg: TrainConfig, languages: list[str]):
         super().__init__(cfg, languages)
         if cfg.model.type != "fuxitranyu":
-            raise ConfigError(f"model.type: prealign_init aligns a dense 'fuxitranyu' model, got {cfg.model.type!r}")
+            raise ConfigError("model.type", f"prealign_init aligns a dense 'fuxitranyu' model, got {cfg.model.type!r}")
         if cfg.model.max_seq_len < cfg.prealign.max_word_tokens + 1:
-            raise ConfigError(f"prealign.max_word_tokens: {cfg.prealign.max_word_tokens} + BOS exceeds "
+            raise ConfigError("prealign.max_word_tokens", f"{cfg.prealign.max_word_tokens} + BOS exceeds "
                               f"model.max_seq_len {cfg.model.max_seq_len}")
         if cfg.checkpoint.init_from:
             log.warning("prealign_init: checkpoint.init_from is set; PreAlign starts from a random init")
@@ -515,10 +515,10 @@ class PreAlignInitStage(PretrainStage):
         """Per-space alignment of the initial and the final weights: alignment_report.json (+ PNG)."""
         after = self._report(engine, self.output_embedding(engine), ctx.device)
         if ctx.is_main:
-            from fuxi.checkpoints.sharded_safetensors import atomic_write_text
+            from fuxi.common.atomic import write_text
 
             out_dir = Path(out_dir)
-            atomic_write_text(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},
+            write_text(out_dir / "alignment_report.json", json.dumps({"before": self._before, "after": after},
                                                                         indent=1))
             reports = {"initial weights": self._before, "after prealign_init": after}
             plot_alignment_report({k: v for k, v in reports.items() if v}, out_dir / "alignment_per_layer.png",

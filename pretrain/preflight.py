@@ -15,10 +15,9 @@ naming the key at fault and the config file.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import TrainConfig
 from fuxi.pretrain.schedule import check_batch_divisibility
 
@@ -68,16 +67,15 @@ def _require(cfg: TrainConfig, key: str, path: str, kind: str) -> None:
     elif kind == "folder" and not p.is_dir():
         problem = "is not a folder"
     if problem:
-        raise ConfigError(f"{key}: {path} {problem} (in {cfg.source})")
+        raise ConfigError(key, f"{path} {problem}", cfg.source)
 
 
 def _manifests(cfg: TrainConfig) -> dict:
     """{key: Manifest} of the manifests the run reads, checked as the loader checks them (`open_manifest`:
     data.seq_len, and data.tokenizer's hash when it is set)."""
-    from fuxi.data_pipeline.errors import DataError
+    from fuxi.common.errors import DataError
     from fuxi.data_pipeline.loader import open_manifest
 
-    fields = {f.name for f in dataclasses.fields(cfg.data)}
     out = {}
     for key in ("data.train_manifest", "data.val_manifest"):
         path = _value(cfg, key)
@@ -85,10 +83,10 @@ def _manifests(cfg: TrainConfig) -> dict:
             continue  # prealign_init without a packed train split
         try:
             out[key] = open_manifest(path, cfg.data, key)
-        except DataError as err:  # a check against a data field names it ("seq_len: ..."), else the manifest
-            field = str(err).split(":", 1)[0]
-            prefix = "data." if field in fields else f"{key}: "
-            raise ConfigError(f"{prefix}{err} (in {cfg.source})") from None
+        except ConfigError as err:  # a data field the manifest contradicts (seq_len, tokenizer)
+            raise err.under("data.").within(cfg.source) from None
+        except DataError as err:  # the manifest itself
+            raise ConfigError(key, str(err), cfg.source) from None
     return out
 
 
@@ -101,13 +99,13 @@ def _check_tokenizer(cfg: TrainConfig, key: str, tokenizer: str, manifests: dict
         digest = tokenizer_hash(tokenizer)
         for manifest_key, manifest in manifests.items():
             if digest != manifest.tokenizer_hash:
-                raise ConfigError(f"{key}: {tokenizer} has tokenizer hash {digest}, but {manifest_key} "
+                raise ConfigError(key, f"{tokenizer} has tokenizer hash {digest}, but {manifest_key} "
                                   f"{manifest.path} was packed with tokenizer hash {manifest.tokenizer_hash}: the "
-                                  f"token ids would mean other tokens (in {cfg.source})")
+                                  f"token ids would mean other tokens", cfg.source)
     try:
         cfg.model.check_tokenizer(load_tokenizer(tokenizer).get_vocab_size(), f"{key} {tokenizer}")
     except ConfigError as err:
-        raise ConfigError(f"model.{err} (in {cfg.source})") from None
+        raise err.under("model.").within(cfg.source) from None
 
 
 def _check_initial_weights(cfg: TrainConfig) -> None:
@@ -116,7 +114,7 @@ def _check_initial_weights(cfg: TrainConfig) -> None:
     try:
         saved = read_model_config(cfg.checkpoint.init_from)
     except CheckpointError as err:
-        raise ConfigError(f"checkpoint.init_from: {err} (in {cfg.source})") from None
+        raise ConfigError("checkpoint.init_from", f"{err}", cfg.source) from None
     if saved.type != cfg.model.type:
-        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} holds a {saved.type!r} model, the run "
-                          f"builds {cfg.model.type!r} (in {cfg.source})")
+        raise ConfigError("checkpoint.init_from", f"{cfg.checkpoint.init_from} holds a {saved.type!r} model, the run "
+                          f"builds {cfg.model.type!r}", cfg.source)

@@ -51,12 +51,12 @@ def sequences_before(step: int, cfg: ScheduleConfig) -> int:
 def check_batch_divisibility(cfg: ScheduleConfig, micro_batch: int, world_size: int, source: str = "") -> None:
     """Every global batch of the ramp must be a whole number of micro-batches on every rank. The error names
     the entry at fault (`schedule.global_batch` or `schedule.batch_ramp[i].global_batch`) and `source`."""
-    from fuxi.model.typed_config import ConfigError
+    from fuxi.common.errors import ConfigError
 
     unit = micro_batch * world_size
     entries = [("schedule.global_batch", cfg.global_batch)]
     entries += [(f"schedule.batch_ramp[{i}].global_batch", s.global_batch) for i, s in enumerate(cfg.batch_ramp)]
     for key, batch in entries:
         if batch % unit:
-            raise ConfigError(f"{key}: {batch} is not a multiple of micro_batch x world size = {micro_batch} x "
-                              f"{world_size}" + (f" (in {source})" if source else ""))
+            raise ConfigError(key, f"{batch} is not a multiple of micro_batch x world size = {micro_batch} x "
+                                   f"{world_size}", source or None)

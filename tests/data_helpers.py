@@ -39,7 +39,7 @@ def rewrite_shard(manifest_path: Path, index: int, change) -> Path:
 
     import webdataset as wds
 
-    from fuxi.data_pipeline.io_utils import sha256_file
+    from fuxi.common.atomic import sha256_file
     from fuxi.data_pipeline.manifest import load_manifest
     from fuxi.data_pipeline.shards import ShardReader, npy_bytes
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline.align_table import SHIPPED_TABLE
 from fuxi.data_pipeline.codeswitch import (CodeSwitchTable, CodeSwitchTransform, build_codeswitch_transform,
                                       segment_words, split_words, tokenizer_word_starts)
 from fuxi.data_pipeline.config import DataConfig
-from fuxi.data_pipeline.errors import DataConfigError, DataError
 from fuxi.data_pipeline.loader import build_train_loader
 from fuxi.data_pipeline.stream import default_transform
 from fuxi.data_pipeline.tokenizer import load_tokenizer
@@ -212,16 +212,16 @@ def test_stream_resume_and_workers_reproduce_the_same_switches(data):
     # the resume fingerprint holds the code-switching settings: another direction is refused, not resumed
     other = build_train_loader(data.data_config(num_workers=0, codeswitch_ratio=0.3,
                                                 codeswitch_direction="all_to_all"), 2, transform=transform)
-    with pytest.raises(DataConfigError, match="^codeswitch: the saved data state"):
+    with pytest.raises(ConfigError, match="^codeswitch: the saved data state"):
         other.load_state_dict(state)
 
 
 def test_config_validation_and_trainer_wiring(data, tmp_path):
-    with pytest.raises(DataConfigError, match="^codeswitch_ratio"):
+    with pytest.raises(ConfigError, match="^codeswitch_ratio"):
         DataConfig(train_manifest="m.json", codeswitch_ratio=1.5).validate()
-    with pytest.raises(DataConfigError, match="^codeswitch_table"):
+    with pytest.raises(ConfigError, match="^codeswitch_table"):
         DataConfig(train_manifest="m.json", codeswitch_table="").validate()
-    with pytest.raises(DataConfigError, match="^codeswitch_direction"):
+    with pytest.raises(ConfigError, match="^codeswitch_direction"):
         DataConfig(train_manifest="m.json", codeswitch_direction="both").validate()
     assert DataConfig(train_manifest="m.json").codeswitch_direction == "source_to_target"
     from fuxi.pretrain.config import load_train_config
@@ -235,7 +235,7 @@ def test_config_validation_and_trainer_wiring(data, tmp_path):
     assert isinstance(train_data.loader.transform, CodeSwitchTransform)
     assert train_data.loader.transform.ratio == 0.05 and len(train_data.loader.transform.table) > 1000
     raw_cfg["data"]["tokenizer"] = None
-    with pytest.raises(DataConfigError, match="^tokenizer"):
+    with pytest.raises(ConfigError, match="^tokenizer"):
         TrainData(load_train_config(None, data=raw_cfg), rank=0, world_size=1)
     raw_cfg["data"]["codeswitch_ratio"] = 0.0
     assert TrainData(load_train_config(None, data=raw_cfg), 0, 1).loader.transform is default_transform
@@ -265,5 +265,5 @@ def test_default_table_maps_source_to_target_as_the_released_code(data, tmp_path
     # a language filter that drops the source drops the concept (its targets never become keys)
     with pytest.raises(DataError, match="no word of the table has a translation"):
         CodeSwitchTable.from_alignment_table(table_path, data.tokenizer_dir, languages=["fr", "de"])
-    with pytest.raises(DataConfigError, match="^codeswitch_direction"):
+    with pytest.raises(ConfigError, match="^codeswitch_direction"):
         CodeSwitchTable.from_concepts([[(1,), (2,)]], WORD_START, SPECIAL, direction="both")

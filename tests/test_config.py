@@ -3,8 +3,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import apply_overrides, from_dict, load_config, parse_override, to_dict
 from fuxi.model import ModelConfig, load_model_config
-from fuxi.model.typed_config import ConfigError, apply_overrides, from_dict, load_config, parse_override, to_dict
 
 
 @dataclass
@@ -15,7 +16,7 @@ class Inner:
 
     def validate(self):
         if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -56,6 +57,18 @@ def test_errors_name_the_key_and_the_file(tmp_path, text, overrides, fragment):
     assert fragment in str(err.value)
     if "key=value" not in fragment:
         assert str(path) in str(err.value)
+
+
+def test_the_error_carries_the_key_and_the_file_as_fields(tmp_path):
+    path = write(tmp_path, "inner:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, path, ["steps=3"])
+    assert (err.value.key, err.value.reason) == ("inner.lr", "must be > 0, got -1.0")
+    assert err.value.source == f"{path} with --set steps=3"
+    assert str(err.value) == f"inner.lr: must be > 0, got -1.0 (in {path} with --set steps=3)"
+    nested = ConfigError("seq_len", "too long").under("data.").within("run.yaml")
+    assert (nested.key, nested.source, str(nested)) == ("data.seq_len", "run.yaml", "data.seq_len: too long (in run.yaml)")
+    assert ConfigError("a", "b", "first.yaml").within("second.yaml").source == "first.yaml"
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fuxi.common.errors import DataError
 from fuxi.data_pipeline.corpus import BUNDLED_CORPUS, find_splits, iter_documents
-from fuxi.data_pipeline.errors import DataError
 from fuxi.data_pipeline.textstats import script_of
 
 CODE_PREFIX = "code_"

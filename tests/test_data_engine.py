@@ -14,13 +14,14 @@ import dill
 import numpy as np
 import pytest
 
+from fuxi.common.errors import DataError
 from fuxi.data_pipeline.chunks import plan_chunks, read_chunk
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.clean_stages import ProcessChunks, WriteKept
 from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
 from fuxi.data_pipeline.dedup import DedupConfig, shingles
 from fuxi.data_pipeline.engine import ExecutorConfig, TaskError
-from fuxi.data_pipeline.errors import DataError, ManifestError, ShardError
+from fuxi.data_pipeline.errors import ManifestError, ShardError
 from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.merge import merge_manifests

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from fuxi.data_pipeline.errors import DataError, ManifestError, ShardError
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.data_pipeline.errors import ManifestError, ShardError
 from fuxi.data_pipeline.loader import build_train_loader, build_val_batches
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.pack import pack
@@ -88,14 +89,15 @@ def test_manifest_disagreements(small, data, tmp_path):
         load_manifest(path).check_files(checksums=True)
     # a sequence length other than the manifest's
     cfg.seq_len = 128
-    with pytest.raises(ManifestError, match="^seq_len: .*64"):
+    with pytest.raises(ConfigError, match="^seq_len: .*64") as err:
         build_train_loader(cfg, batch_size=2)
+    assert err.value.key == "seq_len"  # the config key at fault, as a field (the trainer prefixes it with data.)
     cfg.seq_len = 64
     # a tokenizer other than the one the shards were packed with
     other = train_tokenizer(data.train_manifest.parent.parent / "clean" / "train", tmp_path / "other_tok",
                             TokenizerConfig(vocab_size=600, max_docs_per_language=2))
     cfg.tokenizer = str(other)
-    with pytest.raises(ManifestError, match="^tokenizer: .*hash"):
+    with pytest.raises(ConfigError, match="^tokenizer: .*hash"):
         build_train_loader(cfg, batch_size=2)
     # broken manifests name the field
     raw.pop("seq_len")
@@ -112,11 +114,11 @@ def test_manifest_disagreements(small, data, tmp_path):
 def test_language_without_data(small, data):
     path, cfg = small
     cfg.languages = ["hi", "xx"]
-    with pytest.raises(DataError, match="languages: \\['xx'\\] have no data"):
+    with pytest.raises(ConfigError, match="languages: \\['xx'\\] have no data"):
         build_train_loader(cfg, batch_size=2)
     cfg.languages = None
     cfg.mixing, cfg.weights = "weights", {"hi": 1.0, "yy": 1.0}
-    with pytest.raises(DataError, match="yy"):
+    with pytest.raises(ConfigError, match="yy"):
         build_train_loader(cfg, batch_size=2)
     val_cfg = data.data_config(languages=["hi", "zz"])
     with pytest.raises(DataError, match="zz"):

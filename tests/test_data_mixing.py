@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fuxi.data_pipeline.errors import DataConfigError, DataError
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline.mixing import plan_mixture, round_allocation, target_shares, water_fill
 
 
@@ -34,7 +34,7 @@ def test_temperature_shares_formula():
     assert target_shares(tokens, "natural") == pytest.approx(p)
     assert target_shares(tokens, "weights", weights={"en": 2, "de": 1, "hi": 1}) == \
         pytest.approx({"en": 0.5, "de": 0.25, "hi": 0.25})
-    with pytest.raises(DataConfigError, match="^weights: no weight for language"):
+    with pytest.raises(ConfigError, match="^weights: no weight for language"):
         target_shares(tokens, "weights", weights={"en": 1})
 
 

@@ -121,7 +121,7 @@ def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, messa
     from the byte offset."""
     import re
 
-    from fuxi.data_pipeline.errors import DataError
+    from fuxi.common.errors import DataError
     from fuxi.data_pipeline.pack import line_offsets
 
     path = tmp_path / "en.jsonl"
@@ -136,8 +136,8 @@ def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, messa
 
 def test_pack_tasks_take_the_tokenizer_hash_and_vocabulary_from_the_plan(data, tmp_path, monkeypatch):
     """The plan stage parses tokenizer.json once; the pack tasks (here 2) do not hash or load it again."""
-    import fuxi.data_pipeline.pack_stages as pack_stages
     from fuxi.data_pipeline.engine import ExecutorConfig
+    import fuxi.data_pipeline.pack_stages as pack_stages
     from fuxi.data_pipeline.tokenizer import tokenizer_hash
 
     calls = []

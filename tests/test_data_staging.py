@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
+from fuxi.common.atomic import sha256_file
+from fuxi.common.errors import DataError
+from fuxi.common.staging import exchange, staged_folder, switch_folder
 from fuxi.data_pipeline.cli import main
-from fuxi.data_pipeline.errors import DataError
-from fuxi.data_pipeline.io_utils import sha256_file
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.pack import pack
-from fuxi.data_pipeline.staging import exchange, staged_folder, switch_folder
 from data_helpers import tiny_dataset
 
 LANGS = ["en", "hi", "ru", "zh"]
@@ -115,7 +115,7 @@ def test_switch_exchanges_folders_and_falls_back_to_two_renames(tmp_path, monkey
     else:
         assert [p.name for p in old.iterdir()] == ["a"] and [p.name for p in new.iterdir()] == ["b"]
 
-    import fuxi.data_pipeline.staging as staging
+    import fuxi.common.staging as staging
 
     monkeypatch.setattr(staging, "exchange", lambda a, b: False)  # e.g. NFS
     with staged_folder(old, owned=("a", "c")) as tmp:

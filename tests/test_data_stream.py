@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
+from fuxi.common.errors import ConfigError
 from fuxi.data_pipeline.config import DataConfig
-from fuxi.data_pipeline.errors import DataConfigError
 from fuxi.data_pipeline.loader import build_plan, build_train_loader, build_val_batches
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.shards import ShardReader
@@ -96,9 +96,9 @@ def test_resume_is_exact(data, workers_before, workers_after):
 def test_resume_rejects_a_different_order(data):
     state = build_train_loader(data.data_config(seed=1), batch_size=2).state_dict()
     other = build_train_loader(data.data_config(seed=2), batch_size=2)
-    with pytest.raises(DataConfigError, match="^seed"):
+    with pytest.raises(ConfigError, match="^seed"):
         other.load_state_dict(state)
-    with pytest.raises(DataConfigError, match="^batch_size"):
+    with pytest.raises(ConfigError, match="^batch_size"):
         build_train_loader(data.data_config(seed=1), batch_size=3).load_state_dict(state)
 
 
@@ -117,7 +117,7 @@ def test_resume_accepts_a_state_saved_before_codeswitch_direction_existed(data):
     assert_same(take(resumed, 2), uninterrupted[1:])
     state["fingerprint"]["codeswitch"] = [0.5, None]
     switching = build_train_loader(data.data_config(seed=3, codeswitch_ratio=0.5), batch_size=2)
-    with pytest.raises(DataConfigError, match="^codeswitch"):
+    with pytest.raises(ConfigError, match="^codeswitch"):
         switching.load_state_dict(state)
 
 
@@ -190,7 +190,8 @@ def test_validation_batches(data):
 
 
 def test_data_config_through_the_typed_loader(data):
-    from fuxi.model.typed_config import ConfigError, from_dict
+    from fuxi.common.errors import ConfigError
+    from fuxi.common.typed_config import from_dict
     cfg = from_dict(DataConfig, {"train_manifest": str(data.train_manifest), "seq_len": 64,
                                  "weights": {"en": 1, "de": 0.5}, "mixing": "weights", "languages": None})
     assert cfg.weights == {"en": 1.0, "de": 0.5}

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from fuxi.common.errors import ConfigError
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.corpus import bundled_corpus, iter_documents
 from fuxi.data_pipeline.encoders import PROBE, FastEncoder
-from fuxi.data_pipeline.errors import DataConfigError
 from fuxi.data_pipeline.fertility import fertility, plot_fertility
 from fuxi.data_pipeline.textstats import word_units
 from fuxi.data_pipeline.tokenizer import (EOS_ID, EOS_TOKEN, META_FILE, TokenizerConfig, load_tokenizer, tokenizer_hash,
@@ -84,14 +84,14 @@ def test_sentencepiece_backend_is_equivalent_to_its_hf_export(cleaned, valid_tex
     assert hf.eos_token_id == hf.bos_token_id == 0
     assert hf(valid_texts[0], add_special_tokens=False)["input_ids"] == hf_ids[0]
     assert FastEncoder(out).name == "sentencepiece"
-    with pytest.raises(DataConfigError, match="vocab_size"):
+    with pytest.raises(ConfigError, match="vocab_size"):
         train_tokenizer(cleaned / "train", tmp_path / "tiny", TokenizerConfig(vocab_size=400, backend="sentencepiece"))
 
 
 def test_tokenizer_config_errors():
-    with pytest.raises(DataConfigError, match="^backend"):
+    with pytest.raises(ConfigError, match="^backend"):
         TokenizerConfig(backend="wordpiece").validate()
-    with pytest.raises(DataConfigError, match="^vocab_size"):
+    with pytest.raises(ConfigError, match="^vocab_size"):
         TokenizerConfig(vocab_size=100).validate()
 
 

@@ -318,14 +318,14 @@ def test_in_loop_eval_under_zero3_on_two_ranks(data, tmp_path, capsys):
 
 
 def test_in_loop_eval_needs_a_tokenizer(data, tmp_path):
-    from fuxi.model.typed_config import ConfigError
+    from fuxi.common.errors import ConfigError
     from fuxi.pretrain.config import load_train_config
 
     cfg = eval_run_config(data, tmp_path / "x", run={"tokenizer": None})
     with pytest.raises(ConfigError, match="logging.eval_every_steps: in-loop evaluation needs run.tokenizer"):
         load_train_config(None, data=cfg)
     cfg = eval_run_config(data, tmp_path / "x", logging={"eval_every_steps": 0})
-    with pytest.raises(ConfigError, match="eval_every_steps: must be >= 1 or null"):
+    with pytest.raises(ConfigError, match="eval_every_steps: must be >= 1"):
         load_train_config(None, data=cfg)
 
 
@@ -344,7 +344,7 @@ def fuxi_eval_error(capsys, *argv) -> str:
 @pytest.mark.hf
 def test_bad_input_gets_one_line_errors(trained, data, capsys, tmp_path):
     """Indexes the harness's own tasks once for this process (about 20 s), to know that a name is none of them."""
-    from fuxi.model.typed_config import ConfigError
+    from fuxi.common.errors import ConfigError
     from fuxi.pretrain.config import load_train_config
     from fuxi.pretrain.evaluation.harness import harness_task_names
     from fuxi.pretrain.evaluation.in_loop import check_eval_config

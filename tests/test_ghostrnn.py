@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import from_dict
 from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS as KERNEL_ACTIVATIONS
 from fuxi.model import build_model, load_model_config
 from fuxi.model.config import GHOST_ACTIVATIONS, GhostRNNConfig, ModelConfig
 from fuxi.model.ghostrnn import (GhostGRU, GhostGRUCell, GhostGRUShape, GhostRNNForCausalLM,
                             dimension_cosine_similarity, intrinsic_size, redundancy_fraction)
-from fuxi.model.typed_config import ConfigError, from_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 

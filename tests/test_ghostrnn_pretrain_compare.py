@@ -5,8 +5,9 @@ from dataclasses import asdict
 
 import pytest
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import read_yaml
 from fuxi.experiments.ghostrnn_pretrain_compare import VARIANTS, token_budget, variant_configs
-from fuxi.model.typed_config import ConfigError, read_yaml
 
 CONFIG = "configs/train/ghostrnn-compare.yaml"
 

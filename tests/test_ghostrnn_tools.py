@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from fuxi.launch.cli import main
 from fuxi.experiments.ghostrnn import (ByteStream, cost_rows, keyword_data, redundancy_report, sample_batch,
                                         validation_windows, build_byte_lm)
+from fuxi.launch.cli import main
 
 
 def layer_formula(d: int, h: int, ratio: int, feed: bool) -> int:

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import load_config
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.fuxitranyu import MLP
 from fuxi.model.moe import (MoEFeedForward, RouterOutput, balance_loss, lpr_loss, original_language_mask, route)
-from fuxi.model.typed_config import ConfigError, load_config
 
 H, FFN = 32, 64
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from fuxi.checkpoints.model_checkpoint import save_model_checkpoint
 from fuxi.checkpoints.sharded_safetensors import iter_tensors
+from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import to_dict
 from fuxi.model import ModelConfig, build_model
 from fuxi.model.config import MoEConfig
 from fuxi.model.moe_stats import router_statistics
-from fuxi.model.typed_config import ConfigError, to_dict
 from fuxi.model.upcycle import is_new_expert, is_router, upcycle_config, upcycle_model, upcycle_tensors
 from fuxi.pretrain.config import load_train_config
 from fuxi.pretrain.stages import build_stage

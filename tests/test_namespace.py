@@ -77,8 +77,11 @@ def test_ranks_started_from_the_checkout_do_not_see_its_folders_as_packages():
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """A regular install holds `fuxi/<room>/...` and the data files of each room, and nothing else at the top."""
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "build", "*.egg-info",
+                                                                 "__pycache__", ".whl*", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=600)
+                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("fuxi_pretrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, DictionaryLoader, alignment_report,
                                      contrastive_alignment_loss, prealign_loss, space_names, word_vectors)
 from model_helpers import tiny_model

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from fuxi.common.errors import DataError
 from fuxi.data_pipeline.align_table import (SHIPPED_TABLE, AlignmentTable, AlignTableConfig, Concept,
                                        build_alignment_table, parse_freedict_entry, read_alignment_table,
                                        read_freedict, write_alignment_table)
-from fuxi.data_pipeline.errors import DataError
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import load_train_config
 from trainer_helpers import REPO, run_config, run_pretrain, tiny_training_dataset, write_config
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import BatchStage, PeakCut, ScheduleConfig
 from fuxi.pretrain.schedule import check_batch_divisibility, global_batch_at, lr_at, sequences_before
 

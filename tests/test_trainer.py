@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import load_train_config
 from fuxi.pretrain.metrics import LanguageLoss, per_language_report
 from trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env,

@@ -131,7 +131,7 @@ def resolve_tasks(names: list[str], languages: list[str] | None = None, num_fews
 
 def describe_tasks() -> str:
     """`fuxi eval --list-tasks`: the benchmarks and groups `--tasks` accepts."""
-    from fuxi.data_pipeline.tables import format_table
+    from fuxi.common.tables import format_table
 
     rows = [[b.name, "shipped" if b.local else "downloads", b.num_fewshot, b.metric, len(b.tasks),
              " ".join(b.tasks), b.description] for b in BENCHMARKS.values()]

@@ -1,5 +1,6 @@
 """The one error type of evaluation: bad input (an unknown task, a checkpoint without a tokenizer, ...)."""
+from fuxi.common.errors import InputError
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """Bad `fuxi eval` / in-loop evaluation input; the message names the file, option or task."""

@@ -13,7 +13,7 @@ import logging
 import math
 import statistics
 
-from fuxi.data_pipeline.tables import format_table
+from fuxi.common.tables import format_table
 from fuxi.pretrain.evaluation.benchmarks import BENCHMARKS, EvalTask
 from fuxi.pretrain.evaluation.errors import EvalError
 from fuxi.pretrain.evaluation.local_tasks import TASKS_DIR

@@ -24,18 +24,18 @@ log = logging.getLogger("fuxi.train")
 def check_eval_config(cfg) -> None:
     """For pretrain/preflight.py, before anything is loaded: lm-eval is installed, every task name resolves and
     none generates text (TrainConfig itself checks that run.tokenizer is set)."""
-    from fuxi.model.typed_config import ConfigError
+    from fuxi.common.errors import ConfigError
 
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ConfigError("logging.eval_every_steps: in-loop evaluation needs lm-evaluation-harness; install it "
-                          f"with `pip install -e .[eval]` (in {cfg.source})") from None
+        raise ConfigError("logging.eval_every_steps", "in-loop evaluation needs lm-evaluation-harness; install it "
+                          "with `pip install -e .[eval]`", cfg.source) from None
     try:
         refuse_generation(resolve_tasks(cfg.logging.eval_tasks, cfg.logging.eval_languages,
                                         harness_task_names=harness_task_names))
     except EvalError as err:
-        raise ConfigError(f"logging.eval_tasks: {err} (in {cfg.source})") from None
+        raise ConfigError("logging.eval_tasks", str(err), cfg.source) from None
 
 
 class InLoopEvaluator:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fuxi.checkpoints.sharded_safetensors import CheckpointError
-from fuxi.model.typed_config import ConfigError
+from fuxi.common.errors import ConfigError
 from fuxi.pretrain.evaluation.errors import EvalError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from fuxi.data_pipeline.io_utils import atomic_write, write_json
-from fuxi.data_pipeline.tables import format_table
+from fuxi.common.atomic import atomic_write, save_figure, write_json
+from fuxi.common.tables import format_table
 from fuxi.pretrain.checkpointing import COMPLETE, TAG_PATTERN
 from fuxi.pretrain.evaluation.benchmarks import HIGHER_IS_BETTER
 from fuxi.pretrain.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
@@ -135,8 +135,6 @@ def plot_trajectory(entries: list[dict], out_dir: Path) -> list[Path]:
         fig.suptitle(f"{lang}: downstream evaluation over training")
         fig.tight_layout()
         path = out_dir / f"{lang if lang != '-' else 'other_tasks'}.png"
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         written.append(path)
     return written

@@ -14,15 +14,9 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fuxi.common.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or impossible. The message names key and source."""
-
-
-def _describe(source: str | None) -> str:
-    return f" (in {source})" if source else ""
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
@@ -34,7 +28,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise ConfigError(f"{key}: may not be null{_describe(source)}")
+            raise ConfigError(key, "may not be null", source)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -42,42 +36,42 @@ def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}"
-                          f"{_describe(source)}")
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(key, f"{value!r} matches none of {args}", source)
     if origin is typing.Literal:
         allowed = get_args(annotation)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{_describe(source)}")
+            raise ConfigError(key, f"{value!r} is not one of {list(allowed)}", source)
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}{_describe(source)}")
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}", source)
         (item_type, *_) = get_args(annotation) or (Any,)
         items = [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}{_describe(source)}")
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__}", source)
         _, val_type = get_args(annotation) or (str, Any)
         return {str(k): _coerce(v, val_type, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}"
-                              f"{_describe(source)}")
+            raise ConfigError(key, f"expected a mapping for {annotation.__name__}, got {value!r}", source)
         return from_dict(annotation, value, source=source, prefix=f"{key}.")
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}{_describe(source)}")
+        raise ConfigError(key, f"expected true/false, got {value!r}", source)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}{_describe(source)}")
+        raise ConfigError(key, f"expected an integer, got {value!r}", source)
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -86,43 +80,49 @@ def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
                 return float(value)  # YAML reads "3e-4" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}{_describe(source)}")
+        raise ConfigError(key, f"expected a number, got {value!r}", source)
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}{_describe(source)}")
+        raise ConfigError(key, f"expected a string, got {value!r}", source)
     return value
 
 
 def from_dict(cls: type[T], data: dict, source: str | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from `data`, recursively, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping{_describe(source)}")
+        raise ConfigError(prefix.rstrip(".") or "<root>", "expected a mapping", source)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        keys = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"unknown key(s) {keys}{_describe(source)}; known: {sorted(fields)}")
+        others = f" (and {', '.join(prefix + k for k in unknown[1:])})" if len(unknown) > 1 else ""
+        raise ConfigError(prefix + unknown[0], f"unknown key{others}; known: {sorted(fields)}", source)
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], prefix + name, source)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"missing key(s) {', '.join(prefix + m for m in missing)}{_describe(source)}")
+        others = f" (and {', '.join(prefix + m for m in missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(prefix + missing[0], f"missing{others}", source)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
-        except ValueError as err:  # ConfigError, or another room's ValueError subclass naming the field
-            raise ConfigError(f"{_prefixed(str(err), prefix)}{_describe(source)}") from None
+        except ConfigError as err:  # keyed by the field of `cls`: seen from here, prefix + field
+            raise err.under(prefix).within(source) from None
     return obj
 
 
-def _prefixed(message: str, prefix: str) -> str:
-    return prefix + message if prefix and not message.startswith(prefix) else message
+def require_at_least(obj: Any, minimum: float, *names: str) -> None:
+    """The validate() check of numeric fields with a lower bound: a ConfigError naming the first field of `obj`
+    below `minimum` (None, for an optional field, passes)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(name, f"must be >= {minimum}, got {value}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -140,11 +140,11 @@ def to_dict(obj: Any) -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (['a', 'b'], value parsed as YAML, so `3`, `true`, `[1, 2]` and `null` work)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=2")
+        raise ConfigError("", f"override {item!r}: expected key=value, e.g. model.num_layers=2")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {item!r}: empty key")
+        raise ConfigError("", f"override {item!r}: empty key")
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -153,10 +153,10 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+                raise ConfigError(".".join(path[:depth]), f"override {item!r}: not a mapping")
             node = child
         node[path[-1]] = value
     return data
@@ -165,15 +165,15 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError("", f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError("", f"not valid YAML: {err}", str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError("", "the top level must be a mapping", str(path))
     return data
 
 

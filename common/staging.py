@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from fuxi.data_pipeline.errors import DataError
+from fuxi.common.errors import DataError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
