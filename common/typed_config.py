@@ -116,6 +116,22 @@ def from_dict(cls: type[T], data: dict, source: str | None = None, prefix: str =
     return obj
 
 
+def check_choices(obj: Any) -> None:
+    """The validate() check of every `Literal[...]` field of dataclass `obj`: from_dict checks them when a config
+    is loaded, this also when one is built in code (`ModelConfig(kernels="tritn")`). Choice fields are declared
+    once, as Literals; a field's allowed values are `typing.get_args` of its annotation."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        annotation, value = hints[f.name], getattr(obj, f.name)
+        options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+        literals = [a for a in options if get_origin(a) is typing.Literal]
+        if not literals or (value is None and type(None) in options):
+            continue
+        allowed = [v for literal in literals for v in get_args(literal)]
+        if value not in allowed:
+            raise ConfigError(f.name, f"{value!r} is not one of {allowed}")
+
+
 def require_at_least(obj: Any, minimum: float, *names: str) -> None:
     """The validate() check of numeric fields with a lower bound: a ConfigError naming the first field of `obj`
     below `minimum` (None, for an optional field, passes)."""

@@ -1,10 +1,11 @@
 """Typed YAML configs: unknown keys, wrong types and impossible values name the key and the file."""
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
 from fuxi.common.errors import ConfigError
-from fuxi.common.typed_config import apply_overrides, from_dict, load_config, parse_override, to_dict
+from fuxi.common.typed_config import apply_overrides, check_choices, from_dict, load_config, parse_override, to_dict
 from fuxi.model import ModelConfig, load_model_config
 
 
@@ -69,6 +70,24 @@ def test_the_error_carries_the_key_and_the_file_as_fields(tmp_path):
     nested = ConfigError("seq_len", "too long").under("data.").within("run.yaml")
     assert (nested.key, nested.source, str(nested)) == ("data.seq_len", "run.yaml", "data.seq_len: too long (in run.yaml)")
     assert ConfigError("a", "b", "first.yaml").within("second.yaml").source == "first.yaml"
+
+
+@dataclass
+class Choosy:
+    mode: Literal["fast", "exact"] = "fast"
+    maybe: Literal["a", "b"] | None = None
+
+
+def test_literal_fields_are_checked_when_loaded_and_when_built_in_code():
+    assert from_dict(Choosy, {"mode": "exact", "maybe": "b"}) == Choosy("exact", "b")
+    with pytest.raises(ConfigError, match=r"^mode: 'slow' is not one of \['fast', 'exact'\]"):
+        from_dict(Choosy, {"mode": "slow"})
+    check_choices(Choosy("exact"))
+    with pytest.raises(ConfigError) as err:
+        check_choices(Choosy(mode="slow"))
+    assert (err.value.key, err.value.reason) == ("mode", "'slow' is not one of ['fast', 'exact']")
+    with pytest.raises(ConfigError, match="maybe: 'c' is not one of"):
+        check_choices(Choosy(maybe="c"))
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):
