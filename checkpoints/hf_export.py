@@ -47,7 +47,7 @@ def resolve_layout(config: ModelConfig, layout: str | None) -> str:
 
 
 def common_config_fields(config: ModelConfig, dtype: str) -> dict:
-    """The fields every layout shares (methods.md 1.2), plus `fuxi_vocab_size` for an exact round trip."""
+    """The fields every layout shares (docs/methods.md §1.2), plus `fuxi_vocab_size` for an exact round trip."""
     return {
         "vocab_size": config.padded_vocab_size,
         "fuxi_vocab_size": config.vocab_size,

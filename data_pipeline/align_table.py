@@ -1,4 +1,4 @@
-"""The word-alignment table of PreAlign (methods.md 3.2): which words of different languages mean the same thing.
+"""The word-alignment table of PreAlign (docs/methods.md §3.2): which words of different languages mean the same thing.
 
 Two on-disk forms, both JSON lines, both read by `read_alignment_table`:
 

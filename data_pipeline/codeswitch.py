@@ -1,4 +1,4 @@
-"""Input-only code-switching (PreAlign stage 2, methods.md 3.4): a transform for the training stream.
+"""Input-only code-switching (PreAlign stage 2, docs/methods.md §3.4): a transform for the training stream.
 
 Words. A token starts a word iff its string begins with the tokenizer's whitespace marker ("Ġ" for byte-level
 BPE, "▁" for sentencepiece); a word is the token span up to the next word start. Special tokens (EOS between

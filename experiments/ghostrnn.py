@@ -1,12 +1,12 @@
 """The GhostRNN measurements of docs/ghostrnn.md, in one driver:
 
 1. costs: parameters, per-step MACs, carried state and saved activations of GhostGRU variants A and B (s = 2, 3)
-   against a GRU of the same hidden size (formulas of methods.md 4.3, checked against built modules);
+   against a GRU of the same hidden size (formulas of docs/methods.md §4.3, checked against built modules);
 2. lm: byte-level language models (GRU and the four GhostGRU variants, same seed, same batches) trained for the
    same number of bytes on the bundled multilingual corpus; validation loss (bits per byte) per language;
-3. redundancy: methods.md 4.6.6 on the trained GRU: the fraction of hidden-dimension pairs with |cos| > 0.9,
+3. redundancy: docs/methods.md §4.6.6 on the trained GRU: the fraction of hidden-dimension pairs with |cos| > 0.9,
    against the same network at initialisation;
-4. kws: a synthetic keyword-spotting toy (methods.md 4.6.7): GRU vs GhostGRU A/B at s = 2, D = H.
+4. kws: a synthetic keyword-spotting toy (docs/methods.md §4.6.7): GRU vs GhostGRU A/B at s = 2, D = H.
 
     python -m fuxi.experiments.ghostrnn --out runs/ghostrnn_experiment
 
@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> dict:
                              f"| {r['mean_abs_cos']:.3f} | {r['quantile_99']:.3f} |")
             table = "\n".join(lines)
             print(table + "\n")
-            report += ["## Redundancy of a trained GRU (methods.md 4.6.6)", "", table, ""]
+            report += ["## Redundancy of a trained GRU (docs/methods.md §4.6.6)", "", table, ""]
             results["redundancy"] = {k: {kk: vv for kk, vv in v.items() if kk != "abs_cos"}
                                      for k, v in redundancy.items()}
 
@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> dict:
                   for r in rows]
         table = "\n".join(lines)
         print(table + "\n")
-        report += ["## Keyword-spotting toy (methods.md 4.6.7)", "", table, ""]
+        report += ["## Keyword-spotting toy (docs/methods.md §4.6.7)", "", table, ""]
 
     results["plots"] = plot(out, lm, redundancy)
     write_text(out / "report.md", "\n".join(report) + "\n")

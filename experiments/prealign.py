@@ -1,4 +1,4 @@
-"""PreAlign in the English -> English-Clone setting (methods.md 3.5), at tiny scale, in one driver.
+"""PreAlign in the English -> English-Clone setting (docs/methods.md §3.5), at tiny scale, in one driver.
 
 The world. A small synthetic English (persons, cities, jobs, colours, objects; a few sentence templates) is
 tokenised with a byte-level BPE trained on it. English-Clone is the same language with a disjoint vocabulary:

@@ -1,4 +1,4 @@
-"""The GhostGRU recurrence (methods.md section 4): a GRU of m intrinsic units plus per-step "ghost" units.
+"""The GhostGRU recurrence (docs/methods.md §4): a GRU of m intrinsic units plus per-step "ghost" units.
 
 One time step, with m intrinsic units, G = H - m ghost units and the carried state h (width Hs: H when ghosts
 are fed back, variant A; m when they are not, variant B):

@@ -15,7 +15,7 @@ GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")  # kept equal to ker
 
 @dataclass
 class GhostRNNConfig:
-    """The GhostGRU switches of methods.md 4.2 (the paper body is unread, so each open choice is a switch).
+    """The GhostGRU switches of docs/methods.md §4.2 (the paper body is unread, so each open choice is a switch).
 
     ratio s: intrinsic units m = ceil(hidden_size / s), ghost units hidden_size - m (s = 1 is a plain GRU).
     feed_ghost_back: variant A (true; the carried state is concat(intrinsic, ghost)) or B (false; a GRU of m
@@ -51,7 +51,7 @@ MOE_EXPERT_COMPUTE = ("auto", "loop", "grouped_mm")
 
 @dataclass
 class MoEConfig:
-    """MoE-LPR upcycling (methods.md 2): every chosen FFN becomes `num_experts` experts, expert 0 the original.
+    """MoE-LPR upcycling (docs/methods.md §2): every chosen FFN becomes `num_experts` experts, expert 0 the original.
 
     top_k >= 2 renormalises the K router weights (function-preserving at upcycling); top_k = 1 renormalised is
     a hard weight of 1, and `top1_code_compat` gives the released code's unrenormalised p_max instead.
@@ -111,7 +111,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """Defaults are the published FuxiTranyu-8B (methods.md 1.2): 8,094,724,096 parameters."""
+    """Defaults are the published FuxiTranyu-8B (docs/methods.md §1.2): 8,094,724,096 parameters."""
 
     type: str = "fuxitranyu"
     vocab_size: int = 250_680

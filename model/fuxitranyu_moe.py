@@ -109,7 +109,7 @@ class FuxiTranyuMoEForCausalLM(FuxiTranyuForCausalLM):
             raise ConfigError("moe.layers", f"{bad} out of range for num_layers {config.num_layers}")
 
     def reset_parameters(self) -> None:
-        """The dense init for every Linear (experts included), then Xavier-normal routers (methods.md 2.2)."""
+        """The dense init for every Linear (experts included), then Xavier-normal routers (docs/methods.md §2.2)."""
         super().reset_parameters()
         for layer in self.moe_blocks():
             nn.init.xavier_normal_(layer.mlp.router.weight)

@@ -1,9 +1,9 @@
-"""GhostRNN (Zhou et al., Interspeech 2023; methods.md section 4): GhostGRU cells, a multi-layer GhostGRU and a
+"""GhostRNN (Zhou et al., Interspeech 2023; docs/methods.md §4): GhostGRU cells, a multi-layer GhostGRU and a
 causal language model built on it.
 
 A GhostGRU layer of hidden size H computes m = ceil(H / s) "intrinsic" units with a GRU recurrence and the other
 H - m "ghost" units with a cheap per-step map g = act(A i + c) of the intrinsic ones. The output at every step is
-concat(intrinsic, ghost). Switches (the paper body is unread, methods.md 4.2):
+concat(intrinsic, ghost). Switches (the paper body is unread, docs/methods.md §4.2):
 
 - variant A (feed_ghost_back: true): the carried state is the whole H-dim output; the candidate reads all of it
   and the reset/update gates read all of it (gate_input: full) or its intrinsic slice (gate_input: intrinsic);
@@ -38,7 +38,7 @@ def intrinsic_size(hidden_size: int, ratio: int) -> int:
 
 @dataclass(frozen=True)
 class GhostGRUShape:
-    """Every width of one GhostGRU layer, and the cost formulas of methods.md 4.3 generalised to the switches."""
+    """Every width of one GhostGRU layer, and the cost formulas of docs/methods.md §4.3 generalised to the switches."""
 
     input_size: int      # D
     hidden_size: int     # H, the output width
@@ -339,7 +339,7 @@ class GhostRNNForCausalLM(nn.Module):
         return tokens
 
 
-# ---- the redundancy diagnostic of methods.md 4.6.6 -----------------------------------------------------------
+# ---- the redundancy diagnostic of docs/methods.md §4.6.6 -----------------------------------------------------------
 
 def dimension_cosine_similarity(hidden: torch.Tensor) -> torch.Tensor:
     """hidden [..., H] (any batch/time layout) -> [H, H] cosine similarity between hidden dimensions, each

@@ -1,4 +1,4 @@
-"""The MoE-LPR feed-forward layer (methods.md 2.2-2.4): router, expert dispatch, balance and LPR losses.
+"""The MoE-LPR feed-forward layer (docs/methods.md §2.2-2.4): router, expert dispatch, balance and LPR losses.
 
 An upcycled FFN becomes N experts: expert 0 is the original FFN, experts 1..N-1 start as exact copies. A
 bias-free router Linear(h, N) (Xavier-normal) scores each token; the softmax runs in fp32 and the top-K

@@ -1,11 +1,11 @@
 """Dense FuxiTranyu -> FuxiTranyu-MoE (MoE-LPR upcycling), and the two training stages' parameter freezing.
 
 Upcycling copies every dense tensor; in each chosen layer the FFN becomes expert 0 *and* is copied into experts
-1..N-1, and a new router is drawn Xavier-normal (methods.md 2.2). With K >= 2 the result computes exactly the
+1..N-1, and a new router is drawn Xavier-normal (docs/methods.md §2.2). With K >= 2 the result computes exactly the
 dense function. `upcycle_tensors` streams a checkpoint tensor by tensor (the 8B upcycled to 6 experts never
 sits in memory); `upcycle_model` does the same for a model in memory, with expert 0 sharing the dense storage.
 
-Stage 1 trains the routers and experts 1..N-1; stage 2 only the routers (methods.md 2.3, 2.4).
+Stage 1 trains the routers and experts 1..N-1; stage 2 only the routers (docs/methods.md §2.3, §2.4).
 """
 from __future__ import annotations
 

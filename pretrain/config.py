@@ -169,7 +169,7 @@ PREALIGN_ALPHA_WEIGHTS = ("lm", "align")
 
 @dataclass
 class PreAlignConfig:
-    """The prealign_init stage (pretrain/prealign_stage.py, methods.md 3.3). Entries per batch are
+    """The prealign_init stage (pretrain/prealign_stage.py, docs/methods.md §3.3). Entries per batch are
     schedule.global_batch (one concept per sample); negatives come from one micro-step across ranks.
 
     alpha_weights "align": L = L_LM + alpha * L_align (both released trainers; default, alpha = 0.1);

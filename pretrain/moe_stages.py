@@ -1,4 +1,4 @@
-"""MoE-LPR's two training stages for the trainer (methods.md 2.3, 2.4): what trains, the loss, router logs.
+"""MoE-LPR's two training stages for the trainer (docs/methods.md §2.3, §2.4): what trains, the loss, router logs.
 
 moe_lpr_stage1  post-pretraining: the routers and experts 1..N-1 train, on the expansion languages (select them
                 with `data.languages`); loss = LM + moe.balance_loss_coef * balance (alpha = 0.01).

@@ -1,4 +1,4 @@
-"""PreAlign's alignment initialisation (methods.md 3.3): the `prealign_init` trainer stage.
+"""PreAlign's alignment initialisation (docs/methods.md §3.3): the `prealign_init` trainer stage.
 
 From a random model, the stage trains on dictionary entries instead of the text stream. Each sample is one
 concept of the alignment table with `words_per_entry` of its words; each word is its own short sequence

@@ -1,4 +1,4 @@
-"""Input-only code-switching (data_pipeline/codeswitch.py; methods.md 3.4, checklist 3.8.1-4): word
+"""Input-only code-switching (data_pipeline/codeswitch.py; docs/methods.md §3.4, checklist 3.8.1-4): word
 segmentation, a hand-worked switch, the input-only label property, the switch rate, determinism and resume in the
 real stream, re-packing, and the config/trainer wiring."""
 from __future__ import annotations

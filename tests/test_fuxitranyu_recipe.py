@@ -1,4 +1,4 @@
-"""The FuxiTranyu-8B run configs against the report (methods.md 1.7-1.8): the lr cut and the batch switch at
+"""The FuxiTranyu-8B run configs against the report (docs/methods.md §1.7-1.8): the lr cut and the batch switch at
 about 241B tokens, about 606B in all, and the published language mix (en 28.8% of all tokens)."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""GhostGRU cells, the multi-layer GhostGRU and the GhostRNN language model (methods.md 4.6, each item tested).
+"""GhostGRU cells, the multi-layer GhostGRU and the GhostRNN language model (docs/methods.md §4.6, each item tested).
 
 References are independent of the code under test: torch.nn.GRU, the cost formulas written out from
-methods.md 4.3, F.cross_entropy on explicit logits, and explicit loops.
+docs/methods.md §4.3, F.cross_entropy on explicit logits, and explicit loops.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ ACTS = {"identity": lambda q: q, "tanh": torch.tanh, "relu": torch.relu, "sigmoi
 
 
 def gru_params(d: int, h: int) -> int:
-    return 3 * h * (d + h) + 6 * h  # methods.md 4.3, PyTorch layout with two bias sets
+    return 3 * h * (d + h) + 6 * h  # docs/methods.md §4.3, PyTorch layout with two bias sets
 
 
 def variant_a_params(d: int, h: int, m: int) -> int:

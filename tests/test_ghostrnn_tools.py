@@ -15,7 +15,7 @@ from fuxi.launch.cli import main
 
 def layer_formula(d: int, h: int, ratio: int, feed: bool) -> int:
     m = math.ceil(h / ratio)
-    k = h if feed else m  # methods.md 4.3, variant A (full gates) or B
+    k = h if feed else m  # docs/methods.md §4.3, variant A (full gates) or B
     return 3 * m * (d + k) + 6 * m + m * (h - m) + (h - m)
 
 

@@ -87,7 +87,7 @@ def test_exported_files_are_readable_like_any_other_file(exported):
 
 
 def float64_forward(state: dict, config, ids: torch.Tensor) -> torch.Tensor:
-    """FuxiTranyu written out from methods.md 1.3 in float64, from the state dict alone (independent of both
+    """FuxiTranyu written out from docs/methods.md §1.3 in float64, from the state dict alone (independent of both
     our model and transformers): pre-RMSNorm, biased MHA with rotate-half RoPE, tanh-GELU MLP, untied head."""
     w = {k: v.double() for k, v in state.items()}
     h, heads, eps = config.hidden_size, config.num_heads, config.rms_norm_eps

@@ -13,7 +13,7 @@ from model_helpers import multilingual_ids, tiny_config, tiny_model
 
 
 def published_parameter_count(vocab: int) -> int:
-    """methods.md 1.4, term by term."""
+    """docs/methods.md §1.4, term by term."""
     h, f, layers = 4096, 16384, 30
     attention = 4 * h * h + 4 * h
     mlp = 2 * h * f + f + h

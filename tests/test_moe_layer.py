@@ -1,4 +1,4 @@
-"""The MoE-LPR layer and its losses (methods.md 2.9 items 1, 5, 6, 7, 9) against per-token loops and the
+"""The MoE-LPR layer and its losses (docs/methods.md §2.9 items 1, 5, 6, 7, 9) against per-token loops and the
 paper's formulas."""
 import math
 
@@ -300,7 +300,7 @@ def test_original_language_mask_from_lang_ids():
 
 
 def test_language_flags_survive_a_packed_block_boundary():
-    """methods.md 2.9 item 8: a block packed from an old-language doc then a new-language doc, each ending in EOS
+    """docs/methods.md §2.9 item 8: a block packed from an old-language doc then a new-language doc, each ending in EOS
     (id 0) and each token carrying its document's language. After the stream's next-token shift and
     `original_language_mask` the flags are 1...1 0...0 at the exact boundary, each EOS with its own doc's flag,
     and LPR counts exactly the flagged positions."""

@@ -1,4 +1,4 @@
-"""The upcycled FuxiTranyu-MoE model (methods.md 2.9 items 1-4, 11): function preservation, expert 0, stage
+"""The upcycled FuxiTranyu-MoE model (docs/methods.md §2.9 items 1-4, 11): function preservation, expert 0, stage
 freezing under a real optimizer step, parameter accounting, `fuxi upcycle`, router statistics and their plot."""
 import dataclasses
 
@@ -151,7 +151,7 @@ def test_8b_upcycled_counts_on_the_meta_device():
                                ffn_hidden_size=16_384, max_seq_len=4096)
     config = upcycle_config(dense_config, MoEConfig(num_experts=6, top_k=2))
     moe = build_model(config, device="meta")
-    ffn = 134_238_208  # methods.md 1.4
+    ffn = 134_238_208  # docs/methods.md §1.4
     assert ffn_size(config) == ffn
     assert moe.num_parameters() == 8_094_724_096 + 5 * ffn * 30 + 6 * 4096 * 30
     assert moe.num_active_parameters() == 8_094_724_096 + 1 * ffn * 30 + 6 * 4096 * 30

@@ -1,4 +1,4 @@
-"""MoE-LPR's training stages (pretrain/moe_stages.py) in the real trainer and on a toy (methods.md 2.9).
+"""MoE-LPR's training stages (pretrain/moe_stages.py) in the real trainer and on a toy (docs/methods.md §2.9).
 
 - Freezing under DeepSpeed ZeRO 1/2/3 (checklist 3, 4): stage 1 from an upcycled checkpoint, then stage 2 from
   stage 1's exported weights; every tensor outside the trainable set is bitwise unchanged, every router moved.

@@ -1,4 +1,4 @@
-"""PreAlign's alignment initialisation (pretrain/prealign_stage.py; methods.md 3.3, checklist 3.8.5-6): the L + 2
+"""PreAlign's alignment initialisation (pretrain/prealign_stage.py; docs/methods.md §3.3, checklist 3.8.5-6): the L + 2
 representation spaces, the InfoNCE loss against a naive reference, 1 rank == 2 gloo ranks (loss and gradients),
 the dictionary data (determinism, resume, rank split), training a toy dictionary into alignment, the config."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The English-Clone generator of experiments/prealign.py (methods.md 3.5, checklist 3.8.8): the clone
+"""The English-Clone generator of experiments/prealign.py (docs/methods.md §3.5, checklist 3.8.8): the clone
 vocabulary is disjoint from English, a bijection per token, the alignment table is exactly that bijection at word
 level, and the English-only material (facts of the fact persons, the labelling task) never reaches Clone."""
 from __future__ import annotations

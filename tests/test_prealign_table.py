@@ -1,4 +1,4 @@
-"""The PreAlign alignment table (data_pipeline/align_table.py; methods.md 3.2): both JSONL forms, FreeDict
+"""The PreAlign alignment table (data_pipeline/align_table.py; docs/methods.md §3.2): both JSONL forms, FreeDict
 parsing on hand-made dictd files, the builder's choice of translation, the `fuxi data align-table` command, and
 the shipped table with its provenance note."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What `--tasks` names: the FuxiTranyu report's six benchmarks (methods.md 1.11) and the shipped local tasks,
+"""What `--tasks` names: the FuxiTranyu report's six benchmarks (docs/methods.md §1.11) and the shipped local tasks,
 each a family of lm-evaluation-harness tasks, one per language, with its shot count and headline metric.
 
 The task names are the harness's own (lm-eval 0.4.13; tests/test_evaluation.py checks every one against its task
