@@ -43,7 +43,7 @@ setup(
     description="Pretraining codebase for multilingual LLMs: FuxiTranyu, MoE-LPR, PreAlign, GhostRNN",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # PYTHONSAFEPATH (the checkout root off sys.path) is 3.11's
     packages=packages,
     package_dir=package_dir,
     package_data={"fuxi.checkpoints": ["hf_files/*.py"], "fuxi.data_pipeline": ["corpus/*", "corpus/**/*"],

@@ -24,9 +24,9 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
     exit 2
 fi
 version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-    echo "gpu_check: $PYTHON is Python $version; the project needs >= 3.10" >&2
-    echo "{\"gpu_check\": \"failed\", \"error\": \"python $version < 3.10\"}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "gpu_check: $PYTHON is Python $version; the project needs >= 3.11" >&2
+    echo "{\"gpu_check\": \"failed\", \"error\": \"python $version < 3.11\"}"
     exit 2
 fi
 if [ "$dry_run" = 0 ] && [ "$version" != "3.12" ] && ls .whl/*cp312*.whl >/dev/null 2>&1; then
