@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape
 
 VARIANTS = {  # name -> (feed_ghost_back, gate_input); each runs at every ratio of --ratios
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions on CPU (GPU: do_bench)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--impl", default="auto", choices=IMPLEMENTATIONS,
                         help="GhostGRU recurrence: auto = the Triton kernel on a GPU, the torch loop on a CPU "
                              "(triton on a CPU: under TRITON_INTERPRET=1, a dry run)")
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import torch
 
+from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.kernels.bench import median_ms
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.moe import MoEFeedForward, grouped_mm_available
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU: do_bench)")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+    parser.add_argument("--kernels", default="auto", choices=IMPLEMENTATIONS,
                         help="permutation and bias-GELU kernels (triton on a CPU: under TRITON_INTERPRET=1)")
 
 
