@@ -24,7 +24,7 @@ from fuxi import kernels
 from fuxi.common.errors import ConfigError
 from fuxi.model.attention import causal_attention
 from fuxi.model.config import ModelConfig
-from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.model.lm_head import GenerationMixin, LMHead
 from fuxi.model.outputs import CausalLMOutput
 
 
@@ -174,7 +174,7 @@ class FuxiTranyuModel(nn.Module):
         return TrunkOutput(self.norm(x), new_cache, tuple(hidden_states) if hidden_states else None, routing)
 
 
-class FuxiTranyuForCausalLM(nn.Module):
+class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -243,25 +243,6 @@ class FuxiTranyuForCausalLM(nn.Module):
         return (6.0 * self.num_active_parameters(exclude_embeddings=True)
                 + 12.0 * c.num_layers * c.hidden_size * seq_len)
 
-    # ---- sampling --------------------------------------------------------------------------------------
-
     def empty_kv_cache(self) -> list:
         """One (keys, values) slot per layer; forward fills them and returns the grown cache."""
         return [(None, None) for _ in range(self.config.num_layers)]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation with a KV cache. Rows stop at eos (then pad eos)."""
-        was_training = self.training
-        self.eval()
-
-        def step(ids, cache):
-            out = self(ids, kv_cache=cache)
-            return out.logits, out.kv_cache
-
-        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
-                                 eos_token_id, generator, cache=self.empty_kv_cache())
-        self.train(was_training)
-        return tokens

@@ -27,7 +27,7 @@ from fuxi.common.errors import ConfigError
 from fuxi.kernels import Implementation
 from fuxi.kernels.ghost_gru import GhostActivation, check_ghost_act, ghost_gru_scan, ghost_gru_step_torch
 from fuxi.model.config import GhostGateInput, ModelConfig
-from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.model.lm_head import GenerationMixin, LMHead
 from fuxi.model.outputs import CausalLMOutput
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class GhostGRU(nn.Module):
         return self
 
 
-class GhostRNNForCausalLM(nn.Module):
+class GhostRNNForCausalLM(GenerationMixin, nn.Module):
     """Token embedding -> GhostGRU stack -> untied lm_head. model.type: ghostrnn_lm.
 
     Uses ModelConfig's vocab_size (padded), hidden_size (embedding and every layer), num_layers, kernels,
@@ -279,8 +279,8 @@ class GhostRNNForCausalLM(nn.Module):
                 kv_cache: torch.Tensor | None = None) -> CausalLMOutput:
         """labels are already shifted (labels[t] is the token after input_ids[t]); -100 is ignored.
 
-        state [num_layers, B, Hs] continues a stream (`kv_cache` is accepted as its alias so generation code
-        written for the transformer works); the final state is returned in `CausalLMOutput.kv_cache`.
+        state [num_layers, B, Hs] continues a stream (`kv_cache` is accepted as its alias, the name the shared
+        `generate` of model/lm_head.py uses); the final state is returned in `CausalLMOutput.kv_cache`.
         """
         if state is None:
             state = kv_cache
@@ -311,25 +311,6 @@ class GhostRNNForCausalLM(nn.Module):
         """
         del seq_len
         return 6.0 * self.macs_per_token()
-
-    # ---- sampling --------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation carrying the recurrent state. Rows stop at eos."""
-        was_training = self.training
-        self.eval()
-
-        def step(ids, state):
-            out = self(ids, state=state)
-            return out.logits, out.kv_cache
-
-        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
-                                 eos_token_id, generator)
-        self.train(was_training)
-        return tokens
 
 
 # ---- the redundancy diagnostic of docs/methods.md §4.6.6 -----------------------------------------------------------
