@@ -243,6 +243,8 @@ class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
         return (6.0 * self.num_active_parameters(exclude_embeddings=True)
                 + 12.0 * c.num_layers * c.hidden_size * seq_len)
 
+    # ---- sampling: GenerationMixin.generate, from this cache --------------------------------------------
+
     def empty_kv_cache(self) -> list:
         """One (keys, values) slot per layer; forward fills them and returns the grown cache."""
         return [(None, None) for _ in range(self.config.num_layers)]
