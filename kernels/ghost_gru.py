@@ -47,7 +47,7 @@ def ghost_activation(q: torch.Tensor, act: GhostActivation) -> torch.Tensor:
         return torch.relu(q)
     if act == "sigmoid":
         return torch.sigmoid(q)
-    return q
+    return q  # identity
 
 
 # ----------------------------------------------------------------------------------------------------------
