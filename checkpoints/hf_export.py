@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -23,15 +24,17 @@ from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafeten
 from fuxi.model import ModelConfig
 
 HF_FILES = Path(__file__).parent / "hf_files"
-LAYOUTS = ("native", "tjunlp")
+Layout = Literal["native", "tjunlp"]  # `--format` of a dense export; an MoE-LPR export is always "moe"
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+ExportDType = Literal["float32", "bfloat16", "float16"]
+EXPORT_DTYPES: tuple[str, ...] = get_args(ExportDType)
 REMOTE_CODE = {"tjunlp": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py"),
                "moe": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py",
                        "configuration_fuxitranyu_moe.py", "modeling_fuxitranyu_moe.py")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def resolve_layout(config: ModelConfig, layout: str | None) -> str:
+def resolve_layout(config: ModelConfig, layout: Layout | None) -> str:
     """`native` or `tjunlp` for a dense model (native by default); `moe` for an MoE-LPR model."""
     if config.type == "fuxitranyu_moe":
         if layout == "native":
@@ -46,7 +49,7 @@ def resolve_layout(config: ModelConfig, layout: str | None) -> str:
     return layout
 
 
-def common_config_fields(config: ModelConfig, dtype: str) -> dict:
+def common_config_fields(config: ModelConfig, dtype: ExportDType) -> dict:
     """The fields every layout shares (docs/methods.md §1.2), plus `fuxi_vocab_size` for an exact round trip."""
     return {
         "vocab_size": config.padded_vocab_size,
@@ -72,7 +75,7 @@ def common_config_fields(config: ModelConfig, dtype: str) -> dict:
     }
 
 
-def hf_config_dict(config: ModelConfig, dtype: str, layout: str | None = None) -> dict:
+def hf_config_dict(config: ModelConfig, dtype: ExportDType, layout: Layout | None = None) -> dict:
     layout = resolve_layout(config, layout)
     fields = common_config_fields(config, dtype)
     if layout == "native":
@@ -182,12 +185,12 @@ def export_tokenizer(tokenizer_dir: str | Path, out_dir: Path, config: ModelConf
     return [*copied, "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: ExportDType = "float32",
                  max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | Path | None = None,
-                 layout: str | None = None) -> Path:
+                 layout: Layout | None = None) -> Path:
     """Convert our checkpoint at `ckpt_dir` into a Hugging Face directory at `out_dir` (atomically)."""
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"dtype: {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     config = read_model_config(ckpt_dir)
     layout = resolve_layout(config, layout)
     hf_config = hf_config_dict(config, dtype, layout)
@@ -196,7 +199,7 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "float3
     with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, tensor in iter_tensors(ckpt_dir):
-            writer.add(name, tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor)
+            writer.add(name, tensor.to(getattr(torch, dtype)) if tensor.is_floating_point() else tensor)
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2) + "\n")

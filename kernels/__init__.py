@@ -9,6 +9,8 @@ derivations, the test tiers and the benchmark.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from fuxi.kernels.cross_entropy import (IGNORE_INDEX, default_vocab_chunk, linear_cross_entropy_chunked,
@@ -18,14 +20,15 @@ from fuxi.kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_n
 from fuxi.kernels.rope import apply_rope_torch, apply_rope_triton, rope_cos_sin, rotate_half
 from fuxi.kernels.triton_runtime import HAS_TRITON, check_launchable
 
-__all__ = ["HAS_TRITON", "IGNORE_INDEX", "IMPLEMENTATIONS", "add_rms_norm", "apply_rope", "bias_gelu",
-           "default_vocab_chunk", "gelu_fast_torch", "linear_cross_entropy", "linear_cross_entropy_torch",
-           "rms_norm", "rope_cos_sin", "rotate_half", "use_triton"]
+__all__ = ["HAS_TRITON", "IGNORE_INDEX", "IMPLEMENTATIONS", "Implementation", "add_rms_norm", "apply_rope",
+           "bias_gelu", "default_vocab_chunk", "gelu_fast_torch", "linear_cross_entropy",
+           "linear_cross_entropy_torch", "rms_norm", "rope_cos_sin", "rotate_half", "use_triton"]
 
-IMPLEMENTATIONS = ("auto", "triton", "torch")
+Implementation = Literal["auto", "triton", "torch"]  # `impl` of every kernel, `kernels` of the model config
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 
-def use_triton(impl: str, tensor: torch.Tensor, kernel: str = "kernel") -> bool:
+def use_triton(impl: Implementation, tensor: torch.Tensor, kernel: str = "kernel") -> bool:
     """Resolve `impl` for a call on `tensor`. impl='triton' where Triton cannot run raises a clear error."""
     if impl == "torch":
         return False
@@ -43,7 +46,7 @@ def _check_last_dim(name: str, kernel: str, tensor: torch.Tensor, size: int, wha
                          f"({what}); got shape {tuple(tensor.shape)}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: Implementation = "auto") -> torch.Tensor:
     """weight * x / sqrt(mean(x^2, -1) + eps), statistics in fp32. x [..., h], weight [h]."""
     if weight.dim() != 1:
         raise ValueError(f"kernels.rms_norm: weight must be 1-D [hidden], got shape {tuple(weight.shape)}")
@@ -54,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "aut
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 impl: Implementation = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm: new_residual = residual + x; returns (rms_norm(new_residual),
     new_residual). With residual None (first layer) new_residual is x."""
     if weight.dim() != 1:
@@ -68,7 +71,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return add_rms_norm_torch(x, residual, weight, eps)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto") -> torch.Tensor:
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, impl: Implementation = "auto") -> torch.Tensor:
     """gelu_fast(x + bias) (tanh approximation) over the last dim; bias [F] or None."""
     if bias is not None:
         if bias.dim() != 1:
@@ -79,8 +82,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto") ->
     return bias_gelu_torch(x, bias)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto",
-               inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               impl: Implementation = "auto", inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE. q [B, T, Hq, D], k [B, T, Hk, D], cos/sin [B or 1, T, D].
 
     inplace=True (Triton path) writes the result into q and k and returns them. It is safe for autograd
@@ -131,7 +134,7 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, impl: str = "auto",
+                         ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, impl: Implementation = "auto",
                          vocab_chunk: int | None = None) -> torch.Tensor:
     """Per-token fp32 losses [N] of softmax(hidden @ weight^T) against labels (0 where ignored), plus
     z_loss * logsumexp^2, chunked over the vocabulary so the [N, V] logits never exist (both impls).

@@ -21,25 +21,33 @@ Two implementations of the recurrence share that contract:
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
+from fuxi.kernels import Implementation, use_triton
 from fuxi.kernels.triton_runtime import next_power_of_2, tl, triton
 
-GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")
-_ACT_CODE = {name: code for code, name in enumerate(GHOST_ACTIVATIONS)}
+GhostActivation = Literal["identity", "tanh", "relu", "sigmoid"]  # also the `ghost_act` of the model config
+GHOST_ACTIVATIONS: tuple[str, ...] = get_args(GhostActivation)
+_ACT_CODE = {name: code for code, name in enumerate(GHOST_ACTIVATIONS)}  # the kernels' ACT constexpr
 
 
-def ghost_activation(q: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "identity":
-        return q
+def check_ghost_act(act: str) -> None:
+    if act not in GHOST_ACTIVATIONS:
+        raise ValueError(f"ghost_act: {act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+
+
+def ghost_activation(q: torch.Tensor, act: GhostActivation) -> torch.Tensor:
+    check_ghost_act(act)
     if act == "tanh":
         return torch.tanh(q)
     if act == "relu":
         return torch.relu(q)
     if act == "sigmoid":
         return torch.sigmoid(q)
-    raise ValueError(f"ghost_act: {act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+    return q  # identity
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -47,7 +55,7 @@ def ghost_activation(q: torch.Tensor, act: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 def ghost_gru_step_torch(gx_t: torch.Tensor, h: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor,
                          b_hh: torch.Tensor, ghost_weight: torch.Tensor, ghost_bias: torch.Tensor,
-                         act: str) -> torch.Tensor:
+                         act: GhostActivation) -> torch.Tensor:
     """One step. gx_t [B, 3m]; h [B, Hs]; w_rz [2m, K_rz]; w_n [m, K_n]; b_hh [3m]; ghost_weight [G, m].
 
     Returns out_t [B, m + G] = concat(intrinsic, ghost).
@@ -68,7 +76,7 @@ def ghost_gru_step_torch(gx_t: torch.Tensor, h: torch.Tensor, w_rz: torch.Tensor
 
 def ghost_gru_scan_torch(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh: torch.Tensor,
                          ghost_weight: torch.Tensor, ghost_bias: torch.Tensor, h0: torch.Tensor,
-                         keep: torch.Tensor | None = None, act: str = "tanh") -> torch.Tensor:
+                         keep: torch.Tensor | None = None, act: GhostActivation = "tanh") -> torch.Tensor:
     """The whole sequence. gx [B, T, 3m]; h0 [B, Hs]; keep [B, T] (0 resets the state before step t).
 
     Returns out [B, T, H]; the final state is out[:, -1, :Hs].
@@ -402,11 +410,10 @@ def _block_sizes(m: int, ghosts: int, state_size: int, override: dict | None) ->
 # ----------------------------------------------------------------------------------------------------------
 def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh: torch.Tensor,
                    ghost_weight: torch.Tensor, ghost_bias: torch.Tensor, h0: torch.Tensor,
-                   keep: torch.Tensor | None = None, act: str = "tanh", impl: str = "auto",
-                   block_sizes: dict | None = None) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, act: GhostActivation = "tanh",
+                   impl: Implementation = "auto", block_sizes: dict | None = None) -> torch.Tensor:
     """The recurrence over gx [B, T, 3m] from h0 [B, Hs] -> out [B, T, m + G]. See the module docstring."""
-    if act not in _ACT_CODE:
-        raise ValueError(f"ghost_act: {act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+    check_ghost_act(act)
     m = w_n.shape[0]
     if gx.dim() != 3 or gx.shape[2] != 3 * m:
         raise ValueError(f"gx: expected [batch, time, {3 * m}], got {list(gx.shape)}")
@@ -417,8 +424,6 @@ def ghost_gru_scan(gx: torch.Tensor, w_rz: torch.Tensor, w_n: torch.Tensor, b_hh
         raise ValueError(f"keep: expected {list(gx.shape[:2])}, got {list(keep.shape)}")
     if gx.shape[1] == 0:
         return gx.new_zeros(gx.shape[0], 0, m + ghost_weight.shape[0])
-    from fuxi.kernels import use_triton  # late: kernels/__init__ may one day import this module
-
     if use_triton(impl, gx, "ghost_gru"):
         return GhostGRUScanTriton.apply(gx, w_rz, w_n, b_hh, ghost_weight, ghost_bias, h0, keep, act, block_sizes)
     return ghost_gru_scan_torch(gx, w_rz, w_n, b_hh, ghost_weight, ghost_bias, h0, keep, act)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fuxi.kernels import use_triton
+from fuxi.kernels import Implementation, use_triton
 from fuxi.kernels.triton_runtime import next_power_of_2, rows_per_program, tl, triton
-
-IMPLEMENTATIONS = ("auto", "triton", "torch")
 
 
 # ---- torch reference --------------------------------------------------------------------------------------
@@ -181,7 +179,7 @@ def _check_positions(kernel: str, positions: torch.Tensor, n_tokens: int, what: 
         raise ValueError(f"kernels.{kernel}: positions must be int32/int64 row indices, got {positions.dtype}")
 
 
-def permute_tokens(x: torch.Tensor, positions: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def permute_tokens(x: torch.Tensor, positions: torch.Tensor, impl: Implementation = "auto") -> torch.Tensor:
     """x [T, h] -> [T*K, h] in expert-sorted order: row positions[t, k] holds x[t]."""
     if x.dim() != 2:
         raise ValueError(f"kernels.permute_tokens: x must be [tokens, hidden], got {tuple(x.shape)}")
@@ -192,7 +190,7 @@ def permute_tokens(x: torch.Tensor, positions: torch.Tensor, impl: str = "auto")
 
 
 def combine_tokens(y: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
-                   impl: str = "auto") -> torch.Tensor:
+                   impl: Implementation = "auto") -> torch.Tensor:
     """y [T*K, h] expert outputs in sorted order -> [T, h]: out[t] = sum_k weights[t, k] * y[positions[t, k]]."""
     if y.dim() != 2:
         raise ValueError(f"kernels.combine_tokens: y must be [tokens * top_k, hidden], got {tuple(y.shape)}")

@@ -139,15 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--micro-batch", type=int, default=1)
     info.set_defaults(func=cmd_info)
 
+    from fuxi.checkpoints.hf_export import EXPORT_DTYPES, LAYOUTS
+
     convert = sub.add_parser("convert", help="checkpoint conversion to and from Hugging Face format")
     conv_sub = convert.add_subparsers(dest="direction", required=True)
     to_hf = conv_sub.add_parser("to-hf", help="our checkpoint (plain or DeepSpeed ZeRO) -> HF directory")
     to_hf.add_argument("--checkpoint", required=True)
     to_hf.add_argument("--out", required=True)
-    to_hf.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    to_hf.add_argument("--dtype", default="bfloat16", choices=EXPORT_DTYPES)
     to_hf.add_argument("--shard-size", default="5GB")
     to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the export")
-    to_hf.add_argument("--format", default=None, choices=["native", "tjunlp"],
+    to_hf.add_argument("--format", default=None, choices=LAYOUTS,
                        help="native (default): transformers' ArceeForCausalLM, no remote code; tjunlp: the released "
                             "TJUNLP layout (FuxiTranyuForCausalLM, trust_remote_code). MoE models: remote code only")
     to_hf.set_defaults(func=cmd_convert_to_hf)

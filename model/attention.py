@@ -5,6 +5,8 @@ attention to the token's own document inside a packed sequence.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,8 @@ try:  # optional dependency: `pip install fuxi-pretrain[flash]`
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = flash_attn_varlen_func = None
+
+AttentionBackend = Literal["auto", "sdpa", "flash"]  # the `attention` of the model config
 
 
 def flash_available(q: torch.Tensor) -> bool:
@@ -70,7 +74,8 @@ def flash_attention(q, k, v, doc_ids=None, dropout_p: float = 0.0) -> torch.Tens
     return out.view(batch, seq, heads, dim)
 
 
-def causal_attention(q, k, v, doc_ids=None, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+def causal_attention(q, k, v, doc_ids=None, dropout_p: float = 0.0,
+                     backend: AttentionBackend = "auto") -> torch.Tensor:
     """Dispatch on `backend` (auto|flash|sdpa). Cached decoding (q shorter than k) always uses SDPA."""
     use_flash = backend == "flash" or (backend == "auto" and flash_available(q))
     if use_flash and q.shape[1] == k.shape[1]:

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fuxi.common.errors import ConfigError
-from fuxi.common.typed_config import apply_overrides, from_dict, read_yaml
-from fuxi.kernels import IMPLEMENTATIONS
+from fuxi.common.typed_config import apply_overrides, check_choices, from_dict, read_yaml, require_at_least
+from fuxi.kernels import Implementation
+from fuxi.kernels.ghost_gru import GhostActivation
+from fuxi.model.attention import AttentionBackend
 
-ATTENTION_CHOICES = ("auto", "sdpa", "flash")
-GHOST_GATE_INPUTS = ("full", "intrinsic")
-GHOST_ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid")  # kept equal to kernels.ghost_gru's (a test checks)
+GhostGateInput = Literal["full", "intrinsic"]
+MoELossForm = Literal["paper", "code"]
+ExpertCompute = Literal["auto", "loop", "grouped_mm"]
 
 
 @dataclass
@@ -26,27 +29,19 @@ class GhostRNNConfig:
 
     ratio: int = 2
     feed_ghost_back: bool = True
-    gate_input: str = "full"
-    ghost_act: str = "tanh"
+    gate_input: GhostGateInput = "full"
+    ghost_act: GhostActivation = "tanh"
 
     @property
     def variant(self) -> str:
         return "A" if self.feed_ghost_back else "B"
 
     def validate(self) -> None:
-        if self.ratio < 1:
-            raise ConfigError("ratio", f"must be >= 1, got {self.ratio}")
-        if self.gate_input not in GHOST_GATE_INPUTS:
-            raise ConfigError("gate_input", f"{self.gate_input!r} is not one of {list(GHOST_GATE_INPUTS)}")
-        if self.ghost_act not in GHOST_ACTIVATIONS:
-            raise ConfigError("ghost_act", f"{self.ghost_act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+        check_choices(self)
+        require_at_least(self, 1, "ratio")
         if not self.feed_ghost_back and self.gate_input == "full":
             raise ConfigError("gate_input", "'full' needs feed_ghost_back: true (variant B carries only the "
                               "intrinsic state); use gate_input: intrinsic")
-
-
-MOE_LOSS_FORMS = ("paper", "code")
-MOE_EXPERT_COMPUTE = ("auto", "loop", "grouped_mm")
 
 
 @dataclass
@@ -69,32 +64,26 @@ class MoEConfig:
     top_k: int = 2
     top1_code_compat: bool = False
     balance_loss_coef: float = 0.01
-    balance_loss_form: str = "code"
+    balance_loss_form: MoELossForm = "code"
     lpr_loss_coef: float = 0.0
-    lpr_loss_form: str = "code"
+    lpr_loss_form: MoELossForm = "code"
     layers: list[int] | None = None
     original_languages: list[str] = field(default_factory=list)
-    expert_compute: str = "auto"
+    expert_compute: ExpertCompute = "auto"
 
     def validate(self) -> None:
+        check_choices(self)
         if self.num_experts < 2:
             raise ConfigError("num_experts", f"must be >= 2 (expert 0 plus at least one copy), got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.top1_code_compat and self.top_k != 1:
             raise ConfigError("top1_code_compat", f"only meaningful with top_k: 1, got top_k: {self.top_k}")
-        for name in ("balance_loss_coef", "lpr_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "balance_loss_coef", "lpr_loss_coef")
         if self.balance_loss_coef > 0 and self.lpr_loss_coef > 0:
             raise ConfigError("lpr_loss_coef", f"the balance loss (stage 1, balance_loss_coef="
                               f"{self.balance_loss_coef}) and the LPR loss (stage 2, lpr_loss_coef="
                               f"{self.lpr_loss_coef}) are mutually exclusive; set one of them to 0")
-        for name in ("balance_loss_form", "lpr_loss_form"):
-            if getattr(self, name) not in MOE_LOSS_FORMS:
-                raise ConfigError(name, f"{getattr(self, name)!r} is not one of {list(MOE_LOSS_FORMS)}")
-        if self.expert_compute not in MOE_EXPERT_COMPUTE:
-            raise ConfigError("expert_compute", f"{self.expert_compute!r} is not one of {list(MOE_EXPERT_COMPUTE)}")
         if self.layers is not None:
             if not self.layers:
                 raise ConfigError("layers", "empty list; use null for all layers")
@@ -132,8 +121,8 @@ class ModelConfig:
     # Attention across document boundaries of a packed sequence is blocked when doc_ids are given and this is on.
     document_masking: bool = False
     activation_checkpointing: bool = False
-    kernels: str = "auto"
-    attention: str = "auto"
+    kernels: Implementation = "auto"
+    attention: AttentionBackend = "auto"
     bos_token_id: int = 0
     eos_token_id: int = 0
     # The GhostRNN switches; required when type is "ghostrnn_lm" (model/ghostrnn.py), ignored otherwise.
@@ -151,22 +140,24 @@ class ModelConfig:
         return ((self.vocab_size + m - 1) // m) * m
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
+        check_choices(self)
+        require_at_least(self, 1, "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads",
+                         "ffn_hidden_size", "max_seq_len")
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-
-        for name in ("vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads",
-                     "ffn_hidden_size", "max_seq_len", "rms_norm_eps", "rope_theta", "init_std"):
-            positive(name)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError("attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
-        if self.kernels not in IMPLEMENTATIONS:
-            raise ConfigError("kernels", f"{self.kernels!r} is not one of {list(IMPLEMENTATIONS)}")
-        if self.attention not in ATTENTION_CHOICES:
-            raise ConfigError("attention", f"{self.attention!r} is not one of {list(ATTENTION_CHOICES)}")
         for name in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(name, f"{getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        for name in ("ghostrnn", "moe"):  # from_dict validates them on load, this a config built in code
+            block = getattr(self, name)
+            if block is not None:
+                try:
+                    block.validate()
+                except ConfigError as err:
+                    raise err.under(f"{name}.") from None
         from fuxi.model.registry import validate_model_type  # late: the registry imports the model files
 
         validate_model_type(self)  # what only one architecture needs (attention heads, MoE or GhostRNN blocks)

@@ -4,12 +4,16 @@ Pre-RMSNorm blocks with biased multi-head attention (full rotary RoPE, rotate-ha
 4h MLP with tanh-GELU (`gelu_fast`); untied embeddings; a final RMSNorm; lm_head without bias. Module names
 follow the Llama convention, so our state dict *is* the Hugging Face state dict.
 
+The trunk (`FuxiTranyuModel`) is written once: FuxiTranyu-MoE (model/fuxitranyu_moe.py) is this model with other
+feed-forwards in its blocks (`feed_forward`), and its MoE-only parts on top.
+
 Kernels (RMSNorm, bias-GELU, RoPE, the fused linear cross-entropy) come through the `kernels` seam, picked by
 `config.kernels`; nothing here knows about parallelism.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -20,7 +24,7 @@ from fuxi import kernels
 from fuxi.common.errors import ConfigError
 from fuxi.model.attention import causal_attention
 from fuxi.model.config import ModelConfig
-from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.model.lm_head import GenerationMixin, LMHead
 from fuxi.model.outputs import CausalLMOutput
 
 
@@ -101,64 +105,86 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Pre-norm attention, then the feed-forward `mlp`: the dense MLP, or in FuxiTranyu-MoE an MoE layer
+    (model/moe.py), which returns (output, routing). -> (x, kv_cache, routing), routing None after a dense MLP."""
+
+    def __init__(self, config: ModelConfig, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
-        self.mlp = MLP(config)
+        self.mlp = mlp
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, kv_cache)
         h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
-        return x + self.mlp(h), kv_cache
+        mlp_out, routing = self.mlp(h), None
+        if isinstance(mlp_out, tuple):  # an MoE layer: (output, RouterOutput)
+            mlp_out, routing = mlp_out
+        return x + mlp_out, kv_cache, routing
+
+
+@dataclass
+class TrunkOutput:
+    hidden: torch.Tensor  # [batch, seq, h], after the final norm
+    kv_cache: list | None  # the grown cache, when one was passed in
+    # With output_hidden_states: the embedding output and every block output (before the final norm), L + 1
+    # tensors, for per-layer analyses (PreAlign).
+    hidden_states: tuple | None = None
+    routing: list = field(default_factory=list)  # the RouterOutput of every MoE layer, in layer order
 
 
 class FuxiTranyuModel(nn.Module):
-    """The trunk: embeddings, blocks, final norm. Returns the last hidden states."""
+    """The decoder trunk: embeddings, blocks, final norm. `mlps` holds every block's feed-forward, in order."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, mlps: list[nn.Module]):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, mlp) for mlp in mlps)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None, output_hidden_states=False):
-        """-> (final hidden states, kv cache), plus, with `output_hidden_states`, a tuple of L + 1 tensors: the
-        embedding output and every block's output (before the final norm), for per-layer analyses (PreAlign)."""
+    def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None,
+                output_hidden_states=False) -> TrunkOutput:
         x = self.embed_tokens(input_ids)
-        all_hidden = [x] if output_hidden_states else None
         if positions is None:
             past = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].shape[1]
             positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         cos, sin = self.rotary(positions, x.dtype)
         if not self.config.document_masking:
             doc_ids = None
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_cache = [] if kv_cache is not None else None
+        hidden_states = [x] if output_hidden_states else None
+        routing = []
         for i, layer in enumerate(self.layers):
             layer_cache = kv_cache[i] if kv_cache is not None else None
-            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, layer_cache = checkpoint(layer, x, cos, sin, doc_ids, layer_cache, use_reentrant=False)
+            if recompute:
+                x, layer_cache, layer_routing = checkpoint(layer, x, cos, sin, doc_ids, layer_cache,
+                                                           use_reentrant=False)
             else:
-                x, layer_cache = layer(x, cos, sin, doc_ids, layer_cache)
+                x, layer_cache, layer_routing = layer(x, cos, sin, doc_ids, layer_cache)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-            if all_hidden is not None:
-                all_hidden.append(x)
-        if all_hidden is not None:
-            return self.norm(x), new_cache, tuple(all_hidden)
-        return self.norm(x), new_cache
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+        return TrunkOutput(self.norm(x), new_cache, tuple(hidden_states) if hidden_states else None, routing)
 
 
-class FuxiTranyuForCausalLM(nn.Module):
+class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = FuxiTranyuModel(config)
+        self.model = FuxiTranyuModel(config, [self.feed_forward(i) for i in range(config.num_layers)])
         self.lm_head = LMHead(config.hidden_size, config.padded_vocab_size, config.kernels)
         self.reset_parameters()
+
+    def feed_forward(self, layer: int) -> nn.Module:
+        """The feed-forward of block `layer`: the dense MLP in every block (FuxiTranyu-MoE swaps in MoE layers)."""
+        return MLP(self.config)
 
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:
@@ -193,15 +219,12 @@ class FuxiTranyuForCausalLM(nn.Module):
         `return_logits` is set; without labels the logits are returned. `output_hidden_states` adds the
         embedding output and every block output (out.hidden_states, L + 1 tensors).
         """
-        hidden, kv_cache, *per_layer = self.model(input_ids, positions, doc_ids, kv_cache, output_hidden_states)
-        out = CausalLMOutput(kv_cache=kv_cache, hidden_states=per_layer[0] if per_layer else None)
-        if labels is not None:
-            token_losses = self.lm_head(hidden, labels, z_loss)
-            out.token_losses = token_losses
-            out.loss = token_losses.sum() / (labels != kernels.IGNORE_INDEX).sum().clamp(min=1)
-        if labels is None or return_logits:
-            out.logits = self.lm_head(hidden)
-        return out
+        trunk = self.model(input_ids, positions, doc_ids, kv_cache, output_hidden_states)
+        return self.lm_head.output(trunk.hidden, labels, z_loss, return_logits, self.new_output(trunk))
+
+    def new_output(self, trunk: TrunkOutput) -> CausalLMOutput:
+        """The output forward fills with the loss and logits (FuxiTranyu-MoE's also carries the routing)."""
+        return CausalLMOutput(kv_cache=trunk.kv_cache, hidden_states=trunk.hidden_states)
 
     # ---- accounting used by `fuxi info`, the trainer's MFU and the tests -------------------------------
 
@@ -209,30 +232,19 @@ class FuxiTranyuForCausalLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.model.embed_tokens.weight.numel() if exclude_embeddings else total
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N (N without the input embedding) + 12 * L * h * s for attention."""
-        c = self.config
-        return 6.0 * self.num_parameters(exclude_embeddings=True) + 12.0 * c.num_layers * c.hidden_size * seq_len
+    def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters a token passes through: all of them in the dense model (not in FuxiTranyu-MoE)."""
+        return self.num_parameters(exclude_embeddings)
 
-    # ---- sampling --------------------------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N (N the active parameters without the input embedding) + 12 * L * h * s
+        for attention."""
+        c = self.config
+        return (6.0 * self.num_active_parameters(exclude_embeddings=True)
+                + 12.0 * c.num_layers * c.hidden_size * seq_len)
+
+    # ---- sampling: GenerationMixin.generate, from this cache --------------------------------------------
 
     def empty_kv_cache(self) -> list:
         """One (keys, values) slot per layer; forward fills them and returns the grown cache."""
         return [(None, None) for _ in range(self.config.num_layers)]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation with a KV cache. Rows stop at eos (then pad eos)."""
-        was_training = self.training
-        self.eval()
-
-        def step(ids, cache):
-            out = self(ids, kv_cache=cache)
-            return out.logits, out.kv_cache
-
-        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
-                                 eos_token_id, generator, cache=self.empty_kv_cache())
-        self.train(was_training)
-        return tokens

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from fuxi.common.tables import format_table
+from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape
 
 VARIANTS = {  # name -> (feed_ghost_back, gate_input); each runs at every ratio of --ratios
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions on CPU (GPU: do_bench)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--impl", default="auto", choices=IMPLEMENTATIONS,
                         help="GhostGRU recurrence: auto = the Triton kernel on a GPU, the torch loop on a CPU "
                              "(triton on a CPU: under TRITON_INTERPRET=1, a dry run)")
 
@@ -101,14 +103,10 @@ def run(args: argparse.Namespace) -> dict:
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(f"GhostGRU vs nn.GRU on {device_name} ({torch.get_num_threads()} CPU threads): batch {batch}, "
           f"{steps} steps, H = D = {hidden}, {args.layers} layer(s), {args.dtype}")
-    header = f"{'layer':<26}{'params':>10}{'MACs/step':>11}{'state':>7}{'fwd ms':>9}{'fwd+bwd ms':>12}" \
-             f"{'fwd x':>7}{'f+b x':>7}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(f"{row['name']:<26}{row['params']:>10,}{row['macs_per_step']:>11,}{row['state_floats']:>7}"
-              f"{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}{row['fwd_speedup_vs_gru']:>7.2f}"
-              f"{row['fwd_bwd_speedup_vs_gru']:>7.2f}")
+    columns = ["name", "params", "macs_per_step", "state_floats", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_gru",
+               "fwd_bwd_speedup_vs_gru"]
+    print(format_table(["layer", "params", "MACs/step", "state", "fwd ms", "fwd+bwd ms", "fwd x", "f+b x"],
+                       [[row[c] for c in columns] for row in rows]))
     result = {"device": device_name, "threads": torch.get_num_threads(), "impl": impl, "batch": batch,
               "seq_len": steps, "hidden": hidden,
               "layers": args.layers, "dtype": args.dtype, "rows": rows}

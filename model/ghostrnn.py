@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fuxi.common.errors import ConfigError
-from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS, ghost_gru_scan, ghost_gru_step_torch
-from fuxi.model.config import GHOST_GATE_INPUTS, GhostRNNConfig, ModelConfig
-from fuxi.model.lm_head import LMHead, generate_tokens
+from fuxi.kernels import Implementation
+from fuxi.kernels.ghost_gru import GhostActivation, check_ghost_act, ghost_gru_scan, ghost_gru_step_torch
+from fuxi.model.config import GhostGateInput, ModelConfig
+from fuxi.model.lm_head import GenerationMixin, LMHead
 from fuxi.model.outputs import CausalLMOutput
 
 logger = logging.getLogger(__name__)
@@ -49,13 +51,13 @@ class GhostGRUShape:
 
     @classmethod
     def of(cls, input_size: int, hidden_size: int, ratio: int = 2, feed_ghost_back: bool = True,
-           gate_input: str = "full") -> GhostGRUShape:
+           gate_input: GhostGateInput = "full") -> GhostGRUShape:
         if input_size < 1 or hidden_size < 1:
             raise ValueError(f"input_size/hidden_size: must be >= 1, got {input_size}/{hidden_size}")
         if not 1 <= ratio <= hidden_size:
             raise ValueError(f"ratio: must be in [1, hidden_size={hidden_size}], got {ratio}")
-        if gate_input not in GHOST_GATE_INPUTS:
-            raise ValueError(f"gate_input: {gate_input!r} is not one of {list(GHOST_GATE_INPUTS)}")
+        if gate_input not in get_args(GhostGateInput):
+            raise ValueError(f"gate_input: {gate_input!r} is not one of {list(get_args(GhostGateInput))}")
         if not feed_ghost_back and gate_input == "full":
             raise ValueError("gate_input: 'full' needs feed_ghost_back=True (variant B carries only the "
                              "intrinsic state)")
@@ -89,10 +91,10 @@ class GhostGRUCell(nn.Module):
     """One GhostGRU layer. `forward` is one time step; `scan` runs a whole [B, T, D] sequence (fused kernel)."""
 
     def __init__(self, input_size: int, hidden_size: int, ratio: int = 2, feed_ghost_back: bool = True,
-                 gate_input: str = "full", ghost_act: str = "tanh", impl: str = "auto"):
+                 gate_input: GhostGateInput = "full", ghost_act: GhostActivation = "tanh",
+                 impl: Implementation = "auto"):
         super().__init__()
-        if ghost_act not in GHOST_ACTIVATIONS:
-            raise ValueError(f"ghost_act: {ghost_act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+        check_ghost_act(ghost_act)
         self.shape = GhostGRUShape.of(input_size, hidden_size, ratio, feed_ghost_back, gate_input)
         self.ratio, self.feed_ghost_back, self.gate_input = ratio, feed_ghost_back, gate_input
         self.ghost_act, self.impl = ghost_act, impl
@@ -158,8 +160,8 @@ class GhostGRU(nn.Module):
     """A stack of GhostGRU layers over batch-first [B, T, D] input, with carried state [num_layers, B, Hs]."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, ratio: int = 2,
-                 feed_ghost_back: bool = True, gate_input: str = "full", ghost_act: str = "tanh",
-                 impl: str = "auto", checkpoint_layers: bool = False):
+                 feed_ghost_back: bool = True, gate_input: GhostGateInput = "full",
+                 ghost_act: GhostActivation = "tanh", impl: Implementation = "auto", checkpoint_layers: bool = False):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers: must be >= 1, got {num_layers}")
@@ -217,7 +219,7 @@ class GhostGRU(nn.Module):
         return self
 
 
-class GhostRNNForCausalLM(nn.Module):
+class GhostRNNForCausalLM(GenerationMixin, nn.Module):
     """Token embedding -> GhostGRU stack -> untied lm_head. model.type: ghostrnn_lm.
 
     Uses ModelConfig's vocab_size (padded), hidden_size (embedding and every layer), num_layers, kernels,
@@ -227,7 +229,7 @@ class GhostRNNForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.validate_config(config)
+        config.validate()
         self.config = config
         ghost = config.ghostrnn
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
@@ -250,17 +252,8 @@ class GhostRNNForCausalLM(nn.Module):
         if ghost is None:
             raise ConfigError("ghostrnn", "model.type 'ghostrnn_lm' needs a `ghostrnn:` block "
                               "(ratio, feed_ghost_back, gate_input, ghost_act)")
-        if not isinstance(ghost, GhostRNNConfig):
-            raise ConfigError("ghostrnn", f"expected a GhostRNNConfig, got {type(ghost).__name__}")
-        try:
-            ghost.validate()
-        except ConfigError as err:
-            raise err.under("ghostrnn.") from None
         if ghost.ratio > config.hidden_size:
             raise ConfigError("ghostrnn.ratio", f"{ghost.ratio} exceeds hidden_size {config.hidden_size}")
-        for name in ("vocab_size", "hidden_size", "num_layers"):
-            if getattr(config, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(config, name)}")
 
     def reset_parameters(self) -> None:
         """Embedding N(0, 1) (nn.Embedding's default: GRU pre-activations start O(1)); lm_head N(0, init_std);
@@ -286,8 +279,8 @@ class GhostRNNForCausalLM(nn.Module):
                 kv_cache: torch.Tensor | None = None) -> CausalLMOutput:
         """labels are already shifted (labels[t] is the token after input_ids[t]); -100 is ignored.
 
-        state [num_layers, B, Hs] continues a stream (`kv_cache` is accepted as its alias so generation code
-        written for the transformer works); the final state is returned in `CausalLMOutput.kv_cache`.
+        state [num_layers, B, Hs] continues a stream (`kv_cache` is accepted as its alias, the name the shared
+        `generate` of model/lm_head.py uses); the final state is returned in `CausalLMOutput.kv_cache`.
         """
         if state is None:
             state = kv_cache
@@ -318,25 +311,6 @@ class GhostRNNForCausalLM(nn.Module):
         """
         del seq_len
         return 6.0 * self.macs_per_token()
-
-    # ---- sampling --------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation carrying the recurrent state. Rows stop at eos."""
-        was_training = self.training
-        self.eval()
-
-        def step(ids, state):
-            out = self(ids, state=state)
-            return out.logits, out.kv_cache
-
-        tokens = generate_tokens(step, input_ids, max_new_tokens, self.config.vocab_size, temperature, top_k,
-                                 eos_token_id, generator)
-        self.train(was_training)
-        return tokens
 
 
 # ---- the redundancy diagnostic of docs/methods.md §4.6.6 -----------------------------------------------------------

@@ -1,8 +1,6 @@
 """The output side every language model here shares: the untied lm_head with the fused loss, and sampling."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,32 +37,41 @@ class LMHead(nn.Linear):
         return out
 
 
-@torch.no_grad()
-def generate_tokens(step: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]], input_ids: torch.Tensor,
-                    max_new_tokens: int, vocab_size: int, temperature: float = 0.0, top_k: int | None = None,
-                    eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                    cache: object = None) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled continuation. `step(new_ids, cache) -> (logits, cache)` runs the model
-    on the new tokens with its cache (KV for attention, the recurrent state for an RNN). Ids past `vocab_size`
-    (vocabulary padding) are never emitted; rows that reached eos keep emitting eos."""
-    tokens, step_input = input_ids, input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits, cache = step(step_input, cache)
-        logits = logits[:, -1, :vocab_size].float()
-        if temperature <= 0:
-            next_token = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-        if eos_token_id is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
-            finished |= next_token == eos_token_id
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        step_input = next_token[:, None]
-        if eos_token_id is not None and bool(finished.all()):
-            break
-    return tokens
+class GenerationMixin:
+    """`generate` for the language models here. Their forward takes the cache of earlier positions as `kv_cache`
+    (keys and values for attention, the recurrent state for an RNN) and returns the logits and the grown cache."""
+
+    def empty_kv_cache(self):
+        """The cache of no positions (None: forward starts its own)."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation. Ids past `config.vocab_size` (vocabulary padding) are
+        never emitted; rows that reached eos keep emitting eos."""
+        was_training = self.training
+        self.eval()
+        tokens, step_input, cache = input_ids, input_ids, self.empty_kv_cache()
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            out = self(step_input, kv_cache=cache)
+            logits, cache = out.logits[:, -1, :self.config.vocab_size].float(), out.kv_cache
+            if temperature <= 0:
+                next_token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        self.train(was_training)
+        return tokens

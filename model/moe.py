@@ -11,7 +11,7 @@ contiguous slice (a loop over *experts*, or one grouped GEMM), and the weighted 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, get_args
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fuxi import kernels
 from fuxi.kernels.moe_permute import combine_tokens, permute_tokens
-from fuxi.model.config import ModelConfig
+from fuxi.model.config import ModelConfig, MoELossForm
 from fuxi.model.fuxitranyu import MLP
 
 
@@ -171,16 +171,20 @@ def _flat_mask(mask: torch.Tensor | None, num_tokens: int, name: str) -> torch.T
     return mask.reshape(-1).bool()
 
 
+def _check_form(loss: str, form: str) -> None:
+    if form not in get_args(MoELossForm):
+        raise ValueError(f"{loss}: form {form!r} is not one of {list(get_args(MoELossForm))}")
+
+
 def balance_loss(routing: Sequence[RouterOutput], num_experts: int, top_k: int,
-                 token_mask: torch.Tensor | None = None, form: str = "code") -> torch.Tensor:
+                 token_mask: torch.Tensor | None = None, form: MoELossForm = "code") -> torch.Tensor:
     """Load-balancing loss, computed per layer over the unmasked tokens, then averaged over layers.
 
     code  (released MoE-LPR / HF Mixtral): N * sum_e (sum_k frac_{k,e}) * P_e, which is K at uniform routing.
     paper (Eq. 8): sum_i f_i P_i with f_i = N / (K T) * #selections of i, which is 1 at uniform routing.
     P_e is the mean router probability of expert e. `token_mask` [B, T] marks real (non-padding) tokens.
     """
-    if form not in ("code", "paper"):
-        raise ValueError(f"balance_loss: form {form!r} is not 'code' or 'paper'")
+    _check_form("balance_loss", form)
     per_layer = []
     for layer in routing:
         mask = _flat_mask(token_mask, layer.probs.shape[0], "loss_mask")
@@ -200,7 +204,7 @@ def balance_loss(routing: Sequence[RouterOutput], num_experts: int, top_k: int,
 
 
 def lpr_loss(routing: Sequence[RouterOutput], original_mask: torch.Tensor | None,
-             form: str = "code") -> torch.Tensor:
+             form: MoELossForm = "code") -> torch.Tensor:
     """Language-Priors Routing: pull original-language tokens to expert 0, at every MoE layer.
 
     code  (released, the default; gamma = 0.1 was tuned with it): cross-entropy with target 0 applied to the
@@ -210,8 +214,7 @@ def lpr_loss(routing: Sequence[RouterOutput], original_mask: torch.Tensor | None
     Both are averaged over the original-language tokens and the layers. No original-language token in the batch
     gives 0 (not the NaN of an empty mean); other tokens never count.
     """
-    if form not in ("code", "paper"):
-        raise ValueError(f"lpr_loss: form {form!r} is not 'code' or 'paper'")
+    _check_form("lpr_loss", form)
     if not routing:
         return torch.zeros(())
     if original_mask is None:

@@ -11,6 +11,8 @@ import argparse
 import json
 import torch
 
+from fuxi.common.tables import format_table
+from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.kernels.bench import median_ms
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.moe import MoEFeedForward, grouped_mm_available
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU: do_bench)")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+    parser.add_argument("--kernels", default="auto", choices=IMPLEMENTATIONS,
                         help="permutation and bias-GELU kernels (triton on a CPU: under TRITON_INTERPRET=1)")
 
 
@@ -70,12 +72,9 @@ def run(args: argparse.Namespace) -> dict:
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(f"MoE layer on {device_name}: {args.tokens} tokens, hidden {args.hidden}, FFN {args.ffn}, "
           f"{args.experts} experts, top-{args.top_k}, {args.dtype}")
-    header = f"{'expert compute':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'TFLOP/s':>10}{'x loop':>8}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(f"{row['variant']:<16}{row['fwd_ms']:>10.3f}{row['fwd_bwd_ms']:>12.3f}{row['expert_tflops']:>10.2f}"
-              f"{row['fwd_bwd_speedup_vs_loop']:>8.2f}")
+    print(format_table(["expert compute", "fwd ms", "fwd+bwd ms", "TFLOP/s", "x loop"],
+                       [[r["variant"], r["fwd_ms"], r["fwd_bwd_ms"], r["expert_tflops"], r["fwd_bwd_speedup_vs_loop"]]
+                        for r in rows]))
     result = {"device": device_name, "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn,
               "experts": args.experts, "top_k": args.top_k, "dtype": args.dtype, "rows": rows}
     if "grouped_mm" in outputs:

@@ -29,7 +29,6 @@ def upcycle_config(dense: ModelConfig, moe: MoEConfig) -> ModelConfig:
     if dense.type != "fuxitranyu":
         raise ConfigError("type", f"upcycling needs a dense 'fuxitranyu' model, got {dense.type!r}")
     config = dataclasses.replace(dense, type="fuxitranyu_moe", moe=dataclasses.replace(moe))
-    config.moe.validate()
     config.validate()
     return config
 

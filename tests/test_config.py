@@ -114,7 +114,7 @@ def test_shipped_model_configs_load():
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["num_heads=31"], "num_heads: 31 does not divide hidden_size 4096"),
-    (["hidden_size=0"], "hidden_size: must be > 0"),
+    (["hidden_size=0"], "hidden_size: must be >= 1, got 0"),
     (["kernels=cuda"], "kernels: 'cuda' is not one of"),
     (["type=mamba"], "type: unknown model type 'mamba'"),
     (["eos_token_id=250680"], "eos_token_id: 250680 is outside the vocabulary"),

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from fuxi.common.errors import ConfigError
 from fuxi.common.typed_config import from_dict
-from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS as KERNEL_ACTIVATIONS
+from fuxi.kernels.ghost_gru import GHOST_ACTIVATIONS
 from fuxi.model import build_model, load_model_config
-from fuxi.model.config import GHOST_ACTIVATIONS, GhostRNNConfig, ModelConfig
+from fuxi.model.config import GhostRNNConfig, ModelConfig
 from fuxi.model.ghostrnn import (GhostGRU, GhostGRUCell, GhostGRUShape, GhostRNNForCausalLM,
                             dimension_cosine_similarity, intrinsic_size, redundancy_fraction)
 
@@ -383,7 +383,8 @@ def test_config_errors_name_the_field():
         from_dict(ModelConfig, dict(base, ghostrnn={"ghost_act": "gelu"}), source="x.yaml")
     with pytest.raises(ConfigError, match=r"ghostrnn\.ratio.*hidden_size"):
         from_dict(ModelConfig, dict(base, ghostrnn={"ratio": 17}), source="x.yaml")
-    assert GHOST_ACTIVATIONS == KERNEL_ACTIVATIONS
+    for act in GHOST_ACTIVATIONS:  # the config accepts exactly the kernel's activations
+        assert from_dict(ModelConfig, dict(base, ghostrnn={"ghost_act": act})).ghostrnn.ghost_act == act
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("ghostrnn-*.yaml")), ids=lambda p: p.name)

@@ -151,6 +151,17 @@ def test_transformers_generate_matches_our_greedy_decoding(exported):
     assert torch.equal(ours, theirs)
 
 
+def test_transformers_loss_from_unshifted_labels_equals_ours(exported):
+    """transformers' convention: the model shifts `labels` itself; ours takes them shifted, -100 past the end."""
+    model, tmp = exported
+    reference = load_hf_reference(tmp / "hf")
+    ids = multilingual_ids()
+    labels = ids.masked_fill(ids == 0, -100)  # padding is ignored on both sides
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids, labels=labels).loss, model(ids, labels=shifted).loss)
+
+
 def test_round_trip_ours_hf_ours_is_bitwise(exported):
     model, tmp = exported
     import_from_hf(tmp / "hf", tmp / "back", max_shard_bytes=SHARD)

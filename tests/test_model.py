@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fuxi.common.errors import ConfigError
 from fuxi.kernels import gelu_fast_torch, rope_cos_sin
 from fuxi.kernels.rope import apply_rope_torch
 from fuxi.model import ModelConfig, build_model
+from fuxi.model.config import GhostRNNConfig, MoEConfig
 from fuxi.model.attention import _varlen_boundaries, document_causal_mask
 from model_helpers import multilingual_ids, tiny_config, tiny_model
 
@@ -203,3 +205,16 @@ def test_bf16_cuda_forward_matches_fp32():
     ref = model(ids).logits.float()
     low = model.to(torch.bfloat16)(ids).logits.float()
     assert (low - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("config, key", [
+    (ModelConfig(kernels="tritn"), "kernels"),
+    (ModelConfig(attention="flsh"), "attention"),
+    (ModelConfig(type="ghostrnn_lm", ghostrnn=GhostRNNConfig(gate_input="half")), "ghostrnn.gate_input"),
+    (ModelConfig(type="fuxitranyu_moe", moe=MoEConfig(expert_compute="cuda")), "moe.expert_compute"),
+])
+def test_choice_fields_are_checked_when_built_in_code(config, key):
+    """The Literal fields are checked by validate(), not only by from_dict on load."""
+    with pytest.raises(ConfigError) as err:
+        config.validate()
+    assert err.value.key == key and "is not one of" in err.value.reason

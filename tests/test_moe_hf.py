@@ -70,6 +70,21 @@ def test_transformers_logits_and_balance_loss_equal_ours(exported):
     torch.testing.assert_close(theirs.aux_loss, unmasked, rtol=1e-5, atol=1e-6)
 
 
+def test_transformers_loss_is_ours_plus_the_weighted_balance_loss(exported):
+    """From unshifted labels (transformers shifts them), with router_aux_loss_coef times the balance loss added
+    when the router logits are asked for; the coefficient is the MoEConfig's balance_loss_coef."""
+    moe, _, reference = exported
+    ids = multilingual_ids()
+    shifted = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        ours = moe(ids, labels=shifted)
+        plain = reference(ids, labels=ids)
+        with_aux = reference(ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(plain.loss, ours.loss)
+    balance = moe.config.moe.balance_loss_coef * ours.aux_losses["balance"]
+    torch.testing.assert_close(with_aux.loss, ours.loss + balance)
+
+
 def test_transformers_generate_matches_ours(exported):
     moe, _, reference = exported
     prompt = multilingual_ids()[:, :8]

@@ -36,8 +36,8 @@ def test_upcycled_logits_equal_dense(layers, top_k):
     with torch.no_grad():
         diff = (moe(ids).logits - dense(ids).logits).abs().max().item()
     assert diff <= 1e-5
-    assert [type(b).__name__ for b in moe.model.layers] == (["MoEBlock"] * 3 if layers is None
-                                                            else ["MoEBlock", "Block", "MoEBlock"])
+    assert [type(b.mlp).__name__ for b in moe.model.layers] == (["MoEFeedForward"] * 3 if layers is None
+                                                                else ["MoEFeedForward", "MLP", "MoEFeedForward"])
 
 
 def test_upcycled_greedy_generation_equals_dense():

@@ -62,12 +62,12 @@ def test_hidden_states_are_embedding_plus_every_block_output():
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == 3 + 1
     assert torch.equal(out.hidden_states[0], model.model.embed_tokens(ids))
-    final, _ = model.model(ids)
+    final = model.model(ids).hidden
     torch.testing.assert_close(model.model.norm(out.hidden_states[-1]), final)
     x = out.hidden_states[0]
     cos, sin = model.model.rotary(torch.arange(7)[None], x.dtype)
     for i, layer in enumerate(model.model.layers):  # each entry is that block applied to the previous one
-        x, _ = layer(x, cos, sin)
+        x, _, _ = layer(x, cos, sin)
         torch.testing.assert_close(out.hidden_states[i + 1], x)
     assert model(ids).hidden_states is None
 

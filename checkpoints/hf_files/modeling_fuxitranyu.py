@@ -156,10 +156,12 @@ def output_cache(outputs):
 
 
 class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
+    decoder_layer = FuxiTranyuDecoderLayer  # FuxiTranyu-MoE: layers whose MLP may be an MoE block
+
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(FuxiTranyuDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = FuxiTranyuRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = FuxiTranyuRotaryEmbedding(config.hidden_size // config.num_attention_heads,
                                                     config.rope_theta)
@@ -171,11 +173,10 @@ class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def layer_inputs(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache):
+        """(embeddings, cos, sin, attention mask, the cache the layers update or None) for the layer loop."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        past_key_values = cache_argument(past_key_values, kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -189,17 +190,24 @@ class FuxiTranyuModel(FuxiTranyuPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         mask = _causal_mask(attention_mask, q_len, past_len, inputs_embeds.device)
-        hidden_states = inputs_embeds
+        return inputs_embeds, cos, sin, mask, past_key_values if use_cache else None
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        past_key_values = cache_argument(past_key_values, kwargs)
+        hidden_states, cos, sin, mask, cache = self.layer_inputs(input_ids, attention_mask, position_ids,
+                                                                 past_key_values, inputs_embeds, use_cache)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, mask, past_key_values if use_cache else None)
-        return output_with_cache(BaseModelOutputWithPast, past_key_values if use_cache else None,
-                                 last_hidden_state=self.norm(hidden_states))
+            hidden_states = layer(hidden_states, cos, sin, mask, cache)
+        return output_with_cache(BaseModelOutputWithPast, cache, last_hidden_state=self.norm(hidden_states))
 
 
 class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
+    model_class = FuxiTranyuModel  # FuxiTranyu-MoE: its MoE model
+
     def __init__(self, config):
         super().__init__(config)
-        self.model = FuxiTranyuModel(config)
+        self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -215,12 +223,8 @@ class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        past_key_values = cache_argument(past_key_values, kwargs)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        hidden_states = outputs.last_hidden_state
+    def logits_and_loss(self, hidden_states, labels, logits_to_keep):
+        """lm_head on the last `logits_to_keep` positions (0: all) and, with labels, the next-token loss."""
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
@@ -228,4 +232,12 @@ class FuxiTranyuForCausalLM(FuxiTranyuPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        past_key_values = cache_argument(past_key_values, kwargs)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        logits, loss = self.logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep)
         return output_with_cache(CausalLMOutputWithPast, output_cache(outputs), loss=loss, logits=logits)

@@ -11,20 +11,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 try:
     from .configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
-    from .modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
-                                      FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask,
-                                      cache_argument, output_cache, output_with_cache)
+    from .modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuForCausalLM, FuxiTranyuMLP, FuxiTranyuModel,
+                                      FuxiTranyuPreTrainedModel, FuxiTranyuRMSNorm, cache_argument, output_cache,
+                                      output_with_cache)
 except ImportError:  # loaded as plain modules
     from configuration_fuxitranyu_moe import FuxiTranyuMoeConfig
-    from modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuMLP, FuxiTranyuPreTrainedModel,
-                                     FuxiTranyuRMSNorm, FuxiTranyuRotaryEmbedding, _causal_mask,
-                                     cache_argument, output_cache, output_with_cache)
+    from modeling_fuxitranyu import (FuxiTranyuAttention, FuxiTranyuForCausalLM, FuxiTranyuMLP, FuxiTranyuModel,
+                                     FuxiTranyuPreTrainedModel, FuxiTranyuRMSNorm, cache_argument, output_cache,
+                                     output_with_cache)
 
 
 class FuxiTranyuMoeSparseBlock(nn.Module):
@@ -96,69 +94,25 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
     return torch.stack(losses).mean()
 
 
-class FuxiTranyuMoeModel(FuxiTranyuMoePreTrainedModel):
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(FuxiTranyuMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = FuxiTranyuRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = FuxiTranyuRotaryEmbedding(config.hidden_size // config.num_attention_heads,
-                                                    config.rope_theta)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
+class FuxiTranyuMoeModel(FuxiTranyuMoePreTrainedModel, FuxiTranyuModel):
+    decoder_layer = FuxiTranyuMoeDecoderLayer
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_router_logits=None, **kwargs):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
         past_key_values = cache_argument(past_key_values, kwargs)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        q_len = inputs_embeds.shape[1]
-        if position_ids is None and attention_mask is not None:  # left padding: count real tokens only
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-        elif position_ids is None:
-            position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask = _causal_mask(attention_mask, q_len, past_len, inputs_embeds.device)
-        hidden_states, all_router_logits = inputs_embeds, []
+        hidden_states, cos, sin, mask, cache = self.layer_inputs(input_ids, attention_mask, position_ids,
+                                                                 past_key_values, inputs_embeds, use_cache)
+        all_router_logits = []
         for layer in self.layers:
-            hidden_states, router_logits = layer(hidden_states, cos, sin, mask,
-                                                 past_key_values if use_cache else None)
+            hidden_states, router_logits = layer(hidden_states, cos, sin, mask, cache)
             if router_logits is not None:
                 all_router_logits.append(router_logits)
-        return output_with_cache(MoeModelOutputWithPast, past_key_values if use_cache else None,
-                                 last_hidden_state=self.norm(hidden_states),
+        return output_with_cache(MoeModelOutputWithPast, cache, last_hidden_state=self.norm(hidden_states),
                                  router_logits=tuple(all_router_logits) if output_router_logits else None)
 
 
-class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = FuxiTranyuMoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
+class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, FuxiTranyuForCausalLM):
+    model_class = FuxiTranyuMoeModel
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_router_logits: Optional[bool] = None,
@@ -169,14 +123,8 @@ class FuxiTranyuMoeForCausalLM(FuxiTranyuMoePreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_router_logits=output_router_logits)
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        loss, aux_loss = None, None
-        if labels is not None:
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        logits, loss = self.logits_and_loss(outputs.last_hidden_state, labels, logits_to_keep)
+        aux_loss = None
         if output_router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts,
                                            self.config.num_experts_per_tok, attention_mask)
