@@ -55,7 +55,7 @@ def write_config(out_dir: Path, config: ModelConfig, extra: dict | None = None) 
 def replaced_folder(target: str | Path):
     """Write into a staging folder beside `target`, switched in (atomically where the filesystem allows) only
     when the block succeeds: a crash or error mid-write never damages an existing checkpoint or export. The
-    same mechanism as the data stages' outputs (data_pipeline/staging.py); a checkpoint folder is ours whole."""
+    same mechanism as the data stages' outputs (common/staging.py); a checkpoint folder is ours whole."""
     return staged_folder(target, owned=("*",))
 
 

@@ -1,4 +1,4 @@
-"""Tolerance rule for low-precision kernels (FlashAttention's tests/test_flash_attn.py policy).
+"""Tolerance rule for low-precision kernels (the policy of flash-attention/tests/test_flash_attn.py).
 
 A bf16 kernel is compared against an fp32 (or fp64) reference, and its error may be at most `factor` times
 the error the plain PyTorch implementation makes in the same low precision: 2x for forward outputs, 3x for
