@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 from fuxi.common.errors import DataError, InputError
+from fuxi.data_pipeline.align_table import TABLE_FORMS
+from fuxi.data_pipeline.config import MIXING_MODES
+from fuxi.data_pipeline.tokenizer import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +274,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("corpus", help="cleaned train split (folder of <lang>.jsonl)")
     p.add_argument("out")
     p.add_argument("--vocab-size", type=int, default=4096, help="250680 for the full FuxiTranyu model")
-    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--backend", choices=BACKENDS, default="bpe")
     p.add_argument("--max-docs-per-language", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
     add_executor_arguments(p)
@@ -317,7 +320,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("mixture", help="language mixing plan; --stream N reports realised shares")
     p.add_argument("manifest")
-    p.add_argument("--mixing", choices=["temperature", "weights", "natural", "uniform"], default="temperature")
+    p.add_argument("--mixing", choices=MIXING_MODES, default="temperature")
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--weights", nargs="*", help="lang=weight ... (with --mixing weights)")
     p.add_argument("--max-epochs", type=float, help="UniMax cap: passes per language per mixture epoch")
@@ -334,7 +337,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="default: the bundled corpus")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--backend", choices=BACKENDS, default="bpe")
     p.add_argument("--max-docs-per-language", type=int, help="quick subsets: read at most N labelled documents "
                    "per language from each 8 MB input chunk of clean (a smaller file is one chunk)")
     p.add_argument("--shard-mb", type=float, default=4.0)
@@ -353,7 +356,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="folder of <lang>.jsonl for word frequencies (default: bundled train/)")
     p.add_argument("--max-concepts", type=int, default=1500)
     p.add_argument("--min-translations", type=int, default=1)
-    p.add_argument("--form", choices=["multi", "pairs"], default="multi")
+    p.add_argument("--form", choices=TABLE_FORMS, default="multi")
     p.set_defaults(func=cmd_align_table)
     return data
 

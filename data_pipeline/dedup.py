@@ -24,6 +24,7 @@ from functools import lru_cache
 import numpy as np
 
 from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import require_at_least
 from fuxi.data_pipeline.textstats import word_units
 
 _WS_RE = re.compile(r"\s+")
@@ -47,16 +48,12 @@ class DedupConfig:
     max_comparisons: int = 8
 
     def validate(self) -> None:
-        if self.ngram < 1:
-            raise ConfigError("ngram", f"must be >= 1, got {self.ngram}")
-        if self.num_perm < 16:
-            raise ConfigError("num_perm", f"must be >= 16, got {self.num_perm}")
+        require_at_least(self, 1, "ngram", "max_comparisons")
+        require_at_least(self, 16, "num_perm")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError("threshold", f"must be in (0, 1), got {self.threshold}")
         if not 0.0 < self.min_recall < 1.0:
             raise ConfigError("min_recall", f"must be in (0, 1), got {self.min_recall}")
-        if self.max_comparisons < 1:
-            raise ConfigError("max_comparisons", f"must be >= 1, got {self.max_comparisons}")
 
     @property
     def bands(self) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
@@ -40,9 +41,11 @@ from tqdm import tqdm
 
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError, DataError, InputError
+from fuxi.common.typed_config import check_choices, require_at_least
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("local", "slurm", "ray")
+Executor = Literal["local", "slurm", "ray"]
+EXECUTORS = get_args(Executor)
 
 
 class TaskError(DataError):
@@ -51,7 +54,7 @@ class TaskError(DataError):
 
 @dataclass
 class ExecutorConfig:
-    executor: str = "local"
+    executor: Executor = "local"
     # Tasks of the parallel stages (default: `workers`). The result does not depend on it.
     tasks: int | None = None
     # Tasks running at once on this machine (local) or in the whole job (slurm/ray; default: no limit).
@@ -72,16 +75,11 @@ class ExecutorConfig:
     dry_run: bool = False
 
     def validate(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ConfigError("executor", f"{self.executor!r} is not one of {list(EXECUTORS)}")
-        for name in ("tasks", "workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be >= 1, got {value}")
-        if self.rank_offset < 0 or (self.local_tasks != -1 and self.local_tasks < 1):
-            raise ConfigError("local_tasks" if self.rank_offset >= 0 else "rank_offset",
-                              f"local_tasks must be -1 or >= 1 and rank_offset >= 0, got "
-                              f"{self.local_tasks}/{self.rank_offset}")
+        check_choices(self)
+        require_at_least(self, 1, "tasks", "workers")
+        require_at_least(self, 0, "rank_offset")
+        if self.local_tasks != -1 and self.local_tasks < 1:
+            raise ConfigError("local_tasks", f"must be -1 (all tasks) or >= 1, got {self.local_tasks}")
         if self.executor == "slurm" and not self.partition:
             raise ConfigError("partition", "the slurm executor needs --partition")
 

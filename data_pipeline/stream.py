@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fuxi.data_pipeline.config import OnError
 from fuxi.data_pipeline.errors import ShardError
 from fuxi.data_pipeline.manifest import Manifest, ShardInfo
 from fuxi.data_pipeline.mixing import MixturePlan
@@ -183,7 +184,7 @@ class MixtureDataset(IterableDataset):
     def __init__(self, manifest: Manifest, plan: MixturePlan, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, window: int = 65536, start_batch: int = 0,
                  transform: Callable[[dict], dict] | None = None, verify_checksums: bool = True,
-                 on_error: str = "raise"):
+                 on_error: OnError = "raise"):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
