@@ -34,7 +34,8 @@ from fuxi.data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, D
                                  merge_counters, ordered_stats)
 from fuxi.data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
 from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
-from fuxi.data_pipeline.engine import Stage, TaskError, TaskStep, deal
+from fuxi.data_pipeline.engine import Stage, TaskStep, deal
+from fuxi.data_pipeline.errors import TaskError
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:

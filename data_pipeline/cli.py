@@ -26,6 +26,7 @@ from pathlib import Path
 from fuxi.common.errors import DataError, InputError
 from fuxi.data_pipeline.align_table import TABLE_FORMS
 from fuxi.data_pipeline.config import MIXING_MODES
+from fuxi.data_pipeline.engine import EXECUTORS, ExecutorConfig
 from fuxi.data_pipeline.tokenizer import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _weights(items: list[str] | None) -> dict[str, float] | None:
 
 def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = False) -> None:
     g = p.add_argument_group("engine (datatrove executors; the same job on one machine or many)")
-    g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    g.add_argument("--executor", choices=EXECUTORS, default="local")
     g.add_argument("--tasks", type=int, help="tasks of the parallel stages (default: --workers)")
     g.add_argument("--workers", "--num-proc", dest="workers", type=int,
                    help="tasks running at once (local: processes; default: all CPUs)")
@@ -64,8 +65,7 @@ def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = Fal
                    help="slurm: write and print the job scripts instead of submitting them")
 
 
-def executor_config(args):
-    from fuxi.data_pipeline.engine import ExecutorConfig
+def executor_config(args) -> ExecutorConfig:
     return ExecutorConfig(executor=args.executor, tasks=args.tasks, workers=args.workers,
                           local_tasks=getattr(args, "local_tasks", -1), rank_offset=getattr(args, "rank_offset", 0),
                           partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,

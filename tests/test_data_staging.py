@@ -133,7 +133,7 @@ def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, 
     """prepare killed while packing the valid split (after clean, the tokenizer and the train split finished):
     nothing is published, and the re-run packs only the valid split; the result equals an uninterrupted run."""
     from fuxi.data_pipeline.clean_stages import ProcessChunks
-    from fuxi.data_pipeline.engine import TaskError
+    from fuxi.data_pipeline.errors import TaskError
     from fuxi.data_pipeline.pack_stages import PackTasks
     from fuxi.data_pipeline.prepare import prepare_dataset
     from fuxi.data_pipeline.tokenizer import tokenizer_hash
