@@ -83,9 +83,10 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from fuxi.data_pipeline.clean import LangIdConfig, clean
+    from fuxi.data_pipeline.clean import clean
     from fuxi.data_pipeline.dedup import DedupConfig
     from fuxi.data_pipeline.filters import FilterConfig
+    from fuxi.data_pipeline.langid import LangIdConfig
     filters = FilterConfig(min_words=args.min_words, max_urls=args.max_urls)
     dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.threshold)
     langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
@@ -298,7 +299,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--languages", nargs="*", help="the ordered language list (default: found, sorted)")
     p.add_argument("--languages-from", help="take the language list from this manifest (pack valid like train)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--docs-per-part", type=int, default=50_000, help="documents per job (a job writes its shards)")
+    p.add_argument("--docs-per-part", type=int, default=50_000,
+                   help="documents per part (a part is packed into shards of its own)")
     p.add_argument("--quiet", action="store_true")
     add_executor_arguments(p, multi_machine=True)
     p.set_defaults(func=cmd_pack)

@@ -88,6 +88,12 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(_WS_RE.sub(" ", text).strip().encode("utf-8"), digest_size=16).digest()
 
 
+def exact_key_words(text: str) -> tuple[int, int]:
+    """The 128-bit exact-duplicate key as two 64-bit integers."""
+    key = exact_key(text)
+    return int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big")
+
+
 def shingles(text: str, n: int) -> np.ndarray:
     """Sorted distinct crc32 hashes (uint32) of the lower-cased word-unit n-grams (the whole text if it has
     fewer than n units)."""

@@ -1,8 +1,8 @@
 """The distributed engine under the data stages: datatrove's executors, one pipeline definition everywhere.
 
-A data stage (clean, tokenizer, pack, prepare) is a list of `Stage`s, each one datatrove `PipelineStep` run as
-`tasks` independent tasks (task `rank` of `world_size` picks its share of the work). `run_stages` hands them to
-datatrove's executors, chained so a stage starts when the previous one has finished:
+The job of a data stage (clean, tokenizer, pack; job.py drives them) is a list of `Stage`s, each one datatrove
+`PipelineStep` run as `tasks` independent tasks (task `rank` of `world_size` picks its share of the work).
+`run_stages` hands them to datatrove's executors, chained so a stage starts when the previous one has finished:
 
     local   LocalExecutor (local_executor.py): `workers` processes on this machine; `local_tasks`/`rank_offset`
             run only some tasks here (several machines without a scheduler, each writing its own folder)
@@ -16,10 +16,8 @@ complete, and its re-run starts it over.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -95,64 +93,43 @@ class Stage:
 
 
 class TaskStep(PipelineStep):
-    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work. Bad input
-    (a DataError, which names its file and line) is raised as it is; any other error is re-raised naming the
-    task and `describe(rank, world_size)` (its inputs)."""
+    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work and returns
+    its figures for the job's report (or None): they are saved with the task's seconds in
+    `<work>/taskstats/<stage>/<rank>.json`. Bad input (a DataError, which names its file and line) is raised as
+    it is; any other error is re-raised naming the task and `describe(rank, world_size)` (its inputs). `job`:
+    the settings of the job the step belongs to (job.py; `job.work_dir` is its work folder), pickled with the
+    step for Slurm and Ray workers."""
 
     type = "fuxi"
 
-    def __init__(self, settings=None):
+    def __init__(self, job):
         super().__init__()
-        self.settings = settings
+        self.job = job
 
-    def run_task(self, rank: int, world_size: int) -> None:
+    def run_task(self, rank: int, world_size: int) -> dict | None:
         raise NotImplementedError
 
     def describe(self, rank: int, world_size: int) -> str:
         return ""
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        started = time.time()
         try:
-            self.run_task(rank, world_size)
+            figures = self.run_task(rank, world_size)
         except InputError:  # bad input names itself; anything else gets the task's name
             raise
         except Exception as err:
             where = self.describe(rank, world_size)
             raise TaskError(f"{self.name}: task {rank} of {world_size}{f' ({where})' if where else ''}: "
                             f"{err}") from err
+        if figures is not None:
+            write_json(Path(self.job.work_dir) / "taskstats" / self.name / f"{rank:05d}.json",
+                       {"seconds": round(time.time() - started, 3), **figures})
         yield from ()
 
     def count(self, name: str, value: int = 1) -> None:
         """A counter in datatrove's per-task stats (`<work>/logs/<stage>/stats/`)."""
         self.stat_update(name, value=value, unit="task")
-
-    def save_task_stats(self, work_dir: str | Path, rank: int, figures: dict) -> None:
-        """Our per-task figures (`<work>/taskstats/<stage>/<rank>.json`), merged into the job's report."""
-        write_json(Path(work_dir) / "taskstats" / self.name / f"{rank:05d}.json", figures)
-
-
-def default_work_dir(out_dir: str | Path) -> Path:
-    """`.<out>.work` beside the output: on the same filesystem, and outside the folder the job replaces."""
-    out_dir = Path(out_dir).absolute()
-    return out_dir.parent / f".{out_dir.name}.work"
-
-
-def prepare_work_dir(work_dir: Path, identity: dict) -> None:
-    """Keep a work folder only if it belongs to the same job (same fingerprint and task count): its completion
-    markers then mean what they say. Otherwise start it afresh."""
-    stamp = work_dir / "job.json"
-    if work_dir.exists():
-        try:
-            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
-        except (OSError, ValueError):
-            same = False
-        if same:
-            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
-            return
-        log.info("%s belongs to another job; starting afresh", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    write_json(stamp, identity)
 
 
 def deal(weights: list[int], world_size: int) -> list[list[int]]:

@@ -1,5 +1,4 @@
-"""Reading the files a data stage takes in: JSON lines with errors naming the file, line and column, and the
-input stamp that tells a resumed job whether its inputs changed."""
+"""Reading the files a data stage takes in: JSON lines with errors naming the file, line and column."""
 from __future__ import annotations
 
 import json
@@ -7,18 +6,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from fuxi.common.errors import DataError
-
-
-def input_stamp(paths) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every file a job reads: each path that is a file, and every file under each
-    path that is a folder (recursively, sorted). Equal stamps mean "the inputs have not changed", whatever
-    layout (a single file, .jsonl.gz, per-language folders of text) the reader accepts."""
-    stamp = []
-    for root in paths:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return stamp
 
 
 def _open_binary(path: str | Path):
