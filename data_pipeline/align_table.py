@@ -35,7 +35,7 @@ from typing import Iterator, Literal, get_args
 from fuxi.common.atomic import atomic_write, write_json
 from fuxi.common.errors import ConfigError, DataError
 from fuxi.common.typed_config import require_at_least
-from fuxi.data_pipeline.io_utils import iter_json_records
+from fuxi.data_pipeline.jsonl import iter_json_records
 from fuxi.data_pipeline.textstats import word_units
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 
 from fuxi.common.errors import DataError
 from fuxi.data_pipeline.encoders import FastEncoder
-from fuxi.data_pipeline.io_utils import line_number, parse_json_line
+from fuxi.data_pipeline.jsonl import line_number, parse_json_line
 from fuxi.data_pipeline.manifest import LANG_DTYPE
 from fuxi.data_pipeline.shards import Block
 from fuxi.data_pipeline.tokenizer import EOS_ID
