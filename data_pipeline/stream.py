@@ -12,8 +12,8 @@ The split. Rank r of R reads global positions r, r+R, r+2R, ...; its k-th sample
 samples are grouped into batches (batch b: k in [b·B, (b+1)·B)) and the batches into chunks of K; DataLoader
 worker w of W builds the chunks c ≡ w (mod W), counted from the resume point. A DataLoader returns its
 workers' items round-robin, so the rank sees batches 0, 1, 2, ... in order for any W and K, and its state
-is one number: the batches consumed. Within a mixture epoch no position repeats across ranks and workers and none is skipped,
-for any R and W, including more consumers than shards.
+is one number: the batches consumed. Within a mixture epoch no position repeats across ranks and workers and none is
+skipped, for any R and W, including more consumers than shards.
 
 Corrupt samples (on_error="skip": a bad sample, or every sample of a shard that is missing or whose size or
 sha256 disagrees with the manifest) are replaced by the sample at the same slot of the next mixture epoch
