@@ -30,11 +30,12 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 from fuxi.common.atomic import atomic_write, write_json
 from fuxi.common.errors import ConfigError, DataError
-from fuxi.data_pipeline.io_utils import iter_json_records
+from fuxi.common.typed_config import require_at_least
+from fuxi.data_pipeline.jsonl import iter_json_records
 from fuxi.data_pipeline.textstats import word_units
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ SEPARATOR = " $ "
 EARLY_SENSES = 3  # dictionary candidates counted as the word's main senses
 DEFAULT_FREEDICT_DIR = "/usr/share/dictd"
 SHIPPED_TABLE = Path(__file__).resolve().parent / "corpus" / "align" / "align_table.jsonl"
+TableForm = Literal["multi", "pairs"]  # one line per concept, or one-to-one pairs (see the module docstring)
+TABLE_FORMS = get_args(TableForm)
 
 # FreeDict names languages by ISO 639-3; the project uses ISO 639-1.
 ISO3_TO_ISO1 = {
@@ -161,10 +164,10 @@ def read_alignment_table(path: str | Path) -> AlignmentTable:
     return AlignmentTable(concepts)
 
 
-def write_alignment_table(table: AlignmentTable, path: str | Path, form: str = "multi") -> Path:
+def write_alignment_table(table: AlignmentTable, path: str | Path, form: TableForm = "multi") -> Path:
     """Write atomically in the multi-way form (one line per concept) or one-to-one pairs."""
-    if form not in ("multi", "pairs"):
-        raise ConfigError("form", f"{form!r} is not one of ['multi', 'pairs']")
+    if form not in TABLE_FORMS:
+        raise ConfigError("form", f"{form!r} is not one of {list(TABLE_FORMS)}")
     path = Path(path)
     with atomic_write(path) as f:
         if form == "multi":
@@ -354,10 +357,7 @@ class AlignTableConfig:
     min_english_count: int = 2
 
     def validate(self) -> None:
-        if self.max_concepts < 1:
-            raise ConfigError("max_concepts", f"must be >= 1, got {self.max_concepts}")
-        if self.min_translations < 1:
-            raise ConfigError("min_translations", f"must be >= 1, got {self.min_translations}")
+        require_at_least(self, 1, "max_concepts", "min_translations")
         if self.languages is not None and ("en" in self.languages or not self.languages):
             raise ConfigError("languages", f"the non-English languages to translate into, got {self.languages}")
 

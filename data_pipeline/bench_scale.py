@@ -282,7 +282,8 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.tokens import DocumentTokenizer
 
 LocalPipelineExecutor([JsonlReader({str(split)!r}, glob_pattern="*.jsonl"),
-                       DocumentTokenizer({str(work)!r} + "/tokens", tokenizer_name_or_path={str(tok / 'tokenizer.json')!r},
+                       DocumentTokenizer({str(work)!r} + "/tokens",
+                                         tokenizer_name_or_path={str(tok / 'tokenizer.json')!r},
                                          eos_token="<|endoftext|>")],
                       tasks={workers}, workers={workers}, logging_dir={str(work)!r} + "/logs").run()
 """
@@ -434,7 +435,8 @@ def run(args) -> dict:
             packs["today"] = done.measure("oldpack", _old_pack(split, tok, work / "oldpack", args.workers), old_env,
                                           logs / "oldpack.log", work / "oldpack")
             packs["today"]["tokens_per_cpu_s"] = round(tokens / packs["today"]["cpu_s"])
-            startup["today"] = done.measure("startup-today", _STARTUP_BASELINE, old_env, logs / "startup-today.log")["cpu_s"]
+            startup["today"] = done.measure("startup-today", _STARTUP_BASELINE, old_env,
+                                            logs / "startup-today.log")["cpu_s"]
             packs["today"]["tokens_per_cpu_s_after_startup"] = round(
                 tokens / (packs["today"]["cpu_s"] - startup["today"]))
         result["pack"] = {"tokens": tokens, "corpus": f"{hi}x", "startup_cpu_s": startup, **packs}
@@ -525,7 +527,8 @@ def run(args) -> dict:
                         "precision"],
                        [["ours", nd["recall"], nd["pairs"], json.dumps(nd["per_script"]), json.dumps(nd["per_jaccard"]),
                          nd["precision"]]] +
-                       ([["datatrove", result["datatrove"]["near_dup"]["recall"], result["datatrove"]["near_dup"]["pairs"],
+                       ([["datatrove", result["datatrove"]["near_dup"]["recall"],
+                          result["datatrove"]["near_dup"]["pairs"],
                           json.dumps(result["datatrove"]["near_dup"]["per_script"]),
                           json.dumps(result["datatrove"]["near_dup"]["per_jaccard"]), "-"]]
                         if "datatrove" in result else [])))

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from fuxi.data_pipeline.corpus import (GZ_JSONL_SUFFIXES, Document, find_inputs, iter_jsonl, iter_text_files,
                                   language_folder_files, normalize_language, parse_document)
-from fuxi.data_pipeline.io_utils import line_number
+from fuxi.data_pipeline.jsonl import line_number
 
 ID_BITS = 32
 

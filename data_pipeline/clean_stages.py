@@ -1,4 +1,5 @@
-"""The pipeline steps of `fuxi data clean` (the stage list is in clean.py's docstring).
+"""The pipeline steps of `fuxi data clean` (the stage list is in clean.py's docstring), and what the process
+step does to each document. Each step reads the job's settings (`clean.CleanJob`) as `self.job`.
 
 Work folder layout (every file written under a temp name and renamed; per chunk, the `meta/` or `written/`
 file comes last and marks the chunk done, so a re-run of a killed task skips the chunks it had finished):
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from array import array
 import shutil
-import time
+from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -30,11 +30,35 @@ from fuxi.common.atomic import atomic_write, write_json
 from fuxi.common.errors import DataError, InputError
 from fuxi.common.staging import switch_folder
 from fuxi.data_pipeline.chunks import ID_BITS, Chunk, doc_id, load_plan, plan_chunks, read_chunk
-from fuxi.data_pipeline.clean import (REPORT_NAME, CleanReport, CleanSettings, DocumentProcessor, exact_key_words,
-                                 merge_counters, ordered_stats)
-from fuxi.data_pipeline.dedup import band_keys, language_seed, minhash_signature, shingles
-from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates, save_npy
-from fuxi.data_pipeline.engine import Stage, TaskError, TaskStep, deal
+from fuxi.data_pipeline.clean_report import REPORT_NAME, CleanReport, merge_counters, ordered_stats
+from fuxi.data_pipeline.dedup import band_keys, exact_key_words, language_seed, minhash_signature, shingles
+from fuxi.data_pipeline.dedup_stages import save_npy
+from fuxi.data_pipeline.engine import TaskStep, deal
+from fuxi.data_pipeline.errors import TaskError
+from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
+from fuxi.data_pipeline.job import FinishStep
+from fuxi.data_pipeline.langid import LangIdConfig, identifier
+from fuxi.data_pipeline.textstats import nfc
+
+
+class DocumentProcessor:
+    """NFC, language identification and the filters for one document: `(text, lang, filled, reason)`, reason
+    None when the document is kept."""
+
+    def __init__(self, filters: FilterConfig, langid: LangIdConfig):
+        self.filter = DocumentFilter(filters)
+        self.langid = langid
+
+    def __call__(self, text: str, lang: str | None) -> tuple[str, str | None, bool, str | None]:
+        text = nfc(text)
+        if lang is None:
+            if not self.langid.enabled:
+                return text, None, False, "no_language"
+            lang, confidence = identifier(self.langid.languages).classify(text)
+            if confidence < self.langid.min_confidence:
+                return text, lang, True, "langid_low_confidence"
+            return text, lang, True, self.filter.reject_reason(text, lang)
+        return text, lang, False, self.filter.reject_reason(text, lang)
 
 
 def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:
@@ -47,12 +71,8 @@ class _ChunkStep(TaskStep):
 
     done_dir = ""
 
-    @property
-    def root(self) -> Path:
-        return Path(self.settings.work_dir)
-
     def mine(self, rank: int, world_size: int) -> list[Chunk]:
-        return assign(load_plan(self.root), world_size)[rank]
+        return assign(load_plan(self.job.work_dir), world_size)[rank]
 
     def describe(self, rank: int, world_size: int) -> str:
         try:
@@ -62,11 +82,10 @@ class _ChunkStep(TaskStep):
         listed = "; ".join(c.describe() for c in chunks[:3])
         return f"{len(chunks)} chunks: {listed}{' ...' if len(chunks) > 3 else ''}"
 
-    def run_task(self, rank: int, world_size: int) -> None:
-        started = time.time()
+    def run_task(self, rank: int, world_size: int) -> dict:
         figures = Counter()
         for chunk in self.mine(rank, world_size):
-            if (self.root / self.done_dir / f"{chunk.index:06d}.json").is_file():
+            if (self.job.work_dir / self.done_dir / f"{chunk.index:06d}.json").is_file():
                 figures["chunks_skipped"] += 1
                 continue
             try:
@@ -80,7 +99,7 @@ class _ChunkStep(TaskStep):
             figures["docs_out"] += docs_out
         for k, v in figures.items():
             self.count(k, v)
-        self.save_task_stats(self.root, rank, {"seconds": round(time.time() - started, 3), **figures})
+        return dict(figures)
 
     def process(self, chunk: Chunk) -> tuple[int, int]:
         raise NotImplementedError
@@ -90,9 +109,9 @@ class PlanChunks(TaskStep):
     name = "plan"
 
     def run_task(self, rank: int, world_size: int) -> None:
-        s = self.settings
-        chunks = plan_chunks(s.splits, s.chunk_bytes, s.max_docs_per_language)
-        write_json(Path(s.work_dir) / "plan.json", {"chunks": [c.to_dict() for c in chunks]})
+        job = self.job
+        chunks = plan_chunks(job.splits, job.chunk_bytes, job.max_docs_per_language)
+        write_json(job.work_dir / "plan.json", {"chunks": [c.to_dict() for c in chunks]})
         self.count("chunks", len(chunks))
 
 
@@ -104,22 +123,22 @@ class ProcessChunks(_ChunkStep):
     done_dir = "meta"
 
     def process(self, chunk: Chunk) -> tuple[int, int]:
-        s = self.settings
-        root = self.root
+        job = self.job
+        root = job.work_dir
         name = f"{chunk.index:06d}"
-        processor = DocumentProcessor(s.filters, s.langid)
-        keep = set(s.languages) if s.languages else None
+        processor = DocumentProcessor(job.filters, job.langid)
+        keep = set(job.languages) if job.languages else None
         stats: dict = defaultdict(lambda: defaultdict(Counter))
         index = _ChunkIndex()
         exact_rows = array("Q")
-        signatures = _SignatureBatches(s.dedup, chunk.index)
+        signatures = _SignatureBatches(job.dedup, chunk.index)
         docs_in = 0
         # Shingle values stream to disk; per document only a few small numbers stay in memory, so a task's
         # memory does not grow with the chunk size.
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(atomic_write(root / "docs" / f"{name}.jsonl"))
             values = stack.enter_context(atomic_write(root / "shingles" / f"{name}.values.u32", "wb")) \
-                if s.dedup.near else None
+                if job.dedup.near else None
             for local, doc in enumerate(read_chunk(chunk)):
                 docs_in += 1
                 text, lang, filled, reason = processor(doc.text, doc.lang)
@@ -138,14 +157,14 @@ class ProcessChunks(_ChunkStep):
                     record["source"] = doc.source
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 index.add(local, chunk.split, lang, len(text))
-                if s.dedup.exact:
+                if job.dedup.exact:
                     exact_rows.extend((*exact_key_words(text), doc_id(chunk.index, local)))
                 if values is not None:
-                    sh = shingles(text, s.dedup.ngram)
+                    sh = shingles(text, job.dedup.ngram)
                     values.write(sh.tobytes())
                     signatures.add(local, sh, lang)
         index.save(root / "docs" / name)
-        if s.dedup.near:
+        if job.dedup.near:
             ids, offsets, runs = signatures.finish()
             save_npy(root / "shingles" / f"{name}.ids.npy", ids)
             save_npy(root / "shingles" / f"{name}.offsets.npy", offsets)
@@ -248,7 +267,7 @@ class HoldoutOffsets(TaskStep):
     name = "holdout"
 
     def run_task(self, rank: int, world_size: int) -> None:
-        root = Path(self.settings.work_dir)
+        root = self.job.work_dir
         exact, near = _load_drops(root)
         counts: Counter = Counter()
         offsets = {}
@@ -267,16 +286,16 @@ class WriteKept(_ChunkStep):
     name = "write"
     done_dir = "written"
 
-    def run_task(self, rank: int, world_size: int) -> None:
+    def run_task(self, rank: int, world_size: int) -> dict:
         # read once per task, not per chunk: the drop lists and the holdout offsets of every chunk
-        self.drops = _load_drops(self.root)
-        path = self.root / "dedup" / "holdout.json"
-        self.holdout = json.loads(path.read_text(encoding="utf-8")) if self.settings.holdout_every else {}
-        super().run_task(rank, world_size)
+        self.drops = _load_drops(self.job.work_dir)
+        path = self.job.work_dir / "dedup" / "holdout.json"
+        self.holdout = json.loads(path.read_text(encoding="utf-8")) if self.job.holdout_every else {}
+        return super().run_task(rank, world_size)
 
     def process(self, chunk: Chunk) -> tuple[int, int]:
-        root = self.root
-        every = self.settings.holdout_every
+        root = self.job.work_dir
+        every = self.job.holdout_every
         name = f"{chunk.index:06d}"
         exact, near = (_drops_in(drop, chunk.index) for drop in self.drops)
         held = Counter(self.holdout[str(chunk.index)] if every else {})
@@ -316,41 +335,32 @@ class Gather(TaskStep):
     name = "gather"
 
     def _pairs(self) -> list[Path]:
-        parts = Path(self.settings.work_dir) / "parts"
+        parts = self.job.work_dir / "parts"
         return sorted(p for p in parts.glob("*/*") if p.is_dir()) if parts.is_dir() else []
 
     def describe(self, rank: int, world_size: int) -> str:
         mine = self._pairs()[rank::world_size]
         return ", ".join(f"{p.parent.name}/{p.name}" for p in mine[:4]) + (" ..." if len(mine) > 4 else "")
 
-    def run_task(self, rank: int, world_size: int) -> None:
-        root = Path(self.settings.work_dir)
-        started = time.time()
+    def run_task(self, rank: int, world_size: int) -> dict:
         for folder in self._pairs()[rank::world_size]:
-            target = root / "final" / folder.parent.name / f"{folder.name}.jsonl"
+            target = self.job.work_dir / "final" / folder.parent.name / f"{folder.name}.jsonl"
             with atomic_write(target, "wb") as out:
                 for part in sorted(folder.glob("*.jsonl")):
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 22)
             self.count("files")
-        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3)})
+        return {}
 
 
-class Publish(TaskStep):
+class Publish(FinishStep):
     """The report (per split and language, per stage and task), then the new output folder in place of the
     old one in one switch: a failed run leaves an existing output untouched."""
 
     name = "publish"
 
-    def __init__(self, settings: CleanSettings, fingerprint: str):
-        super().__init__(settings)
-        self.fingerprint = fingerprint
-
-    def run_task(self, rank: int, world_size: int) -> None:
-        root = Path(self.settings.work_dir)
-        published = Path(self.settings.out_dir) / REPORT_NAME
-        if published.is_file() and CleanReport.load(published).fingerprint == self.fingerprint:
-            return  # switched in by an earlier attempt that died before its completion marker
+    def finish(self) -> None:
+        root = self.job.work_dir
         stats: dict = {}
         for folder in ("meta", "written"):
             for path in sorted((root / folder).glob("*.json")):
@@ -359,27 +369,13 @@ class Publish(TaskStep):
         for stage_dir in sorted((root / "taskstats").iterdir()):
             tasks[stage_dir.name] = {p.stem: json.loads(p.read_text()) for p in sorted(stage_dir.glob("*.json"))}
         order = [s for s in ("plan", "process", "buckets", "clusters", "holdout", "write", "gather") if s in tasks]
-        report = CleanReport(ordered_stats(stats), {s: tasks[s] for s in order}, self.fingerprint)
-        splits = list(self.settings.splits)
+        report = CleanReport(ordered_stats(stats), {s: tasks[s] for s in order}, self.job_hash)
+        splits = list(self.job.splits)
         report.stats = {s: report.stats[s] for s in splits + sorted(set(report.stats) - set(splits))}
         if not any(c.get("kept") for langs in report.stats.values() for c in langs.values()):
-            raise DataError(f"clean: no document survived cleaning of {list(self.settings.splits.values())}; "
+            raise DataError(f"clean: no document survived cleaning of {list(self.job.splits.values())}; "
                             f"see the report:\n{report.table()}")
         final = root / "final"
         final.mkdir(exist_ok=True)
         write_json(final / REPORT_NAME, report.to_dict())
-        switch_folder(final, self.settings.out_dir)
-
-
-def clean_stages(settings: CleanSettings, fingerprint: str, tasks: int) -> list[Stage]:
-    n_bands = settings.dedup.bands[0] if settings.dedup.near else 0
-    stages = [Stage("plan", PlanChunks(settings), 1, parallel=False),
-              Stage("process", ProcessChunks(settings), tasks),
-              Stage("buckets", FindDuplicates(settings.work_dir, settings.dedup, n_bands), min(tasks, n_bands + 1)),
-              Stage("clusters", Clusters(settings.work_dir, n_bands), 1, parallel=False)]
-    if settings.holdout_every:
-        stages.append(Stage("holdout", HoldoutOffsets(settings), 1, parallel=False))
-    stages += [Stage("write", WriteKept(settings), tasks),
-               Stage("gather", Gather(settings), tasks),
-               Stage("publish", Publish(settings, fingerprint), 1, parallel=False)]
-    return stages
+        switch_folder(final, self.job.out_dir)

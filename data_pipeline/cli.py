@@ -24,6 +24,10 @@ import sys
 from pathlib import Path
 
 from fuxi.common.errors import DataError, InputError
+from fuxi.data_pipeline.align_table import TABLE_FORMS
+from fuxi.data_pipeline.config import MIXING_MODES
+from fuxi.data_pipeline.engine import EXECUTORS, ExecutorConfig
+from fuxi.data_pipeline.tokenizer import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ def _weights(items: list[str] | None) -> dict[str, float] | None:
 
 def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = False) -> None:
     g = p.add_argument_group("engine (datatrove executors; the same job on one machine or many)")
-    g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    g.add_argument("--executor", choices=EXECUTORS, default="local")
     g.add_argument("--tasks", type=int, help="tasks of the parallel stages (default: --workers)")
     g.add_argument("--workers", "--num-proc", dest="workers", type=int,
                    help="tasks running at once (local: processes; default: all CPUs)")
@@ -61,8 +65,7 @@ def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = Fal
                    help="slurm: write and print the job scripts instead of submitting them")
 
 
-def executor_config(args):
-    from fuxi.data_pipeline.engine import ExecutorConfig
+def executor_config(args) -> ExecutorConfig:
     return ExecutorConfig(executor=args.executor, tasks=args.tasks, workers=args.workers,
                           local_tasks=getattr(args, "local_tasks", -1), rank_offset=getattr(args, "rank_offset", 0),
                           partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
@@ -80,9 +83,10 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from fuxi.data_pipeline.clean import LangIdConfig, clean
+    from fuxi.data_pipeline.clean import clean
     from fuxi.data_pipeline.dedup import DedupConfig
     from fuxi.data_pipeline.filters import FilterConfig
+    from fuxi.data_pipeline.langid import LangIdConfig
     filters = FilterConfig(min_words=args.min_words, max_urls=args.max_urls)
     dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.threshold)
     langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
@@ -271,7 +275,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("corpus", help="cleaned train split (folder of <lang>.jsonl)")
     p.add_argument("out")
     p.add_argument("--vocab-size", type=int, default=4096, help="250680 for the full FuxiTranyu model")
-    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--backend", choices=BACKENDS, default="bpe")
     p.add_argument("--max-docs-per-language", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
     add_executor_arguments(p)
@@ -295,7 +299,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--languages", nargs="*", help="the ordered language list (default: found, sorted)")
     p.add_argument("--languages-from", help="take the language list from this manifest (pack valid like train)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--docs-per-part", type=int, default=50_000, help="documents per job (a job writes its shards)")
+    p.add_argument("--docs-per-part", type=int, default=50_000,
+                   help="documents per part (a part is packed into shards of its own)")
     p.add_argument("--quiet", action="store_true")
     add_executor_arguments(p, multi_machine=True)
     p.set_defaults(func=cmd_pack)
@@ -317,7 +322,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("mixture", help="language mixing plan; --stream N reports realised shares")
     p.add_argument("manifest")
-    p.add_argument("--mixing", choices=["temperature", "weights", "natural", "uniform"], default="temperature")
+    p.add_argument("--mixing", choices=MIXING_MODES, default="temperature")
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--weights", nargs="*", help="lang=weight ... (with --mixing weights)")
     p.add_argument("--max-epochs", type=float, help="UniMax cap: passes per language per mixture epoch")
@@ -334,7 +339,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="default: the bundled corpus")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--backend", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--backend", choices=BACKENDS, default="bpe")
     p.add_argument("--max-docs-per-language", type=int, help="quick subsets: read at most N labelled documents "
                    "per language from each 8 MB input chunk of clean (a smaller file is one chunk)")
     p.add_argument("--shard-mb", type=float, default=4.0)
@@ -353,7 +358,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="folder of <lang>.jsonl for word frequencies (default: bundled train/)")
     p.add_argument("--max-concepts", type=int, default=1500)
     p.add_argument("--min-translations", type=int, default=1)
-    p.add_argument("--form", choices=["multi", "pairs"], default="multi")
+    p.add_argument("--form", choices=TABLE_FORMS, default="multi")
     p.set_defaults(func=cmd_align_table)
     return data
 

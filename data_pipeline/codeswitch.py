@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fuxi.common.errors import ConfigError, DataError
-from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
+from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS, CodeSwitchDirection
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CodeSwitchTable:
 
     @classmethod
     def from_concepts(cls, concepts: list[list[tuple[int, ...] | None]], word_start: np.ndarray,
-                      special: np.ndarray, direction: str = "source_to_target") -> "CodeSwitchTable":
+                      special: np.ndarray, direction: CodeSwitchDirection = "source_to_target") -> "CodeSwitchTable":
         """source_to_target: each concept's first word (its source; None when left out) maps to the concept's
         other words. all_to_all: every word maps to every other word of its concept. A key in several concepts
         maps to the union of their translations."""
@@ -105,7 +105,7 @@ class CodeSwitchTable:
     @classmethod
     def from_alignment_table(cls, table_path: str | Path, tokenizer_dir: str | Path,
                              languages: list[str] | None = None,
-                             direction: str = "source_to_target") -> "CodeSwitchTable":
+                             direction: CodeSwitchDirection = "source_to_target") -> "CodeSwitchTable":
         """Tokenise every word of an alignment table as it appears after a space (" " + word). Words of languages
         outside `languages` are left out; a concept whose source is left out switches nothing source_to_target."""
         from fuxi.data_pipeline.align_table import read_alignment_table
@@ -216,7 +216,7 @@ def repack(length: int, pad_id: int, ids: np.ndarray, targets: np.ndarray, langs
 
 def build_codeswitch_transform(table_path: str, tokenizer_dir: str | None, ratio: float, seed: int,
                                languages: list[str] | None = None,
-                               direction: str = "source_to_target") -> CodeSwitchTransform:
+                               direction: CodeSwitchDirection = "source_to_target") -> CodeSwitchTransform:
     """The transform a DataConfig with `codeswitch_ratio > 0` asks for."""
     from fuxi.data_pipeline.tokenizer import EOS_ID
 

@@ -1,18 +1,22 @@
 """The trainer-facing data config: which shards to stream, how to mix languages, what to do on bad samples.
 
-Plain types only (str/int/float/bool/list/dict/Optional) so the trainer's strict YAML loader
-(`model.typed_config.from_dict`) can type-check it; `validate()` raises `ConfigError` (a ValueError) whose
-message starts with the field name.
+Plain types only (str/int/float/bool/list/dict/Optional, Literal for a choice) so the trainer's strict YAML
+loader (`fuxi.common.typed_config.from_dict`) can type-check it; `validate()` raises `ConfigError` keyed by the
+field.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import check_choices, require_at_least
 
-MIXING_MODES = ("temperature", "weights", "natural", "uniform")
-ON_ERROR_MODES = ("raise", "skip")
-CODESWITCH_DIRECTIONS = ("source_to_target", "all_to_all")
+MixingMode = Literal["temperature", "weights", "natural", "uniform"]
+OnError = Literal["raise", "skip"]
+CodeSwitchDirection = Literal["source_to_target", "all_to_all"]
+MIXING_MODES = get_args(MixingMode)
+CODESWITCH_DIRECTIONS = get_args(CodeSwitchDirection)
 
 
 @dataclass
@@ -27,7 +31,7 @@ class DataConfig:
     num_workers: int = 2
     # How languages are mixed: "temperature" (q_i ∝ p_i^alpha over token counts), "weights" (explicit),
     # "natural" (proportional to tokens), "uniform" (equal; with max_epochs_per_language this is UniMax).
-    mixing: str = "temperature"
+    mixing: MixingMode = "temperature"
     alpha: float = 0.3
     weights: dict[str, float] | None = None
     # UniMax-style cap: at most this many passes over one language's data per mixture epoch.
@@ -40,7 +44,7 @@ class DataConfig:
     # Samples per shuffled window of the mixture; bounds the memory of the sample order.
     mixing_window: int = 65536
     # Corrupt samples: "raise" (default) or "skip" (counted and reported, never silent).
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     # Check each shard's sha256 the first time a process reads it (file sizes are always checked).
     verify_checksums: bool = True
     # Tokenizer dir the model was built for; its hash must match the manifest's.
@@ -54,17 +58,14 @@ class DataConfig:
     codeswitch_table: str | None = None
     # Which words are switched: "source_to_target" (the released code: each concept's first word, e.g. the
     # English pivot, is replaced by one of its translations) or "all_to_all" (every word by any other of its concept).
-    codeswitch_direction: str = "source_to_target"
+    codeswitch_direction: CodeSwitchDirection = "source_to_target"
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.train_manifest:
             raise ConfigError("train_manifest", "must name a manifest.json")
-        if self.seq_len < 1:
-            raise ConfigError("seq_len", f"must be >= 1, got {self.seq_len}")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
-        if self.mixing not in MIXING_MODES:
-            raise ConfigError("mixing", f"{self.mixing!r} is not one of {list(MIXING_MODES)}")
+        require_at_least(self, 1, "seq_len", "epoch_tokens", "mixing_window", "prefetch_factor")
+        require_at_least(self, 0, "num_workers")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
         if self.mixing == "weights" and not self.weights:
@@ -83,18 +84,7 @@ class DataConfig:
             dup = sorted({x for x in self.languages if self.languages.count(x) > 1})
             if dup:
                 raise ConfigError("languages", f"listed twice: {dup}")
-        if self.epoch_tokens is not None and self.epoch_tokens < 1:
-            raise ConfigError("epoch_tokens", f"must be >= 1, got {self.epoch_tokens}")
-        if self.mixing_window < 1:
-            raise ConfigError("mixing_window", f"must be >= 1, got {self.mixing_window}")
-        if self.on_error not in ON_ERROR_MODES:
-            raise ConfigError("on_error", f"{self.on_error!r} is not one of {list(ON_ERROR_MODES)}")
-        if self.prefetch_factor < 1:
-            raise ConfigError("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.codeswitch_ratio <= 1.0:
             raise ConfigError("codeswitch_ratio", f"must be in [0, 1], got {self.codeswitch_ratio}")
         if self.codeswitch_table is not None and not self.codeswitch_table:
             raise ConfigError("codeswitch_table", "empty path; use null for the shipped table")
-        if self.codeswitch_direction not in CODESWITCH_DIRECTIONS:
-            raise ConfigError("codeswitch_direction", f"{self.codeswitch_direction!r} is not one of "
-                                  f"{list(CODESWITCH_DIRECTIONS)}")

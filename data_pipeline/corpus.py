@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from fuxi.common.errors import DataError
-from fuxi.data_pipeline.io_utils import decode_utf8, parse_json_line
+from fuxi.data_pipeline.jsonl import decode_utf8, parse_json_line
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpus"
 # Labels that mean "no language given": such documents are labelled by the language identifier.

@@ -24,6 +24,7 @@ from functools import lru_cache
 import numpy as np
 
 from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import require_at_least
 from fuxi.data_pipeline.textstats import word_units
 
 _WS_RE = re.compile(r"\s+")
@@ -47,16 +48,12 @@ class DedupConfig:
     max_comparisons: int = 8
 
     def validate(self) -> None:
-        if self.ngram < 1:
-            raise ConfigError("ngram", f"must be >= 1, got {self.ngram}")
-        if self.num_perm < 16:
-            raise ConfigError("num_perm", f"must be >= 16, got {self.num_perm}")
+        require_at_least(self, 1, "ngram", "max_comparisons")
+        require_at_least(self, 16, "num_perm")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError("threshold", f"must be in (0, 1), got {self.threshold}")
         if not 0.0 < self.min_recall < 1.0:
             raise ConfigError("min_recall", f"must be in (0, 1), got {self.min_recall}")
-        if self.max_comparisons < 1:
-            raise ConfigError("max_comparisons", f"must be >= 1, got {self.max_comparisons}")
 
     @property
     def bands(self) -> tuple[int, int]:
@@ -89,6 +86,12 @@ def lsh_params(threshold: float, num_perm: int, min_recall: float = 0.99, points
 def exact_key(text: str) -> bytes:
     """Hash of the text with runs of whitespace collapsed (so re-wrapped copies still match)."""
     return hashlib.blake2b(_WS_RE.sub(" ", text).strip().encode("utf-8"), digest_size=16).digest()
+
+
+def exact_key_words(text: str) -> tuple[int, int]:
+    """The 128-bit exact-duplicate key as two 64-bit integers."""
+    key = exact_key(text)
+    return int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big")
 
 
 def shingles(text: str, n: int) -> np.ndarray:

@@ -15,7 +15,6 @@ document of each; it holds only the duplicate graph.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -120,14 +119,12 @@ def confirmed_edges(group: np.ndarray, store: ShingleStore, config: DedupConfig,
 
 class FindDuplicates(TaskStep):
     """Near-duplicate edges per band and the exact duplicates (all but the first of each key); the bands and
-    the exact keys are dealt round-robin to the tasks."""
+    the exact keys are dealt round-robin to the tasks. Reads clean's job: its work folder and `dedup` config."""
 
     name = "buckets"
 
-    def __init__(self, root: str, config: DedupConfig, bands: int):
-        super().__init__()
-        self.root = root
-        self.config = config
+    def __init__(self, job, bands: int):
+        super().__init__(job)
         self.bands = bands
 
     def _items(self, rank: int, world_size: int) -> list[int | str]:
@@ -136,9 +133,8 @@ class FindDuplicates(TaskStep):
     def describe(self, rank: int, world_size: int) -> str:
         return ", ".join(f"band {i}" if i != "exact" else "exact keys" for i in self._items(rank, world_size))
 
-    def run_task(self, rank: int, world_size: int) -> None:
-        root = Path(self.root)
-        started = time.time()
+    def run_task(self, rank: int, world_size: int) -> dict:
+        root = self.job.work_dir
         chunks = [c.index for c in load_plan(root)]
         counts = {"groups": 0, "compared": 0, "confirmed": 0, "entries": 0, "exact_duplicates": 0}
         for item in self._items(rank, world_size):
@@ -148,8 +144,7 @@ class FindDuplicates(TaskStep):
                 self._band(root, chunks, item, counts)
         for k, v in counts.items():
             self.count(k, v)
-        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3), "docs_in": counts["entries"],
-                                          "docs_out": counts["confirmed"] + counts["exact_duplicates"], **counts})
+        return {"docs_in": counts["entries"], "docs_out": counts["confirmed"] + counts["exact_duplicates"], **counts}
 
     def _exact(self, root: Path, chunks: list[int], counts: dict) -> None:
         runs = [r for c in chunks if len(r := np.load(root / "exact" / f"{c:06d}.npy", mmap_mode="r"))]
@@ -167,7 +162,7 @@ class FindDuplicates(TaskStep):
         edges: list[tuple[int, int]] = []
         for group in merged_groups(runs, key_cols=1):
             counts["groups"] += 1
-            edges += confirmed_edges(group, store, self.config, counts)
+            edges += confirmed_edges(group, store, self.job.dedup, counts)
         save_npy(root / "dedup" / f"edges-{band:04d}.npy", np.array(edges, dtype=np.uint64).reshape(-1, 2))
 
 
@@ -176,14 +171,12 @@ class Clusters(TaskStep):
 
     name = "clusters"
 
-    def __init__(self, root: str, bands: int):
-        super().__init__()
-        self.root = root
+    def __init__(self, job, bands: int):
+        super().__init__(job)
         self.bands = bands
 
-    def run_task(self, rank: int, world_size: int) -> None:
-        root = Path(self.root)
-        started = time.time()
+    def run_task(self, rank: int, world_size: int) -> dict:
+        root = self.job.work_dir
         components = UnionFind()
         edges = 0
         for b in range(self.bands):
@@ -196,5 +189,4 @@ class Clusters(TaskStep):
         save_npy(root / "dedup" / "near_drop.npy", drop)
         self.count("edges", edges)
         self.count("near_duplicates", len(drop))
-        self.save_task_stats(root, rank, {"seconds": round(time.time() - started, 3),
-                                          "docs_in": len(components.parent), "docs_out": len(drop), "edges": edges})
+        return {"docs_in": len(components.parent), "docs_out": len(drop), "edges": edges}

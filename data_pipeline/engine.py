@@ -1,11 +1,11 @@
 """The distributed engine under the data stages: datatrove's executors, one pipeline definition everywhere.
 
-A data stage (clean, tokenizer, pack, prepare) is a list of `Stage`s, each one datatrove `PipelineStep` run as
-`tasks` independent tasks (task `rank` of `world_size` picks its share of the work). `run_stages` hands them to
-datatrove's executors, chained so a stage starts when the previous one has finished:
+The job of a data stage (clean, tokenizer, pack; job.py drives them) is a list of `Stage`s, each one datatrove
+`PipelineStep` run as `tasks` independent tasks (task `rank` of `world_size` picks its share of the work).
+`run_stages` hands them to datatrove's executors, chained so a stage starts when the previous one has finished:
 
-    local   LocalExecutor (below): `workers` processes on this machine; `local_tasks`/`rank_offset` run only
-            some tasks here (several machines without a scheduler, each writing its own folder)
+    local   LocalExecutor (local_executor.py): `workers` processes on this machine; `local_tasks`/`rank_offset`
+            run only some tasks here (several machines without a scheduler, each writing its own folder)
     slurm   datatrove's SlurmPipelineExecutor: one sbatch job array per stage, `afterok` dependencies
     ray     datatrove's RayPipelineExecutor (pip install "fuxi-pretrain[ray]")
 
@@ -13,45 +13,32 @@ What datatrove gives every executor: a completion marker `<work>/logs/<stage>/co
 the task's outputs and stats, so a re-run skips finished tasks; per-task logs and stats (`stats.json`). Our
 steps write every output to a temp name and rename it, so a task killed anywhere leaves nothing that looks
 complete, and its re-run starts it over.
-
-`LocalExecutor` is datatrove's LocalPipelineExecutor with a standard-library process pool: when a worker dies
-(out-of-memory kill, segfault) the stage fails naming the task and its inputs, where multiprocessing's Pool
-would wait forever for the lost result.
 """
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
-from datatrove.utils.stats import PipelineStats
-from tqdm import tqdm
 
 from fuxi.common.atomic import write_json
-from fuxi.common.errors import ConfigError, DataError, InputError
+from fuxi.common.errors import ConfigError, InputError
+from fuxi.common.typed_config import check_choices, require_at_least
+from fuxi.data_pipeline.errors import TaskError
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("local", "slurm", "ray")
-
-
-class TaskError(DataError):
-    """A task failed or its worker died; names the stage, the task and its inputs."""
+Executor = Literal["local", "slurm", "ray"]
+EXECUTORS = get_args(Executor)
 
 
 @dataclass
 class ExecutorConfig:
-    executor: str = "local"
+    executor: Executor = "local"
     # Tasks of the parallel stages (default: `workers`). The result does not depend on it.
     tasks: int | None = None
     # Tasks running at once on this machine (local) or in the whole job (slurm/ray; default: no limit).
@@ -72,16 +59,11 @@ class ExecutorConfig:
     dry_run: bool = False
 
     def validate(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ConfigError("executor", f"{self.executor!r} is not one of {list(EXECUTORS)}")
-        for name in ("tasks", "workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(name, f"must be >= 1, got {value}")
-        if self.rank_offset < 0 or (self.local_tasks != -1 and self.local_tasks < 1):
-            raise ConfigError("local_tasks" if self.rank_offset >= 0 else "rank_offset",
-                              f"local_tasks must be -1 or >= 1 and rank_offset >= 0, got "
-                              f"{self.local_tasks}/{self.rank_offset}")
+        check_choices(self)
+        require_at_least(self, 1, "tasks", "workers")
+        require_at_least(self, 0, "rank_offset")
+        if self.local_tasks != -1 and self.local_tasks < 1:
+            raise ConfigError("local_tasks", f"must be -1 (all tasks) or >= 1, got {self.local_tasks}")
         if self.executor == "slurm" and not self.partition:
             raise ConfigError("partition", "the slurm executor needs --partition")
 
@@ -111,64 +93,43 @@ class Stage:
 
 
 class TaskStep(PipelineStep):
-    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work. Bad input
-    (a DataError, which names its file and line) is raised as it is; any other error is re-raised naming the
-    task and `describe(rank, world_size)` (its inputs)."""
+    """Base of our pipeline steps: `run_task(rank, world_size)` does task rank's share of the work and returns
+    its figures for the job's report (or None): they are saved with the task's seconds in
+    `<work>/taskstats/<stage>/<rank>.json`. Bad input (a DataError, which names its file and line) is raised as
+    it is; any other error is re-raised naming the task and `describe(rank, world_size)` (its inputs). `job`:
+    the settings of the job the step belongs to (job.py; `job.work_dir` is its work folder), pickled with the
+    step for Slurm and Ray workers."""
 
     type = "fuxi"
 
-    def __init__(self, settings=None):
+    def __init__(self, job):
         super().__init__()
-        self.settings = settings
+        self.job = job
 
-    def run_task(self, rank: int, world_size: int) -> None:
+    def run_task(self, rank: int, world_size: int) -> dict | None:
         raise NotImplementedError
 
     def describe(self, rank: int, world_size: int) -> str:
         return ""
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        started = time.time()
         try:
-            self.run_task(rank, world_size)
+            figures = self.run_task(rank, world_size)
         except InputError:  # bad input names itself; anything else gets the task's name
             raise
         except Exception as err:
             where = self.describe(rank, world_size)
             raise TaskError(f"{self.name}: task {rank} of {world_size}{f' ({where})' if where else ''}: "
                             f"{err}") from err
+        if figures is not None:
+            write_json(Path(self.job.work_dir) / "taskstats" / self.name / f"{rank:05d}.json",
+                       {"seconds": round(time.time() - started, 3), **figures})
         yield from ()
 
     def count(self, name: str, value: int = 1) -> None:
         """A counter in datatrove's per-task stats (`<work>/logs/<stage>/stats/`)."""
         self.stat_update(name, value=value, unit="task")
-
-    def save_task_stats(self, work_dir: str | Path, rank: int, figures: dict) -> None:
-        """Our per-task figures (`<work>/taskstats/<stage>/<rank>.json`), merged into the job's report."""
-        write_json(Path(work_dir) / "taskstats" / self.name / f"{rank:05d}.json", figures)
-
-
-def default_work_dir(out_dir: str | Path) -> Path:
-    """`.<out>.work` beside the output: on the same filesystem, and outside the folder the job replaces."""
-    out_dir = Path(out_dir).absolute()
-    return out_dir.parent / f".{out_dir.name}.work"
-
-
-def prepare_work_dir(work_dir: Path, identity: dict) -> None:
-    """Keep a work folder only if it belongs to the same job (same fingerprint and task count): its completion
-    markers then mean what they say. Otherwise start it afresh."""
-    stamp = work_dir / "job.json"
-    if work_dir.exists():
-        try:
-            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
-        except (OSError, ValueError):
-            same = False
-        if same:
-            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
-            return
-        log.info("%s belongs to another job; starting afresh", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    write_json(stamp, identity)
 
 
 def deal(weights: list[int], world_size: int) -> list[list[int]]:
@@ -181,109 +142,6 @@ def deal(weights: list[int], world_size: int) -> list[list[int]]:
         tasks[t].append(i)
         load[t] += weights[i]
     return [sorted(t) for t in tasks]
-
-
-# --- local execution ------------------------------------------------------------------------------------------
-
-_FORKED: dict = {}  # the executor a forked worker runs tasks of (set before the pool forks)
-
-
-def _run_forked(rank: int) -> PipelineStats:
-    return _FORKED["executor"]._run_for_rank(rank)
-
-
-def _quiet_datatrove() -> None:
-    from loguru import logger
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
-
-
-def _file_only_task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
-    """datatrove's per-task log file (logs/task_<rank>.log, everything) without its console copy: a failed
-    task is reported once, by the executor, as one line naming the task or the bad input."""
-    from loguru import logger
-    logger.remove()
-    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-    logger.add(logfile, colorize=False, level="DEBUG",
-               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}")
-    logger.info(f"Launching pipeline for {rank=}")
-    return logfile
-
-
-class LocalExecutor(LocalPipelineExecutor):
-    """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring). datatrove's
-    per-task logging goes to its log files only; a progress bar counts the stage's tasks instead."""
-
-    def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-        self.stage = stage
-        self.describe = describe or (lambda rank: "")
-
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> PipelineStats:
-        marker = f"running/{rank:05d}"
-        with self.logging_dir.open(marker, "w") as f:
-            f.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
-        import datatrove.executor.base as base
-        original, base.add_task_logger = base.add_task_logger, _file_only_task_logger
-        try:
-            return super()._run_for_rank(rank, local_rank=local_rank, node_rank=node_rank)
-        finally:
-            base.add_task_logger = original
-            _quiet_datatrove()
-
-    def _dead_tasks(self, ranks: list[int]) -> list[int]:
-        return [r for r in ranks if self.logging_dir.isfile(f"running/{r:05d}") and not self.is_rank_completed(r)]
-
-    def run(self) -> PipelineStats:
-        self._launched = True
-        ranks = self.get_incomplete_ranks(range(self.local_rank_offset, self.local_rank_offset + self.local_tasks))
-        if not ranks:
-            log.info("%s: all %d tasks already complete", self.stage, self.local_tasks)
-            return PipelineStats()
-        if len(ranks) < self.local_tasks:
-            log.info("%s: skipping %d finished tasks", self.stage, self.local_tasks - len(ranks))
-        self.save_executor_as_json()
-        stats = []
-        workers = min(self.workers, len(ranks))
-        bar = tqdm(total=len(ranks), desc=self.stage, unit="task", disable=not self.progress, leave=False)
-        if workers <= 1:
-            pipeline = self.pipeline
-            for rank in ranks:
-                self.pipeline = deepcopy(pipeline)
-                stats.append(self._run_for_rank(rank))
-                bar.update()
-            self.pipeline = pipeline
-        else:
-            _FORKED["executor"] = self
-            try:
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    futures = {pool.submit(_run_forked, rank): rank for rank in ranks}
-                    for fut in futures:
-                        fut.add_done_callback(lambda _: bar.update())
-                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    for fut in futures:
-                        if fut in done and fut.exception() is None:
-                            stats.append(fut.result())
-                    for fut in done:
-                        err = fut.exception()
-                        if isinstance(err, BrokenProcessPool):
-                            dead = self._dead_tasks(ranks) or [futures[fut]]
-                            what = "; ".join(f"task {r} of {self.world_size} ({self.describe(r)})" for r in dead)
-                            raise TaskError(f"{self.stage}: a worker process died (killed, or out of memory?) "
-                                            f"while running {what}; run the same command again to resume "
-                                            f"(finished tasks are skipped)") from None
-                        if err is not None:
-                            for other in futures:
-                                other.cancel()
-                            raise err
-            finally:
-                _FORKED.clear()
-        bar.close()
-        merged = sum(stats, start=PipelineStats())
-        with self.logging_dir.open("stats.json", "wt") as f:
-            merged.save_to_disk(f)
-        return merged
 
 
 # --- building and running executors ---------------------------------------------------------------------------
@@ -304,6 +162,9 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
         logging_dir = str(work_dir / "logs" / stage.name)
         prev = executors[-1] if executors else None
         if cfg.executor == "local":
+            # imported when used, like the slurm and ray executors: datatrove's executors import
+            # huggingface_hub (0.3 s), which the CLI's start-up need not pay
+            from fuxi.data_pipeline.local_executor import LocalExecutor
             local_tasks, offset = (cfg.local_tasks, cfg.rank_offset) if stage.parallel and cfg.partial \
                 else (-1, 0)
             workers = min(cfg.num_workers, stage.tasks)
@@ -358,7 +219,6 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
     when they were submitted to a cluster or only some tasks ran on this machine."""
     executors = build_executors(stages, work_dir, cfg)
     if cfg.executor == "local":
-        _quiet_datatrove()
         for stage, executor in zip(stages, executors):
             started = time.time()
             executor.run()

@@ -1,5 +1,6 @@
-"""The data pipeline's own kinds of bad input, below the roots in fuxi.common.errors (DataError for bad data,
-ConfigError for an impossible config or stage option). Each message names the file, shard or field at fault."""
+"""The data pipeline's own kinds of error, below the roots in fuxi.common.errors (DataError for bad data,
+ConfigError for an impossible config or stage option). Each message names the file, shard, field or task at
+fault."""
 from __future__ import annotations
 
 from fuxi.common.errors import DataError
@@ -11,3 +12,7 @@ class ShardError(DataError):
 
 class ManifestError(DataError):
     """A manifest is unreadable or disagrees with the config / tokenizer. Names the manifest and field."""
+
+
+class TaskError(DataError):
+    """A task of the engine failed or its worker died; names the stage, the task and its inputs."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from fuxi.common.atomic import sha256_file, write_json
 from fuxi.data_pipeline.errors import ManifestError, ShardError
 
+MANIFEST_NAME = "manifest.json"
 FORMAT = "fuxi-shards/1"
 TOKEN_DTYPE, LANG_DTYPE, DOC_DTYPE = "uint32", "uint16", "uint32"
 
@@ -130,7 +131,7 @@ def load_manifest(path: str | Path) -> Manifest:
     """Read and check a manifest; every problem names the file and the field."""
     path = Path(path)
     if path.is_dir():
-        path = path / "manifest.json"
+        path = path / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     try:

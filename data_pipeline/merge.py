@@ -16,9 +16,8 @@ import os
 from pathlib import Path
 
 from fuxi.data_pipeline.errors import ManifestError
-from fuxi.data_pipeline.manifest import LanguageStats, Manifest, ShardInfo, load_manifest
+from fuxi.data_pipeline.manifest import MANIFEST_NAME, LanguageStats, Manifest, ShardInfo, load_manifest
 
-MANIFEST_NAME = "manifest.json"
 TASK_GLOB = "task-*.manifest.json"
 _SAME = ("split", "seq_len", "vocab_size", "eos_id", "languages", "tokenizer_hash")
 

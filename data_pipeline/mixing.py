@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from fuxi.common.errors import ConfigError, DataError
 from fuxi.common.tables import format_table
+from fuxi.data_pipeline.config import MIXING_MODES, MixingMode
 
 
-def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,
+def target_shares(tokens: dict[str, int], mixing: MixingMode, alpha: float = 0.3,
                   weights: dict[str, float] | None = None) -> dict[str, float]:
     """Target share of each language (sums to 1)."""
     langs = list(tokens)
@@ -38,7 +39,7 @@ def target_shares(tokens: dict[str, int], mixing: str, alpha: float = 0.3,
         elif mixing == "uniform":
             raw = {lang: 1.0 for lang in langs}
         else:
-            raise ConfigError("mixing", f"unknown mode {mixing!r}")
+            raise ConfigError("mixing", f"{mixing!r} is not one of {list(MIXING_MODES)}")
     norm = sum(raw.values())
     if norm <= 0:
         raise ConfigError("weights", "all weights are zero")
@@ -122,7 +123,7 @@ class MixturePlan:
         return format_table(headers, rows)
 
 
-def plan_mixture(available: dict[str, int], block_len: int, mixing: str, alpha: float = 0.3,
+def plan_mixture(available: dict[str, int], block_len: int, mixing: MixingMode, alpha: float = 0.3,
                  weights: dict[str, float] | None = None, max_epochs: float | None = None,
                  epoch_samples: int | None = None) -> MixturePlan:
     """Samples per language per mixture epoch. `available`: samples per selected language (all > 0)."""

@@ -21,13 +21,20 @@ from typing import NamedTuple
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError
 from fuxi.common.staging import refuse_foreign, staged_folder
-from fuxi.data_pipeline.clean import CleanReport, LangIdConfig, clean
+from fuxi.data_pipeline.clean import clean
+from fuxi.data_pipeline.clean_report import CleanReport
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.data_pipeline.corpus import bundled_corpus, find_splits
 from fuxi.data_pipeline.dedup import DedupConfig
+from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.filters import FilterConfig
-from fuxi.data_pipeline.pack import MANIFEST_NAME, language_files, pack
+from fuxi.data_pipeline.job import default_work_dir
+from fuxi.data_pipeline.langid import LangIdConfig
+from fuxi.data_pipeline.manifest import MANIFEST_NAME, load_manifest
+from fuxi.data_pipeline.pack import PackJob, pack
+from fuxi.data_pipeline.packing import language_files
 from fuxi.data_pipeline.tokenizer import TokenizerConfig
+from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
 
 log = logging.getLogger(__name__)
 PREPARE_FILE = "prepare.json"
@@ -40,7 +47,6 @@ class PreparedData(NamedTuple):
 
     def data_config(self, **overrides) -> DataConfig:
         """A DataConfig that streams this dataset (seq_len read from the manifest)."""
-        from fuxi.data_pipeline.manifest import load_manifest
         if "seq_len" not in overrides:
             overrides["seq_len"] = load_manifest(self.train_manifest).seq_len
         fields = {"train_manifest": str(self.train_manifest), "val_manifest": str(self.val_manifest),
@@ -54,7 +60,7 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
                     holdout_fraction: float = 0.05, shard_bytes: int = 4 << 20, num_proc: int | None = None,
                     seed: int = 0, filters: FilterConfig | None = None, dedup: DedupConfig | None = None,
                     langid: LangIdConfig | None = None, tokenizer_dir: str | Path | None = None,
-                    progress: bool = False, executor=None) -> PreparedData | None:
+                    progress: bool = False, executor: ExecutorConfig | None = None) -> PreparedData | None:
     """Build a ready-to-stream dataset from `corpus` (default: the bundled corpus).
 
     A corpus folder with train/ and valid/ keeps its split; otherwise `holdout_fraction` of each language's
@@ -68,7 +74,6 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     complete): None is returned after a submission; run the same call again when the jobs have finished
     (finished stages are not redone).
     """
-    from fuxi.data_pipeline.engine import ExecutorConfig, default_work_dir
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
     out_dir = Path(out_dir).absolute()
@@ -85,11 +90,11 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     # change between runs: a killed run's finished stages (and finished tasks) are found there by the re-run.
     root = default_work_dir(out_dir) if local else out_dir
     root.mkdir(parents=True, exist_ok=True)
-    result = _run_stages(root, corpus, executor, vocab_size=vocab_size, seq_len=seq_len, backend=backend,
-                         max_docs_per_language=max_docs_per_language,
-                         tokenizer_docs_per_language=tokenizer_docs_per_language, languages=languages,
-                         holdout_fraction=holdout_fraction, shard_bytes=shard_bytes, seed=seed, filters=filters,
-                         dedup=dedup, langid=langid, tokenizer_dir=tokenizer_dir)
+    result = _clean_tokenize_pack(root, corpus, executor, vocab_size=vocab_size, seq_len=seq_len, backend=backend,
+                                  max_docs_per_language=max_docs_per_language,
+                                  tokenizer_docs_per_language=tokenizer_docs_per_language, languages=languages,
+                                  holdout_fraction=holdout_fraction, shard_bytes=shard_bytes, seed=seed,
+                                  filters=filters, dedup=dedup, langid=langid, tokenizer_dir=tokenizer_dir)
     if result is None:
         return None
     report, manifests = result
@@ -113,14 +118,13 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
 OWNED = ("clean", "tokenizer", "train", "valid", PREPARE_FILE)
 
 
-def _run_stages(root: Path, corpus: Path, executor, *, vocab_size: int, seq_len: int, backend: str,
-                max_docs_per_language: int | None, tokenizer_docs_per_language: int, languages: list[str] | None,
-                holdout_fraction: float, shard_bytes: int, seed: int, filters: FilterConfig | None,
-                dedup: DedupConfig | None, langid: LangIdConfig | None,
-                tokenizer_dir: str | Path | None) -> tuple[CleanReport, list[Path]] | None:
+def _clean_tokenize_pack(root: Path, corpus: Path, executor: ExecutorConfig, *, vocab_size: int, seq_len: int,
+                         backend: str, max_docs_per_language: int | None, tokenizer_docs_per_language: int,
+                         languages: list[str] | None, holdout_fraction: float, shard_bytes: int, seed: int,
+                         filters: FilterConfig | None, dedup: DedupConfig | None, langid: LangIdConfig | None,
+                         tokenizer_dir: str | Path | None) -> tuple[CleanReport, list[Path]] | None:
     """clean -> tokenizer -> pack train and valid, each into its folder under `root` (each stage skips itself
     when its folder is up to date with its inputs and settings); None when a stage did not finish here."""
-    from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
     report = clean(find_splits(corpus), root / "clean", filters=filters, dedup=dedup, langid=langid,
                    languages=languages, max_docs_per_language=max_docs_per_language,
                    holdout_fraction=holdout_fraction, executor=executor)
@@ -152,7 +156,7 @@ def stage_report(report, *manifests: Path) -> dict:
     out = {"clean": {"per_language": report.stats, "tasks": report.tasks}}
     for path in manifests:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        tasks = json.loads((Path(path).parent / "pack_report.json").read_text(encoding="utf-8"))["tasks"]
+        tasks = json.loads((Path(path).parent / PackJob.record).read_text(encoding="utf-8"))["tasks"]
         out[f"pack_{data['split']}"] = {"tokens": {k: v["tokens"] for k, v in data["language_stats"].items()},
                                         "samples": {k: v["samples"] for k, v in data["language_stats"].items()},
                                         "tasks": tasks}

@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from fuxi.common.atomic import publish, sha256_file
+from fuxi.data_pipeline.config import OnError
 from fuxi.data_pipeline.errors import ShardError
 from fuxi.data_pipeline.manifest import DOC_DTYPE, LANG_DTYPE, TOKEN_DTYPE, Manifest, ShardInfo
 
@@ -156,7 +157,7 @@ class ShardReader:
     counted in `skipped`), as does each corrupt sample of an intact file."""
 
     def __init__(self, manifest: Manifest, shard: ShardInfo, verify_checksum: bool = True,
-                 on_error: str = "raise"):
+                 on_error: OnError = "raise"):
         self.manifest = manifest
         self.shard = shard
         self.path = manifest.shard_path(shard)

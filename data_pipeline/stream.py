@@ -12,8 +12,8 @@ The split. Rank r of R reads global positions r, r+R, r+2R, ...; its k-th sample
 samples are grouped into batches (batch b: k in [b·B, (b+1)·B)) and the batches into chunks of K; DataLoader
 worker w of W builds the chunks c ≡ w (mod W), counted from the resume point. A DataLoader returns its
 workers' items round-robin, so the rank sees batches 0, 1, 2, ... in order for any W and K, and its state
-is one number: the batches consumed. Within a mixture epoch no position repeats across ranks and workers and none is skipped,
-for any R and W, including more consumers than shards.
+is one number: the batches consumed. Within a mixture epoch no position repeats across ranks and workers and none is
+skipped, for any R and W, including more consumers than shards.
 
 Corrupt samples (on_error="skip": a bad sample, or every sample of a shard that is missing or whose size or
 sha256 disagrees with the manifest) are replaced by the sample at the same slot of the next mixture epoch
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fuxi.data_pipeline.config import OnError
 from fuxi.data_pipeline.errors import ShardError
 from fuxi.data_pipeline.manifest import Manifest, ShardInfo
 from fuxi.data_pipeline.mixing import MixturePlan
@@ -183,7 +184,7 @@ class MixtureDataset(IterableDataset):
     def __init__(self, manifest: Manifest, plan: MixturePlan, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, window: int = 65536, start_batch: int = 0,
                  transform: Callable[[dict], dict] | None = None, verify_checksums: bool = True,
-                 on_error: str = "raise"):
+                 on_error: OnError = "raise"):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")

@@ -19,18 +19,20 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal, get_args
 
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError, DataError
 from fuxi.common.staging import staged_folder
+from fuxi.common.typed_config import check_choices, require_at_least
 from fuxi.data_pipeline.corpus import iter_documents
 
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
-BACKENDS = ("bpe", "sentencepiece")
+Backend = Literal["bpe", "sentencepiece"]
+BACKENDS = get_args(Backend)
 META_FILE = "fuxi_tokenizer.json"
 # What train_tokenizer writes (a tokenizer folder holding anything else is not replaced).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spm.model", META_FILE)
@@ -39,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 4096
-    backend: str = "bpe"
+    backend: Backend = "bpe"
     # FuxiTranyu trains on up to 1M documents per language.
     max_docs_per_language: int = 1_000_000
     min_frequency: int = 2
@@ -47,14 +49,12 @@ class TokenizerConfig:
     model_max_length: int = 4096
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", f"{self.backend!r} is not one of {list(BACKENDS)}")
+        check_choices(self)
         floor = 258 if self.backend == "bpe" else 300
         if self.vocab_size < floor:
             raise ConfigError("vocab_size", f"must be >= {floor} for the {self.backend} backend "
                                   f"(256 bytes + special tokens), got {self.vocab_size}")
-        if self.max_docs_per_language < 1:
-            raise ConfigError("max_docs_per_language", f"must be >= 1, got {self.max_docs_per_language}")
+        require_at_least(self, 1, "max_docs_per_language")
 
 
 def sample_per_language(source: str | Path, max_docs: int, seed: int) -> dict[str, list[str]]:

@@ -1,33 +1,47 @@
-"""`fuxi data tokenizer` as a task of the data engine: one task (BPE training is one process with threads), so
-on a cluster it is one job in the chain, and a finished training is not redone by a re-run."""
+"""`fuxi data tokenizer` as a job of the data engine (job.py): one task (BPE training is one process with
+threads), so on a cluster it is one job in the chain, and a finished training is not redone by a re-run."""
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from fuxi.data_pipeline.engine import (ExecutorConfig, Stage, TaskStep, default_work_dir, prepare_work_dir,
-                                  run_stages)
-from fuxi.data_pipeline.io_utils import input_stamp
-from fuxi.data_pipeline.tokenizer import META_FILE, TokenizerConfig, train_tokenizer
+from fuxi.data_pipeline.engine import ExecutorConfig, Stage
+from fuxi.data_pipeline.job import FinishStep, Job, run_job
+from fuxi.data_pipeline.tokenizer import META_FILE, TOKENIZER_FILES, TokenizerConfig, train_tokenizer
 
 
-class TrainTokenizer(TaskStep):
+class TrainTokenizer(FinishStep):
+    """Train, and switch the new tokenizer folder (its metadata file records the job hash) into place."""
+
     name = "tokenizer"
 
-    def __init__(self, corpus: str, out_dir: str, config: TokenizerConfig, job: str):
-        super().__init__()
-        self.corpus = corpus
-        self.out_dir = out_dir
-        self.config = config
-        self.job = job
-
     def describe(self, rank: int, world_size: int) -> str:
-        return self.corpus
+        return self.job.corpus
 
-    def run_task(self, rank: int, world_size: int) -> None:
-        train_tokenizer(self.corpus, self.out_dir, self.config, job=self.job)
+    def finish(self) -> None:
+        train_tokenizer(self.job.corpus, self.job.out_dir, self.job.config, job=self.job_hash)
+
+
+@dataclass
+class TokenizerJob(Job):
+    name: ClassVar[str] = "tokenizer"
+    record: ClassVar[str] = META_FILE
+
+    corpus: str
+    config: TokenizerConfig
+
+    def inputs(self) -> list[str]:
+        return [self.corpus]
+
+    def owned(self) -> tuple[str, ...]:
+        return TOKENIZER_FILES
+
+    def stages(self, job_hash: str, tasks: int) -> list[Stage]:
+        return [Stage("tokenizer", TrainTokenizer(self, job_hash), 1, parallel=False)]
+
+    def result(self) -> Path:
+        return self.out_dir
 
 
 def train_tokenizer_task(corpus: str | Path, out_dir: str | Path, config: TokenizerConfig | None = None,
@@ -37,18 +51,5 @@ def train_tokenizer_task(corpus: str | Path, out_dir: str | Path, config: Tokeni
     work_dir: the task's logs and completion marker (default: `.<out>.work` beside the output)."""
     config = config or TokenizerConfig()
     config.validate()
-    executor = executor or ExecutorConfig()
-    out_dir = Path(out_dir).absolute()
-    work = Path(work_dir).absolute() if work_dir else default_work_dir(out_dir)
-    corpus = Path(corpus).absolute()
-    identity = {"stage": "tokenizer", "config": vars(config), "corpus": input_stamp([corpus])}
-    job = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    meta = out_dir / META_FILE
-    if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("job") == job:
-        return out_dir  # trained from the same corpus with the same settings
-    prepare_work_dir(work, identity)
-    step = TrainTokenizer(str(corpus), str(out_dir), config, job)
-    if not run_stages([Stage("tokenizer", step, 1, parallel=False)], work, executor):
-        return None
-    shutil.rmtree(work, ignore_errors=True)
-    return out_dir
+    job = TokenizerJob(out_dir=out_dir, work_dir=work_dir, corpus=str(Path(corpus).absolute()), config=config)
+    return run_job(job, executor or ExecutorConfig())

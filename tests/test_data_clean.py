@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fuxi.data_pipeline.clean import clean
-from fuxi.data_pipeline.dedup import DedupConfig, candidate_probability, jaccard, lsh_params, minhash_signature, shingles
+from fuxi.data_pipeline.dedup import (DedupConfig, candidate_probability, jaccard, lsh_params, minhash_signature,
+                                      shingles)
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.filters import (DocumentFilter, FilterConfig, alpha_word_fraction, char_repetition_ratio,
                                    count_urls, duplicate_line_fraction, duplicate_ngram_char_fraction,

@@ -19,9 +19,9 @@ from fuxi.data_pipeline.chunks import plan_chunks, read_chunk
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.clean_stages import ProcessChunks, WriteKept
 from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
-from fuxi.data_pipeline.dedup import DedupConfig, shingles
-from fuxi.data_pipeline.engine import ExecutorConfig, TaskError
-from fuxi.data_pipeline.errors import ManifestError, ShardError
+from fuxi.data_pipeline.dedup import shingles
+from fuxi.data_pipeline.engine import ExecutorConfig
+from fuxi.data_pipeline.errors import ManifestError, ShardError, TaskError
 from fuxi.data_pipeline.filters import DocumentFilter, FilterConfig
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.merge import merge_manifests

@@ -1,6 +1,7 @@
 """Bad input: clear errors naming the shard, language or field; on_error="skip" counts what it skips."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -8,6 +9,9 @@ import os
 import pytest
 
 from fuxi.common.errors import ConfigError, DataError
+from fuxi.data_pipeline.align_table import AlignmentTable, Concept, write_alignment_table
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.errors import ManifestError, ShardError
 from fuxi.data_pipeline.loader import build_train_loader, build_val_batches
 from fuxi.data_pipeline.manifest import load_manifest
@@ -189,3 +193,21 @@ def test_skip_counts_every_sample_of_a_shard_with_a_wrong_sha_missing_or_of_the_
     resumed.load_state_dict(first.state_dict())
     _take(resumed, batches - batches // 2)
     assert resumed.skipped == expected
+
+
+@pytest.mark.parametrize("config, field", [
+    (DataConfig(train_manifest="m"), "mixing"), (DataConfig(train_manifest="m"), "on_error"),
+    (DataConfig(train_manifest="m"), "codeswitch_direction"), (TokenizerConfig(), "backend"),
+    (ExecutorConfig(), "executor")])
+def test_choice_fields_are_checked_when_a_config_is_built_in_code(config, field):
+    config.validate()
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(config, **{field: "nonsense"}).validate()
+    assert err.value.key == field and err.value.reason.startswith("'nonsense' is not one of")
+
+
+def test_a_choice_argument_is_checked(tmp_path):
+    table = AlignmentTable([Concept(0, ["water", "eau"], ["en", "fr"])])
+    with pytest.raises(ConfigError) as err:
+        write_alignment_table(table, tmp_path / "t.jsonl", form="triples")
+    assert err.value.key == "form" and not (tmp_path / "t.jsonl").exists()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fuxi.data_pipeline.manifest import load_manifest
-from fuxi.data_pipeline.pack import pack, plan_jobs, language_files, read_documents
+from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.packing import language_files, plan_parts, read_documents
 from fuxi.data_pipeline.shards import ShardReader, iter_blocks
 from fuxi.data_pipeline.tokenizer import load_tokenizer
 from data_helpers import tiny_dataset
@@ -41,16 +42,16 @@ def test_blocks_reproduce_the_shuffled_token_stream(data, tmp_path):
     manifest = load_manifest(path)
     tok = load_tokenizer(data.tokenizer_dir)
     blocks = _blocks_by_language(manifest)
-    jobs = plan_jobs(language_files(clean_train), manifest.languages, seed=0, docs_per_part=7)
+    parts = plan_parts(language_files(clean_train), manifest.languages, seed=0, docs_per_part=7)
     assert manifest.languages == langs
     for lang in langs:
         expected_tokens, expected_docs = [], []
-        for job in (j for j in jobs if j.lang == lang):
+        for part in (p for p in parts if p.lang == lang):
             stream, docs = [], []
-            for k, text in enumerate(read_documents(job.path, job.offsets, lang)):
+            for k, text in enumerate(read_documents(part.path, part.offsets, lang)):
                 ids = tok.encode(text, add_special_tokens=False).ids + [0]
                 stream += ids
-                docs += [job.first_doc + k] * len(ids)
+                docs += [part.first_doc + k] * len(ids)
             full = len(stream) // 65 * 65
             expected_tokens += stream[:full]
             expected_docs += docs[:full]
@@ -122,7 +123,7 @@ def test_read_documents_without_line_numbers_names_the_line(tmp_path, bad, messa
     import re
 
     from fuxi.common.errors import DataError
-    from fuxi.data_pipeline.pack import line_offsets
+    from fuxi.data_pipeline.packing import line_offsets
 
     path = tmp_path / "en.jsonl"
     path.write_bytes(b'{"text": "a", "lang": "en"}\n\n{"text": "b"}\n' + bad + b"\n")

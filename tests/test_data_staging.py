@@ -133,7 +133,7 @@ def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, 
     """prepare killed while packing the valid split (after clean, the tokenizer and the train split finished):
     nothing is published, and the re-run packs only the valid split; the result equals an uninterrupted run."""
     from fuxi.data_pipeline.clean_stages import ProcessChunks
-    from fuxi.data_pipeline.engine import TaskError
+    from fuxi.data_pipeline.errors import TaskError
     from fuxi.data_pipeline.pack_stages import PackTasks
     from fuxi.data_pipeline.prepare import prepare_dataset
     from fuxi.data_pipeline.tokenizer import tokenizer_hash
@@ -143,7 +143,7 @@ def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, 
     pack_task = PackTasks.run_task
 
     def killed_on_valid(self, rank, world_size):
-        if self.settings.split == "valid":
+        if self.job.split == "valid":
             raise RuntimeError("simulated kill")
         return pack_task(self, rank, world_size)
 
@@ -156,7 +156,7 @@ def test_killed_prepare_resumes_without_redoing_finished_stages(data, tmp_path, 
     monkeypatch.setattr(TrainTokenizer, "run_task", lambda *a: pytest.fail("the tokenizer was trained again"))
     packed = []
     monkeypatch.setattr(PackTasks, "run_task",
-                        lambda self, rank, n: (packed.append(self.settings.split), pack_task(self, rank, n))[1])
+                        lambda self, rank, n: (packed.append(self.job.split), pack_task(self, rank, n))[1])
     resumed = prepare_dataset(out, num_proc=1, **TINY)
     assert packed == ["valid"]
     assert tokenizer_hash(resumed.tokenizer_dir) == tokenizer_hash(data.tokenizer_dir)

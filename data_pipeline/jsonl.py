@@ -1,5 +1,5 @@
-"""Reading the files a data stage takes in: JSON lines with errors naming the file, line and column, and the
-input stamp that tells a resumed job whether its inputs changed."""
+"""Reading JSON lines (and the UTF-8 under them) so that bad input is a DataError naming the file, the line and,
+for invalid UTF-8, the column."""
 from __future__ import annotations
 
 import json
@@ -7,22 +7,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from fuxi.common.errors import DataError
-
-
-def input_stamp(paths) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every file a job reads: each path that is a file, and every file under each
-    path that is a folder (recursively, sorted). Equal stamps mean "the inputs have not changed", whatever
-    layout (a single file, .jsonl.gz, per-language folders of text) the reader accepts."""
-    stamp = []
-    for root in paths:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return stamp
-
-
-def _open_binary(path: str | Path):
-    return open(path, "rb")
 
 
 def decode_utf8(raw: bytes, path: str | Path, line: int = 1) -> str:
@@ -71,10 +55,9 @@ def parse_json_line(raw: bytes, path: str | Path, line: int | Callable[[], int])
     return record
 
 
-def iter_json_records(path: str | Path, opener=_open_binary) -> Iterator[tuple[str, dict]]:
-    """(origin "file:line", record) for every non-empty line of a JSONL file (`parse_json_line`). `opener`
-    opens the file for reading bytes."""
-    with opener(path) as f:
+def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(origin "file:line", record) for every non-empty line of a JSONL file (`parse_json_line`)."""
+    with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             record = parse_json_line(raw, path, lineno)
             if record is not None:

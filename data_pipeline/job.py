@@ -1,0 +1,174 @@
+"""The driver of every data stage that runs on the engine (clean, pack, the tokenizer), written once.
+
+A stage module describes its run as a `Job`, a dataclass of its settings: the files it reads (`inputs`), what
+it writes into its output folder (`owned`), its engine stages, and what the caller gets back (`result`).
+`run_job` does the rest the same way for each:
+
+    1. refuse an output folder that holds anything the job did not write (`refuse_foreign`)
+    2. hash what the output depends on (the stage, its settings, the `input_stamp` of its inputs); an output
+       whose record file (`record`) holds the same hash under "job" is up to date and is returned as it is
+    3. keep the work folder of an interrupted run of the same job, whose completion markers then mean what
+       they say, or start it afresh (`prepare_work_dir`)
+    4. run the stages on the chosen executor (engine.py: local processes, Slurm job arrays, Ray); the last one
+       (a `FinishStep`) writes the record into the new output folder and switches that folder into place
+    5. read the result and remove the work folder
+
+The job travels inside its steps (`TaskStep.job`) to Slurm and Ray workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+from fuxi.common.atomic import write_json
+from fuxi.common.errors import ConfigError
+from fuxi.common.staging import refuse_foreign
+from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages
+
+log = logging.getLogger(__name__)
+
+
+def input_stamp(paths: Iterable[str | Path]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file a job reads: each path that is a file, and every file under each
+    path that is a folder (recursively, sorted). Equal stamps mean "the inputs have not changed", whatever
+    layout (a single file, .jsonl.gz, per-language folders of text) the reader accepts."""
+    stamp = []
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return stamp
+
+
+def default_work_dir(out_dir: str | Path) -> Path:
+    """`.<out>.work` beside the output: on the same filesystem, and outside the folder the job replaces."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def prepare_work_dir(work_dir: Path, stamp: dict) -> None:
+    """Keep a work folder only if it belongs to the same job (`stamp`: its hash and its stages' task counts):
+    its completion markers then mean what they say. Otherwise start it afresh."""
+    path = work_dir / "job.json"
+    if work_dir.exists():
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == stamp
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
+            return
+        log.info("%s belongs to another job; starting afresh", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    write_json(path, stamp)
+
+
+def recorded_job(record: Path) -> str | None:
+    """The hash of the job that wrote the output whose record file (a JSON object) is `record`; None when
+    there is none."""
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class Job(ABC):
+    """One run of a data stage on the engine (see the module docstring); subclasses add their settings."""
+
+    name: ClassVar[str]  # the stage, as logs and errors name it
+    record: ClassVar[str]  # the JSON file in out_dir that records the hash of the job that wrote it ("job")
+    # Whether this machine may run only some tasks of the parallel stages (ExecutorConfig.local_tasks: several
+    # machines without a scheduler); `publish_share` then publishes this machine's part of the output.
+    shares: ClassVar[bool] = False
+
+    out_dir: Path
+    work_dir: Path | None  # None: `.<out>.work` beside the output
+
+    def __post_init__(self):
+        # absolute: the job is pickled to workers that may start elsewhere
+        self.out_dir = Path(self.out_dir).absolute()
+        self.work_dir = Path(self.work_dir).absolute() if self.work_dir else default_work_dir(self.out_dir)
+
+    @abstractmethod
+    def inputs(self) -> list[str | Path]:
+        """The files and folders the job reads."""
+
+    @abstractmethod
+    def owned(self) -> tuple[str, ...]:
+        """The entries (glob patterns) the job writes into out_dir; an out_dir holding others is refused."""
+
+    @abstractmethod
+    def stages(self, job_hash: str, tasks: int) -> list[Stage]:
+        """The engine stages, in order; parallel ones run as `tasks` tasks. The last one is a `FinishStep`."""
+
+    @abstractmethod
+    def result(self) -> Any:
+        """What the caller gets once out_dir holds the output."""
+
+    def publish_share(self, executor: ExecutorConfig) -> None:
+        """Publish the output of the tasks this machine ran (a job with `shares` only)."""
+        raise NotImplementedError
+
+    def job_hash(self) -> str:
+        """The hash of what the output depends on: the stage, its settings (not where it writes) and the
+        `input_stamp` of its inputs."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("out_dir", "work_dir")}
+        identity = {"stage": self.name, "settings": settings, "inputs": input_stamp(self.inputs())}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+    def up_to_date(self, job_hash: str) -> bool:
+        """Whether out_dir holds the output of the job with this hash."""
+        return recorded_job(self.out_dir / self.record) == job_hash
+
+
+class FinishStep(TaskStep):
+    """The last step of a job: `finish()` writes the job's `record` (with its hash under "job") into the new
+    output folder and switches that folder into place. It does nothing when out_dir already holds this job's
+    output: an earlier attempt switched it in and died before datatrove wrote its completion marker."""
+
+    def __init__(self, job: Job, job_hash: str):
+        super().__init__(job)
+        self.job_hash = job_hash
+
+    def run_task(self, rank: int, world_size: int) -> None:
+        if not self.job.up_to_date(self.job_hash):
+            self.finish()
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
+    """Run `job` on `executor` (see the module docstring): its result, or None when its stages were submitted
+    to a cluster or this machine ran only some of its tasks. keep_work: keep the work folder after success."""
+    executor.validate()
+    if executor.partial and not job.shares:
+        raise ConfigError("local_tasks", f"{job.name}'s stages exchange files through one work folder; run its "
+                                         f"tasks on one machine, or on many with --executor slurm/ray and a "
+                                         f"shared work folder")
+    refuse_foreign(job.out_dir, job.owned())
+    job_hash = job.job_hash()
+    if job.up_to_date(job_hash):
+        log.info("%s: %s is up to date with its inputs and settings", job.name, job.out_dir)
+        return job.result()
+    stages = job.stages(job_hash, executor.num_tasks)
+    prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": {stage.name: stage.tasks for stage in stages}})
+    done = run_stages(stages, job.work_dir, executor)
+    if executor.executor == "local" and executor.partial:
+        job.publish_share(executor)
+        shutil.rmtree(job.work_dir, ignore_errors=True)
+        return None
+    if not done:
+        return None
+    result = job.result()
+    if not keep_work:
+        shutil.rmtree(job.work_dir, ignore_errors=True)
+    return result
