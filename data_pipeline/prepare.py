@@ -105,7 +105,7 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     if not local:  # on a cluster each stage has replaced its own folder
         write_json(out_dir / PREPARE_FILE, summary)
         return final
-    # One switch replaces out_dir as a whole (staging.py): a failure before it leaves an earlier dataset whole,
+    # One switch replaces out_dir as a whole (common/staging.py): a failure before it leaves an earlier dataset whole,
     # never a new tokenizer beside old shards.
     with staged_folder(out_dir, owned=OWNED) as staging:
         for name in ("clean", "train", "valid") + (("tokenizer",) if tokenizer_dir is None else ()):

@@ -218,7 +218,7 @@ def train_tokenizer(corpus: str | Path, out_dir: str | Path, config: TokenizerCo
     out_dir = Path(out_dir)
     samples = sample_per_language(corpus, config.max_docs_per_language, config.seed)
     count = sum(len(v) for v in samples.values())
-    # Written into a staging folder that replaces out_dir when complete (staging.py): a failed run never leaves
+    # Written into a staging folder that replaces out_dir when complete (common/staging.py): a failed run never leaves
     # a half-written tokenizer, nor damages one already in out_dir.
     with staged_folder(out_dir, owned=TOKENIZER_FILES) as staging:
         if config.backend == "bpe":
