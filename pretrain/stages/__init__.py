@@ -34,8 +34,10 @@ _registered: dict[str, type[Stage]] = {}
 
 
 def register_stage(stage: type[Stage]) -> type[Stage]:
-    """Make `stage` available as `stage: <stage.name>` (also usable as a class decorator)."""
-    if stage.name in BUILT_IN or _registered.get(stage.name, stage) is not stage:
+    """Make `stage` available as `stage: <stage.name>` (also usable as a class decorator). Registering the same
+    class again changes nothing; another class under a taken name is refused."""
+    taken = stage.name in BUILT_IN or (stage.name in _registered and _registered[stage.name] is not stage)
+    if taken:
         raise ValueError(f"a stage named {stage.name!r} exists already")
     _registered[stage.name] = stage
     return stage
@@ -47,10 +49,10 @@ def known_stages() -> list[str]:
 
 def stage_named(name: str) -> type[Stage]:
     """The stage class a run config's `stage:` names; a ConfigError naming `stage` and the known stages."""
-    if not isinstance(name, str) or name not in BUILT_IN and name not in _registered:
-        raise ConfigError("stage", f"{name!r} is not one of {known_stages()}")
-    if name in _registered:
+    if isinstance(name, str) and name in _registered:
         return _registered[name]
+    if not isinstance(name, str) or name not in BUILT_IN:
+        raise ConfigError("stage", f"{name!r} is not one of {known_stages()}")
     module, cls = BUILT_IN[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -6,6 +6,7 @@ When each part is used:
                                kept as `TrainConfig.stage_config`
     check_config               loading the run config, after its sections are typed
     config_paths               pretrain/preflight.py, before anything loads: each path must exist
+    check_manifests            pretrain/preflight.py, with the manifests the run reads opened
     train_loader               the trainer's setup (pretrain/data.py: TrainData)
     __init__, configure        the trainer's setup, once the data's language table is known and the model is built
     compute_loss               every micro-batch
@@ -53,6 +54,11 @@ class Stage(ABC):
         checkpoint.init_from)."""
         return [ConfigPath("data.train_manifest", cfg.data.train_manifest, "manifest"),
                 ConfigPath("data.codeswitch_table", cfg.data.codeswitch_table, "file")]
+
+    @classmethod
+    def check_manifests(cls, cfg: TrainConfig, manifests: dict) -> None:
+        """The stage's checks against the data, before anything loads: `manifests` maps "data.train_manifest"
+        and "data.val_manifest" to the Manifest read from each that exists. Raise ConfigError(dotted key, reason)."""
 
     @classmethod
     def train_loader(cls, cfg: TrainConfig, rank: int, world_size: int):

@@ -99,13 +99,18 @@ class MoELPRStage(Stage):
             raise ConfigError("model.moe.original_languages", f"empty, but lpr_loss_coef={moe.lpr_loss_coef} needs "
                               f"the original languages whose tokens LPR routes to expert 0")
 
+    @classmethod
+    def check_manifests(cls, cfg: TrainConfig, manifests: dict) -> None:
+        """LPR finds the original languages by name in the stream's language table, the train manifest's."""
+        train = manifests.get("data.train_manifest")
+        unknown = [lang for lang in cfg.model.moe.original_languages if train and lang not in train.languages]
+        if unknown:
+            raise ConfigError("model.moe.original_languages", f"{unknown} are not in the language table of "
+                              f"data.train_manifest {train.path}: {list(train.languages)}")
+
     def __init__(self, cfg: TrainConfig, languages: list[str]):
         super().__init__(cfg, languages)
         self.moe = cfg.model.moe
-        unknown = [lang for lang in self.moe.original_languages if lang not in languages]
-        if unknown:
-            raise ConfigError("model.moe.original_languages", f"{unknown} are not in the data's language table "
-                              f"{list(languages)}", cfg.source)
         self.window = RouterStatsMeter(len(languages))
         self.run_total = RouterStatsMeter(len(languages))
         self.warn_about_data()
