@@ -189,8 +189,8 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
                       data: dict | None = None) -> TrainConfig:
-    """`model:` may name a model YAML (`model: configs/model/x.yaml`) or hold the fields inline. The stage types
-    its own section and checks the whole config (pretrain/stages/base.py)."""
+    """`model:` may name a model YAML (`model: configs/model/fuxitranyu-tiny.yaml`) or hold the fields inline.
+    The stage types its own section and checks the whole config (pretrain/stages/base.py)."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
                                                               if overrides else "")
