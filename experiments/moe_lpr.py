@@ -233,7 +233,7 @@ def evaluate(checkpoint: Path, val_batches: dict, table: list[str], with_router:
     """Held-out loss (nats/token) per language and, for MoE models, mean G_0 and expert shares per language."""
     from fuxi.checkpoints.model_checkpoint import load_model
     from fuxi.pretrain.distributed import DistributedContext
-    from fuxi.pretrain.moe_stages import router_stats_on_batches
+    from fuxi.pretrain.stages.moe_lpr import router_stats_on_batches
     from fuxi.pretrain.validation import evaluate_per_language
 
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

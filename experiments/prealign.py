@@ -43,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -54,10 +55,11 @@ from fuxi.data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, 
 from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS
 from fuxi.data_pipeline.stream import default_transform
 from fuxi.model import ModelConfig, build_model
-from fuxi.pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
-from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, alignment_report,
-                                     format_alignment_report, prealign_loss)
 from fuxi.pretrain.schedule import cosine_lr
+from fuxi.pretrain.stages.prealign.config import AlphaWeights, PreAlignConfig
+from fuxi.pretrain.stages.prealign.dictionary import DictionaryBatches, DictionaryEntries
+from fuxi.pretrain.stages.prealign.loss import prealign_loss
+from fuxi.pretrain.stages.prealign.report import alignment_report, format_alignment_report
 
 log = logging.getLogger(__name__)
 EOS = 0
@@ -70,7 +72,7 @@ ARMS = {  # name -> (alignment init, code-switching)
 RELEASED_WEIGHTING = PreAlignConfig.alpha_weights  # "align": L_LM + alpha * L_align, as both released trainers
 # Arm name suffix per init weighting, the released one first (no suffix): "prealign", "prealign, alpha on L_LM".
 WEIGHTING_SUFFIX = {w: "" if w == RELEASED_WEIGHTING else f", alpha on L_{w.upper()}"
-                    for w in sorted(PREALIGN_ALPHA_WEIGHTS, key=lambda w: w != RELEASED_WEIGHTING)}
+                    for w in sorted(get_args(AlphaWeights), key=lambda w: w != RELEASED_WEIGHTING)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -551,9 +553,9 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [a for a in arm_names(args) if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
-    unknown = [w for w in weightings(args) if w not in PREALIGN_ALPHA_WEIGHTS]
+    unknown = [w for w in weightings(args) if w not in get_args(AlphaWeights)]
     if unknown or not weightings(args):
-        raise SystemExit(f"--weightings: {args.weightings!r}; choose from {list(PREALIGN_ALPHA_WEIGHTS)}")
+        raise SystemExit(f"--weightings: {args.weightings!r}; choose from {list(get_args(AlphaWeights))}")
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

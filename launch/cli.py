@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 # `fuxi bench <name>` -> the module holding add_arguments(parser) and run(args) -> dict.
 BENCHMARKS = {
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fuxi.data_pipeline import cli as data_cli
     from fuxi.pretrain import cli as pretrain_cli
     from fuxi.pretrain.evaluation.benchmarks import DEFAULT_TASKS
+    from fuxi.pretrain.evaluation.model_source import Dtype
 
     data_cli.register(sub)
 
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "here; --run: the cache/plot root (default <run>/eval)")
     evaluate.add_argument("--tokenizer", default=None, help="default: the checkpoint's own tokenizer")
     evaluate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    evaluate.add_argument("--dtype", default="auto", choices=get_args(Dtype),
                           help="auto: bfloat16 on a GPU, float32 on a CPU")
     evaluate.add_argument("--batch-size", default="8", type=lambda v: v if v.startswith("auto") else int(v),
                           help="sequences per forward, or auto (the harness finds the largest that fits)")

@@ -12,9 +12,11 @@ import argparse
 import json
 import statistics
 import time
+from typing import get_args
 
 import torch
 
+from fuxi.pretrain.config import Precision, ZeroStage
 from fuxi.pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
 
 # Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank (20): bf16 parameter and gradient (2 + 2),
@@ -41,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=4096 if on_gpu else 256)
     parser.add_argument("--micro-batch", type=int, default=1 if on_gpu else 2)
     parser.add_argument("--grad-accum", type=int, default=8 if on_gpu else 2)
-    parser.add_argument("--zero-stage", type=int, default=2)
-    parser.add_argument("--precision", default="bf16" if on_gpu else "fp32", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--zero-stage", type=int, default=2, choices=get_args(ZeroStage))
+    parser.add_argument("--precision", default="bf16" if on_gpu else "fp32", choices=get_args(Precision))
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--warmup-steps", type=int, default=2)

@@ -1,16 +1,21 @@
-"""The run config: model, data, optimizer, schedule, parallelism, checkpointing, logging, run. One YAML file,
-`--set a.b=value` overrides, strict types (model/typed_config.py)."""
+"""The run config: model, data, optimizer, schedule, parallelism, checkpointing, logging, run, and the stage
+(pretrain/stages/) with its own section if it has one. One YAML file, `--set a.b=value` overrides, strict types
+(common/typed_config.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from fuxi.common.errors import ConfigError
-from fuxi.common.typed_config import apply_overrides, from_dict, read_yaml, require_at_least
+from fuxi.common.typed_config import apply_overrides, check_choices, from_dict, read_yaml, require_at_least
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.model import ModelConfig
+from fuxi.pretrain.stages import stage_named
 
-STAGES = ("pretrain", "moe_lpr_stage1", "moe_lpr_stage2", "prealign_init")
+# "bf16", "fp16" (GPU only, dynamic loss scaling) or "fp32".
+Precision = Literal["bf16", "fp16", "fp32"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 @dataclass
@@ -44,14 +49,13 @@ class PeakCut:
 
     step: int
     peak_lr: float
-    mode: str = "rescale"
+    mode: Literal["rescale", "restart"] = "rescale"
 
     def validate(self) -> None:
+        check_choices(self)
         require_at_least(self, 0, "step")
         if self.peak_lr <= 0:
             raise ConfigError("peak_lr", f"must be > 0, got {self.peak_lr}")
-        if self.mode not in ("rescale", "restart"):
-            raise ConfigError("mode", f"{self.mode!r} is not one of ['rescale', 'restart']")
 
 
 @dataclass
@@ -74,14 +78,11 @@ class ScheduleConfig:
     batch_ramp: list[BatchStage] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.total_steps < 1:
-            raise ConfigError("total_steps", f"must be >= 1, got {self.total_steps}")
+        require_at_least(self, 1, "total_steps", "global_batch")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ConfigError("warmup_steps", f"must be in [0, total_steps], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if self.global_batch < 1:
-            raise ConfigError("global_batch", f"must be >= 1, got {self.global_batch}")
         steps = [stage.step for stage in self.batch_ramp]
         if steps != sorted(set(steps)) or any(s.global_batch < 1 for s in self.batch_ramp):
             raise ConfigError("batch_ramp", "steps must increase and every global_batch must be >= 1")
@@ -89,10 +90,9 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelismConfig:
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     micro_batch: int = 1
-    # "bf16", "fp16" (GPU only, dynamic loss scaling) or "fp32".
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     # Overlap and bucket sizes passed through to DeepSpeed's zero_optimization.
     reduce_bucket_size: int = 200_000_000
     allgather_bucket_size: int = 200_000_000
@@ -101,12 +101,8 @@ class ParallelismConfig:
     backend: str | None = None
 
     def validate(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.micro_batch < 1:
-            raise ConfigError("micro_batch", f"must be >= 1, got {self.micro_batch}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError("precision", f"{self.precision!r} is not one of ['bf16', 'fp16', 'fp32']")
+        check_choices(self)
+        require_at_least(self, 1, "micro_batch")
 
 
 @dataclass
@@ -164,46 +160,6 @@ class RunConfig:
     tokenizer: str | None = None
 
 
-PREALIGN_ALPHA_WEIGHTS = ("lm", "align")
-
-
-@dataclass
-class PreAlignConfig:
-    """The prealign_init stage (pretrain/prealign_stage.py, docs/methods.md §3.3). Entries per batch are
-    schedule.global_batch (one concept per sample); negatives come from one micro-step across ranks.
-
-    alpha_weights "align": L = L_LM + alpha * L_align (both released trainers; default, alpha = 0.1);
-    "lm": L = L_align + alpha * L_LM (the other reading). docs/prealign.md compares the two."""
-
-    # Alignment table (JSONL, data_pipeline/align_table.py); default: the shipped table.
-    table: str | None = None
-    temperature: float = 0.1
-    alpha: float = 0.1
-    alpha_weights: str = "align"
-    # Words of one concept per sample: 2 is a translation pair; more gives the multi-way (supervised) form.
-    words_per_entry: int = 2
-    # Words tokenised longer than this are left out of the stage (logged).
-    max_word_tokens: int = 16
-    # Use only these languages' words (default: all in the table).
-    languages: list[str] | None = None
-    # Concepts measured by the end-of-run alignment report.
-    report_concepts: int = 512
-
-    def validate(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
-        if self.alpha < 0:
-            raise ConfigError("alpha", f"must be >= 0, got {self.alpha}")
-        if self.alpha_weights not in PREALIGN_ALPHA_WEIGHTS:
-            raise ConfigError("alpha_weights", f"{self.alpha_weights!r} is not one of {list(PREALIGN_ALPHA_WEIGHTS)}")
-        if self.words_per_entry < 2:
-            raise ConfigError("words_per_entry", f"must be >= 2 (a word and a translation), got {self.words_per_entry}")
-        require_at_least(self, 1, "max_word_tokens")
-        require_at_least(self, 2, "report_concepts")
-        if self.table is not None and not self.table:
-            raise ConfigError("table", "empty path; use null for the shipped table")
-
-
 @dataclass
 class TrainConfig:
     model: ModelConfig
@@ -214,18 +170,15 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # A name of pretrain/stages/ (what trains on what, with which loss).
     stage: str = "pretrain"
-    # Only read by stage prealign_init.
-    prealign: PreAlignConfig = field(default_factory=PreAlignConfig)
+    # The stage's own section (`prealign:` for prealign_init), typed by the stage; None for a stage without one.
+    # load_train_config fills it from the YAML key the stage names; not a YAML key itself.
+    stage_config: Any = field(default=None, init=False)
     # Where the config came from ("run.yaml with --set ..."), for errors found after loading; not a YAML key.
     source: str = field(default="<dict>", init=False, compare=False, repr=False)
 
     def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError("stage", f"{self.stage!r} is not one of {list(STAGES)}")
-        if self.stage == "prealign_init" and self.parallelism.zero_stage == 3:
-            raise ConfigError("parallelism.zero_stage", "prealign_init reads the output-embedding rows outside the "
-                              "module's forward, which ZeRO-3 partitions; use zero_stage 0, 1 or 2")
         if self.logging.eval_every_steps and not self.run.tokenizer:
             raise ConfigError("logging.eval_every_steps", "in-loop evaluation needs run.tokenizer (the harness "
                               "tokenizes the task text)")
@@ -236,7 +189,8 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
                       data: dict | None = None) -> TrainConfig:
-    """`model:` may name a model YAML (`model: configs/model/x.yaml`) or hold the fields inline."""
+    """`model:` may name a model YAML (`model: configs/model/fuxitranyu-tiny.yaml`) or hold the fields inline.
+    The stage types its own section and checks the whole config (pretrain/stages/base.py)."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
                                                               if overrides else "")
@@ -247,7 +201,19 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if not model_path.is_file():
             raise ConfigError("model", f"{raw['model']} not found", source)
         raw["model"] = read_yaml(model_path)
-    cfg = from_dict(TrainConfig, apply_overrides(raw, overrides), source=source)
+    raw = apply_overrides(raw, overrides)
+    try:
+        stage = stage_named(raw.get("stage", TrainConfig.stage))
+    except ConfigError as err:
+        raise err.within(source) from None
+    section = raw.pop(stage.config_key, None) if stage.config_key else None
+    cfg = from_dict(TrainConfig, raw, source=source)
     cfg.source = source
+    if stage.config_class is not None:
+        cfg.stage_config = from_dict(stage.config_class, section or {}, source=source, prefix=f"{stage.config_key}.")
+    try:
+        stage.check_config(cfg)
+    except ConfigError as err:
+        raise err.within(source) from None
     return cfg
 

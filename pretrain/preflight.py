@@ -2,10 +2,11 @@
 second, not after the minutes that data loading and engine setup take. Every problem is a ConfigError (exit 2)
 naming the key at fault and the config file.
 
-- every path the config names exists: `data.train_manifest`, `data.val_manifest`, `data.tokenizer`,
-  `run.tokenizer`, `data.codeswitch_table`, `prealign.table`, `checkpoint.init_from` (a checkpoint of the
-  model type the run builds);
-- each manifest's sequence length is `data.seq_len`;
+- every path the config names exists: those the stage's data reads (`Stage.config_paths`: by default
+  `data.train_manifest` and `data.codeswitch_table`), `data.val_manifest`, `data.tokenizer`, `run.tokenizer`,
+  `checkpoint.init_from` (a checkpoint of the model type the run builds);
+- each manifest's sequence length is `data.seq_len`, and it has what the stage needs (`Stage.check_manifests`,
+  e.g. MoE-LPR's original languages);
 - each tokenizer the run names (whichever key names it) is the one the shards were packed with (equal hash),
   and fits the model's vocabulary;
 - every global batch of the schedule (`schedule.global_batch`, each `schedule.batch_ramp[i]`) is a whole
@@ -20,15 +21,25 @@ from pathlib import Path
 from fuxi.common.errors import ConfigError
 from fuxi.pretrain.config import TrainConfig
 from fuxi.pretrain.schedule import check_batch_divisibility
+from fuxi.pretrain.stages import stage_named
+from fuxi.pretrain.stages.base import ConfigPath, Stage
 
 
 def check_run_config(cfg: TrainConfig, world_size: int) -> None:
     check_batch_divisibility(cfg.schedule, cfg.parallelism.micro_batch, world_size, cfg.source)
-    for key, path, kind in _named_paths(cfg):
+    try:
+        stage = stage_named(cfg.stage)
+    except ConfigError as err:
+        raise err.within(cfg.source) from None
+    for key, path, kind in _named_paths(cfg, stage):
         _require(cfg, key, path, kind)
     if cfg.checkpoint.init_from:
         _check_initial_weights(cfg)
     manifests = _manifests(cfg)
+    try:
+        stage.check_manifests(cfg, manifests)
+    except ConfigError as err:
+        raise err.within(cfg.source) from None
     for key in ("data.tokenizer", "run.tokenizer"):
         tokenizer = _value(cfg, key)
         if tokenizer:
@@ -44,13 +55,12 @@ def _value(cfg: TrainConfig, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def _named_paths(cfg: TrainConfig) -> list[tuple[str, str, str]]:
-    """(key, path, "manifest" | "tokenizer" | "file" | "folder") for every path the config sets."""
-    named = [("data.val_manifest", "manifest"), ("data.tokenizer", "tokenizer"), ("run.tokenizer", "tokenizer"),
-             ("data.codeswitch_table", "file"), ("prealign.table", "file"), ("checkpoint.init_from", "folder")]
-    if cfg.stage != "prealign_init":  # that stage reads the dictionary; the manifest only names languages
-        named.insert(0, ("data.train_manifest", "manifest"))
-    return [(key, _value(cfg, key), kind) for key, kind in named if _value(cfg, key)]
+def _named_paths(cfg: TrainConfig, stage: type[Stage]) -> list[ConfigPath]:
+    """Every path the config sets: the stage's, then those every run may read."""
+    shared = [ConfigPath(key, _value(cfg, key), kind) for key, kind in (
+        ("data.val_manifest", "manifest"), ("data.tokenizer", "tokenizer"), ("run.tokenizer", "tokenizer"),
+        ("checkpoint.init_from", "folder"))]
+    return [named for named in [*stage.config_paths(cfg), *shared] if named.path]
 
 
 def _require(cfg: TrainConfig, key: str, path: str, kind: str) -> None:
@@ -80,7 +90,7 @@ def _manifests(cfg: TrainConfig) -> dict:
     for key in ("data.train_manifest", "data.val_manifest"):
         path = _value(cfg, key)
         if not path or not Path(path).exists():
-            continue  # prealign_init without a packed train split
+            continue  # a stage that reads no packed train split
         try:
             out[key] = open_manifest(path, cfg.data, key)
         except ConfigError as err:  # a data field the manifest contradicts (seq_len, tokenizer)

@@ -1,4 +1,4 @@
-"""MoE-LPR's training stages (pretrain/moe_stages.py) in the real trainer and on a toy (docs/methods.md §2.9).
+"""MoE-LPR's training stages (pretrain/stages/moe_lpr.py) in the real trainer and on a toy (docs/methods.md §2.9).
 
 - Freezing under DeepSpeed ZeRO 1/2/3 (checklist 3, 4): stage 1 from an upcycled checkpoint, then stage 2 from
   stage 1's exported weights; every tensor outside the trainable set is bitwise unchanged, every router moved.
@@ -206,7 +206,7 @@ def test_stage1_loss_is_lm_plus_alpha_balance():
 
 def test_router_meter_equals_statistics_of_the_whole_batch():
     """Token-weighted accumulation over micro-batches == router_statistics over their concatenation."""
-    from fuxi.pretrain.moe_stages import RouterStatsMeter
+    from fuxi.pretrain.stages.moe_lpr import RouterStatsMeter
 
     stage, model = in_memory_stage("moe_lpr_stage2", ["en", "ru", "zh"], ["en"])
     first = packed_batch(torch.tensor([[0] * 12 + [1] * 4, [1] * 16]), seed=2)
@@ -233,19 +233,32 @@ def test_router_meter_equals_statistics_of_the_whole_batch():
 @pytest.mark.parametrize("stage, moe, fragment", [
     ("moe_lpr_stage2", {"balance_loss_coef": 0.01, "lpr_loss_coef": 0.0}, "model.moe.balance_loss_coef: 0.01"),
     ("moe_lpr_stage2", {"original_languages": []}, "model.moe.original_languages: empty"),
-    ("moe_lpr_stage2", {"original_languages": ["fr"]}, "model.moe.original_languages: ['fr'] are not in"),
 ])
 def test_stage_config_errors_name_the_field(stage, moe, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         in_memory_stage(stage, ["en", "ru"], ["en"], **moe)
 
 
-def test_moe_stage_refuses_a_dense_model():
-    cfg = load_train_config(None, data={"stage": "moe_lpr_stage1", "model": {"vocab_size": 64, "hidden_size": 32,
-                                        "num_layers": 1, "num_heads": 2, "max_seq_len": 16},
-                                        "data": {"train_manifest": "unused", "seq_len": 16}})
-    with pytest.raises(ConfigError, match="model.type: stage 'moe_lpr_stage1' needs an upcycled"):
-        build_stage(cfg, ["en"])
+def test_original_languages_the_data_lacks_are_refused_before_anything_loads(data, upcycled, tmp_path, capsys):
+    from fuxi.launch.cli import main as fuxi
+
+    out = tmp_path / "run"
+    cfg = stage_config(data, out, "moe_lpr_stage2", upcycled, zero_stage=1)
+    cfg["model"]["moe"]["original_languages"] = ["en", "fr"]
+    config = write_config(cfg, tmp_path / "run.yaml")
+    capsys.readouterr()
+    assert fuxi(["pretrain", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fuxi pretrain: error: model.moe.original_languages: ['fr'] are not in the language table of "
+                   f"data.train_manifest {data.train_manifest}: ['code_python', 'en', 'ru', 'zh'] (in {config})")
+    assert not out.exists()
+
+
+def test_moe_stage_refuses_a_dense_model_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"model.type: stage 'moe_lpr_stage1' needs an upcycled.*\(in <dict>\)$"):
+        load_train_config(None, data={"stage": "moe_lpr_stage1", "model": {"vocab_size": 64, "hidden_size": 32,
+                                      "num_layers": 1, "num_heads": 2, "max_seq_len": 16},
+                                      "data": {"train_manifest": "unused", "seq_len": 16}})
 
 
 def test_shipped_moe_lpr_configs_load_and_stage2_matches_the_8b_model():

@@ -1,6 +1,7 @@
-"""PreAlign's alignment initialisation (pretrain/prealign_stage.py; docs/methods.md §3.3, checklist 3.8.5-6): the L + 2
-representation spaces, the InfoNCE loss against a naive reference, 1 rank == 2 gloo ranks (loss and gradients),
-the dictionary data (determinism, resume, rank split), training a toy dictionary into alignment, the config."""
+"""PreAlign's alignment initialisation (pretrain/stages/prealign/; docs/methods.md §3.3, checklist 3.8.5-6): the
+L + 2 representation spaces, the InfoNCE loss against a naive reference, 1 rank == 2 gloo ranks (loss and
+gradients), the dictionary data (determinism, resume, rank split), training a toy dictionary into alignment, the
+config."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from fuxi.common.errors import ConfigError
-from fuxi.pretrain.prealign_stage import (DictionaryBatches, DictionaryEntries, DictionaryLoader, alignment_report,
-                                     contrastive_alignment_loss, prealign_loss, space_names, word_vectors)
+from fuxi.pretrain.stages.prealign.dictionary import DictionaryBatches, DictionaryEntries, DictionaryLoader
+from fuxi.pretrain.stages.prealign.loss import contrastive_alignment_loss, prealign_loss, word_vectors
+from fuxi.pretrain.stages.prealign.report import alignment_report, space_names
 from model_helpers import tiny_model
 
 TAU = 0.1
@@ -144,7 +146,7 @@ def test_alpha_weights_the_chosen_term(weights):
 def test_default_is_the_released_weighting_lm_plus_a_tenth_of_align():
     """Both released trainers compute L_LM + 0.1 * L_align; the config default and the function default do too.
     The reference recomputes the LM term from the logits and the alignment term from the hidden states."""
-    from fuxi.pretrain.config import PreAlignConfig
+    from fuxi.pretrain.stages.prealign.config import PreAlignConfig
 
     cfg = PreAlignConfig()
     assert (cfg.alpha_weights, cfg.alpha, cfg.temperature) == ("align", 0.1, 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fuxi.data_pipeline.codeswitch import CodeSwitchTable, CodeSwitchTransform, 
 from fuxi.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 from fuxi.experiments.prealign import (EOS, MOODS, NEGATIVE, WEIGHTING_SUFFIX, EnglishClone, choice_accuracy,
                                         make_documents, make_world, mood_example, pack_blocks)
-from fuxi.pretrain.config import PREALIGN_ALPHA_WEIGHTS, PreAlignConfig
+from fuxi.pretrain.stages.prealign.config import AlphaWeights, PreAlignConfig
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_blocks_and_choice_scoring():
 def test_every_init_weighting_names_its_arm():
     """Arm names come from the config's weightings: the released default keeps the plain name (listed first,
     so it gets the first plot style), every other one a distinct suffix."""
-    assert set(WEIGHTING_SUFFIX) == set(PREALIGN_ALPHA_WEIGHTS)
+    assert set(WEIGHTING_SUFFIX) == set(get_args(AlphaWeights))
     assert next(iter(WEIGHTING_SUFFIX)) == PreAlignConfig().alpha_weights and WEIGHTING_SUFFIX["align"] == ""
     assert WEIGHTING_SUFFIX["lm"] == ", alpha on L_LM"
     assert len(set(WEIGHTING_SUFFIX.values())) == len(WEIGHTING_SUFFIX)

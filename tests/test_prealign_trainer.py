@@ -95,7 +95,7 @@ def test_two_ranks_log_the_single_process_alignment_loss(data, tmp_path):
 
 def test_shipped_prealign_configs_load_and_zero3_is_refused(data, tmp_path):
     init = load_train_config(REPO / "configs/train/prealign-init.yaml")
-    assert init.stage == "prealign_init" and init.prealign.temperature == 0.1 and init.prealign.alpha == 0.1
+    assert init.stage == "prealign_init" and init.stage_config.temperature == 0.1 and init.stage_config.alpha == 0.1
     assert init.schedule.global_batch == init.parallelism.micro_batch  # the contrastive batch is the global batch
     stage2 = load_train_config(REPO / "configs/train/prealign-pretrain.yaml")
     assert stage2.data.codeswitch_ratio == 0.05 and stage2.checkpoint.init_from == "runs/prealign-init/final"

@@ -115,7 +115,7 @@ def test_language_loss_meter_and_bits_per_byte():
 @pytest.mark.parametrize("overrides, fragment", [
     (["data.seq_len=64"], "data.seq_len: 64 exceeds model.max_seq_len 32"),
     (["stage=finetune"], "stage: 'finetune' is not one of"),
-    (["parallelism.zero_stage=4"], "parallelism.zero_stage: must be 0, 1, 2 or 3"),
+    (["parallelism.zero_stage=4"], "parallelism.zero_stage: 4 is not one of [0, 1, 2, 3]"),
     (["optimizer.betas=[0.9]"], "optimizer.betas"),
     (["schedule.warmup_stepz=3"], "schedule.warmup_stepz"),
     (["data.mixing=random"], "data.mixing: 'random' is not one of"),

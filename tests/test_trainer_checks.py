@@ -92,9 +92,9 @@ def test_a_tokenizer_other_than_the_shards_is_refused_whichever_key_names_it(dat
 
 def poison_losses(monkeypatch, steps, micro_batches=2):
     """From now on the stage's loss is NaN at the given steps (counted from 1; `micro_batches` per step)."""
-    import fuxi.pretrain.stages as stages
+    from fuxi.pretrain.stages.pretrain import PretrainStage
 
-    original = stages.PretrainStage.compute_loss
+    original = PretrainStage.compute_loss
     calls = {"n": 0}
 
     def poisoned(self, engine, batch):
@@ -104,7 +104,7 @@ def poison_losses(monkeypatch, steps, micro_batches=2):
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(stages.PretrainStage, "compute_loss", poisoned)
+    monkeypatch.setattr(PretrainStage, "compute_loss", poisoned)
 
 
 def test_manifest_checks_name_the_data_key_and_the_manifest(data, tmp_path, capsys):
@@ -305,17 +305,17 @@ def test_python_and_numpy_rngs_are_seeded_from_run_seed_and_resume(data, tmp_pat
     """A stage that draws from `random` and NumPy each micro-batch: two fresh runs draw the same numbers whatever
     the global state before them (seeded from run.seed), and a run resumed from step 2 draws what the
     uninterrupted run drew at steps 3-4 (the states are checkpointed per rank)."""
-    import fuxi.pretrain.stages as stages
+    from fuxi.pretrain.stages.pretrain import PretrainStage
     from fuxi.pretrain.trainer import train
 
-    original = stages.PretrainStage.compute_loss
+    original = PretrainStage.compute_loss
     draws = []
 
     def drawing(self, engine, batch):
         draws.append((random.random(), float(np.random.rand())))
         return original(self, engine, batch)
 
-    monkeypatch.setattr(stages.PretrainStage, "compute_loss", drawing)
+    monkeypatch.setattr(PretrainStage, "compute_loss", drawing)
 
     def run(out, total_steps, global_seed):
         random.seed(global_seed)

@@ -154,11 +154,11 @@ def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validati
                                                                                    monkeypatch):
     """Step 3 has a NaN loss, which DeepSpeed (ZeRO-1) skips, leaving the weights intact, and SIGTERM arrives
     during it: the checkpoint of step 3 is written, and the validation due at step 3 does not run."""
-    import fuxi.pretrain.stages as stages
+    from fuxi.pretrain.stages.pretrain import PretrainStage
 
     from fuxi.pretrain.metrics import read_metrics
 
-    original = stages.PretrainStage.compute_loss
+    original = PretrainStage.compute_loss
     calls = {"n": 0}
 
     def nan_and_signal_at_step_3(self, engine, batch):
@@ -169,7 +169,7 @@ def test_sigterm_on_a_step_deepspeed_skipped_writes_that_step_and_skips_validati
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(stages.PretrainStage, "compute_loss", nan_and_signal_at_step_3)
+    monkeypatch.setattr(PretrainStage, "compute_loss", nan_and_signal_at_step_3)
     out = tmp_path / "run"
     config = write_config(run_config(data, out, checkpoint={"every_steps": 1000},
                                      logging={"every_steps": 1, "val_every_steps": 3, "val_batches_per_language": 1,

@@ -6,10 +6,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from fuxi.common.typed_config import check_choices
 from fuxi.pretrain.evaluation.benchmarks import DEFAULT_TASKS, EvalTask, resolve_tasks
 from fuxi.pretrain.evaluation.harness import build_report, evaluate, harness_task_names
 from fuxi.pretrain.evaluation.local_tasks import tasks_digest
-from fuxi.pretrain.evaluation.model_source import build_harness_lm, inspect_checkpoint, resolve_device, resolve_dtype
+from fuxi.pretrain.evaluation.model_source import (Dtype, build_harness_lm, inspect_checkpoint, resolve_device,
+                                                   resolve_dtype)
 
 
 @dataclass
@@ -22,9 +24,15 @@ class EvalSettings:
     limit: int | None = None
     tokenizer: str | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     batch_size: int | str = 8
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        check_choices(self)
 
     def resolve(self) -> list[EvalTask]:
         return resolve_tasks(self.tasks, self.languages, self.num_fewshot, harness_task_names=harness_task_names)

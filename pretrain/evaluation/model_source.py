@@ -17,6 +17,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,6 +25,8 @@ from fuxi.checkpoints.sharded_safetensors import CheckpointError
 from fuxi.common.errors import ConfigError
 from fuxi.pretrain.evaluation.errors import EvalError
 
+# "auto": bfloat16 on a GPU, float32 on a CPU (whatever the checkpoint stores).
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUR_REMOTE_CODE_TYPES = ("fuxitranyu", "fuxitranyu_moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -32,8 +35,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 @dataclass
 class ModelSource:
     path: str
-    # "ours", "deepspeed", "hf" (native, loaded by the harness) or "hf-imported" (our layouts, no remote code)
-    kind: str
+    # "hf": a native transformers class, loaded by the harness; "hf-imported": our layouts, read without remote code
+    kind: Literal["ours", "deepspeed", "hf", "hf-imported"]
     model_type: str
     tokenizer_dir: str
     details: dict = field(default_factory=dict)
@@ -45,12 +48,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on a GPU, float32 on a CPU (whatever the checkpoint stores)."""
+def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise EvalError(f"--dtype: {dtype!r} is not one of {['auto', *DTYPES]}")
     return DTYPES[dtype]
 
 
@@ -121,7 +121,7 @@ def load_our_model(source: ModelSource, device: torch.device, dtype: torch.dtype
         config, tensors = read_hf_checkpoint(source.path)
         model = model_from_tensors(config, tensors, source.path, device, dtype)
     else:
-        raise ValueError(f"{source.kind!r} is not one of our checkpoint kinds")
+        raise ValueError(f"{source.path} is a native Hugging Face model: the harness loads it by path")
     return model.eval()
 
 
@@ -138,7 +138,7 @@ def harness_tokenizer(tokenizer_dir: str, config, workdir: Path):
     return AutoTokenizer.from_pretrained(str(out), local_files_only=True)
 
 
-def build_harness_lm(source: ModelSource, device: str = "auto", dtype: str = "auto", batch_size: int | str = 8,
+def build_harness_lm(source: ModelSource, device: str = "auto", dtype: Dtype = "auto", batch_size: int | str = 8,
                      trust_remote_code: bool = False):
     """The harness's `HFLM` for `source`."""
     from lm_eval.models.huggingface import HFLM

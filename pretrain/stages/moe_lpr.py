@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from fuxi.model.moe_stats import RouterStats, plot_router_shares, router_statist
 from fuxi.model.upcycle import stage1_trainable, stage2_trainable
 from fuxi.pretrain.config import TrainConfig
 from fuxi.pretrain.distributed import all_reduce_sum
-from fuxi.pretrain.stages import PretrainStage, StepLoss, register_stage
+from fuxi.pretrain.stages.base import Stage, StepLoss
 
 log = logging.getLogger("fuxi.train")
 
@@ -84,34 +85,42 @@ class RouterStatsMeter:
         return stats, aux
 
 
-class MoELPRStage(PretrainStage):
-    """Shared by both stages: the engine call with the LPR mask, the weighted loss, the router logs."""
+class MoELPRStage(Stage):
+    """Shared by both stages: the config checks, the engine call with the LPR mask, the weighted loss, the router
+    logs. A stage says which parameters train (`trainable`)."""
 
-    name = "moe_lpr"
-
-    def __init__(self, cfg: TrainConfig, languages: list[str]):
-        super().__init__(cfg, languages)
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
         moe = cfg.model.moe
         if cfg.model.type != "fuxitranyu_moe" or moe is None:
-            raise ConfigError("model.type", f"stage {self.name!r} needs an upcycled 'fuxitranyu_moe' model "
+            raise ConfigError("model.type", f"stage {cls.name!r} needs an upcycled 'fuxitranyu_moe' model "
                               f"(`fuxi upcycle`), got {cfg.model.type!r}")
-        self.moe = moe
-        unknown = [lang for lang in moe.original_languages if lang not in languages]
-        if unknown:
-            raise ConfigError("model.moe.original_languages", f"{unknown} are not in the data's language table "
-                              f"{list(languages)}")
         if moe.lpr_loss_coef > 0 and not moe.original_languages:
             raise ConfigError("model.moe.original_languages", f"empty, but lpr_loss_coef={moe.lpr_loss_coef} needs "
                               f"the original languages whose tokens LPR routes to expert 0")
+
+    @classmethod
+    def check_manifests(cls, cfg: TrainConfig, manifests: dict) -> None:
+        """LPR finds the original languages by name in the stream's language table, the train manifest's."""
+        train = manifests.get("data.train_manifest")
+        unknown = [lang for lang in cfg.model.moe.original_languages if train and lang not in train.languages]
+        if unknown:
+            raise ConfigError("model.moe.original_languages", f"{unknown} are not in the language table of "
+                              f"data.train_manifest {train.path}: {list(train.languages)}")
+
+    def __init__(self, cfg: TrainConfig, languages: list[str]):
+        super().__init__(cfg, languages)
+        self.moe = cfg.model.moe
         self.window = RouterStatsMeter(len(languages))
         self.run_total = RouterStatsMeter(len(languages))
-        self.check_stage()
+        self.warn_about_data()
 
-    def check_stage(self) -> None:
-        """Stage-specific config checks."""
+    def warn_about_data(self) -> None:
+        """Stage-specific warnings about the training languages."""
 
+    @abstractmethod
     def trainable(self, model: torch.nn.Module) -> list[str]:
-        raise NotImplementedError
+        """Set requires_grad on the parameters that train; -> their names."""
 
     def configure(self, model: torch.nn.Module) -> None:
         names = self.trainable(model)
@@ -215,7 +224,7 @@ class MoELPRStage1(MoELPRStage):
 
     name = "moe_lpr_stage1"
 
-    def check_stage(self) -> None:
+    def warn_about_data(self) -> None:
         data_languages = training_languages(self.cfg, self.languages)
         overlap = sorted(set(self.moe.original_languages) & set(data_languages))
         if overlap and self.moe.lpr_loss_coef == 0:
@@ -231,10 +240,14 @@ class MoELPRStage2(MoELPRStage):
 
     name = "moe_lpr_stage2"
 
-    def check_stage(self) -> None:
-        if self.moe.balance_loss_coef > 0:
-            raise ConfigError("model.moe.balance_loss_coef", f"{self.moe.balance_loss_coef}, but stage "
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        if cfg.model.moe.balance_loss_coef > 0:
+            raise ConfigError("model.moe.balance_loss_coef", f"{cfg.model.moe.balance_loss_coef}, but stage "
                               f"moe_lpr_stage2 has no balance loss; set it to 0 and lpr_loss_coef to 0.1")
+
+    def warn_about_data(self) -> None:
         if self.moe.lpr_loss_coef == 0:
             log.warning("moe_lpr_stage2: lpr_loss_coef is 0, so this review trains the routers on the LM loss "
                         "alone (the paper's 'w/o LPR' ablation)")
@@ -246,6 +259,3 @@ class MoELPRStage2(MoELPRStage):
     def trainable(self, model: torch.nn.Module) -> list[str]:
         return stage2_trainable(model)
 
-
-register_stage(MoELPRStage1.name, MoELPRStage1)
-register_stage(MoELPRStage2.name, MoELPRStage2)
