@@ -42,7 +42,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str | None) -> Any:
         raise ConfigError(key, f"{value!r} matches none of {args}", source)
     if origin is typing.Literal:
         allowed = get_args(annotation)
-        if value not in allowed:
+        if not is_choice(value, allowed):
             raise ConfigError(key, f"{value!r} is not one of {list(allowed)}", source)
         return value
     if origin in (list, tuple):
@@ -116,6 +116,11 @@ def from_dict(cls: type[T], data: dict, source: str | None = None, prefix: str =
     return obj
 
 
+def is_choice(value: Any, allowed) -> bool:
+    """`value` is one of `allowed`, with its type: YAML's `true` is not the choice 1 (`True == 1` in Python)."""
+    return any(value == choice and type(value) is type(choice) for choice in allowed)
+
+
 def check_choices(obj: Any) -> None:
     """The validate() check of every `Literal[...]` field of dataclass `obj`: from_dict checks them when a config
     is loaded, this also when one is built in code (`ModelConfig(kernels="tritn")`). Choice fields are declared
@@ -128,7 +133,7 @@ def check_choices(obj: Any) -> None:
         if not literals or (value is None and type(None) in options):
             continue
         allowed = [v for literal in literals for v in get_args(literal)]
-        if value not in allowed:
+        if not is_choice(value, allowed):
             raise ConfigError(f.name, f"{value!r} is not one of {allowed}")
 
 

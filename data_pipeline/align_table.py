@@ -8,7 +8,7 @@ Two on-disk forms, both JSON lines, both read by `read_alignment_table`:
 A multi-way line is one concept: " $ " separates its translations, `index` is the concept id (lines with the
 same index are one concept), `langs` (ours, optional) names each word's language. A one-to-one line is a
 concept of two words. PreAlign uses the table twice: the alignment initialisation pulls the representations
-of a concept's words together (pretrain/prealign_stage.py), and code-switching swaps a word in the input for
+of a concept's words together (pretrain/stages/prealign/), and code-switching swaps a word in the input for
 one of its translations (data_pipeline/codeswitch.py).
 
 `build_alignment_table` makes a multi-way English-pivoted table from

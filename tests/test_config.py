@@ -78,6 +78,11 @@ class Choosy:
     maybe: Literal["a", "b"] | None = None
 
 
+@dataclass
+class Numbered:
+    stage: Literal[0, 1, 2, 3] = 0
+
+
 def test_literal_fields_are_checked_when_loaded_and_when_built_in_code():
     assert from_dict(Choosy, {"mode": "exact", "maybe": "b"}) == Choosy("exact", "b")
     with pytest.raises(ConfigError, match=r"^mode: 'slow' is not one of \['fast', 'exact'\]"):
@@ -88,6 +93,9 @@ def test_literal_fields_are_checked_when_loaded_and_when_built_in_code():
     assert (err.value.key, err.value.reason) == ("mode", "'slow' is not one of ['fast', 'exact']")
     with pytest.raises(ConfigError, match="maybe: 'c' is not one of"):
         check_choices(Choosy(maybe="c"))
+    with pytest.raises(ConfigError, match="stage: True is not one of"):  # YAML true is not the choice 1
+        from_dict(Numbered, {"stage": True})
+    assert from_dict(Numbered, {"stage": 1}).stage == 1
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):
