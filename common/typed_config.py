@@ -121,6 +121,14 @@ def is_choice(value: Any, allowed) -> bool:
     return any(value == choice and type(value) is type(choice) for choice in allowed)
 
 
+def require_choice(key: str, value: Any, choices: Any) -> None:
+    """The check of a choice that is a function argument, not a config field (`impl=`, `form=`): a ConfigError
+    naming `key` unless `value` is one of `choices` (a Literal type, or a sequence of values)."""
+    allowed = get_args(choices) if get_origin(choices) is typing.Literal else tuple(choices)
+    if not is_choice(value, allowed):
+        raise ConfigError(key, f"{value!r} is not one of {list(allowed)}")
+
+
 def check_choices(obj: Any) -> None:
     """The validate() check of every `Literal[...]` field of dataclass `obj`: from_dict checks them when a config
     is loaded, this also when one is built in code (`ModelConfig(kernels="tritn")`). Choice fields are declared

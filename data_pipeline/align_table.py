@@ -34,7 +34,7 @@ from typing import Iterator, Literal, get_args
 
 from fuxi.common.atomic import atomic_write, write_json
 from fuxi.common.errors import ConfigError, DataError
-from fuxi.common.typed_config import require_at_least
+from fuxi.common.typed_config import require_at_least, require_choice
 from fuxi.data_pipeline.jsonl import iter_json_records
 from fuxi.data_pipeline.textstats import word_units
 
@@ -166,8 +166,7 @@ def read_alignment_table(path: str | Path) -> AlignmentTable:
 
 def write_alignment_table(table: AlignmentTable, path: str | Path, form: TableForm = "multi") -> Path:
     """Write atomically in the multi-way form (one line per concept) or one-to-one pairs."""
-    if form not in TABLE_FORMS:
-        raise ConfigError("form", f"{form!r} is not one of {list(TABLE_FORMS)}")
+    require_choice("form", form, TABLE_FORMS)
     path = Path(path)
     with atomic_write(path) as f:
         if form == "multi":

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fuxi.common.errors import ConfigError, DataError
+from fuxi.common.typed_config import require_choice
 from fuxi.data_pipeline.config import CODESWITCH_DIRECTIONS, CodeSwitchDirection
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class CodeSwitchTable:
         """source_to_target: each concept's first word (its source; None when left out) maps to the concept's
         other words. all_to_all: every word maps to every other word of its concept. A key in several concepts
         maps to the union of their translations."""
-        if direction not in CODESWITCH_DIRECTIONS:
-            raise ConfigError("codeswitch_direction", f"{direction!r} is not one of {list(CODESWITCH_DIRECTIONS)}")
+        require_choice("codeswitch_direction", direction, CODESWITCH_DIRECTIONS)
         translations: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for words in concepts:
             if not words or (direction == "source_to_target" and not words[0]):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fuxi.common.errors import ConfigError, DataError
 from fuxi.common.tables import format_table
+from fuxi.common.typed_config import require_choice
 from fuxi.data_pipeline.config import MIXING_MODES, MixingMode
 
 
@@ -39,7 +40,7 @@ def target_shares(tokens: dict[str, int], mixing: MixingMode, alpha: float = 0.3
         elif mixing == "uniform":
             raw = {lang: 1.0 for lang in langs}
         else:
-            raise ConfigError("mixing", f"{mixing!r} is not one of {list(MIXING_MODES)}")
+            require_choice("mixing", mixing, MIXING_MODES)
     norm = sum(raw.values())
     if norm <= 0:
         raise ConfigError("weights", "all weights are zero")

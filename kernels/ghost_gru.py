@@ -26,6 +26,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from fuxi.common.typed_config import require_choice
 from fuxi.kernels import Implementation, use_triton
 from fuxi.kernels.triton_runtime import next_power_of_2, tl, triton
 
@@ -35,8 +36,7 @@ _ACT_CODE = {name: code for code, name in enumerate(GHOST_ACTIVATIONS)}  # the k
 
 
 def check_ghost_act(act: str) -> None:
-    if act not in GHOST_ACTIVATIONS:
-        raise ValueError(f"ghost_act: {act!r} is not one of {list(GHOST_ACTIVATIONS)}")
+    require_choice("ghost_act", act, GHOST_ACTIVATIONS)
 
 
 def ghost_activation(q: torch.Tensor, act: GhostActivation) -> torch.Tensor:

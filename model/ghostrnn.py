@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fuxi.common.errors import ConfigError
+from fuxi.common.typed_config import require_choice
 from fuxi.kernels import Implementation
 from fuxi.kernels.ghost_gru import GhostActivation, check_ghost_act, ghost_gru_scan, ghost_gru_step_torch
 from fuxi.model.config import GhostGateInput, ModelConfig
@@ -56,8 +56,7 @@ class GhostGRUShape:
             raise ValueError(f"input_size/hidden_size: must be >= 1, got {input_size}/{hidden_size}")
         if not 1 <= ratio <= hidden_size:
             raise ValueError(f"ratio: must be in [1, hidden_size={hidden_size}], got {ratio}")
-        if gate_input not in get_args(GhostGateInput):
-            raise ValueError(f"gate_input: {gate_input!r} is not one of {list(get_args(GhostGateInput))}")
+        require_choice("gate_input", gate_input, GhostGateInput)
         if not feed_ghost_back and gate_input == "full":
             raise ValueError("gate_input: 'full' needs feed_ghost_back=True (variant B carries only the "
                              "intrinsic state)")

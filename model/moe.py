@@ -11,13 +11,14 @@ contiguous slice (a loop over *experts*, or one grouped GEMM), and the weighted 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, get_args
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fuxi import kernels
+from fuxi.common.typed_config import require_choice
 from fuxi.kernels.moe_permute import combine_tokens, permute_tokens
 from fuxi.model.config import ModelConfig, MoELossForm
 from fuxi.model.fuxitranyu import MLP
@@ -172,8 +173,7 @@ def _flat_mask(mask: torch.Tensor | None, num_tokens: int, name: str) -> torch.T
 
 
 def _check_form(loss: str, form: str) -> None:
-    if form not in get_args(MoELossForm):
-        raise ValueError(f"{loss}: form {form!r} is not one of {list(get_args(MoELossForm))}")
+    require_choice(f"{loss} form", form, MoELossForm)
 
 
 def balance_loss(routing: Sequence[RouterOutput], num_experts: int, top_k: int,

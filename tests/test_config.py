@@ -5,7 +5,8 @@ from typing import Literal
 import pytest
 
 from fuxi.common.errors import ConfigError
-from fuxi.common.typed_config import apply_overrides, check_choices, from_dict, load_config, parse_override, to_dict
+from fuxi.common.typed_config import (apply_overrides, check_choices, from_dict, load_config, parse_override,
+                                      require_choice, to_dict)
 from fuxi.model import ModelConfig, load_model_config
 
 
@@ -68,7 +69,8 @@ def test_the_error_carries_the_key_and_the_file_as_fields(tmp_path):
     assert err.value.source == f"{path} with --set steps=3"
     assert str(err.value) == f"inner.lr: must be > 0, got -1.0 (in {path} with --set steps=3)"
     nested = ConfigError("seq_len", "too long").under("data.").within("run.yaml")
-    assert (nested.key, nested.source, str(nested)) == ("data.seq_len", "run.yaml", "data.seq_len: too long (in run.yaml)")
+    assert (nested.key, nested.source) == ("data.seq_len", "run.yaml")
+    assert str(nested) == "data.seq_len: too long (in run.yaml)"
     assert ConfigError("a", "b", "first.yaml").within("second.yaml").source == "first.yaml"
 
 
@@ -96,6 +98,16 @@ def test_literal_fields_are_checked_when_loaded_and_when_built_in_code():
     with pytest.raises(ConfigError, match="stage: True is not one of"):  # YAML true is not the choice 1
         from_dict(Numbered, {"stage": True})
     assert from_dict(Numbered, {"stage": 1}).stage == 1
+
+
+def test_a_choice_argument_names_its_key_and_the_choices():
+    require_choice("impl", "torch", Literal["torch", "triton"])
+    require_choice("form", "pairs", ("multi", "pairs"))
+    with pytest.raises(ConfigError) as err:
+        require_choice("impl", "cuda", Literal["torch", "triton"])
+    assert str(err.value) == "impl: 'cuda' is not one of ['torch', 'triton']"
+    with pytest.raises(ConfigError, match="level: True is not one of"):
+        require_choice("level", True, (0, 1))
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

@@ -9,8 +9,8 @@ from fuxi.common.errors import ConfigError
 from fuxi.kernels import gelu_fast_torch, rope_cos_sin
 from fuxi.kernels.rope import apply_rope_torch
 from fuxi.model import ModelConfig, build_model
-from fuxi.model.config import GhostRNNConfig, MoEConfig
 from fuxi.model.attention import _varlen_boundaries, document_causal_mask
+from fuxi.model.config import GhostRNNConfig, MoEConfig
 from model_helpers import multilingual_ids, tiny_config, tiny_model
 
 
