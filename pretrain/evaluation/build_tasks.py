@@ -129,7 +129,8 @@ def build(corpus: Path, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuxi.pretrain.evaluation.build_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fuxi.pretrain.evaluation.build_tasks",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default=None, help="corpus with train/, valid/, parallel/ (default: bundled)")
     parser.add_argument("--out", default=str(TASKS_DIR), help="task folder (default: the shipped one)")
     args = parser.parse_args(argv)
