@@ -16,6 +16,7 @@ from typing import get_args
 
 import torch
 
+from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.pretrain.config import Precision, ZeroStage
 from fuxi.pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=8 if on_gpu else 2)
     parser.add_argument("--zero-stage", type=int, default=2, choices=get_args(ZeroStage))
     parser.add_argument("--precision", default="bf16" if on_gpu else "fp32", choices=get_args(Precision))
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--kernels", default="auto", choices=IMPLEMENTATIONS)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5 if on_gpu else 3)
