@@ -79,4 +79,4 @@ gpu-check-dry: install
 	HF_HUB_OFFLINE=1 PYTHON=$(PY) OUT=runs/gpu_check_dry bash launch/gpu_check.sh --dry-run
 
 clean:
-	rm -rf runs .pytest_cache gpu_check_out .whl .whl.tmp .lock-venv
+	rm -rf runs .pytest_cache gpu_check_out .whl .whl.tmp .lock-venv .namespace

@@ -37,8 +37,8 @@ fi
 # __init__.py) as the `fuxi` namespace through a folder of links, as an install would. PYTHONSAFEPATH keeps the
 # checkout's root off sys.path, where its `kernels/` would shadow Hugging Face's package of that name.
 if ! "$PYTHON" -c 'import fuxi.launch.gpu_check' >/dev/null 2>&1; then
-    namespace=$(mktemp -d "${TMPDIR:-/tmp}/fuxi-namespace.XXXXXX")
-    mkdir "$namespace/fuxi"
+    namespace="$PWD/.namespace"  # git-ignored; remade each time
+    rm -rf "$namespace" && mkdir -p "$namespace/fuxi"
     for init in */__init__.py; do ln -s "$PWD/${init%/__init__.py}" "$namespace/fuxi/${init%/__init__.py}"; done
     export PYTHONPATH="$namespace${PYTHONPATH:+:$PYTHONPATH}"
 fi

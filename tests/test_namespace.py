@@ -3,6 +3,7 @@ distributions named like our folders (Hugging Face's `kernels`, which transforme
 `model` or `launch`) neither shadow ours nor are shadowed by our checkout."""
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -41,8 +42,13 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def test_the_folders_are_the_rooms_setup_py_installs():
-    assert {"model", "kernels", "data_pipeline", "pretrain", "checkpoints", "launch", "experiments"} <= set(FOLDERS)
+def test_setup_py_installs_every_package_folder_under_fuxi():
+    """A new top folder with an __init__.py that setup.py does not map would be importable only by its bare name
+    from a checkout, and missing from an install."""
+    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
+    (listed,) = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "FOLDERS" for t in node.targets)]
+    assert sorted(listed) == FOLDERS
 
 
 def test_foreign_packages_named_like_our_folders_do_not_shadow_ours(tmp_path):
@@ -86,9 +92,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"fuxi"}, tops
-    (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
-    if top_level:
-        assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["fuxi"]
+    (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["fuxi"]
     assert "fuxi/__init__.py" not in names  # a namespace: the rooms are its only contents
     for room in FOLDERS:
         assert f"fuxi/{room}/__init__.py" in names, room
