@@ -16,10 +16,13 @@ complete, and its re-run starts it over.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -193,25 +196,65 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
     return executors
 
 
+@contextmanager
+def _slurm_launches(submit: bool):
+    """Every sbatch call datatrove makes inside the block (the stages' job arrays and their stats-merging jobs),
+    as (script, sbatch arguments, job id); with submit=False nothing reaches sbatch (ids DRYRUN-<n>)."""
+    import datatrove.executor.slurm as slurm
+    calls: list[tuple[str, tuple, str]] = []
+    original = slurm.launch_slurm_job
+
+    def launch(contents: str, retriever, *args) -> str:
+        job_id = original(contents, retriever, *args) if submit else f"DRYRUN-{len(calls) + 1}"
+        calls.append((contents, args, str(job_id)))
+        return job_id
+
+    slurm.launch_slurm_job = launch
+    try:
+        yield calls
+    finally:
+        slurm.launch_slurm_job = original
+
+
 def render_slurm_scripts(executors: list) -> list[dict]:
     """What `sbatch` would be given for each stage, without submitting: datatrove's own launch path runs with its
     sbatch call replaced by a recorder (job ids DRYRUN-<n>). Each entry: the script, the sbatch arguments
     (dependencies) and where datatrove saved the script."""
-    import datatrove.executor.slurm as slurm
-    calls: list[tuple[str, tuple]] = []
-
-    def record(contents: str, retriever, *args) -> str:
-        calls.append((contents, args))
-        return f"DRYRUN-{len(calls)}"
-
-    original, slurm.launch_slurm_job = slurm.launch_slurm_job, record
-    try:
+    with _slurm_launches(submit=False) as calls:
         executors[-1].run()
-    finally:
-        slurm.launch_slurm_job = original
-    arrays = [(c, a) for c, a in calls if "launch_pickled_pipeline" in c]  # the stats-merging jobs aside
+    arrays = [(c, a) for c, a, _ in calls if "launch_pickled_pipeline" in c]  # the stats-merging jobs aside
     return [{"script": c, "sbatch_args": list(a), "job_id": e.job_id,
              "path": e.logging_dir.resolve_paths("launch_script.slurm")} for (c, a), e in zip(arrays, executors)]
+
+
+SLURM_JOBS = "slurm_jobs.json"  # in the work folder: the jobs of the last submission
+
+
+def queued_slurm_jobs(job_ids: list[str]) -> list[str]:
+    """Those of `job_ids` still in Slurm's queue, as "id STATE (reason)"."""
+    if not job_ids:
+        return []
+    result = subprocess.run(["squeue", "-h", "-o", "%i %T (%r)", "-j", ",".join(job_ids)], capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0 and "Invalid job id" not in result.stderr:
+        raise TaskError(f"squeue -j {','.join(job_ids)} failed: {result.stderr.strip()}")
+    return result.stdout.splitlines()
+
+
+def refuse_while_queued(work_dir: Path) -> None:
+    """A re-run while the last submission's jobs are still queued would submit a second chain writing the same
+    folders: refuse, naming them. (A chain whose task failed or was cancelled never ends by itself: its later jobs
+    wait with DependencyNeverSatisfied until cancelled.)"""
+    record = work_dir / SLURM_JOBS
+    if not record.is_file():
+        return
+    queued = queued_slurm_jobs(json.loads(record.read_text(encoding="utf-8")).get("jobs", []))
+    if queued:
+        ids = " ".join(q.split()[0].split("_")[0] for q in queued)
+        raise TaskError(f"{work_dir}: {len(queued)} jobs of the last submission are still queued "
+                        f"({'; '.join(queued[:4])}{'; ...' if len(queued) > 4 else ''}): wait for them to finish, "
+                        f"or cancel them (scancel {' '.join(dict.fromkeys(ids.split()))}), then run the same "
+                        f"command again")
 
 
 def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> bool:
@@ -236,11 +279,15 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
                 print(f"# --- {stage.name}: sbatch {' '.join(script['sbatch_args'])} {script['path']}\n"
                       f"{script['script']}")
             return False
-        executors[-1].run()  # launches the whole chain through `depends`
-        ids = [str(e.job_id) for e in executors]
-        write_json(Path(work_dir) / "slurm_jobs.json", {s.name: i for s, i in zip(stages, ids)})
-        print(f"submitted {len(stages)} slurm job arrays ({', '.join(ids)}); re-run the same command after they "
-              f"finish (or if one fails) to finish or resume the job")
+        refuse_while_queued(Path(work_dir))
+        with _slurm_launches(submit=True) as calls:
+            executors[-1].run()  # launches the whole chain through `depends`
+        ids = [str(e.job_id) for e in executors]  # -1: the stage had finished, nothing submitted for it
+        write_json(Path(work_dir) / SLURM_JOBS, {"stages": {s.name: i for s, i in zip(stages, ids)},
+                                                 "jobs": [job_id for _, _, job_id in calls]})
+        submitted = [i for i in ids if i != "-1"]
+        print(f"submitted {len(submitted)} slurm job arrays ({', '.join(submitted)}); run the same command again "
+              f"when they have finished (or if one fails) to go on or resume")
         return False
     executors[-1].run()
     return True

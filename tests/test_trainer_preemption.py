@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from trainer_helpers import (REPO, free_port, pretrain_command, run_config, run_pretrain, subprocess_env,
-                                   tiny_training_dataset, train_losses, write_config)
+from trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env, tiny_training_dataset,
+                             train_losses, wait_for_steps, write_config)
 
 # A constant LR (no warmup, floor = peak), so a run's losses do not depend on schedule.total_steps and an
 # interrupted run can be compared with a shorter uninterrupted one.
@@ -33,18 +32,6 @@ def start(command, env=None, cwd=REPO):
     """A new session, so the job has its own process group as under a scheduler."""
     return subprocess.Popen(command, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_steps(process, metrics, steps, timeout=240):
-    start_time = time.time()
-    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= steps):
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"training exited early ({process.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
-        if time.time() - start_time > timeout:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting for the training process")
-        time.sleep(0.1)
 
 
 def checkpointed_step(out_dir, stdout):
@@ -110,33 +97,6 @@ def test_sigint_to_torchrun_two_ranks_zero3(data, tmp_path):
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "torchrun: stopped by SIGINT" in stderr and "Traceback" not in stderr
     resume_matches_uninterrupted(config, out, step, tmp_path, nproc=2)
-
-
-@pytest.mark.slow
-def test_slurm_script_turns_the_time_limit_warning_into_a_checkpoint_and_a_requeue(data, tmp_path):
-    """launch/slurm_pretrain.sbatch run by bash as Slurm runs it (srun and scontrol are stand-ins on PATH: srun
-    runs its command, scontrol names this host and records a requeue). USR1 to the batch shell, as
-    `--signal=B:USR1@300` delivers it before the time limit: 2 ranks checkpoint, then the job requeues."""
-    out = tmp_path / "run"
-    config = write_config(preemptible_config(data, out, zero_stage=1), tmp_path / "run.yaml")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\ncase "$1" in\n  show) echo 127.0.0.1 ;;\n'
-                                      '  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;\nesac\n')
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    env = {**subprocess_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "2",
-           "RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
-    process = start(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), str(config)], env=env, cwd=tmp_path)
-    wait_for_steps(process, out / "metrics.jsonl", 3)
-    process.send_signal(signal.SIGUSR1)  # B: the batch shell alone
-    stdout, stderr = process.communicate(timeout=180)
-    checkpointed_step(out, stdout)
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert process.returncode == 128 + signal.SIGTERM  # torchrun's status after the signal it passed on
 
 
 # ---- in-process: where in the run the signal lands ---------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -90,3 +92,16 @@ def train_losses(output_dir: Path) -> dict[int, float]:
             if record["kind"] == "train":
                 losses[record["step"]] = record["loss"]
     return losses
+
+
+def wait_for_steps(process, metrics, steps, timeout=240):
+    """Wait until `metrics` (metrics.jsonl) holds `steps` training records; fail if the process exits first."""
+    start_time = time.time()
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= steps):
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"training exited early ({process.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() - start_time > timeout:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.1)
