@@ -182,7 +182,10 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
                 [stage.step], tasks=stage.tasks, workers=cfg.num_workers, time=cfg.time, partition=cfg.partition,
                 cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb, qos=cfg.qos,
                 job_name=f"fuxi-{stage.name}", env_command=_slurm_env_command(cfg), logging_dir=logging_dir,
-                slurm_logs_folder=str(work_dir / "slurm_logs" / stage.name), sbatch_args=dict(cfg.sbatch_args),
+                slurm_logs_folder=str(work_dir / "slurm_logs" / stage.name),
+                # a failed task cancels the jobs after it instead of leaving them pending forever
+                # (DependencyNeverSatisfied), so the chain ends and a re-run can resume it
+                sbatch_args={"kill-on-invalid-dep": "yes", **cfg.sbatch_args},
                 depends=prev, mail_user=None))
         else:
             try:
@@ -241,20 +244,46 @@ def queued_slurm_jobs(job_ids: list[str]) -> list[str]:
     return result.stdout.splitlines()
 
 
+def still_queued(work_dir: Path) -> list[str]:
+    """The jobs of the last Slurm submission from `work_dir` still in the queue (none without a submission)."""
+    record = work_dir / SLURM_JOBS
+    if not record.is_file():
+        return []
+    return queued_slurm_jobs(json.loads(record.read_text(encoding="utf-8")).get("jobs", []))
+
+
 def refuse_while_queued(work_dir: Path) -> None:
     """A re-run while the last submission's jobs are still queued would submit a second chain writing the same
     folders: refuse, naming them. (A chain whose task failed or was cancelled never ends by itself: its later jobs
     wait with DependencyNeverSatisfied until cancelled.)"""
-    record = work_dir / SLURM_JOBS
-    if not record.is_file():
-        return
-    queued = queued_slurm_jobs(json.loads(record.read_text(encoding="utf-8")).get("jobs", []))
+    queued = still_queued(work_dir)
     if queued:
         ids = " ".join(q.split()[0].split("_")[0] for q in queued)
         raise TaskError(f"{work_dir}: {len(queued)} jobs of the last submission are still queued "
                         f"({'; '.join(queued[:4])}{'; ...' if len(queued) > 4 else ''}): wait for them to finish, "
                         f"or cancel them (scancel {' '.join(dict.fromkeys(ids.split()))}), then run the same "
                         f"command again")
+
+
+def report_unfinished(stages: list[Stage], executors: list, work_dir: Path) -> None:
+    """Before a re-submission: name the tasks of the last one that did not finish, with their logs (a task that
+    failed, was cancelled, or never started because one before it failed)."""
+    if not (work_dir / SLURM_JOBS).is_file():
+        return
+    for stage, executor in zip(stages, executors):
+        missing = executor.get_incomplete_ranks()
+        if not missing:
+            continue
+        logs = [Path(executor.logging_dir.resolve_paths(f"logs/task_{rank:05d}.log")) for rank in missing]
+        ran = [(rank, p) for rank, p in zip(missing, logs) if p.is_file()]
+        detail = "; ".join(f"task {rank}: {_last_line(p)} (log {p})" for rank, p in ran[:3])
+        log.warning("%s: %d of %d tasks did not finish in the last submission%s; submitting them again",
+                    stage.name, len(missing), stage.tasks, f" ({detail})" if detail else "")
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "empty log"
 
 
 def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> bool:
@@ -280,6 +309,7 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
                       f"{script['script']}")
             return False
         refuse_while_queued(Path(work_dir))
+        report_unfinished(stages, executors, Path(work_dir))
         with _slurm_launches(submit=True) as calls:
             executors[-1].run()  # launches the whole chain through `depends`
         ids = [str(e.job_id) for e in executors]  # -1: the stage had finished, nothing submitted for it

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Iterable
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError
 from fuxi.common.staging import refuse_foreign
-from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages
+from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages, still_queued
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,11 @@ def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
     job_hash = job.job_hash()
     if job.up_to_date(job_hash):
         log.info("%s: %s is up to date with its inputs and settings", job.name, job.out_dir)
+        # a cluster run's work folder (its last job switched the output in): removed once nothing of it is queued
+        # (its stats-merging jobs may still write there)
+        if job.work_dir.exists() and not keep_work and not still_queued(job.work_dir):
+            shutil.rmtree(job.work_dir, ignore_errors=True)
+            log.info("%s: removed the work folder %s", job.name, job.work_dir)
         return job.result()
     stages = job.stages(job_hash, executor.num_tasks)
     prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": {stage.name: stage.tasks for stage in stages}})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
 from slurm_helpers import queue_empty, slurm, wait_for
 from trainer_helpers import REPO, subprocess_env
 
@@ -75,32 +76,65 @@ def test_prepare_on_slurm_equals_local_and_resumes_after_scancel(slurm_cluster, 
     assert rounds >= 3  # clean, then the tokenizer, then pack: each submitted when the one before had finished
     assert dataset_files(tmp_path / "slurm") == local
 
-    # scancel a running task of clean's processing stage: the jobs after it (afterok) can never start and wait
-    # in the queue; the same command refuses to submit a second chain while they do, and names them; once they
-    # are cancelled it resumes (the finished tasks are not run again) and builds the same dataset.
+    assert not list((tmp_path / "slurm").rglob("*.work")), "work folders are removed after success"
+
+    # A re-run while the jobs are queued is refused, naming them (a second chain would write the same folders).
+    # scancel a running task of clean's processing stage: the jobs after it are cancelled with it
+    # (--kill-on-invalid-dep), so the chain ends; the same command names the unfinished tasks and resumes them
+    # (the finished ones are not run again), building the same dataset.
     out = tmp_path / "cancelled"
-    result = prepare(out, *SLURM)
-    assert "submitted" in result.stdout
+    assert "submitted" in prepare(out, *SLURM).stdout
     jobs = submitted_jobs(out)
+    refused = prepare(out, *SLURM, expect=2)
+    assert "still queued" in refused.stderr and jobs[-1] in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     running = wait_for(lambda: slurm("squeue", "-h", "-t", "RUNNING", "-n", "fuxi-process", "-o", "%i",
                                      check=False), "a running task of the process stage", 300)
     slurm("scancel", running.split()[0])
-    wait_for(lambda: stalled(queued(jobs)), "the chain to stall", 300)
-    refused = prepare(out, *SLURM, expect=2)
-    assert "still queued" in refused.stderr and "DependencyNeverSatisfied" in refused.stderr, refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    slurm("scancel", *jobs)
-    wait_for(lambda: queue_empty(jobs), "the cancelled jobs to leave the queue", 180)
-    assert not (out / "prepare.json").exists()
-    prepare_on_slurm(out)
+    wait_for(lambda: queue_empty(jobs), "the chain to end", 300)
+    resumed = prepare(out, *SLURM)
+    assert "did not finish in the last submission" in resumed.stderr, resumed.stderr
+    jobs = submitted_jobs(out)
+    wait_for(lambda: queue_empty(jobs), f"jobs {jobs}", 600)
+    assert prepare_on_slurm(out) >= 2
     assert dataset_files(out) == local
+    assert not list(out.rglob("*.work"))
 
 
-def queued(jobs: list[str]) -> list[str]:
-    return slurm("squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs), check=False).splitlines()
+def test_failed_task_ends_the_chain_and_is_named_with_its_log(slurm_cluster, tmp_path):
+    """A document that is not valid JSON makes a task of `fuxi data clean` fail on its node. The jobs after it
+    are cancelled (no chain left pending); running the command again names the task, its error and its log, and
+    once the file is fixed the same command resumes and finishes."""
+    corpus = tmp_path / "corpus" / "train"
+    corpus.mkdir(parents=True)
+    texts = [doc.text for doc in iter_jsonl(bundled_corpus() / "train" / "en.jsonl")][:40]
+    good = [json.dumps({"text": text, "lang": "en"}) for text in texts]
+    (corpus / "a.jsonl").write_text("\n".join(good[:20]) + "\n")
+    (corpus / "b.jsonl").write_text("\n".join(good[20:] + ['{"text": broken']) + "\n")
+    command = [sys.executable, "-m", "fuxi.launch.cli", "data", "clean", str(corpus.parent), str(tmp_path / "out"),
+               "--tasks", "2", *SLURM]
 
+    def clean() -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
-def stalled(lines: list[str]) -> bool:
-    """Nothing runs or can start: the jobs after the cancelled one wait for a dependency never satisfied."""
-    return bool(lines) and all(" PENDING " in line for line in lines) \
-        and any("DependencyNeverSatisfied" in line for line in lines)
+    first = clean()
+    assert first.returncode == 0 and "submitted" in first.stdout, first.stderr[-3000:]
+    jobs = submitted_jobs(tmp_path)
+    wait_for(lambda: queue_empty(jobs), "the failed chain to end", 300)
+    again = clean()
+    assert "did not finish in the last submission" in again.stderr, again.stderr[-3000:]
+    assert f"{corpus / 'b.jsonl'}:21: not valid JSON" in again.stderr and "task_0000" in again.stderr
+    wait_for(lambda: queue_empty(submitted_jobs(tmp_path)), "the second chain to end", 300)
+    (corpus / "b.jsonl").write_text("\n".join(good[20:]) + "\n")
+    for _ in range(MAX_SUBMISSIONS):
+        result = clean()
+        assert result.returncode == 0, result.stderr[-3000:]
+        if "submitted" not in result.stdout:
+            break
+        wait_for(lambda: queue_empty(submitted_jobs(tmp_path)), "the chain to end", 300)
+    local = subprocess.run([*command[:5], str(corpus.parent), str(tmp_path / "local"), "--tasks", "2"], cwd=REPO,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert (tmp_path / "out" / "train" / "en.jsonl").read_text() == \
+        (tmp_path / "local" / "train" / "en.jsonl").read_text()
+    assert not list(tmp_path.glob(".*.work")), "the work folder is removed after success"
