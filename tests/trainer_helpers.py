@@ -90,3 +90,19 @@ def train_losses(output_dir: Path) -> dict[int, float]:
             if record["kind"] == "train":
                 losses[record["step"]] = record["loss"]
     return losses
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks a torchrun launcher started (its children, by their RANK variable)."""
+    children = [int(pid) for task in Path(f"/proc/{launcher_pid}/task").glob("*/children")
+                for pid in task.read_text().split()]
+    ranks = {}
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"RANK" in variables:
+            ranks[int(variables[b"RANK"])] = pid
+    return ranks

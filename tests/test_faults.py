@@ -1,0 +1,164 @@
+"""Faults a cluster delivers, each ending promptly in one line with nothing lost: an error raised while DataLoader
+workers run, a rank SIGKILLed under torchrun, a full disk during a checkpoint save, during `fuxi data pack` and
+during `fuxi convert to-hf`, an interrupted deletion of an old checkpoint, and torchrun restarting the ranks
+(`MAX_RESTARTS`). A full disk is a small tmpfs (root only; the test says why it skips elsewhere)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fuxi.common.diskspace import tree_bytes
+from test_trainer_preemption import start, wait_for_steps
+from trainer_helpers import (REPO, pretrain_command, rank_pids, run_config, run_pretrain, subprocess_env,
+                             tiny_training_dataset, train_losses, write_config)
+
+# A constant LR (no warmup, floor = peak): a run's losses do not depend on schedule.total_steps.
+SCHEDULE = {"total_steps": 8, "warmup_steps": 0, "min_lr_ratio": 1.0, "global_batch": 4}
+HANG = 120  # seconds: far beyond what any of these runs needs, far below torchrun's shutdown timeout (300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_training_dataset(tmp_path_factory)
+
+
+def disk_config(dataset, out, **sections):
+    """8 steps, a checkpoint every 2, two kept."""
+    return run_config(dataset, out, schedule=SCHEDULE, checkpoint={"every_steps": 2, "keep_last": 2}, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 1-rank run of `disk_config` on a roomy disk: its output folder (checkpoints of steps 6
+    and 8)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_pretrain(write_config(disk_config(data, out), out.parent / "run.yaml"))
+    return out
+
+
+def finish(process, what: str) -> tuple[str, str]:
+    """(stdout, stderr) of a started job; a job still running after HANG seconds hangs, which fails the test."""
+    try:
+        return process.communicate(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *descendants(process.pid)]:  # torchrun's ranks run in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{what}: still running after {HANG} s (a hang)\n{stdout[-2000:]}\n{stderr[-4000:]}")
+
+
+def descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        for task in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
+            with contextlib.suppress(FileNotFoundError):
+                children = [int(child) for child in task.read_text().split()]
+                found += children
+                pending += children
+    return found
+
+
+def assert_group_gone(pgid: int, within: float = 10.0) -> None:
+    """No process of the job's session is left (DataLoader workers included)."""
+    deadline = time.time() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.time() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail(f"processes of group {pgid} outlived the job")
+        time.sleep(0.1)
+
+
+def error_lines(stderr: str, prefix: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def bytes_in(text: str) -> float:
+    """'254.4 KB' -> 254400 (common/diskspace.size_text's powers of 1000)."""
+    number, unit = text.split()
+    return float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit)
+
+
+def files_under(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- an error with DataLoader workers, a rank that dies ----------------------------------------------------
+
+@pytest.mark.slow
+def test_an_error_in_a_dataloader_worker_exits_at_once_with_its_one_line_error(data, tmp_path):
+    """A shard whose bytes changed (same size), on_error: raise, 2 workers: the worker's ShardError ends the run
+    with exit status 2 and that error's own line, and no process is left (the workers ignore SIGTERM, and
+    Python's exit used to wait for them forever)."""
+    from fuxi.data_pipeline.errors import ShardError
+    from fuxi.data_pipeline.manifest import load_manifest
+    from fuxi.data_pipeline.shards import ShardReader
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data.train_manifest.parent, shards)
+    manifest = load_manifest(shards / "manifest.json")
+    expected = set()
+    for shard in manifest.shards:  # every shard, so the first one a worker opens is bad
+        path = manifest.shard_path(shard)
+        raw = bytearray(path.read_bytes())
+        start_at = raw.index(b"\x93NUMPY")
+        raw[start_at + 10:start_at + 20] = b"#" * 10
+        path.write_bytes(bytes(raw))
+        with pytest.raises(ShardError) as err:  # what reading it in this process says
+            ShardReader(manifest, shard, verify_checksum=True, on_error="raise")
+        expected.add(f"fuxi pretrain: error: {err.value}")
+    out = tmp_path / "run"
+    config = write_config(run_config(data, out, data={"train_manifest": str(shards / "manifest.json"),
+                                                      "num_workers": 2, "on_error": "raise"}), tmp_path / "run.yaml")
+    process = start(pretrain_command(config))
+    _, stderr = finish(process, "fuxi pretrain after a worker's ShardError")
+    assert process.returncode == 2, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] in expected, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert_group_gone(process.pid)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_under_torchrun_ends_the_launcher_within_seconds(data, tmp_path):
+    """2 ranks with 2 workers each; rank 1 SIGKILLed mid-run. Its workers die with it, the survivor's collective
+    fails at once, it exits (its workers ended), and so does torchrun: within seconds, not after the 30 s torch
+    2.13's agent gives the other ranks when one failed (its fixed `_shutdown` timeout: `--shutdown-timeout`, 300
+    s in launch.torchrun, applies only when torchrun itself is signalled), the time a survivor stuck joining its
+    workers at exit used to take."""
+    import inspect
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    assert inspect.signature(LocalElasticAgent._shutdown).parameters["timeout"].default == 30
+    out = tmp_path / "run"
+    config = write_config(run_config(data, out, schedule={**SCHEDULE, "total_steps": 400},
+                                     data={"num_workers": 2}, checkpoint={"every_steps": 1000}), tmp_path / "run.yaml")
+    process = start(pretrain_command(config, nproc=2))
+    wait_for_steps(process, out / "metrics.jsonl", 3)
+    ranks = rank_pids(process.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    killed = time.time()
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = finish(process, "torchrun after a rank was killed")  # returns once every process left its pipes
+    elapsed = time.time() - killed
+    assert process.returncode != 0
+    assert elapsed < 15, (elapsed, stderr[-3000:])
+    assert_group_gone(process.pid)
+
+
