@@ -8,12 +8,18 @@ Layout under `<output_dir>/checkpoints/`:
                                (every .pt is read back with torch.load(weights_only=True): never code)
         COMPLETE               written last: a tag without it is an interrupted save and is never loaded
     latest                    the newest complete tag, replaced atomically
+    .retired-step_00000050/   an old checkpoint being deleted (renamed first, so it is gone from the step
+                              folders in one step); a leftover of an interrupted deletion goes at the next start
+                              or save
 
-A crash during a save leaves an incomplete tag dir next to an untouched `latest`.
+A crash during a save leaves an incomplete tag dir next to an untouched `latest`. A COMPLETE marker always
+means a complete checkpoint: a folder is deleted only after it was renamed out of the step folders.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -28,8 +34,10 @@ from fuxi.common.atomic import atomic_path, write_text
 from fuxi.common.typed_config import to_dict
 from fuxi.pretrain.distributed import barrier
 
+log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
+RETIRED = ".retired-"  # prefix of a checkpoint folder being deleted; TAG_PATTERN does not match it
 
 
 def capture_rng_state() -> dict:
@@ -58,6 +66,8 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int):
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
         self.root.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            self.remove_retired()
 
     @staticmethod
     def tag_for(step: int) -> str:
@@ -77,8 +87,10 @@ class CheckpointManager:
         """Collective: every rank calls it."""
         tag = self.tag_for(step)
         tag_dir = self.root / tag
-        if self.rank == 0 and tag_dir.exists():  # a leftover of an interrupted save of the same step
-            shutil.rmtree(tag_dir)
+        if self.rank == 0:
+            self.remove_retired()
+            if tag_dir.exists():  # a leftover of an interrupted save of the same step
+                self.retire(tag_dir)
         barrier()
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         rank_file = tag_dir / f"rank_{self.rank:05d}.pt"
@@ -98,11 +110,31 @@ class CheckpointManager:
         return tag_dir
 
     def _prune(self, keep: str) -> None:
+        """Retire the complete checkpoints beyond keep_last and the incomplete ones older than `keep`."""
         tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
         complete = [t for t in tags if (self.root / t / COMPLETE).is_file()]
         doomed = set(complete[: -self.keep_last]) | {t for t in tags if t not in complete and t < keep}
-        for tag in doomed - {keep}:
-            shutil.rmtree(self.root / tag, ignore_errors=True)
+        for tag in sorted(doomed - {keep}):
+            self.retire(self.root / tag)
+
+    def retire(self, tag_dir: Path) -> None:
+        """Delete a checkpoint folder atomically as the step folders go: rename it to `.retired-<tag>` (one
+        step: it is whole under its name or gone), then delete that. A deletion cut short (a SIGKILL, an I/O
+        error) leaves only a `.retired-` folder, which `remove_retired` deletes later; a COMPLETE marker under
+        a step name always means a complete checkpoint."""
+        aside = self.root / f"{RETIRED}{tag_dir.name}"
+        shutil.rmtree(aside, ignore_errors=True)  # an earlier retirement of the same step, cut short
+        try:
+            os.rename(tag_dir, aside)
+        except OSError as err:
+            log.warning("could not retire checkpoint %s (%s); it stays, whole", tag_dir, err)
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def remove_retired(self) -> None:
+        """Delete what interrupted retirements left (rank 0, at the start and at each save)."""
+        for aside in self.root.glob(f"{RETIRED}*"):
+            shutil.rmtree(aside, ignore_errors=True)
 
     def load(self, engine, tag: str) -> tuple[dict, dict]:
         """Collective. Returns (trainer_state, this rank's state)."""

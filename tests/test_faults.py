@@ -162,3 +162,50 @@ def test_a_rank_killed_under_torchrun_ends_the_launcher_within_seconds(data, tmp
     assert_group_gone(process.pid)
 
 
+# ---- retiring old checkpoints ------------------------------------------------------------------------------
+
+def test_an_interrupted_deletion_of_an_old_checkpoint_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """Deleting step 1 (keep_last 1) is cut short after one file, as a SIGKILL would cut it: the step folders
+    left all hold every file they were written with (a COMPLETE marker still means a complete checkpoint), and
+    what is half deleted is a `.retired-` folder, which the next start removes."""
+    from fuxi.pretrain import checkpointing
+    from fuxi.pretrain.checkpointing import COMPLETE, TAG_PATTERN, CheckpointManager
+
+    root = tmp_path / "checkpoints"
+    written = {}
+    for step in (1, 2, 3):
+        tag = CheckpointManager.tag_for(step)
+        names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_00000.pt",
+                 COMPLETE]
+        (root / tag).mkdir(parents=True)
+        for name in names:
+            (root / tag / name).write_text(f"{tag} {name}")
+        written[tag] = sorted(names)
+    (root / "latest").write_text("step_00000003\n")
+    manager = CheckpointManager(root, keep_last=1, rank=0)
+    real_rmtree = shutil.rmtree
+
+    def cut_short(path, *args, **kwargs):
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        if not files:
+            return real_rmtree(path, *args, **kwargs)
+        files[0].unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        manager._prune(keep="step_00000003")
+    monkeypatch.undo()
+    for folder in (p for p in root.iterdir() if TAG_PATTERN.match(p.name)):
+        if (folder / COMPLETE).is_file():
+            assert sorted(p.name for p in folder.iterdir()) == written[folder.name]
+    assert sorted(p.name for p in root.iterdir()) == [".retired-step_00000001", "latest", "step_00000002",
+                                                      "step_00000003"]
+    assert len(list((root / ".retired-step_00000001").iterdir())) == 3  # one of its 4 files went
+
+    CheckpointManager(root, keep_last=1, rank=0)  # a start (of the resumed run) removes the leftover
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    CheckpointManager(root, keep_last=1, rank=0)._prune(keep="step_00000003")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
+
+
