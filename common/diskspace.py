@@ -1,8 +1,10 @@
 """Telling a full disk from other write errors, and the figures a one-line message about it needs.
 
-Writers wrap the OSError of a full disk in errors of their own (torch.save: "unexpected pos" with the
-"iostream error" as its context; safetensors: a SafetensorError whose text ends in "(os error 28)"), so the
-test looks through the whole chain of an error, and at the text where the errno is lost.
+Writers wrap the OSError of a full disk in errors of their own (torch.save through a Python file: an OSError
+raised while handling its "unexpected pos"; safetensors: a SafetensorError whose text ends in "No space left on
+device (os error 28)"; a data task: a TaskError from another process, its text), so the test looks through the
+whole chain of an error, and at the text where the errno is lost. torch.save to a path loses even the text
+("unexpected pos" while handling "iostream error"): write through a file (pretrain/checkpointing.py: save_torch).
 """
 from __future__ import annotations
 

@@ -155,7 +155,8 @@ class Trainer:
         self.stage.configure(model)
         self.engine = build_engine(model, cfg, ctx, global_batch_at(0, cfg.schedule))
 
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank,
+                                             ctx.device)
         self.state = TrainState()
         self.last_checkpoint = self.resume()  # the newest checkpoint (`latest`), whether or not this run wrote it
         self.streak = BadStreak()

@@ -162,6 +162,95 @@ def test_a_rank_killed_under_torchrun_ends_the_launcher_within_seconds(data, tmp
     assert_group_gone(process.pid)
 
 
+# ---- a full disk during a checkpoint save ------------------------------------------------------------------
+
+def test_a_full_disk_is_told_through_the_errors_that_wrap_it(small_disk):
+    """Real writes on a full tmpfs: torch.save through a file (how checkpoints are written), safetensors'
+    save_file and a plain write say the disk is full through what wraps their errors; torch.save to a path
+    cannot (it keeps neither the errno nor the text), and other write errors are not a full disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fuxi.common.diskspace import is_disk_full
+    from fuxi.pretrain.checkpointing import save_torch
+
+    disk = small_disk(64 << 10)
+    tensors = {"w": torch.zeros(64 << 10)}  # 256 KB
+    (disk.path / "d").write_text("a file, not a folder")
+    with pytest.raises(OSError) as not_a_folder:
+        save_torch(tensors, disk.path / "d" / "e")
+    told = []
+    for write in (lambda: save_torch(tensors, disk.path / "a.pt"), lambda: save_file(tensors, disk.path / "b"),
+                  lambda: (disk.path / "c").write_bytes(bytes(1 << 20)), lambda: torch.save(tensors, disk.path / "e")):
+        with pytest.raises(Exception) as err:
+            write()
+        told.append(is_disk_full(err.value))
+    assert told == [True, True, True, False]
+    assert not is_disk_full(not_a_folder.value) and not is_disk_full(ValueError("no space for doubt"))
+    assert not any(p.name.startswith(("a.pt", ".a.pt")) for p in disk.path.iterdir())  # save_torch left no part
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_says_so_and_the_run_resumes_once_there_is_room(data, reference, tmp_path,
+                                                                                  small_disk):
+    """Room for two checkpoints (keep_last 2) but not the third that must exist before the oldest goes: the save
+    of step 6 fails. One line names the folder, the full disk, a checkpoint's size (that of step 4 on disk) and
+    keep_last + 1; exit status 2; the partial step 6 is gone and `latest` names the complete step 4. With room
+    made, the same command resumes and every step's loss equals the uninterrupted run's."""
+    checkpoint = tree_bytes(reference / "checkpoints" / "step_00000008")
+    disk = small_disk(int(2.5 * checkpoint) + (256 << 10))
+    out = disk.path / "run"
+    root = out / "checkpoints"
+    config = write_config(disk_config(data, out), tmp_path / "run.yaml")
+    process = start(pretrain_command(config))
+    _, stderr = finish(process, "fuxi pretrain on a full disk")
+    assert process.returncode == 2, stderr[-3000:]
+    (line,) = error_lines(stderr, "fuxi pretrain: error:")
+    assert "Traceback" not in stderr
+    assert line.startswith(f"fuxi pretrain: error: checkpoint {root / 'step_00000006'}: the disk is full "
+                           f"(No space left on device"), line
+    need = re.search(r"a checkpoint needs about (\S+ \S+) \(the size of step_00000004\)", line)
+    assert need and abs(bytes_in(need.group(1)) - tree_bytes(root / "step_00000004")) < 1000, line
+    assert "checkpoint.keep_last + 1 = 3 of them must fit" in line
+    assert "`latest` still names step_00000004" in line
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004",
+                                                      "zero_to_fp32.py", "zero_to_torch.py"]
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    assert set(files_under(root / "step_00000004")) == set(files_under(reference / "checkpoints" / "step_00000008"))
+
+    (root / ".retired-step_00000001").mkdir()  # what a deletion cut short leaves: the next start removes it
+    disk.resize(16 << 20)
+    resumed = run_pretrain(config)
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert train_losses(out) == train_losses(reference)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000008",
+                                                      "zero_to_fp32.py", "zero_to_torch.py"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_save_stops_both_ranks_and_their_workers(data, reference, tmp_path, small_disk):
+    """2 ranks with 2 workers each, and room for half a checkpoint: the first save fails. The ranks agree (no
+    rank waits at a barrier for one that left), both exit with the same line, whose estimate of a checkpoint
+    (no complete one exists yet: from the parameters and optimizer state) is within 15% of a real one, and no
+    process, step folder or `latest` is left."""
+    checkpoint = tree_bytes(reference / "checkpoints" / "step_00000008")
+    disk = small_disk(checkpoint // 2)
+    out = disk.path / "run"
+    config = write_config(disk_config(data, out, data={"num_workers": 2}), tmp_path / "run.yaml")
+    process = start(pretrain_command(config, nproc=2))
+    _, stderr = finish(process, "2 ranks on a full disk")
+    assert process.returncode != 0
+    lines = error_lines(stderr, "fuxi pretrain: error:")
+    assert len(lines) == 2 and lines[0] == lines[1], stderr[-4000:]
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000002'}: the disk is full" in lines[0]
+    need = re.search(r"a checkpoint needs about (\S+ \S+) \(estimated from the parameters and the optimizer "
+                     r"state\)", lines[0])
+    assert need and abs(bytes_in(need.group(1)) / checkpoint - 1) < 0.15, (lines[0], checkpoint)
+    assert "there is no `latest` yet" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".py")) == []
+    assert_group_gone(process.pid)
+
+
 # ---- retiring old checkpoints ------------------------------------------------------------------------------
 
 def test_an_interrupted_deletion_of_an_old_checkpoint_leaves_no_half_checkpoint(tmp_path, monkeypatch):
