@@ -13,6 +13,7 @@ shard and sample, or, with on_error="skip", are counted and skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -104,12 +105,17 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
+        """Drop the shard being written. Its tar stream is closed here, errors ignored (on a full disk its last
+        block cannot be written either): left open, it would try again when collected and print an ignored
+        "write to closed file" traceback."""
         if self._tmp is not None:
-            try:
-                self._file.close()
-            finally:
-                os.unlink(self._tmp)
+            tar, file, tmp = self._tar, self._file, self._tmp
             self._tar = self._file = self._tmp = None
+            with contextlib.suppress(OSError, ValueError):
+                tar.close()
+            with contextlib.suppress(OSError, ValueError):
+                file.close()
+            os.unlink(tmp)
 
 
 _HEADERS: dict[tuple[str, int], bytes] = {}

@@ -298,3 +298,50 @@ def test_an_interrupted_deletion_of_an_old_checkpoint_leaves_no_half_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
 
 
+# ---- a full disk under `fuxi data pack` and `fuxi convert to-hf` -------------------------------------------
+
+def fuxi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fuxi.launch.cli", *args], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=HANG)
+
+
+@pytest.mark.slow
+def test_pack_on_a_full_disk_keeps_the_old_shards_and_names_its_resume_state(data, tmp_path, small_disk):
+    """`fuxi data pack` of all languages where only the old (English-only) output and part of the new fit: one
+    line (no stray traceback from a half-written tar at exit), exit 2, the old shards as they were, and the work
+    folder named as the resume state; once there is room, the same command resumes from it and writes the
+    shards a pack on a roomy disk writes."""
+    corpus = data.train_manifest.parent.parent / "clean" / "train"
+    pack = ["data", "pack", str(corpus), str(data.tokenizer_dir), "--seq-len", "32", "--shard-mb", "0.125",
+            "--quiet", "--workers", "2"]
+    assert fuxi(*pack, str(tmp_path / "english"), "--languages", "en").returncode == 0
+    assert fuxi(*pack, str(tmp_path / "all")).returncode == 0
+    disk = small_disk(tree_bytes(tmp_path / "english") + tree_bytes(tmp_path / "all") // 2)
+    out = disk.path / "shards"
+    assert fuxi(*pack, str(out), "--languages", "en").returncode == 0
+    old = files_under(out)
+
+    result = fuxi(*pack, str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    work = disk.path / ".shards.work"
+    (line,) = result.stderr.strip().splitlines()  # nothing else: no "Exception ignored" at exit
+    assert line.startswith(f"fuxi data: error: pack {out}: the disk is full (No space left on device"), line
+    assert f"The work done so far is kept in {work}" in line and work.is_dir()
+    assert files_under(out) == old
+    finished = {shard["path"]: (work / "staging" / shard["path"]).stat().st_ino  # of the parts that finished
+                for part in (work / "results").glob("*.json") for shard in json.loads(part.read_text())["shards"]}
+    assert finished  # code_python's one part cannot fit, the other task's parts can
+
+    disk.resize(64 << 20)
+    result = fuxi(*pack, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert shards_of(out) == shards_of(tmp_path / "all")
+    # the parts finished before the disk filled were kept, not packed again (the same files, moved in)
+    assert {name: (out / name).stat().st_ino for name in finished} == finished
+    assert not work.exists()
+
+
+def shards_of(folder) -> tuple[dict, list]:
+    """What a pack wrote, less where it was written: each shard's bytes and the manifest's shard entries."""
+    tars = {name: digest for name, digest in files_under(folder).items() if name.endswith(".tar")}
+    return tars, json.loads((folder / "manifest.json").read_text())["shards"]
