@@ -345,3 +345,35 @@ def shards_of(folder) -> tuple[dict, list]:
     """What a pack wrote, less where it was written: each shard's bytes and the manifest's shard entries."""
     tars = {name: digest for name, digest in files_under(folder).items() if name.endswith(".tar")}
     return tars, json.loads((folder / "manifest.json").read_text())["shards"]
+
+
+@pytest.mark.slow
+def test_convert_to_hf_on_a_full_disk_keeps_the_old_export(reference, tmp_path, small_disk):
+    """A second export of a training checkpoint where the first one, the consolidated copy and the new one do
+    not fit together: one line naming the output and the space the export needs (within 10% of an export's
+    size on disk), exit 2, the old export as it was and nothing else left on the disk."""
+    convert = ["convert", "to-hf", "--checkpoint", str(reference / "checkpoints"), "--dtype", "float32",
+               "--tokenizer", str(tiny_tokenizer(reference))]
+    assert fuxi(*convert, "--out", str(tmp_path / "hf")).returncode == 0
+    export = tree_bytes(tmp_path / "hf")
+    disk = small_disk(int(2.4 * export))
+    out = disk.path / "hf"
+    assert fuxi(*convert, "--out", str(out)).returncode == 0
+    old = files_under(out)
+
+    result = fuxi(*convert, "--out", str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = error_lines(result.stderr, "fuxi convert: error:")  # above it: DeepSpeed's progress bar
+    assert "Traceback" not in result.stderr
+    assert line.startswith(f"fuxi convert: error: convert to-hf {out}: the disk is full (No space left on device")
+    need = re.search(r"the export needs about (\S+ \S+) \(58,080 parameters in float32 and the tokenizer\)", line)
+    assert need and abs(bytes_in(need.group(1)) / export - 1) < 0.1, (line, export)
+    assert f"{out} is as it was" in line
+    assert files_under(out) == old
+    assert sorted(p.name for p in disk.path.iterdir()) == ["hf"]
+
+
+def tiny_tokenizer(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir.parent / "run.yaml").read_text())["data"]["tokenizer"]
