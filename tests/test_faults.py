@@ -298,6 +298,38 @@ def test_an_interrupted_deletion_of_an_old_checkpoint_leaves_no_half_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
 
 
+# ---- restarts ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_max_restarts_restarts_a_killed_rank_and_the_run_resumes_bitwise(data, tmp_path):
+    """launch/train_single_node.sh with MAX_RESTARTS=1, 2 ranks with 2 workers each; rank 1 SIGKILLed once a
+    checkpoint exists: torchrun restarts both ranks, they resume from `latest` and finish, and every step's
+    loss equals an uninterrupted 2-rank run's (torch 2.13's gloo restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE,
+    which launch/torchrun.py sets)."""
+    def config(out, name):
+        return write_config(run_config(data, out, schedule={**SCHEDULE, "total_steps": 40}, data={"num_workers": 2},
+                                       checkpoint={"every_steps": 4, "keep_last": 2}), tmp_path / name)
+
+    out = tmp_path / "run"
+    env = {**subprocess_env(), "NPROC": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable}
+    process = start(["bash", str(REPO / "launch" / "train_single_node.sh"), str(config(out, "run.yaml"))], env=env)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + HANG
+    while not latest.is_file():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
+    stdout, stderr = finish(process, "a restarted run")
+    assert process.returncode == 0, stderr[-4000:]
+    assert re.search(r"resumed from .*step_\d{8} at step \d+", stderr + stdout), stderr[-4000:]
+    assert "fuxi pretrain: finished at step 40" in stdout
+
+    reference = tmp_path / "reference"
+    run_pretrain(config(reference, "reference.yaml"), nproc=2)
+    assert train_losses(out) == train_losses(reference)
+    assert sorted(train_losses(out)) == list(range(1, 41))
+
+
 # ---- a full disk under `fuxi data pack` and `fuxi convert to-hf` -------------------------------------------
 
 def fuxi(*args: str) -> subprocess.CompletedProcess:
