@@ -36,3 +36,8 @@ class ConfigError(InputError):
 class DataError(InputError):
     """Bad input data: a corrupt shard, an inconsistent manifest, a language with no data, a folder that holds
     what a stage did not write, ... The message names the file, shard, language or field at fault."""
+
+
+class DiskFullError(InputError):
+    """A write failed because its filesystem is full (or a quota is reached): the run's data is fine, the disk is
+    not. The message names the path, the space the write needs where it can be told, and what was kept."""

@@ -13,6 +13,8 @@ it writes into its output folder (`owned`), its engine stages, and what the call
        (a `FinishStep`) writes the record into the new output folder and switches that folder into place
     5. read the result and remove the work folder
 
+A full disk ends the job with one line (DiskFullError) that names the work folder it keeps for the resume.
+
 The job travels inside its steps (`TaskStep.job`) to Slurm and Ray workers.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 from fuxi.common.atomic import write_json
-from fuxi.common.errors import ConfigError
+from fuxi.common.diskspace import DISK_FULL, free_bytes, is_disk_full, size_text, tree_bytes
+from fuxi.common.errors import ConfigError, DiskFullError
 from fuxi.common.staging import refuse_foreign
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages, still_queued
 
@@ -146,6 +149,17 @@ class FinishStep(TaskStep):
         raise NotImplementedError
 
 
+def disk_full_message(job: Job) -> str:
+    """A full disk during a job, in one line. The work folder is kept: it is the job's resume state (finished
+    tasks are skipped when the same command runs again), often most of the work; the message names it and its
+    size, so whoever needs the space can delete it knowingly."""
+    work = job.work_dir
+    return (f"{job.name} {job.out_dir}: {DISK_FULL}, {size_text(free_bytes(work))} free; {job.out_dir} is as it "
+            f"was. The work done so far is kept in "
+            f"{work} ({size_text(tree_bytes(work))}), the state the same command resumes from: free space and run "
+            f"it again (what finished is skipped), or delete {work} to start afresh")
+
+
 def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
     """Run `job` on `executor` (see the module docstring): its result, or None when its stages were submitted
     to a cluster or this machine ran only some of its tasks. keep_work: keep the work folder after success."""
@@ -165,8 +179,13 @@ def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
             log.info("%s: removed the work folder %s", job.name, job.work_dir)
         return job.result()
     stages = job.stages(job_hash, executor.num_tasks)
-    prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": {stage.name: stage.tasks for stage in stages}})
-    done = run_stages(stages, job.work_dir, executor)
+    try:
+        prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": {stage.name: stage.tasks for stage in stages}})
+        done = run_stages(stages, job.work_dir, executor)
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFullError(disk_full_message(job)) from None
+        raise
     if executor.executor == "local" and executor.partial:
         job.publish_share(executor)
         shutil.rmtree(job.work_dir, ignore_errors=True)

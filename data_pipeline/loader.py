@@ -8,10 +8,14 @@ per-language validation batches.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -19,9 +23,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from fuxi.common.errors import ConfigError, DataError
+from fuxi.common.errors import ConfigError, DataError, InputError
 from fuxi.common.tables import format_table
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.data_pipeline.errors import ManifestError
@@ -85,15 +89,96 @@ def build_plan(manifest: Manifest, cfg: DataConfig) -> MixturePlan:
 
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def leave_shutdown_to_parent(worker_id: int) -> None:
+def leave_shutdown_to_parent(worker_id: int, parent: int | None = None) -> None:
     """DataLoader worker init: ignore SIGTERM and SIGINT. Schedulers (Slurm, torchrun, a terminal) signal a
     whole process group; a worker that died of it would fail the step the trainer is finishing before it saves.
-    The parent decides when to stop and shuts its workers down (they also exit when it dies)."""
+    The parent decides when to stop and ends its workers (`end_workers`); they die with it (`die_with_parent`).
+    `parent`: the pid of the process that started the workers."""
     for sig in SHUTDOWN_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)  # a signal held since the fork is dropped
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process the moment its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere torch's watchdog
+    ends a worker within 5 s). A worker holds copies of its rank's sockets: while it lives, the other ranks'
+    collectives do not see that a rank SIGKILLed (by the OOM killer, a scheduler) is gone. The signal comes
+    when the parent's thread that forked ends: iterate the loader from the thread that lives as long as the
+    run (the trainer's main thread)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the call
+        os._exit(0)
+
+
+# The DataLoader iterators whose workers may still run, with the pid of the process that started them, for
+# `_end_workers_at_exit` (a process forked from that one inherits the table and the hook, not the workers).
+_RUNNING: dict[int, tuple[int, object]] = {}
+_exit_hook_registered = False
+
+
+def end_workers(iterator) -> None:
+    """End a DataLoader iterator's workers now, whatever the state of the run: SIGKILL, since they ignore SIGTERM
+    (`leave_shutdown_to_parent`) and hold nothing to save. torch's own shutdown sends them a sentinel, waits 5 s
+    each, then sends SIGTERM, which they ignore; Python's exit (multiprocessing's atexit) joins them forever.
+    Their pids leave torch's SIGCHLD watch first, so their deaths are not reported as a worker failure."""
+    _RUNNING.pop(id(iterator), None)
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+        _remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    workers = list(getattr(iterator, "_workers", []))
+    for worker in workers:
+        if worker.is_alive():  # not yet reaped, so its pid is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+    for worker in workers:
+        worker.join()
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # closes the queues; the joins in it return at once
+
+
+def _end_workers_at_exit() -> None:
+    for owner, iterator in list(_RUNNING.values()):
+        if owner == os.getpid():
+            with contextlib.suppress(Exception):
+                end_workers(iterator)
+
+
+def _track_workers(iterator) -> None:
+    """Remember an iterator with workers until `end_workers`. At the first one, register the exit hook: atexit
+    runs hooks last-registered first, so it runs before multiprocessing's (registered when it was imported),
+    whose join would otherwise wait for workers that ignore its SIGTERM."""
+    global _exit_hook_registered
+    _RUNNING[id(iterator)] = (os.getpid(), iterator)
+    if not _exit_hook_registered:
+        atexit.register(_end_workers_at_exit)
+        _exit_hook_registered = True
+
+
+class _InputErrorsAsItems(IterableDataset):
+    """A worker's bad-input error (a corrupt shard, ...) travels to the training process as an item and is raised
+    there as it is, one line naming the shard. Raised in the worker, DataLoader would re-raise it as a new error
+    whose message is the worker's whole traceback."""
+
+    def __init__(self, dataset: IterableDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from self.dataset
+        except InputError as err:
+            yield err
 
 
 @contextlib.contextmanager
@@ -173,17 +258,29 @@ class TrainLoader:
             dataset.batches_per_chunk = max(1, min(32, TRANSFER_TOKENS // (self.batch_size * self.cfg.seq_len)))
         # The loader's own generator: creating the worker iterator must not draw from the global torch RNG,
         # whose state the trainer saves and restores (a resumed run would otherwise draw at another step).
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            persistent_workers=False, worker_init_fn=leave_shutdown_to_parent,
+        loader = DataLoader(_InputErrorsAsItems(dataset) if workers else dataset, batch_size=None,
+                            num_workers=workers, prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            persistent_workers=False,
+                            worker_init_fn=functools.partial(leave_shutdown_to_parent, parent=os.getpid()),
                             generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
         with shutdown_signals_blocked():  # the workers fork here, inheriting the blocked mask
             chunks = iter(loader)
+        if workers:
+            _track_workers(chunks)
+        try:
+            yield from self._batches(chunks, dataset.batches_per_chunk, workers)
+        finally:  # an error here or in the caller, or the caller closing this generator: the workers end now
+            if workers:
+                end_workers(chunks)
+
+    def _batches(self, chunks, batches_per_chunk: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
         warn_at = 1
         for item in chunks:
+            if isinstance(item, InputError):  # raised in a worker (_InputErrorsAsItems)
+                raise item
             chunk = unpack_batch(*item) if workers > 0 else item
-            batches = [chunk] if dataset.batches_per_chunk == 1 and workers == 0 else \
-                [{k: v[j] for k, v in chunk.items()} for j in range(dataset.batches_per_chunk)]
+            batches = [chunk] if batches_per_chunk == 1 and workers == 0 else \
+                [{k: v[j] for k, v in chunk.items()} for j in range(batches_per_chunk)]
             for batch in batches:
                 self.skipped += int(batch.pop("_skipped"))
                 if self.skipped >= warn_at:  # at 1, 2, 4, 8, ... replacements: visible, never a flood

@@ -13,6 +13,7 @@ shard and sample, or, with on_error="skip", are counted and skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -104,12 +105,17 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
+        """Drop the shard being written. Its tar stream is closed here, errors ignored (on a full disk its last
+        block cannot be written either): left open, it would try again when collected and print an ignored
+        "write to closed file" traceback."""
         if self._tmp is not None:
-            try:
-                self._file.close()
-            finally:
-                os.unlink(self._tmp)
+            tar, file, tmp = self._tar, self._file, self._tmp
             self._tar = self._file = self._tmp = None
+            with contextlib.suppress(OSError, ValueError):
+                tar.close()
+            with contextlib.suppress(OSError, ValueError):
+                file.close()
+            os.unlink(tmp)
 
 
 _HEADERS: dict[tuple[str, int], bytes] = {}
@@ -169,29 +175,28 @@ class ShardReader:
         if self.usable:
             self._fd = os.open(self.path, os.O_RDONLY)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, whole_shard: bool = False) -> None:
+        """Raise, or warn when skipping (saying, for a whole shard, that its samples are replaced: only then)."""
         if self.on_error == "raise":
             raise ShardError(message)
-        log.warning("%s (on_error=skip: continuing)", message)
+        replaced = f"; its {self.shard.samples} samples are replaced" if whole_shard else ""
+        log.warning("%s%s (on_error=skip: continuing)", message, replaced)
 
     def _check_file(self, verify_checksum: bool) -> bool:
         """Whether the file is the one the manifest describes (raises, or warns when skipping)."""
         if not self.path.is_file():
-            self._fail(f"shard {self.path}: missing (listed in {self.manifest.path}); its {self.shard.samples} "
-                       f"samples are replaced")
+            self._fail(f"shard {self.path}: missing (listed in {self.manifest.path})", whole_shard=True)
             return False
         size = os.path.getsize(self.path)
         if size != self.shard.bytes:
             self._fail(f"shard {self.path}: {size} bytes on disk but the manifest {self.manifest.path} says "
-                       f"{self.shard.bytes} (truncated or rewritten?); its {self.shard.samples} samples are "
-                       f"replaced")
+                       f"{self.shard.bytes} (truncated or rewritten?)", whole_shard=True)
             return False
         if verify_checksum:
             digest = sha256_file(self.path)
             if digest != self.shard.sha256:
                 self._fail(f"shard {self.path}: sha256 {digest[:16]}... disagrees with the manifest's "
-                           f"{self.shard.sha256[:16]}... ({self.manifest.path}); its {self.shard.samples} samples "
-                           f"are replaced")
+                           f"{self.shard.sha256[:16]}... ({self.manifest.path})", whole_shard=True)
                 return False
         return True
 

@@ -44,18 +44,53 @@ def cmd_convert_to_hf(args) -> int:
 
     from fuxi.checkpoints import export_to_hf
     from fuxi.checkpoints.deepspeed_checkpoint import consolidate_deepspeed_checkpoint, is_deepspeed_checkpoint
+    from fuxi.common.diskspace import is_disk_full
+    from fuxi.common.errors import DiskFullError
 
     shard_bytes = parse_size(args.shard_size)
-    if is_deepspeed_checkpoint(args.checkpoint):  # a training checkpoint: gather the ZeRO partitions first
-        with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
-            plain = consolidate_deepspeed_checkpoint(args.checkpoint, Path(tmp) / "plain", shard_bytes)
-            out = export_to_hf(plain, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
+    existed = Path(args.out).exists()
+    try:
+        if is_deepspeed_checkpoint(args.checkpoint):  # a training checkpoint: gather the ZeRO partitions first
+            with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
+                plain = consolidate_deepspeed_checkpoint(args.checkpoint, Path(tmp) / "plain", shard_bytes)
+                out = export_to_hf(plain, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
+                                   tokenizer_dir=args.tokenizer, layout=args.format)
+        else:
+            out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
                                tokenizer_dir=args.tokenizer, layout=args.format)
-    else:
-        out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard_bytes,
-                           tokenizer_dir=args.tokenizer, layout=args.format)
+    except Exception as err:
+        if is_disk_full(err):  # the export and the temp folder were removed as the error left their blocks
+            raise DiskFullError(export_disk_full_message(args, existed)) from None
+        raise
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
+
+
+def export_disk_full_message(args, existed: bool) -> str:
+    """`convert to-hf` on a full disk, in one line: the space the export needs (its weights in the export dtype,
+    the tokenizer) and, for a training checkpoint, the consolidated copy written beside it meanwhile."""
+    import torch
+
+    from fuxi.checkpoints.deepspeed_checkpoint import MODEL_CONFIG_FILE, is_deepspeed_checkpoint, resolve_tag_dir
+    from fuxi.checkpoints.model_checkpoint import own_tokenizer, read_model_config
+    from fuxi.common.diskspace import DISK_FULL, free_bytes, size_text, tree_bytes
+    from fuxi.model import build_model
+
+    deepspeed = is_deepspeed_checkpoint(args.checkpoint)
+    source = resolve_tag_dir(args.checkpoint) if deepspeed else Path(args.checkpoint)
+    config = read_model_config(source / MODEL_CONFIG_FILE if deepspeed else source)
+    params = build_model(config, device="meta").num_parameters()
+    tokenizer = args.tokenizer or own_tokenizer(source)
+    export = params * getattr(torch, args.dtype).itemsize + tree_bytes(tokenizer)
+    needs = f"the export needs about {size_text(export)} ({params:,} parameters in {args.dtype}" + \
+            (" and the tokenizer)" if tokenizer else ")")
+    if deepspeed:  # consolidated in float32, with the checkpoint's own tokenizer
+        plain = params * 4 + tree_bytes(own_tokenizer(source))
+        needs += (f", and the training checkpoint is first consolidated beside it, about {size_text(plain)} more "
+                  f"until the export is written")
+    out = Path(args.out)
+    return (f"convert to-hf {out}: {DISK_FULL}, {size_text(free_bytes(out))} free; {needs}; {out} "
+            f"{'is as it was' if existed else 'was not created'} and nothing partial was left")
 
 
 def cmd_convert_from_hf(args) -> int:

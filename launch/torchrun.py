@@ -9,6 +9,8 @@ ranks, which finish their step and write a checkpoint, then kills what is left. 
   the signal again) the step would then be torn down with the ranks in the middle of their checkpoint.
 - After a signal it exits with 128 + the signal number, the shell's convention for "terminated by", with one
   line instead of torchrun's traceback; the ranks' own exit codes and output are above it.
+
+And `--max_restarts` works out of the box: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless set (see `main`).
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     # other packages of those names (Hugging Face's `kernels`, which transformers imports). Python >= 3.11 leaves
     # it off with PYTHONSAFEPATH; the ranks import this project as `fuxi` from the install either way.
     os.environ.setdefault("PYTHONSAFEPATH", "1")
+    # Restarts (--max_restarts): torchrun shares its rendezvous TCP store with the ranks, and the ranks of a
+    # restarted round can read the previous round's keys, so on torch 2.13 with gloo every restart fails with
+    # "Gloo connectFullMesh failed ... Connection refused" and none trains. A store of their own per round fixes
+    # it (upstream: pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main(argv)
     except SignalException as err:

@@ -2,8 +2,10 @@
 
 Exit codes: 0 finished, or stopped by SIGTERM/SIGINT (preemption: after writing a checkpoint of the last step,
 or during setup before any step, writing nothing); 2 a config, data or checkpoint error (one line naming the
-key, file or shard); 3 the NaN guard stopped the run (`run.max_consecutive_bad_steps` bad steps in a row, or
-the schedule ended inside a bad streak that damaged the weights; `latest` names the last intact checkpoint).
+key, file or shard), or a full disk during a checkpoint save (one line with the space a checkpoint needs; the
+partial checkpoint removed, `latest` untouched); 3 the NaN guard stopped the run
+(`run.max_consecutive_bad_steps` bad steps in a row, or the schedule ended inside a bad streak that damaged the
+weights; `latest` names the last intact checkpoint).
 """
 from __future__ import annotations
 

@@ -155,7 +155,8 @@ class Trainer:
         self.stage.configure(model)
         self.engine = build_engine(model, cfg, ctx, global_batch_at(0, cfg.schedule))
 
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last, ctx.rank,
+                                             ctx.device)
         self.state = TrainState()
         self.last_checkpoint = self.resume()  # the newest checkpoint (`latest`), whether or not this run wrote it
         self.streak = BadStreak()
@@ -205,23 +206,34 @@ class Trainer:
 
         self.engine.train()
         batches = iter(self.data.loader)
-        while state.step < total:
-            outcome = self.train_step(batches)
-            self.count_bad_step(outcome)
-            if state.step % cfg.logging.every_steps == 0 or state.step == total:
-                self.log_train(outcome)
-            # The checkpoint first: a validation or evaluation that fails after it cannot lose it.
-            self.save_if_due(outcome.preempted)
-            if outcome.preempted:
-                if self.ctx.is_main:
-                    log.warning("preemption signal received: exiting; latest checkpoint %s", self.last_checkpoint)
-                return self.finish(preempted=True)
-            if self.val_batches and state.step % cfg.logging.val_every_steps == 0 and state.step < total:
-                self.validate()
-                self.engine.train()
-            if self.evaluator is not None and self.evaluator.due(state.step):
-                self.evaluate_downstream()
-        return self.finish(preempted=False)
+        preempted = False
+        try:
+            while state.step < total:
+                outcome = self.train_step(batches)
+                self.count_bad_step(outcome)
+                if state.step % cfg.logging.every_steps == 0 or state.step == total:
+                    self.log_train(outcome)
+                # The checkpoint first: a validation or evaluation that fails after it cannot lose it.
+                self.save_if_due(outcome.preempted)
+                if outcome.preempted:
+                    if self.ctx.is_main:
+                        log.warning("preemption signal received: exiting; latest checkpoint %s",
+                                    self.last_checkpoint)
+                    preempted = True
+                    break
+                if self.val_batches and state.step % cfg.logging.val_every_steps == 0 and state.step < total:
+                    self.validate()
+                    self.engine.train()
+                if self.evaluator is not None and self.evaluator.due(state.step):
+                    self.evaluate_downstream()
+        finally:
+            # On every way out (the end, a signal, an error in a step, a save or a collective whose peer died) the
+            # loader's DataLoader workers end here (data_pipeline/loader.py): they ignore SIGTERM, and an exit
+            # that left them running would wait for them forever.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return self.finish(preempted=preempted)
 
     def train_step(self, batches) -> StepOutcome:
         """One optimizer step: the schedule's batch size and lr, the micro-batches of gradient accumulation, then

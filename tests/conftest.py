@@ -31,3 +31,47 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+class SmallDisk:
+    """A tmpfs of a given size mounted at `path`, to fill up: a full disk as a cluster's file system gives one."""
+
+    def __init__(self, path, size: int):
+        import subprocess
+
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"a full disk is simulated with a tmpfs, and mounting one failed: {result.stderr.strip()}")
+
+    def resize(self, size: int) -> None:
+        """Make room (or less): the files stay."""
+        import subprocess
+
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "--lazy", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> a SmallDisk: a tmpfs of `size` bytes under tmp_path, unmounted however the test ends.
+    Needs root (mount); elsewhere the test is skipped, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a tmpfs, which only root can mount")
+    disks = []
+
+    def make(size: int, name: str = "disk") -> SmallDisk:
+        disks.append(SmallDisk(tmp_path / name, size))
+        return disks[-1]
+
+    try:
+        yield make
+    finally:
+        for disk in disks:
+            disk.unmount()

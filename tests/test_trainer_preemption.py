@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from trainer_helpers import (REPO, pretrain_command, run_config, run_pretrain, subprocess_env, tiny_training_dataset,
+from trainer_helpers import (pretrain_command, run_config, run_pretrain, start_in_session, tiny_training_dataset,
                              train_losses, wait_for_steps, write_config)
 
 # A constant LR (no warmup, floor = peak), so a run's losses do not depend on schedule.total_steps and an
@@ -26,12 +25,6 @@ def data(tmp_path_factory):
 def preemptible_config(data, out, zero_stage):
     return run_config(data, out, schedule=SCHEDULE, data={"num_workers": 2}, checkpoint={"every_steps": 1000},
                       parallelism={"zero_stage": zero_stage, "micro_batch": 2, "precision": "fp32"})
-
-
-def start(command, env=None, cwd=REPO):
-    """A new session, so the job has its own process group as under a scheduler."""
-    return subprocess.Popen(command, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def checkpointed_step(out_dir, stdout):
@@ -69,7 +62,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers(data, tmp_path):
     container runtime or Slurm's srun delivers): the workers must not die and fail the step."""
     out = tmp_path / "run"
     config = write_config(preemptible_config(data, out, zero_stage=1), tmp_path / "run.yaml")
-    process = start(pretrain_command(config))
+    process = start_in_session(pretrain_command(config))
     wait_for_steps(process, out / "metrics.jsonl", 3)
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -86,7 +79,7 @@ def test_sigint_to_torchrun_two_ranks_zero3(data, tmp_path):
     (to srun and to its tasks): torchrun must still wait for the checkpoint before it exits."""
     out = tmp_path / "run"
     config = write_config(preemptible_config(data, out, zero_stage=3), tmp_path / "run.yaml")
-    process = start(pretrain_command(config, nproc=2))
+    process = start_in_session(pretrain_command(config, nproc=2))
     wait_for_steps(process, out / "metrics.jsonl", 3)
     os.killpg(process.pid, signal.SIGINT)
     time.sleep(0.3)

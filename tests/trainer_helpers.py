@@ -105,3 +105,25 @@ def wait_for_steps(process, metrics, steps, timeout=240):
             os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError("timed out waiting for the training process")
         time.sleep(0.1)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks a torchrun launcher started (its children, by their RANK variable)."""
+    children = [int(pid) for task in Path(f"/proc/{launcher_pid}/task").glob("*/children")
+                for pid in task.read_text().split()]
+    ranks = {}
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"RANK" in variables:
+            ranks[int(variables[b"RANK"])] = pid
+    return ranks
+
+
+def start_in_session(command, env=None, cwd=REPO) -> subprocess.Popen:
+    """A new session, so the job has its own process group as under a scheduler."""
+    return subprocess.Popen(command, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
