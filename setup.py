@@ -31,6 +31,10 @@ install_requires = [
     "xxhash>=3.0,<4",
     "orjson>=3.9",  # datatrove's JSONL reader (the datatrove side of `fuxi bench data --scale`)
     "py3langid>=0.2.2",
+    # corpora as they ship (data_pipeline/readers.py): parquet and `datasets` folders (CulturaX, FineWeb-2),
+    # .jsonl.zst (Dolma, RedPajama)
+    "pyarrow>=14",
+    "zstandard>=0.22",
     "tiktoken>=0.7",  # data_pipeline/encoders.py: 3x faster packing, checked equal to the HF tokenizer
     "tensorboard>=2.14",
 ]
@@ -50,7 +54,8 @@ setup(
                   "fuxi.pretrain.evaluation": ["tasks/*", "tasks/**/*"]},
     install_requires=install_requires,
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2"],
+        # datasets: the tests write `save_to_disk` folders with it (reading them needs only pyarrow)
+        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "datasets>=2.14"],
         "flash": ["flash-attn>=2.5"],
         # `fuxi eval` and in-loop evaluation: lm-evaluation-harness with its Hugging Face backend (accelerate);
         # the task-loading API used here (TaskManager.load) is that of 0.4.13.

@@ -324,7 +324,7 @@ class CorpusFrequency:
 
 
 def language_texts(corpus_dir: str | Path, lang: str) -> list[str]:
-    from fuxi.data_pipeline.corpus import iter_jsonl
+    from fuxi.data_pipeline.readers import iter_jsonl
     path = Path(corpus_dir) / f"{lang}.jsonl"
     return [doc.text for doc in iter_jsonl(path)] if path.is_file() else []
 

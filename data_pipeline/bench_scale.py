@@ -69,7 +69,7 @@ def _joiner(lang: str, text: str) -> str:
 def grow_corpus(source: Path, out: Path, factor: int, seed: int = 0, planted: float = 0.0) -> list[dict]:
     """`factor` x the corpus by sentence reshuffling; with `planted`, that fraction of the training documents
     gets an edited copy at the end of its file. Returns the planted pairs (lang, original, copy)."""
-    from fuxi.data_pipeline.corpus import iter_jsonl
+    from fuxi.data_pipeline.readers import iter_jsonl
     from fuxi.data_pipeline.textstats import word_units
     rng = random.Random(seed)
     pairs = []

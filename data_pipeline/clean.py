@@ -30,13 +30,14 @@ from fuxi.common.errors import ConfigError
 from fuxi.data_pipeline.clean_report import REPORT_NAME, CleanReport
 from fuxi.data_pipeline.clean_stages import (Gather, HoldoutOffsets, PlanChunks, ProcessChunks, Publish,
                                              WriteKept)
-from fuxi.data_pipeline.corpus import find_splits
+from fuxi.data_pipeline.corpus import check_splits_read, find_splits
 from fuxi.data_pipeline.dedup import DedupConfig
 from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage
 from fuxi.data_pipeline.filters import FilterConfig
 from fuxi.data_pipeline.job import Job, run_job
 from fuxi.data_pipeline.langid import LangIdConfig
+from fuxi.data_pipeline.readers import RecordFields
 
 
 @dataclass
@@ -54,6 +55,7 @@ class CleanJob(Job):
     max_docs_per_language: int | None
     holdout_every: int
     chunk_bytes: int
+    fields: RecordFields = RecordFields()  # where records keep their text and language
 
     def inputs(self) -> list[str]:
         return list(self.splits.values())
@@ -90,11 +92,14 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
           langid: LangIdConfig | None = None, languages: list[str] | None = None,
           max_docs_per_language: int | None = None, holdout_fraction: float = 0.0,
           num_proc: int | None = None, progress: bool = True, executor: ExecutorConfig | None = None,
-          work_dir: str | Path | None = None, chunk_mb: float = 8.0, keep_work: bool = False) -> CleanReport | None:
+          work_dir: str | Path | None = None, chunk_mb: float = 8.0, keep_work: bool = False,
+          text_field: str = "text", lang_field: str | None = None) -> CleanReport | None:
     """Clean `inputs` into `out_dir/<split>/<lang>.jsonl`; returns the report (None when the job was submitted
     to a cluster).
 
-    inputs: a corpus path (a folder with train/ and valid/ is split accordingly) or {split: path}.
+    inputs: a corpus path (any layout of `corpus.py`; one holding splits is split accordingly) or {split: path}.
+    text_field, lang_field: the record field (JSONL) or column (parquet, `datasets`) of the text and of the
+    language (default: "lang", else "language"); a language given by the data is kept, not identified.
     languages: keep only these languages (after identification). max_docs_per_language: read at most this
     many labelled documents per language from each input chunk (quick subsets; a file smaller than `chunk_mb`
     is one chunk). holdout_fraction: when there is no "valid" split, move every round(1/fraction)-th kept
@@ -110,6 +115,9 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     splits = dict(inputs) if isinstance(inputs, Mapping) else find_splits(inputs)
     if not splits:
         raise ConfigError("inputs", "no splits given")
+    check_splits_read(splits)
+    if not text_field or lang_field == "":
+        raise ConfigError("text_field" if not text_field else "lang_field", "must not be empty")
     if not 0.0 <= holdout_fraction < 1.0:
         raise ConfigError("holdout_fraction", f"must be in [0, 1), got {holdout_fraction}")
     if chunk_mb <= 0:
@@ -119,5 +127,5 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         filters=filters, dedup=dedup, langid=langid, languages=list(languages) if languages else None,
         max_docs_per_language=max_docs_per_language,
         holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
-        chunk_bytes=max(1, int(chunk_mb * (1 << 20))))
+        chunk_bytes=max(1, int(chunk_mb * (1 << 20))), fields=RecordFields(text_field, lang_field))
     return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), keep_work)

@@ -1,6 +1,10 @@
 """What `fuxi data clean` reports (`<out>/clean_report.json` and the printed tables): documents per split,
 language and reason (input, language-ID fills, each filter, exact and near duplicates, kept, held out), and
-per stage and task the figures the tasks saved."""
+per stage and task the figures the tasks saved.
+
+"langid_filled" (the "lang ID" column) counts the documents whose language came from language ID: those the
+data gave none (no language field, none from the folder, or "und"/"unknown"). A language the data gives is
+never replaced, so that count is also every document that did not keep a language of its own."""
 from __future__ import annotations
 
 import json
@@ -40,7 +44,7 @@ class CleanReport:
                 rows.append([split, lang, s.get("input", 0), s.get("langid_filled", 0), filtered,
                              s.get("exact_dup", 0), s.get("near_dup", 0), s.get("kept", 0),
                              s.get("held_out", 0), reasons or "-"])
-        return format_table(["split", "lang", "input", "lid", "filtered", "exact dup", "near dup", "kept",
+        return format_table(["split", "lang", "input", "lang ID", "filtered", "exact dup", "near dup", "kept",
                              "held out", "filters"], rows)
 
     def task_table(self) -> str:

@@ -110,7 +110,7 @@ class PlanChunks(TaskStep):
 
     def run_task(self, rank: int, world_size: int) -> None:
         job = self.job
-        chunks = plan_chunks(job.splits, job.chunk_bytes, job.max_docs_per_language)
+        chunks = plan_chunks(job.splits, job.chunk_bytes, job.max_docs_per_language, job.fields)
         write_json(job.work_dir / "plan.json", {"chunks": [c.to_dict() for c in chunks]})
         self.count("chunks", len(chunks))
 

@@ -93,7 +93,7 @@ def cmd_clean(args) -> int:
     report = clean(args.input, args.out, filters=filters, dedup=dedup, langid=langid, languages=args.languages,
                    max_docs_per_language=args.max_docs_per_language, holdout_fraction=args.holdout,
                    executor=executor_config(args), work_dir=args.work_dir, chunk_mb=args.chunk_mb,
-                   keep_work=args.keep_work)
+                   keep_work=args.keep_work, text_field=args.text_field, lang_field=args.lang_field)
     if report is None:
         return 0
     print(report.table())
@@ -250,8 +250,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build_corpus)
 
     p = sub.add_parser("clean", help="NFC, language ID, heuristic filters, exact + MinHash near-dedup")
-    p.add_argument("input", help="JSONL file, folder of JSONL, folder of per-language folders, or a corpus "
-                                 "folder with train/ and valid/")
+    p.add_argument("input", help="a .jsonl(.gz/.zst) or .parquet file, a folder of them and of language folders, "
+                                 "a datasets save_to_disk folder, or a corpus holding splits (train/ and valid/, "
+                                 "FineWeb-2's <lang>/{train,test}/); see docs/data.md")
     p.add_argument("out")
     p.add_argument("--languages", nargs="*", help="keep only these languages")
     p.add_argument("--max-docs-per-language", type=int,
@@ -266,6 +267,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-langid", action="store_true", help="drop unlabelled documents instead of identifying")
     p.add_argument("--langid-min-confidence", type=float, default=0.5)
     p.add_argument("--chunk-mb", type=float, default=8.0, help="input chunk size (the unit of work of a task)")
+    p.add_argument("--text-field", default="text", help="the record field or column holding the text")
+    p.add_argument("--lang-field", help="the record field or column holding the language (default: lang, "
+                                        "else language)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     p.add_argument("--quiet", action="store_true")
     add_executor_arguments(p)

@@ -18,7 +18,8 @@ from fuxi.common.errors import DataError
 from fuxi.data_pipeline.chunks import plan_chunks, read_chunk
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.clean_stages import ProcessChunks, WriteKept
-from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+from fuxi.data_pipeline.corpus import bundled_corpus
+from fuxi.data_pipeline.readers import iter_jsonl
 from fuxi.data_pipeline.dedup import shingles
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.errors import ManifestError, ShardError, TaskError

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fuxi.common.atomic import atomic_write, sha256_file, write_json
 from fuxi.common.tables import format_table
-from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+from fuxi.data_pipeline.corpus import bundled_corpus
+from fuxi.data_pipeline.readers import iter_jsonl
 from fuxi.data_pipeline.jsonl import iter_json_records
 from fuxi.pretrain.evaluation.local_tasks import TASKS_DIR, tasks_digest
 
