@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from slurm_helpers import job, sbatch, slurm, start_when_eligible, wait_for, wait_until_finished
+from slurm_helpers import FINISHED, job, sbatch, slurm, start_when_eligible, wait_for, wait_until_finished
 from trainer_helpers import (REPO, free_port, run_config, run_pretrain, tiny_training_dataset, train_losses,
                              write_config)
 
@@ -64,8 +64,11 @@ def train_records(out) -> list[int]:
     return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
 
 
-def wait_for_training(out, log, steps=3):
-    wait_for(lambda: len(train_records(out)) >= steps, f"{steps} training steps", FIRST_RUN_TIMEOUT, log)
+def wait_for_training(job_id, out, log, steps=3):
+    """Until the run has trained `steps` steps; a job that ends before fails the test at once, with its log."""
+    wait_for(lambda: len(train_records(out)) >= steps or job(job_id)["JobState"] in FINISHED,
+             f"{steps} training steps", FIRST_RUN_TIMEOUT, log)
+    assert len(train_records(out)) >= steps, f"job {job_id} ended early:\n{log.read_text()[-4000:]}"
 
 
 def checkpoint_of_last_step(out, log) -> int:
@@ -97,7 +100,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, data
     of the step reached, requeue the job, and the restarted job resume from it."""
     config, out = training_config(data, tmp_path)
     job_id, log = submit(config, tmp_path)
-    wait_for_training(out, log)
+    wait_for_training(job_id, out, log)
     slurm("scancel", "--batch", "--signal=USR1", job_id)
     time.sleep(0.3)
     slurm("scancel", "--signal=TERM", job_id)  # a second signal during the save: acted on once
@@ -116,7 +119,7 @@ def test_scancel_checkpoints_and_a_resubmission_resumes(slurm_cluster, data, uni
     cancelled, not requeued. Submitting the same command again resumes."""
     config, out = training_config(data, tmp_path)
     job_id, log = submit(config, tmp_path)
-    wait_for_training(out, log)
+    wait_for_training(job_id, out, log)
     slurm("scancel", job_id)
     time.sleep(0.3)
     slurm("scancel", job_id, check=False)
@@ -139,7 +142,7 @@ def test_preemption_by_a_higher_partition_requeues_and_resumes(slurm_cluster, da
     step it had reached."""
     config, out = training_config(data, tmp_path)
     job_id, log = submit(config, tmp_path, f"--partition={partition}")
-    wait_for_training(out, log)
+    wait_for_training(job_id, out, log)
     urgent = sbatch("--partition=urgent", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path / 'urgent.out'}",
                     "--wrap", "echo urgent ran")
     wait_until_finished(urgent, 300, log)
