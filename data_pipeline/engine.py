@@ -292,7 +292,8 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
                 log.info("%s: tasks %d-%d of %d done on this machine", stage.name, cfg.rank_offset,
                          cfg.rank_offset + cfg.local_tasks - 1, stage.tasks)
                 return False
-            log.info("%s: %d tasks in %.1fs", stage.name, stage.tasks, time.time() - started)
+            log.info("%s: %d task%s in %.1fs", stage.name, stage.tasks, "s" if stage.tasks > 1 else "",
+                     time.time() - started)
         return True
     if cfg.executor == "slurm":
         if cfg.dry_run:

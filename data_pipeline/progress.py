@@ -3,7 +3,7 @@
 Tasks run in forked worker processes (local_executor.py); each reports what it has done through `advance`
 (engine.TaskStep.advance) into two counters in shared memory, which the parent reads into a tqdm bar. The bar
 counts bytes when every task's workload in bytes is known (clean: its chunks' input bytes), else documents
-(pack: its parts' documents), else tasks; the documents and their rate show beside it either way.
+(pack: its parts' documents), else tasks; the other measure and its rate show beside it.
 """
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ class StageProgress:
         self.shown = now
         docs, nbytes = self.counts[0], self.counts[1]
         self.bar.n = {"bytes": nbytes, "documents": docs, "tasks": self.tasks_done}[self.measure]
-        rate = docs / max(now - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{docs:,} docs ({rate:,.0f}/s), tasks {self.tasks_done}/{self.tasks}",
-                                 refresh=True)
+        seconds = max(now - self.started, 1e-9)
+        shown = []  # what the bar itself does not count (stages that count nothing show tasks only)
+        if docs and self.measure != "documents":
+            shown.append(f"{docs:,} docs ({docs / seconds:,.0f}/s)")
+        if nbytes and self.measure != "bytes":
+            shown.append(f"{nbytes / 1e6:,.1f} MB ({nbytes / 1e6 / seconds:,.1f} MB/s)")
+        self.bar.set_postfix_str(", ".join(shown + [f"tasks {self.tasks_done}/{self.tasks}"]), refresh=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fuxi.common.errors import DataError
+from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.config import DataConfig
@@ -21,6 +21,7 @@ from fuxi.data_pipeline.job import watch_jobs
 from fuxi.data_pipeline.loader import build_train_loader
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.prepare import prepare_dataset
 from fuxi.data_pipeline.tokenizer import TokenizerConfig
 from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
 
@@ -168,6 +169,9 @@ def test_missing_foreign_and_unreachable_urls_are_one_line_naming_them(s3, tmp_p
         clean("s3://no-such-bucket/corpus", tmp_path / "out", **ONE)
     with pytest.raises(DataError, match=r"^s3://no-such-bucket/train/manifest.json: no such file or folder$"):
         load_manifest("s3://no-such-bucket/train")
+
+    with pytest.raises(ConfigError, match=rf"^out_dir: s3://{BUCKET}/prepared: prepare builds a local folder"):
+        prepare_dataset(f"s3://{BUCKET}/prepared")
 
     s3.pipe_file(f"{BUCKET}/theirs/notes.txt", b"not ours")
     corpus = _corpus(tmp_path / "corpus")
