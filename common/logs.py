@@ -6,6 +6,7 @@ import logging
 import sys
 
 # Libraries that log routine chatter at INFO (credentials found, HTTP requests, file locks).
+HANDLER_NAME = "fuxi-cli"  # the root handler setup_cli_logging installs
 NOISY = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "httpx", "filelock", "datasets", "huggingface_hub")
 
 
@@ -38,9 +39,10 @@ class _Stderr(logging.StreamHandler):
 def setup_cli_logging(quiet: bool = False) -> None:
     """Route log records to stderr (INFO, or WARNING with `quiet`); a second call replaces the first's handler."""
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
+    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
         root.removeHandler(old)
     handler = _Stderr()
+    handler.set_name(HANDLER_NAME)
     handler.setFormatter(_Format("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)

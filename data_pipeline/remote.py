@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -133,6 +134,8 @@ def local_input(path: str | Path) -> Path:
         state = {}
     if "" not in remote and local.is_file():  # was a file, now a folder
         local.unlink()
+    if "" in remote and local.is_dir():  # was a folder, now a file
+        shutil.rmtree(local)
     started, fetched = time.time(), 0
     for rel, stamp in remote.items():
         target = local / rel if rel else local
