@@ -54,13 +54,16 @@ setup(
                   "fuxi.pretrain.evaluation": ["tasks/*", "tasks/**/*"]},
     install_requires=install_requires,
     extras_require={
-        # datasets: the tests write `save_to_disk` folders with it (reading them needs only pyarrow)
-        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "datasets>=2.14"],
+        # tests: a local S3 server (moto's server mode, S3 only) for the s3:// paths of the data stages
+        # and `save_to_disk` folders (datasets; reading them needs only pyarrow)
+        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "moto[s3]>=5.0", "flask>=3", "flask-cors>=4",
+                "s3fs>=2024.6", "datasets>=2.14"],
+        "s3": ["s3fs>=2024.6"],  # s3:// inputs and outputs of the data stages (data_pipeline/remote.py)
         "flash": ["flash-attn>=2.5"],
         # `fuxi eval` and in-loop evaluation: lm-evaluation-harness with its Hugging Face backend (accelerate);
         # the task-loading API used here (TaskManager.load) is that of 0.4.13.
         "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
-        "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`
+        "ray": ["ray>=2.40"],  # `fuxi data ... --executor ray`; pinned (2.60.0) in constraints.txt
     },
     entry_points={"console_scripts": ["fuxi=fuxi.launch.cli:main"]},
 )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import ClassVar, Mapping
 
 from fuxi.common.errors import ConfigError
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.clean_report import REPORT_NAME, CleanReport
 from fuxi.data_pipeline.clean_stages import (Gather, HoldoutOffsets, PlanChunks, ProcessChunks, Publish,
                                              WriteKept)
@@ -35,7 +36,7 @@ from fuxi.data_pipeline.dedup import DedupConfig
 from fuxi.data_pipeline.dedup_stages import Clusters, FindDuplicates
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage
 from fuxi.data_pipeline.filters import FilterConfig
-from fuxi.data_pipeline.job import Job, run_job
+from fuxi.data_pipeline.job import Job, input_stamp, run_job
 from fuxi.data_pipeline.langid import LangIdConfig
 from fuxi.data_pipeline.readers import RecordFields
 
@@ -59,6 +60,10 @@ class CleanJob(Job):
 
     def inputs(self) -> list[str]:
         return list(self.splits.values())
+
+    def parallelism(self) -> int:
+        """The input chunks, counted from file sizes (a file holds at least one)."""
+        return sum(-(-size // self.chunk_bytes) or 1 for _, size, _ in input_stamp(self.inputs()))
 
     def owned(self) -> tuple[str, ...]:
         return (REPORT_NAME, "train", "valid", *self.splits, *_splits_of_earlier_run(self.out_dir))
@@ -99,7 +104,9 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
 
     inputs: a corpus path (any layout of `corpus.py`; one holding splits is split accordingly) or {split: path}.
     text_field, lang_field: the record field (JSONL) or column (parquet, `datasets`) of the text and of the
-    language (default: "lang", else "language"); a language given by the data is kept, not identified.
+    language (default: "lang", else "language"); a language given by the data is kept, not identified. Inputs and
+    out_dir may be URLs (`s3://...`, remote.py): inputs are read from a local copy, and the output is built in
+    a local folder and uploaded.
     languages: keep only these languages (after identification). max_docs_per_language: read at most this
     many labelled documents per language from each input chunk (quick subsets; a file smaller than `chunk_mb`
     is one chunk). holdout_fraction: when there is no "valid" split, move every round(1/fraction)-th kept
@@ -112,7 +119,8 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
     langid = langid or LangIdConfig()
     filters.validate()
     dedup.validate()
-    splits = dict(inputs) if isinstance(inputs, Mapping) else find_splits(inputs)
+    splits = {k: remote.local_input(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) \
+        else find_splits(remote.local_input(inputs))
     if not splits:
         raise ConfigError("inputs", "no splits given")
     check_splits_read(splits)
@@ -122,10 +130,11 @@ def clean(inputs: str | Path | Mapping[str, str | Path], out_dir: str | Path, *,
         raise ConfigError("holdout_fraction", f"must be in [0, 1), got {holdout_fraction}")
     if chunk_mb <= 0:
         raise ConfigError("chunk_mb", f"must be > 0, got {chunk_mb}")
+    local_out, upload_to = remote.local_output(out_dir)
     job = CleanJob(
-        out_dir=out_dir, work_dir=work_dir, splits={k: str(Path(v).absolute()) for k, v in splits.items()},
+        out_dir=local_out, work_dir=work_dir, splits={k: str(Path(v).absolute()) for k, v in splits.items()},
         filters=filters, dedup=dedup, langid=langid, languages=list(languages) if languages else None,
         max_docs_per_language=max_docs_per_language,
         holdout_every=round(1.0 / holdout_fraction) if holdout_fraction > 0 and "valid" not in splits else 0,
         chunk_bytes=max(1, int(chunk_mb * (1 << 20))), fields=RecordFields(text_field, lang_field))
-    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), keep_work)
+    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), keep_work, upload_to)

@@ -1,8 +1,8 @@
 """The pipeline steps of `fuxi data clean` (the stage list is in clean.py's docstring), and what the process
 step does to each document. Each step reads the job's settings (`clean.CleanJob`) as `self.job`.
 
-Work folder layout (every file written under a temp name and renamed; per chunk, the `meta/` or `written/`
-file comes last and marks the chunk done, so a re-run of a killed task skips the chunks it had finished):
+Work folder layout (every file written under a temp name and renamed; per chunk, `chunks/<stage>/<chunk>.json`
+comes last and marks the chunk done, so a re-run of a killed task skips the chunks it had finished):
 
     plan.json                        the input chunks
     docs/<chunk>.jsonl               documents that passed the filters, as output lines
@@ -12,6 +12,7 @@ file comes last and marks the chunk done, so a re-run of a killed task skips the
     dedup/{edges-<band>,exact_drop,near_drop}.npy, holdout.json
     written/<chunk>.json             per split and language: duplicates, kept, held out
     parts/<split>/<lang>/<chunk>.jsonl, final/<split>/<lang>.jsonl
+    chunks/<stage>/<chunk>.json      documents in and out of a finished chunk (process, write)
     taskstats/<stage>/<task>.json    seconds, documents in and out; logs/<stage>/ is datatrove's
 """
 from __future__ import annotations
@@ -67,12 +68,15 @@ def assign(chunks: list[Chunk], world_size: int) -> list[list[Chunk]]:
 
 
 class _ChunkStep(TaskStep):
-    """A step that works chunk by chunk; `done_dir` holds each finished chunk's marker file."""
-
-    done_dir = ""
+    """A step that works chunk by chunk. `chunks/<stage>/<chunk>.json` (the chunk's documents in and out),
+    written once `process` has written everything else, marks a chunk done: a re-run of a killed task skips it,
+    and its figures still count in the task's (so the report counts the whole job after a resume)."""
 
     def mine(self, rank: int, world_size: int) -> list[Chunk]:
         return assign(load_plan(self.job.work_dir), world_size)[rank]
+
+    def _done(self, chunk: Chunk) -> Path:
+        return self.job.work_dir / "chunks" / self.name / f"{chunk.index:06d}.json"
 
     def describe(self, rank: int, world_size: int) -> str:
         try:
@@ -82,10 +86,15 @@ class _ChunkStep(TaskStep):
         listed = "; ".join(c.describe() for c in chunks[:3])
         return f"{len(chunks)} chunks: {listed}{' ...' if len(chunks) > 3 else ''}"
 
+    def workload(self, rank: int, world_size: int) -> tuple[int | None, int | None]:
+        return None, sum(c.bytes for c in self.mine(rank, world_size) if not self._done(c).is_file())
+
     def run_task(self, rank: int, world_size: int) -> dict:
         figures = Counter()
         for chunk in self.mine(rank, world_size):
-            if (self.job.work_dir / self.done_dir / f"{chunk.index:06d}.json").is_file():
+            done = self._done(chunk)
+            if done.is_file():
+                figures.update(json.loads(done.read_text(encoding="utf-8")))
                 figures["chunks_skipped"] += 1
                 continue
             try:
@@ -94,9 +103,11 @@ class _ChunkStep(TaskStep):
                 raise
             except Exception as err:
                 raise TaskError(f"{self.name}: task {rank} of {world_size}, {chunk.describe()}: {err}") from err
+            write_json(done, {"docs_in": docs_in, "docs_out": docs_out})
             figures["chunks"] += 1
             figures["docs_in"] += docs_in
             figures["docs_out"] += docs_out
+            self.advance(docs_in, chunk.bytes)
         for k, v in figures.items():
             self.count(k, v)
         return dict(figures)
@@ -120,7 +131,6 @@ class ProcessChunks(_ChunkStep):
     shingle set."""
 
     name = "process"
-    done_dir = "meta"
 
     def process(self, chunk: Chunk) -> tuple[int, int]:
         job = self.job
@@ -284,7 +294,6 @@ class WriteKept(_ChunkStep):
     """Drop the duplicates, hold out, and write the kept lines of a chunk per split and language."""
 
     name = "write"
-    done_dir = "written"
 
     def run_task(self, rank: int, world_size: int) -> dict:
         # read once per task, not per chunk: the drop lists and the holdout offsets of every chunk

@@ -12,8 +12,9 @@
     fuxi data align-table OUT                   PreAlign word-alignment table (FreeDict + parallel text)
 
 clean, tokenizer, pack and prepare run as tasks of the data engine (engine.py): `--executor local|slurm|ray`,
-`--tasks N`, `--workers M`; a re-run resumes a killed job. `register(subparsers)` is wired into the `fuxi` CLI;
-`main(argv)` runs the same parser standalone.
+`--tasks N`, `--workers M`; a re-run resumes a killed job, and one of a finished job says it is up to date and
+does nothing (no report is printed again). Their inputs and outputs may be URLs (`s3://bucket/...`, remote.py).
+`register(subparsers)` is wired into the `fuxi` CLI; `main(argv)` runs the same parser standalone.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ import sys
 from pathlib import Path
 
 from fuxi.common.errors import DataError, InputError
+from fuxi.common.logs import setup_cli_logging
 from fuxi.data_pipeline.align_table import TABLE_FORMS
 from fuxi.data_pipeline.config import MIXING_MODES
-from fuxi.data_pipeline.engine import EXECUTORS, ExecutorConfig
+from fuxi.data_pipeline.engine import EXECUTORS, MAX_DEFAULT_TASKS, ExecutorConfig
+from fuxi.data_pipeline.job import watch_jobs
 from fuxi.data_pipeline.tokenizer import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,9 @@ def _weights(items: list[str] | None) -> dict[str, float] | None:
 def add_executor_arguments(p: argparse.ArgumentParser, multi_machine: bool = False) -> None:
     g = p.add_argument_group("engine (datatrove executors; the same job on one machine or many)")
     g.add_argument("--executor", choices=EXECUTORS, default="local")
-    g.add_argument("--tasks", type=int, help="tasks of the parallel stages (default: --workers)")
+    g.add_argument("--tasks", type=int,
+                   help=f"tasks of the parallel stages (default: local: --workers; slurm and ray: one per input "
+                        f"chunk of --chunk-mb (clean) or per language file (pack), at most {MAX_DEFAULT_TASKS})")
     g.add_argument("--workers", "--num-proc", dest="workers", type=int,
                    help="tasks running at once (local: processes; default: all CPUs)")
     if multi_machine:
@@ -90,11 +95,13 @@ def cmd_clean(args) -> int:
     filters = FilterConfig(min_words=args.min_words, max_urls=args.max_urls)
     dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.threshold)
     langid = LangIdConfig(enabled=not args.no_langid, min_confidence=args.langid_min_confidence)
-    report = clean(args.input, args.out, filters=filters, dedup=dedup, langid=langid, languages=args.languages,
-                   max_docs_per_language=args.max_docs_per_language, holdout_fraction=args.holdout,
-                   executor=executor_config(args), work_dir=args.work_dir, chunk_mb=args.chunk_mb,
-                   keep_work=args.keep_work, text_field=args.text_field, lang_field=args.lang_field)
-    if report is None:
+    with watch_jobs() as outcomes:
+        report = clean(args.input, args.out, filters=filters, dedup=dedup, langid=langid,
+                       languages=args.languages, max_docs_per_language=args.max_docs_per_language,
+                       holdout_fraction=args.holdout, executor=executor_config(args), work_dir=args.work_dir,
+                       chunk_mb=args.chunk_mb, keep_work=args.keep_work,
+                       text_field=args.text_field, lang_field=args.lang_field)
+    if report is None or _nothing_done(outcomes):
         return 0
     print(report.table())
     print(report.task_table())
@@ -107,8 +114,9 @@ def cmd_tokenizer(args) -> int:
     from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
     config = TokenizerConfig(vocab_size=args.vocab_size, backend=args.backend,
                              max_docs_per_language=args.max_docs_per_language, seed=args.seed)
-    out = train_tokenizer_task(args.corpus, args.out, config, executor_config(args))
-    if out is None:
+    with watch_jobs() as outcomes:
+        out = train_tokenizer_task(args.corpus, args.out, config, executor_config(args))
+    if out is None or _nothing_done(outcomes):
         return 0
     meta = json.loads((out / META_FILE).read_text())
     print(f"tokenizer ({meta['backend']}, vocab {meta['vocab_size']}, hash {meta['hash'][:16]}) -> {out}")
@@ -130,14 +138,20 @@ def cmd_pack(args) -> int:
     from fuxi.data_pipeline.manifest import load_manifest
     from fuxi.data_pipeline.pack import pack
     languages = load_manifest(args.languages_from).languages if args.languages_from else args.languages
-    path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
-                languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
-                docs_per_part=args.docs_per_part, executor=executor_config(args), work_dir=args.work_dir)
-    if path is None:
+    with watch_jobs() as outcomes:
+        path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
+                    languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
+                    docs_per_part=args.docs_per_part, executor=executor_config(args), work_dir=args.work_dir)
+    if path is None or _nothing_done(outcomes):
         return 0
     print(_manifest_table(load_manifest(path)))
     print(f"manifest -> {path}")
     return 0
+
+
+def _nothing_done(outcomes: list[tuple[str, str]]) -> bool:
+    """Whether every job was up to date: the log said so, and its report is not printed again."""
+    return bool(outcomes) and all(outcome == "up to date" for _, outcome in outcomes)
 
 
 def cmd_merge(args) -> int:
@@ -209,10 +223,13 @@ def cmd_mixture(args) -> int:
 
 def cmd_prepare(args) -> int:
     from fuxi.data_pipeline.prepare import prepare_dataset
-    prepared = prepare_dataset(args.out, args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                               backend=args.backend, max_docs_per_language=args.max_docs_per_language,
-                               shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
-                               executor=executor_config(args))
+    with watch_jobs() as outcomes:
+        prepared = prepare_dataset(args.out, args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                                   backend=args.backend, max_docs_per_language=args.max_docs_per_language,
+                                   shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
+                                   executor=executor_config(args))
+    if prepared is not None and _nothing_done(outcomes):
+        return 0
     if prepared is None:
         print("submitted; run the same command again when the jobs have finished to go on")
         return 0
@@ -252,7 +269,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="NFC, language ID, heuristic filters, exact + MinHash near-dedup")
     p.add_argument("input", help="a .jsonl(.gz/.zst) or .parquet file, a folder of them and of language folders, "
                                  "a datasets save_to_disk folder, or a corpus holding splits (train/ and valid/, "
-                                 "FineWeb-2's <lang>/{train,test}/); see docs/data.md")
+                                 "FineWeb-2's <lang>/{train,test}/); a path or a URL (s3://bucket/corpus); "
+                                 "see docs/data.md")
     p.add_argument("out")
     p.add_argument("--languages", nargs="*", help="keep only these languages")
     p.add_argument("--max-docs-per-language", type=int,
@@ -271,7 +289,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lang-field", help="the record field or column holding the language (default: lang, "
                                         "else language)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p)
     p.set_defaults(func=cmd_clean)
 
@@ -282,6 +300,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="bpe")
     p.add_argument("--max-docs-per-language", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p)
     p.set_defaults(func=cmd_tokenizer)
 
@@ -305,7 +324,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs-per-part", type=int, default=50_000,
                    help="documents per part (a part is packed into shards of its own)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p, multi_machine=True)
     p.set_defaults(func=cmd_pack)
 
@@ -348,7 +367,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "per language from each 8 MB input chunk of clean (a smaller file is one chunk)")
     p.add_argument("--shard-mb", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fuxi")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging(quiet=getattr(args, "quiet", False))
     try:
         return args.func(args)
     except InputError as err:

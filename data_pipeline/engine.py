@@ -32,11 +32,13 @@ from datatrove.pipeline.base import PipelineStep
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError, InputError
 from fuxi.common.typed_config import check_choices, require_at_least
+from fuxi.data_pipeline import progress
 from fuxi.data_pipeline.errors import TaskError
 
 log = logging.getLogger(__name__)
 Executor = Literal["local", "slurm", "ray"]
 EXECUTORS = get_args(Executor)
+MAX_DEFAULT_TASKS = 256  # the default --tasks on a cluster, at most (Slurm's MaxArraySize is often 1001)
 
 
 @dataclass
@@ -80,6 +82,16 @@ class ExecutorConfig:
     def num_tasks(self) -> int:
         return self.tasks or max(1, self.num_workers)
 
+    def tasks_for(self, parallelism: int) -> int:
+        """Tasks of the parallel stages of a job whose inputs can keep `parallelism` tasks busy: --tasks when
+        given; else locally one per worker; on a cluster `parallelism` (e.g. one per input chunk or file), at
+        most MAX_DEFAULT_TASKS (a Slurm array, a Ray job)."""
+        if self.tasks:
+            return self.tasks
+        if self.executor == "local":
+            return self.num_tasks
+        return max(1, min(parallelism, MAX_DEFAULT_TASKS))
+
     @property
     def partial(self) -> bool:
         """True when this machine runs only some of the tasks (the rest run elsewhere)."""
@@ -114,6 +126,15 @@ class TaskStep(PipelineStep):
 
     def describe(self, rank: int, world_size: int) -> str:
         return ""
+
+    def workload(self, rank: int, world_size: int) -> tuple[int | None, int | None]:
+        """(documents, bytes) task `rank` will work through, each None when not known without doing the work:
+        the total of the stage's progress bar (tasks report what they did with `advance`)."""
+        return None, None
+
+    def advance(self, documents: int, nbytes: int = 0) -> None:
+        """Report work done to the stage's progress bar (documents and bytes, rate and ETA)."""
+        progress.advance(documents, nbytes)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         started = time.time()
@@ -175,7 +196,8 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
             executors.append(LocalExecutor(
                 [step], tasks=stage.tasks, workers=workers, logging_dir=logging_dir, local_tasks=local_tasks,
                 local_rank_offset=offset, progress=cfg.progress, stage=stage.name,
-                describe=lambda rank, step=step, n=stage.tasks: step.describe(rank, n)))
+                describe=lambda rank, step=step, n=stage.tasks: step.describe(rank, n),
+                workload=lambda rank, step=step, n=stage.tasks: step.workload(rank, n)))
         elif cfg.executor == "slurm":
             from datatrove.executor.slurm import SlurmPipelineExecutor
             executors.append(SlurmPipelineExecutor(
@@ -299,7 +321,8 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
                 log.info("%s: tasks %d-%d of %d done on this machine", stage.name, cfg.rank_offset,
                          cfg.rank_offset + cfg.local_tasks - 1, stage.tasks)
                 return False
-            log.info("%s: %d tasks in %.1fs", stage.name, stage.tasks, time.time() - started)
+            log.info("%s: %d task%s in %.1fs", stage.name, stage.tasks, "s" if stage.tasks > 1 else "",
+                     time.time() - started)
         return True
     if cfg.executor == "slurm":
         if cfg.dry_run:

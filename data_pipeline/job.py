@@ -11,10 +11,13 @@ it writes into its output folder (`owned`), its engine stages, and what the call
        they say, or start it afresh (`prepare_work_dir`)
     4. run the stages on the chosen executor (engine.py: local processes, Slurm job arrays, Ray); the last one
        (a `FinishStep`) writes the record into the new output folder and switches that folder into place
-    5. read the result and remove the work folder
+    5. read the result and remove the work folder; an output at a URL (remote.py) is built in its local mirror
+       and then uploaded
 
 A full disk ends the job with one line (DiskFullError) that names the work folder it keeps for the resume.
 
+What happened is logged at INFO ("up to date (nothing to do)", "resuming: N of M tasks done", each stage's time)
+and recorded for callers that ask (`watch_jobs`: the CLI prints no report for a job that had nothing to do).
 The job travels inside its steps (`TaskStep.job`) to Slurm and Ray workers.
 """
 from __future__ import annotations
@@ -23,15 +26,19 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 from fuxi.common.atomic import write_json
 from fuxi.common.diskspace import DISK_FULL, free_bytes, is_disk_full, size_text, tree_bytes
 from fuxi.common.errors import ConfigError, DiskFullError
 from fuxi.common.staging import refuse_foreign
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages, still_queued
 
 log = logging.getLogger(__name__)
@@ -55,9 +62,9 @@ def default_work_dir(out_dir: str | Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.work"
 
 
-def prepare_work_dir(work_dir: Path, stamp: dict) -> None:
+def prepare_work_dir(work_dir: Path, stamp: dict) -> bool:
     """Keep a work folder only if it belongs to the same job (`stamp`: its hash and its stages' task counts):
-    its completion markers then mean what they say. Otherwise start it afresh."""
+    its completion markers then mean what they say. Otherwise start it afresh. True when it was kept."""
     path = work_dir / "job.json"
     if work_dir.exists():
         try:
@@ -65,12 +72,43 @@ def prepare_work_dir(work_dir: Path, stamp: dict) -> None:
         except (OSError, ValueError):
             same = False
         if same:
-            log.info("resuming the job in %s (finished tasks are skipped)", work_dir)
-            return
-        log.info("%s belongs to another job; starting afresh", work_dir)
+            return True
+        log.info("%s belongs to another job (other inputs, settings or task counts); starting afresh", work_dir)
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
     write_json(path, stamp)
+    return False
+
+
+def finished_tasks(work_dir: Path, stages: list[Stage]) -> dict[str, int]:
+    """Tasks of each stage whose completion marker (datatrove's, written after the task's outputs) exists."""
+    done = {}
+    for stage in stages:
+        markers = work_dir / "logs" / stage.name / "completions"
+        done[stage.name] = sum(1 for p in markers.iterdir() if p.name.isdigit() and int(p.name) < stage.tasks) \
+            if markers.is_dir() else 0
+    return done
+
+
+_OUTCOMES: ContextVar[list | None] = ContextVar("job_outcomes", default=None)
+
+
+@contextmanager
+def watch_jobs() -> Iterator[list[tuple[str, str]]]:
+    """Collect (stage, outcome) for each job run inside the block; outcome is "up to date" (nothing ran),
+    "done", "submitted" (to a cluster) or "partial" (this machine ran only some tasks)."""
+    outcomes: list[tuple[str, str]] = []
+    token = _OUTCOMES.set(outcomes)
+    try:
+        yield outcomes
+    finally:
+        _OUTCOMES.reset(token)
+
+
+def record_outcome(stage: str, outcome: str) -> None:
+    outcomes = _OUTCOMES.get()
+    if outcomes is not None:
+        outcomes.append((stage, outcome))
 
 
 def recorded_job(record: Path) -> str | None:
@@ -116,6 +154,11 @@ class Job(ABC):
     def result(self) -> Any:
         """What the caller gets once out_dir holds the output."""
 
+    def parallelism(self) -> int:
+        """How many tasks the parallel stages can keep busy: the default --tasks on a cluster. Here: the number
+        of input files."""
+        return len(input_stamp(self.inputs()))
+
     def publish_share(self, executor: ExecutorConfig) -> None:
         """Publish the output of the tasks this machine ran (a job with `shares` only)."""
         raise NotImplementedError
@@ -160,28 +203,62 @@ def disk_full_message(job: Job) -> str:
             f"it again (what finished is skipped), or delete {work} to start afresh")
 
 
-def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
+def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False, upload_to: str | None = None) -> Any:
     """Run `job` on `executor` (see the module docstring): its result, or None when its stages were submitted
-    to a cluster or this machine ran only some of its tasks. keep_work: keep the work folder after success."""
+    to a cluster or this machine ran only some of its tasks. keep_work: keep the work folder after success.
+    upload_to: the URL the output goes to (job.out_dir is then its local mirror, remote.local_output)."""
     executor.validate()
     if executor.partial and not job.shares:
         raise ConfigError("local_tasks", f"{job.name}'s stages exchange files through one work folder; run its "
                                          f"tasks on one machine, or on many with --executor slurm/ray and a "
                                          f"shared work folder")
+    if upload_to is not None and executor.partial:
+        raise ConfigError("local_tasks", f"{upload_to}: a machine's share of the tasks is written to a local "
+                                         f"folder (then `fuxi data merge`); upload the merged output")
     refuse_foreign(job.out_dir, job.owned())
+    if upload_to is not None:
+        remote.refuse_foreign(upload_to, job.owned())
     job_hash = job.job_hash()
+    where = upload_to or job.out_dir
     if job.up_to_date(job_hash):
-        log.info("%s: %s is up to date with its inputs and settings", job.name, job.out_dir)
-        # a cluster run's work folder (its last job switched the output in): removed once nothing of it is queued
-        # (its stats-merging jobs may still write there)
-        if job.work_dir.exists() and not keep_work and not still_queued(job.work_dir):
-            shutil.rmtree(job.work_dir, ignore_errors=True)
-            log.info("%s: removed the work folder %s", job.name, job.work_dir)
-        return job.result()
-    stages = job.stages(job_hash, executor.num_tasks)
+        if upload_to is None or (remote.read_json(f"{upload_to}/{job.record}") or {}).get("job") == job_hash:
+            log.info("%s: up to date (nothing to do): %s holds the output of these inputs and settings", job.name,
+                     where)
+            record_outcome(job.name, "up to date")
+            # a cluster run's work folder (its last job switched the output in): removed once nothing of it is
+            # queued (its stats-merging jobs may still write there)
+            if job.work_dir.exists() and not keep_work and not still_queued(job.work_dir):
+                shutil.rmtree(job.work_dir, ignore_errors=True)
+                log.info("%s: removed the work folder %s", job.name, job.work_dir)
+            return job.result()
+        log.info("%s: %s is built (in %s) but not uploaded; uploading", job.name, upload_to, job.out_dir)
+    else:
+        if not _run(job, job_hash, executor):
+            return None
+    if upload_to is not None:
+        remote.upload_folder(job.out_dir, upload_to, job.record)
+    result = job.result()
+    if not keep_work:
+        shutil.rmtree(job.work_dir, ignore_errors=True)
+    record_outcome(job.name, "done")
+    return result
+
+
+def _run(job: Job, job_hash: str, executor: ExecutorConfig) -> bool:
+    """Run (or resume, or submit) the job's stages; True when they all ran here to the end."""
+    tasks = executor.tasks_for(job.parallelism())
+    stages = job.stages(job_hash, tasks)
+    counts = {stage.name: stage.tasks for stage in stages}
+    started = time.time()
+    if prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": counts}):
+        done = finished_tasks(job.work_dir, stages)
+        log.info("%s: resuming: %d of %d tasks done (%s) in %s", job.name, sum(done.values()), sum(counts.values()),
+                 ", ".join(f"{name} {done[name]}/{n}" for name, n in counts.items()), job.work_dir)
+    else:
+        log.info("%s: %d stages (%s) -> %s", job.name, len(stages),
+                 ", ".join(f"{name} {n} task{'s' if n > 1 else ''}" for name, n in counts.items()), job.out_dir)
     try:
-        prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": {stage.name: stage.tasks for stage in stages}})
-        done = run_stages(stages, job.work_dir, executor)
+        finished = run_stages(stages, job.work_dir, executor)
     except Exception as err:
         if is_disk_full(err):
             raise DiskFullError(disk_full_message(job)) from None
@@ -189,10 +266,10 @@ def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False) -> Any:
     if executor.executor == "local" and executor.partial:
         job.publish_share(executor)
         shutil.rmtree(job.work_dir, ignore_errors=True)
-        return None
-    if not done:
-        return None
-    result = job.result()
-    if not keep_work:
-        shutil.rmtree(job.work_dir, ignore_errors=True)
-    return result
+        record_outcome(job.name, "partial")
+        return False
+    if not finished:
+        record_outcome(job.name, "submitted")
+        return False
+    log.info("%s: done in %.1fs -> %s", job.name, time.time() - started, job.out_dir)
+    return True

@@ -49,7 +49,10 @@ def parse_json_line(raw: bytes, path: str | Path, line: int | Callable[[], int])
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{number()}: not valid JSON ({err.msg})") from None
+        # the position in full (column, and the text there): err.msg alone stops before it
+        near = text[max(0, err.pos - 20):err.pos + 20].strip()
+        raise DataError(f"{path}:{number()}: not valid JSON ({err.msg} at column {err.colno}, near {near!r})") \
+            from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{number()}: expected a JSON object")
     return record

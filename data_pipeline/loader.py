@@ -5,6 +5,9 @@ per-language validation batches.
     for batch in loader:            # {"input_ids", "labels", "lang_ids", "doc_ids"}: [8, seq_len] int64
         ...
         state = loader.state_dict()  # plain data; a new loader + load_state_dict(state) continues exactly
+
+Manifests and tokenizers may be URLs (`s3://...`): shards are fetched into the local cache as they are first
+read (manifest.py, remote.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fuxi.common.errors import ConfigError, DataError, InputError
 from fuxi.common.tables import format_table
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.data_pipeline.errors import ManifestError
 from fuxi.data_pipeline.manifest import Manifest, load_manifest
@@ -48,7 +52,7 @@ def open_manifest(path: str, cfg: DataConfig, field: str) -> Manifest:
         raise ConfigError("seq_len", f"the config asks for {cfg.seq_len} but {field} {manifest.path} was packed "
                                      f"with seq_len {manifest.seq_len}; repack or change seq_len")
     if cfg.tokenizer is not None:
-        expected = tokenizer_hash(cfg.tokenizer)
+        expected = tokenizer_hash(remote.local_input(cfg.tokenizer))
         if expected != manifest.tokenizer_hash:
             raise ConfigError("tokenizer", f"{cfg.tokenizer} has hash {expected[:16]}... but {field} "
                                            f"{manifest.path} was packed with tokenizer hash "
@@ -330,9 +334,8 @@ def build_val_batches(cfg: DataConfig, batch_size: int, max_batches_per_language
     if cfg.val_manifest is None:
         raise ConfigError("val_manifest", "not set")
     manifest = open_manifest(cfg.val_manifest, cfg, "val_manifest")
-    train_path = Path(cfg.train_manifest)
-    if train_path.exists():
-        train = load_manifest(train_path)
+    if remote.is_url(cfg.train_manifest) or Path(cfg.train_manifest).exists():
+        train = load_manifest(cfg.train_manifest)
         if train.languages != manifest.languages:
             raise ManifestError(f"languages: val manifest {manifest.path} lists {manifest.languages} but train "
                                 f"manifest {train.path} lists {train.languages}; language ids would disagree")

@@ -2,7 +2,8 @@
 
 When a worker dies (out-of-memory kill, segfault) the stage fails naming the task and its inputs, where
 multiprocessing's Pool would wait forever for the lost result. datatrove's per-task logging goes to its log
-files only (`<work>/logs/<stage>/logs/`); a progress bar counts the stage's tasks instead.
+files only (`<work>/logs/<stage>/logs/`); a progress bar (progress.py) shows the stage's documents and bytes,
+with rate and ETA, instead.
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from copy import deepcopy
 
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.utils.stats import PipelineStats
-from tqdm import tqdm
-
 from fuxi.data_pipeline.errors import TaskError
+from fuxi.data_pipeline.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,18 @@ def _file_only_task_logger(logging_dir, rank: int, local_rank: int = 0, node_ran
 class LocalExecutor(LocalPipelineExecutor):
     """LocalPipelineExecutor with a fork-based standard-library pool (see the module docstring)."""
 
-    def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, **kwargs):
+    def __init__(self, *args, progress: bool = True, stage: str = "", describe=None, workload=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.progress = progress
         self.stage = stage
         self.describe = describe or (lambda rank: "")
+        self.workload = workload or (lambda rank: (None, None))
+
+    def _totals(self, ranks: list[int]) -> tuple[int | None, int | None]:
+        """(documents, bytes) the tasks `ranks` will work through; each None unless known for every task."""
+        loads = [self.workload(rank) for rank in ranks] if self.progress else []
+        return tuple(sum(x[i] for x in loads) if loads and all(x[i] is not None for x in loads) else None
+                     for i in range(2))
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> PipelineStats:
         marker = f"running/{rank:05d}"
@@ -75,37 +82,16 @@ class LocalExecutor(LocalPipelineExecutor):
     def _dead_tasks(self, ranks: list[int]) -> list[int]:
         return [r for r in ranks if self.logging_dir.isfile(f"running/{r:05d}") and not self.is_rank_completed(r)]
 
-    def run(self) -> PipelineStats:
-        _quiet_datatrove()
-        self._launched = True
-        ranks = self.get_incomplete_ranks(range(self.local_rank_offset, self.local_rank_offset + self.local_tasks))
-        if not ranks:
-            log.info("%s: all %d tasks already complete", self.stage, self.local_tasks)
-            return PipelineStats()
-        if len(ranks) < self.local_tasks:
-            log.info("%s: skipping %d finished tasks", self.stage, self.local_tasks - len(ranks))
-        self.save_executor_as_json()
+    def _run_forked(self, ranks: list[int], workers: int, bar: StageProgress) -> list[PipelineStats]:
+        """The tasks on a pool of forked workers; the bar is refreshed while they run."""
         stats = []
-        workers = min(self.workers, len(ranks))
-        bar = tqdm(total=len(ranks), desc=self.stage, unit="task", disable=not self.progress, leave=False)
-        if workers <= 1:
-            pipeline = self.pipeline
-            for rank in ranks:
-                self.pipeline = deepcopy(pipeline)
-                stats.append(self._run_for_rank(rank))
-                bar.update()
-            self.pipeline = pipeline
-        else:
-            _FORKED["executor"] = self
-            try:
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    futures = {pool.submit(_run_forked, rank): rank for rank in ranks}
-                    for fut in futures:
-                        fut.add_done_callback(lambda _: bar.update())
-                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    for fut in futures:
-                        if fut in done and fut.exception() is None:
-                            stats.append(fut.result())
+        _FORKED["executor"] = self
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                futures = {pool.submit(_run_forked, rank): rank for rank in ranks}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
                     for fut in done:
                         err = fut.exception()
                         if isinstance(err, BrokenProcessPool):
@@ -118,9 +104,35 @@ class LocalExecutor(LocalPipelineExecutor):
                             for other in futures:
                                 other.cancel()
                             raise err
-            finally:
-                _FORKED.clear()
-        bar.close()
+                        stats.append(fut.result())
+                        bar.task_done()
+                    bar.refresh()
+        finally:
+            _FORKED.clear()
+        return stats
+
+    def run(self) -> PipelineStats:
+        _quiet_datatrove()
+        self._launched = True
+        ranks = self.get_incomplete_ranks(range(self.local_rank_offset, self.local_rank_offset + self.local_tasks))
+        if not ranks:
+            log.info("%s: all %d tasks already complete", self.stage, self.local_tasks)
+            return PipelineStats()
+        if len(ranks) < self.local_tasks:
+            log.info("%s: skipping %d finished tasks", self.stage, self.local_tasks - len(ranks))
+        self.save_executor_as_json()
+        stats = []
+        workers = min(self.workers, len(ranks))
+        with StageProgress(self.stage, len(ranks), self._totals(ranks), enabled=self.progress) as bar:
+            if workers <= 1:
+                pipeline = self.pipeline
+                for rank in ranks:
+                    self.pipeline = deepcopy(pipeline)
+                    stats.append(self._run_for_rank(rank))
+                    bar.task_done()
+                self.pipeline = pipeline
+            else:
+                stats = self._run_forked(ranks, workers, bar)
         merged = sum(stats, start=PipelineStats())
         with self.logging_dir.open("stats.json", "wt") as f:
             merged.save_to_disk(f)

@@ -4,6 +4,9 @@ One JSON file per split, beside its shards. Per shard: path, language, samples, 
 language. Per language: documents, tokens, UTF-8 bytes (so the trainer can turn per-language loss into
 bits per byte), samples and tokens dropped at the tail. Plus the sequence length and the tokenizer's hash,
 which readers compare against their config so a mismatch is an error rather than silent garbage.
+
+A manifest at a URL (`s3://bucket/train/manifest.json`, or its folder) is read from a local copy in the cache
+(remote.py), and each shard is fetched beside it when first read (`fetch_shard`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fuxi.common.atomic import sha256_file, write_json
+from fuxi.common.errors import DataError
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.errors import ManifestError, ShardError
 
 MANIFEST_NAME = "manifest.json"
@@ -62,7 +67,8 @@ class Manifest:
     tokenizer_path: str | None = None  # informational
     # Set on the manifest one task of a pack job writes: {"rank", "tasks", "plan"} (merge.py combines them).
     task: dict | None = None
-    path: Path | None = field(default=None, compare=False)  # where it was loaded from
+    path: Path | None = field(default=None, compare=False)  # where it was loaded from (a remote one's local copy)
+    remote: str | None = field(default=None, compare=False)  # the URL of the folder of a remote manifest
 
     @property
     def block_len(self) -> int:
@@ -89,6 +95,17 @@ class Manifest:
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.root / shard.path
 
+    def fetch_shard(self, shard: ShardInfo) -> Path:
+        """The local file of a shard: a remote manifest's shard is downloaded into the cache unless a copy of
+        the recorded size is there (ShardReader then checks its sha256); a missing one is a ShardError."""
+        path = self.shard_path(shard)
+        if self.remote is not None and not (path.is_file() and path.stat().st_size == shard.bytes):
+            try:
+                remote.fetch_file(f"{self.remote}/{shard.path}", path)
+            except DataError as err:
+                raise ShardError(f"shard {err} (listed in {self.remote}/{MANIFEST_NAME})") from None
+        return path
+
     def samples_per_language(self) -> dict[str, int]:
         return {lang: sum(s.samples for s in self.shards if s.language == lang) for lang in self.languages}
 
@@ -98,6 +115,7 @@ class Manifest:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("path")
+        d.pop("remote")
         d["block_len"] = self.block_len
         d["dtypes"] = {"tokens": TOKEN_DTYPE, "lang": LANG_DTYPE, "doc": DOC_DTYPE}
         for lang, s in self.language_stats.items():
@@ -111,7 +129,22 @@ class Manifest:
         return path
 
     def check_files(self, checksums: bool = False) -> None:
-        """Every shard exists with the recorded size (and, with `checksums`, the recorded sha256)."""
+        """Every shard exists with the recorded size (and, with `checksums`, the recorded sha256). A remote
+        manifest's shards are checked by size in one listing, without downloading them."""
+        if self.remote is not None:
+            found = remote.list_files(self.remote)
+            for shard in self.shards:
+                url = f"{self.remote}/{shard.path}"
+                if shard.path not in found:
+                    raise ShardError(f"shard {url}: missing (listed in {self.remote}/{MANIFEST_NAME})")
+                if found[shard.path][0] != shard.bytes:
+                    raise ShardError(f"shard {url}: {found[shard.path][0]} bytes but the manifest says "
+                                     f"{shard.bytes} (truncated or rewritten?)")
+            if checksums:
+                for shard in self.shards:
+                    self.fetch_shard(shard)
+            else:
+                return
         for shard in self.shards:
             p = self.shard_path(shard)
             if not p.is_file():
@@ -128,7 +161,16 @@ class Manifest:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest; every problem names the file and the field."""
+    """Read and check a manifest (a local path or a URL, see the module docstring); every problem names the file
+    and the field."""
+    if remote.is_url(path):
+        url = str(path).rstrip("/")
+        folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url
+        local = remote.mirror_of(folder, "shards") / (url.rsplit("/", 1)[1] if url.endswith(".json")
+                                                      else MANIFEST_NAME)
+        manifest = load_manifest(remote.fetch_file(folder + "/" + local.name, local))
+        manifest.remote = folder
+        return manifest
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME

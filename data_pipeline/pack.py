@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from fuxi.common.errors import ConfigError
 from fuxi.common.staging import switch_folder
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage
 from fuxi.data_pipeline.job import Job, run_job
 from fuxi.data_pipeline.manifest import MANIFEST_NAME
@@ -48,6 +49,7 @@ class PackJob(Job):
     chunk_docs: int
     docs_per_part: int
     fast_encoder: bool
+    tokenizer_path: str  # recorded in the manifest: the tokenizer as seen from out_dir (remote.relative_location)
 
     @property
     def staging(self) -> Path:
@@ -56,6 +58,9 @@ class PackJob(Job):
 
     def inputs(self) -> list[str | Path]:
         return [self.corpus, Path(self.tokenizer_dir) / "tokenizer.json"]
+
+    def parallelism(self) -> int:
+        return len(language_files(self.corpus))  # each language file is one part or more
 
     def owned(self) -> tuple[str, ...]:
         return MANIFEST_NAME, "*.tar", "task-*.manifest.json", self.record
@@ -82,7 +87,8 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
          work_dir: str | Path | None = None) -> Path | None:
     """Tokenize and pack a cleaned split directory into webdataset shards plus `out_dir/manifest.json`; returns
     the manifest path, or None when the job was submitted to a cluster or this machine ran only some tasks
-    (then its folder holds their task manifests, for `fuxi data merge`).
+    (then its folder holds their task manifests, for `fuxi data merge`). Each of corpus, tokenizer_dir and
+    out_dir may be a URL (`s3://...`, remote.py); for an out_dir URL the returned manifest is its local copy.
 
     languages: the ordered language list the language ids index (give the same list for train and valid);
     default: the languages found, sorted. fast_encoder: encode with tiktoken/sentencepiece where they are
@@ -96,10 +102,14 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
             raise ConfigError(name, f"must be >= 1, got {value}")
     if languages is not None and len(set(languages)) != len(languages):
         raise ConfigError("languages", f"duplicates in {languages}")
+    tokenizer_path = remote.relative_location(tokenizer_dir, out_dir)
+    corpus, tokenizer_dir = remote.local_input(corpus), remote.local_input(tokenizer_dir)
+    local_out, upload_to = remote.local_output(out_dir)
     language_files(corpus)  # fail now on a bad corpus, not in a task
     load_tokenizer(tokenizer_dir)
-    job = PackJob(out_dir=out_dir, work_dir=work_dir, corpus=str(Path(corpus).absolute()),
+    job = PackJob(out_dir=local_out, work_dir=work_dir, corpus=str(Path(corpus).absolute()),
                   tokenizer_dir=str(Path(tokenizer_dir).absolute()), split=split, seq_len=seq_len,
                   languages=list(languages) if languages else None, shard_bytes=shard_bytes, seed=seed,
-                  chunk_docs=chunk_docs, docs_per_part=docs_per_part, fast_encoder=fast_encoder)
-    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress))
+                  chunk_docs=chunk_docs, docs_per_part=docs_per_part, fast_encoder=fast_encoder,
+                  tokenizer_path=tokenizer_path)
+    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), upload_to=upload_to)

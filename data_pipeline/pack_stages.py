@@ -114,6 +114,11 @@ class PackTasks(TaskStep):
         mine = [plan["parts"][i] for i in _deal(plan["parts"], world_size)[rank]]
         return ", ".join(f"{p['path']} part {p['part']}" for p in mine[:3]) + (" ..." if len(mine) > 3 else "")
 
+    def workload(self, rank: int, world_size: int) -> tuple[int | None, int | None]:
+        plan = _load_plan(self.job)
+        return sum(plan["parts"][i]["count"] for i in _deal(plan["parts"], world_size)[rank]
+                   if not (self.job.work_dir / "results" / f"{i:06d}.json").is_file()), None
+
     def run_task(self, rank: int, world_size: int) -> dict:
         job = self.job
         plan = _load_plan(job)
@@ -134,6 +139,7 @@ class PackTasks(TaskStep):
             part = PackPart(rec["lang"], rec["lang_index"], rec["path"], docs[:, 0], rec["first_doc"], rec["part"],
                             docs[:, 1])
             result = pack_part(part, job, languages, encoder)
+            self.advance(result.stats.documents, result.stats.utf8_bytes)
             write_json(done, {"lang": result.lang, "part": result.part, "stats": asdict(result.stats),
                               "shards": [asdict(sh) for sh in result.shards]})
             results.append(result)
@@ -145,7 +151,7 @@ class PackTasks(TaskStep):
             split=job.split, seq_len=job.seq_len, tokenizer_hash=plan["tokenizer_hash"],
             vocab_size=plan["vocab_size"], eos_id=EOS_ID, languages=languages,
             language_stats=stats, shards=[sh for r in results for sh in r.shards], seed=job.seed,
-            tokenizer_path=os.path.relpath(job.tokenizer_dir, job.out_dir),
+            tokenizer_path=job.tokenizer_path,
             task={"rank": rank, "tasks": world_size, "plan": plan["plan"]})
         manifest.save(job.staging / task_manifest_name(rank, world_size))
         tokens = sum(st.tokens for st in stats.values())
@@ -172,7 +178,7 @@ class MergeTasks(FinishStep):
         for leftover in [*staging.glob(".*.tmp"), staging / MANIFEST_NAME]:  # from a killed attempt
             leftover.unlink(missing_ok=True)
         path = merge_manifests([staging], staging, verify=False,
-                               tokenizer_path=os.path.relpath(job.tokenizer_dir, job.out_dir))
+                               tokenizer_path=job.tokenizer_path)
         manifest = json.loads(path.read_text(encoding="utf-8"))
         for lang, st in manifest["language_stats"].items():
             if st["samples"] == 0:

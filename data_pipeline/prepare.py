@@ -10,17 +10,19 @@ Used by the quickstart and by other rooms' tests (via tests/data_helpers.py). La
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from fuxi.common.atomic import write_json
 from fuxi.common.errors import ConfigError
 from fuxi.common.staging import refuse_foreign, staged_folder
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.clean_report import CleanReport
 from fuxi.data_pipeline.config import DataConfig
@@ -28,7 +30,7 @@ from fuxi.data_pipeline.corpus import bundled_corpus, find_splits
 from fuxi.data_pipeline.dedup import DedupConfig
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.filters import FilterConfig
-from fuxi.data_pipeline.job import default_work_dir
+from fuxi.data_pipeline.job import default_work_dir, input_stamp, record_outcome, recorded_job
 from fuxi.data_pipeline.langid import LangIdConfig
 from fuxi.data_pipeline.manifest import MANIFEST_NAME, load_manifest
 from fuxi.data_pipeline.pack import PackJob, pack
@@ -72,20 +74,35 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     and is then removed; a re-run after a kill or failure skips the stages (and tasks) that had finished. With
     slurm or ray each stage is submitted when the one before has finished (each replaces its own folder when
     complete): None is returned after a submission; run the same call again when the jobs have finished
-    (finished stages are not redone).
+    (finished stages are not redone). A re-run of a finished prepare with the same corpus and settings does
+    nothing (prepare.json records their hash). `corpus` may be a URL (`s3://...`, read from a local copy).
     """
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
+    if remote.is_url(out_dir):
+        raise ConfigError("out_dir", f"{out_dir}: prepare builds a local folder; for an output at a URL run "
+                                     f"`fuxi data clean`, `tokenizer` and `pack` with URL outputs")
     out_dir = Path(out_dir).absolute()
-    corpus = Path(corpus) if corpus is not None else bundled_corpus()
+    corpus_ref = str(corpus) if corpus is not None else str(bundled_corpus())
+    corpus = remote.local_input(corpus) if corpus is not None else bundled_corpus()
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
         raise ConfigError("tokenizer_dir", f"{tokenizer_dir} lies inside {out_dir}, which prepare replaces as a "
                               f"whole; use a tokenizer folder outside it")
     final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
                          out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
     local = executor.executor == "local"
+    settings = {"vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+                "max_docs_per_language": max_docs_per_language,
+                "tokenizer_docs_per_language": tokenizer_docs_per_language, "languages": languages,
+                "holdout_fraction": holdout_fraction, "shard_bytes": shard_bytes, "seed": seed,
+                "filters": filters, "dedup": dedup, "langid": langid, "tokenizer_dir": tokenizer_dir}
+    job = _prepare_hash(settings, [corpus] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []))
     if local:
         refuse_foreign(out_dir, OWNED)  # before the work, not after it
+        if recorded_job(out_dir / PREPARE_FILE) == job and all(p.exists() for p in final):
+            log.info("prepare: up to date (nothing to do): %s holds the output of these inputs and settings", out_dir)
+            record_outcome("prepare", "up to date")
+            return final
     # Locally the stages build their folders in `.<out>.work/`, beside out_dir and under a name that does not
     # change between runs: a killed run's finished stages (and finished tasks) are found there by the re-run.
     root = default_work_dir(out_dir) if local else out_dir
@@ -98,7 +115,7 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     if result is None:
         return None
     report, manifests = result
-    summary = {"corpus": str(corpus), "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
+    summary = {"job": job, "corpus": corpus_ref, "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
                "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
                "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
                "report": stage_report(report, *manifests)}
@@ -112,7 +129,17 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
             (root / name).rename(staging / name)  # same filesystem: both lie beside out_dir
         write_json(staging / PREPARE_FILE, summary)
     shutil.rmtree(root, ignore_errors=True)
+    log.info("prepare: done in %.1fs -> %s", time.time() - started, out_dir)
+    record_outcome("prepare", "done")
     return final
+
+
+def _prepare_hash(settings: dict, inputs: list[Path]) -> str:
+    """The hash of what a prepared folder depends on: the settings and the input stamp of the corpus (and of a
+    given tokenizer). prepare.json records it under "job"; a re-run with the same one has nothing to do."""
+    identity = {"stage": "prepare", "settings": {k: asdict(v) if is_dataclass(v) else v for k, v in settings.items()},
+                "inputs": input_stamp(inputs)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 OWNED = ("clean", "tokenizer", "train", "valid", PREPARE_FILE)

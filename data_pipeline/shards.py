@@ -183,7 +183,14 @@ class ShardReader:
         log.warning("%s%s (on_error=skip: continuing)", message, replaced)
 
     def _check_file(self, verify_checksum: bool) -> bool:
-        """Whether the file is the one the manifest describes (raises, or warns when skipping)."""
+        """Whether the file is the one the manifest describes (raises, or warns when skipping). A remote
+        manifest's shard is fetched first (Manifest.fetch_shard)."""
+        if self.manifest.remote is not None:
+            try:
+                self.manifest.fetch_shard(self.shard)
+            except ShardError as err:
+                self._fail(f"{err}; its {self.shard.samples} samples are replaced")
+                return False
         if not self.path.is_file():
             self._fail(f"shard {self.path}: missing (listed in {self.manifest.path})", whole_shard=True)
             return False

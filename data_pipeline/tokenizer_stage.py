@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage
 from fuxi.data_pipeline.job import FinishStep, Job, run_job
 from fuxi.data_pipeline.tokenizer import META_FILE, TOKENIZER_FILES, TokenizerConfig, train_tokenizer
@@ -48,8 +49,12 @@ def train_tokenizer_task(corpus: str | Path, out_dir: str | Path, config: Tokeni
                          executor: ExecutorConfig | None = None,
                          work_dir: str | Path | None = None) -> Path | None:
     """Train the tokenizer through the engine; its path, or None when the task was submitted to a cluster.
-    work_dir: the task's logs and completion marker (default: `.<out>.work` beside the output)."""
+    work_dir: the task's logs and completion marker (default: `.<out>.work` beside the output). corpus and
+    out_dir may be URLs (`s3://...`): the trainer reads a local copy and the files are uploaded after it
+    (remote.py); the path returned is then the local copy."""
     config = config or TokenizerConfig()
     config.validate()
-    job = TokenizerJob(out_dir=out_dir, work_dir=work_dir, corpus=str(Path(corpus).absolute()), config=config)
-    return run_job(job, executor or ExecutorConfig())
+    local_out, upload_to = remote.local_output(out_dir)
+    job = TokenizerJob(out_dir=local_out, work_dir=work_dir, corpus=str(remote.local_input(corpus).absolute()),
+                       config=config)
+    return run_job(job, executor or ExecutorConfig(), upload_to=upload_to)

@@ -255,10 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that set up logging themselves: pretrain (INFO on rank 0 only), eval (--verbose).
+OWN_LOGGING = ("pretrain", "eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     from fuxi.common.errors import InputError
+    from fuxi.common.logs import setup_cli_logging
 
     args = build_parser().parse_args(argv)
+    if args.command not in OWN_LOGGING:  # what a command did shows (stages up to date, resumed, their times)
+        setup_cli_logging(quiet=getattr(args, "quiet", False))
     try:
         return args.func(args)
     except InputError as err:  # a config, data, checkpoint or evaluation input at fault: one line

@@ -75,3 +75,18 @@ def small_disk(tmp_path):
     finally:
         for disk in disks:
             disk.unmount()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A test that runs the `fuxi` CLI gets its logging set up (common/logs.py: a stderr handler on the root
+    logger at INFO); the next test starts without it, as a library caller would."""
+    import logging
+
+    from fuxi.common.logs import HANDLER_NAME
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(handler)
+    root.setLevel(level)

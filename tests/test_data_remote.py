@@ -1,0 +1,191 @@
+"""Inputs and outputs at s3:// URLs (data_pipeline/remote.py), against a local S3 server (moto's server mode,
+started here on a free port): clean -> tokenizer -> pack over s3:// give the same files as the same stages on
+local folders, and the training stream reads the shards back from s3:// sample for sample; a missing or
+unreachable URL is one line naming it."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from fuxi.common.errors import ConfigError, DataError
+from fuxi.data_pipeline import remote
+from fuxi.data_pipeline.clean import clean
+from fuxi.data_pipeline.config import DataConfig
+from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+from fuxi.data_pipeline.engine import ExecutorConfig
+from fuxi.data_pipeline.job import watch_jobs
+from fuxi.data_pipeline.loader import build_train_loader
+from fuxi.data_pipeline.manifest import load_manifest
+from fuxi.data_pipeline.pack import pack
+from fuxi.data_pipeline.prepare import prepare_dataset
+from fuxi.data_pipeline.tokenizer import TokenizerConfig
+from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
+
+pytest.importorskip("s3fs")
+server_module = pytest.importorskip("moto.server")
+
+BUCKET = "fuxi-test"
+ONE = dict(executor=ExecutorConfig(tasks=2, workers=1, progress=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fresh_filesystems() -> None:
+    """fsspec caches filesystem objects (s3fs's and datatrove's DataFolder over it); a changed endpoint needs
+    new ones."""
+    import s3fs
+    from datatrove.io import DataFolder
+    s3fs.S3FileSystem.clear_instance_cache()
+    DataFolder.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3 server with one bucket; the AWS_* variables point fsspec (s3fs) at it."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server's line per request
+    port = _free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv(remote.CACHE_ENV, str(tmp_path_factory.mktemp("fuxi_cache")))
+        _fresh_filesystems()
+        import fsspec
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(BUCKET)
+        try:
+            yield fs
+        finally:
+            server.stop()
+            _fresh_filesystems()
+
+
+def _corpus(root: Path) -> Path:
+    """train/ and valid/ JSONL of four languages from the bundled corpus, with a few exact duplicates."""
+    for split, n in (("train", 24), ("valid", 6)):
+        for lang in ("en", "de", "ru", "zh"):
+            docs = [{"text": d.text, "lang": lang} for d in iter_jsonl(bundled_corpus() / split / f"{lang}.jsonl")][:n]
+            path = root / split / f"{lang}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs + docs[:2]),
+                            encoding="utf-8")
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _remote_files(fs, url: str) -> dict[str, bytes]:
+    root = url.split("://", 1)[1]
+    return {name[len(root) + 1:]: fs.cat_file(name) for name in sorted(fs.find(root))}
+
+
+def _take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("the loader ended")
+
+
+def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
+    local = _corpus(tmp_path / "corpus")
+    s3.put(str(local) + "/", f"{BUCKET}/corpus/", recursive=True)
+    url = f"s3://{BUCKET}"
+
+    # clean: the uploaded folder holds exactly the files of the same clean on local folders
+    clean(f"{url}/corpus", f"{url}/clean", chunk_mb=0.01, **ONE)
+    clean(local, tmp_path / "clean", chunk_mb=0.01, **ONE)
+    ours, theirs = _remote_files(s3, f"{url}/clean"), _files(tmp_path / "clean")
+    report = "clean_report.json"  # its task seconds and input stamp (paths) differ
+    assert json.loads(ours.pop(report))["stats"] == json.loads(theirs.pop(report))["stats"]
+    assert ours == theirs and "train/en.jsonl" in ours
+
+    # the tokenizer reads its s3 corpus through a local copy and uploads its files
+    config = TokenizerConfig(vocab_size=400, max_docs_per_language=50)
+    local_tok = train_tokenizer_task(f"{url}/clean/train", f"{url}/tokenizer", config, **ONE)
+    assert set(_remote_files(s3, f"{url}/tokenizer")) == set(_files(local_tok))
+
+    # pack: the same shards as packing the local clean output with the same tokenizer
+    kw = dict(seq_len=32, docs_per_part=10, shard_bytes=20_000)
+    pack(f"{url}/clean/train", f"{url}/tokenizer", f"{url}/train", **kw, **ONE)
+    reference = load_manifest(pack(tmp_path / "clean" / "train", local_tok, tmp_path / "train", **kw, **ONE))
+    manifest = load_manifest(f"{url}/train/manifest.json")
+    assert manifest.remote == f"{url}/train" and manifest.tokenizer_path == "../tokenizer"
+    assert [(s.path, s.sha256) for s in manifest.shards] == [(s.path, s.sha256) for s in reference.shards]
+    assert len(manifest.shards) > 4 and not any(manifest.shard_path(s).exists() for s in manifest.shards)
+    manifest.check_files()  # sizes from one listing, nothing downloaded
+
+    # the training stream reads the shards back from s3: the same batches as from the local folder
+    cfg = dict(seq_len=32, num_workers=0, tokenizer=f"{url}/tokenizer")
+    from_s3 = _take(build_train_loader(DataConfig(train_manifest=f"{url}/train", **cfg), batch_size=4), 12)
+    from_disk = _take(build_train_loader(DataConfig(train_manifest=str(reference.path), **cfg), batch_size=4), 12)
+    for a, b in zip(from_s3, from_disk):
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    # a re-run finds the uploaded output up to date: nothing runs, nothing is uploaded again
+    before = {p["name"]: p["LastModified"] for p in s3.find(f"{BUCKET}/clean", detail=True).values()}
+    with watch_jobs() as outcomes:
+        clean(f"{url}/corpus", f"{url}/clean", chunk_mb=0.01, **ONE)
+    assert outcomes == [("clean", "up to date")]
+    assert {p["name"]: p["LastModified"] for p in s3.find(f"{BUCKET}/clean", detail=True).values()} == before
+
+
+def test_a_rewritten_remote_input_is_fetched_again_and_the_job_reruns(s3, tmp_path):
+    url = f"s3://{BUCKET}/small"
+    local = _corpus(tmp_path / "corpus") / "train"
+    s3.put(str(local) + "/", f"{BUCKET}/small/", recursive=True)
+    first = remote.local_input(url)
+    assert _files(first) == _files(local)
+    stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(first.iterdir())]
+    assert remote.local_input(url) == first
+    assert [(p.name, p.stat().st_mtime_ns) for p in sorted(first.iterdir())] == stamp  # nothing fetched again
+    s3.pipe_file(f"{BUCKET}/small/en.jsonl", (local / "de.jsonl").read_bytes())
+    s3.rm_file(f"{BUCKET}/small/zh.jsonl")
+    again = remote.local_input(url)
+    assert (again / "en.jsonl").read_bytes() == (local / "de.jsonl").read_bytes()
+    assert not (again / "zh.jsonl").exists() and (again / "ru.jsonl").read_bytes() == (local / "ru.jsonl").read_bytes()
+
+
+def test_missing_foreign_and_unreachable_urls_are_one_line_naming_them(s3, tmp_path, monkeypatch, capsys):
+    from fuxi.launch.cli import main
+
+    with pytest.raises(DataError, match=rf"^s3://{BUCKET}/nothing-here: no such file or folder$"):
+        clean(f"s3://{BUCKET}/nothing-here", tmp_path / "out", **ONE)
+    with pytest.raises(DataError, match=r"^s3://no-such-bucket/corpus: no such file or folder$"):
+        clean("s3://no-such-bucket/corpus", tmp_path / "out", **ONE)
+    with pytest.raises(DataError, match=r"^s3://no-such-bucket/train/manifest.json: no such file or folder$"):
+        load_manifest("s3://no-such-bucket/train")
+
+    with pytest.raises(ConfigError, match=rf"^out_dir: s3://{BUCKET}/prepared: prepare builds a local folder"):
+        prepare_dataset(f"s3://{BUCKET}/prepared")
+
+    s3.pipe_file(f"{BUCKET}/theirs/notes.txt", b"not ours")
+    corpus = _corpus(tmp_path / "corpus")
+    with pytest.raises(DataError, match=rf"^s3://{BUCKET}/theirs: holds \['notes.txt'\], which this stage did not"):
+        clean(corpus, f"s3://{BUCKET}/theirs", **ONE)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    _fresh_filesystems()
+    try:
+        assert main(["data", "clean", f"s3://{BUCKET}/corpus", str(tmp_path / "out"), "--quiet"]) == 2
+    finally:
+        _fresh_filesystems()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"fuxi data: error: s3://{BUCKET}/corpus: cannot reach or read it "
+                          f"(EndpointConnectionError: Could not connect to the endpoint URL")
