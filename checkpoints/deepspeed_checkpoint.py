@@ -128,6 +128,8 @@ def consolidate_deepspeed_checkpoint(path: str | Path, out_dir: str | Path,
     tag_dir = resolve_tag_dir(path)
     config = read_model_config(tag_dir / MODEL_CONFIG_FILE)
     state = consolidated_state_dict(tag_dir)
+    if config.tie_word_embeddings:  # DeepSpeed lists a shared matrix under both names; ours holds it once
+        state.pop("lm_head.weight", None)
     # The trainer stores the tokenizer beside the weights; it goes into the same atomic switch.
     return save_model_checkpoint(((k, v.float() if v.is_floating_point() else v) for k, v in state.items()),
                                  config, out_dir, max_shard_bytes, tokenizer_dir=own_tokenizer(tag_dir))

@@ -8,6 +8,8 @@ Layouts (`layout=`, `fuxi convert to-hf --format`):
 - `tjunlp`: the layout of the released TJUNLP FuxiTranyu checkpoints (`model_type: fuxitranyu`, remote code
   shipped beside the weights, `trust_remote_code=True`).
 - MoE-LPR models have no native class (non-gated experts): always remote code (`fuxitranyu_moe`).
+- The Llama family (`family: llama | qwen2 | mistral`, model/config.py) is always native: `LlamaForCausalLM`,
+  `Qwen2ForCausalLM` or `MistralForCausalLM`, the class `convert from-hf` read it from.
 The tensor names are the same in every layout (ours are the Llama convention). Works tensor by tensor.
 """
 from __future__ import annotations
@@ -34,8 +36,19 @@ REMOTE_CODE = {"tjunlp": ("configuration_fuxitranyu.py", "modeling_fuxitranyu.py
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
+FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
 def resolve_layout(config: ModelConfig, layout: Layout | None) -> str:
     """`native` or `tjunlp` for a dense model (native by default); `moe` for an MoE-LPR model."""
+    if config.family != "fuxitranyu":
+        if config.type != "fuxitranyu":
+            raise CheckpointError(f"model type {config.type!r} of family {config.family!r} has no Hugging Face "
+                                  "export")
+        if layout not in (None, "native"):
+            raise CheckpointError(f"--format {layout}: a {config.family} model exports as its native "
+                                  f"{FAMILY_CLASSES[config.family]}; omit --format")
+        return "native"
     if config.type == "fuxitranyu_moe":
         if layout == "native":
             raise CheckpointError("--format native: MoE-LPR has no native transformers class (its experts are "
@@ -75,9 +88,42 @@ def common_config_fields(config: ModelConfig, dtype: ExportDType) -> dict:
     }
 
 
+def llama_family_config(config: ModelConfig, fields: dict) -> dict:
+    """config.json of LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (transformers' own fields)."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope.update(rope_type=s.rope_type, factor=s.factor)
+        if s.rope_type == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position_embeddings)
+    out = {
+        "architectures": [FAMILY_CLASSES[config.family]],
+        "model_type": config.family,
+        **fields,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_word_embeddings,
+        # transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling: all are written.
+        "rope_parameters": rope,
+        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+    }
+    del out["attention_bias"], out["mlp_bias"]
+    if config.family == "llama":
+        out.update(attention_bias=config.attention_bias == "all", mlp_bias=config.mlp_bias)
+    else:  # full attention: no sliding window in any layer
+        out.update(sliding_window=None)
+    if config.family == "qwen2":
+        out.update(use_sliding_window=False, max_window_layers=config.num_layers)
+    return out
+
+
 def hf_config_dict(config: ModelConfig, dtype: ExportDType, layout: Layout | None = None) -> dict:
     layout = resolve_layout(config, layout)
     fields = common_config_fields(config, dtype)
+    if config.family != "fuxitranyu":
+        return llama_family_config(config, fields)
     if layout == "native":
         return {
             "architectures": ["ArceeForCausalLM"],

@@ -1,6 +1,9 @@
 """Import a Hugging Face directory into our checkpoint: our native (`arcee`) export, the TJUNLP layout
-(`fuxitranyu`, the released 8B and its intermediate checkpoints; `fuxitranyu_moe`), or a Llama-convention
-directory holding the FuxiTranyu architecture. Anything else is refused with the config field that rules it out.
+(`fuxitranyu`, the released 8B and its intermediate checkpoints; `fuxitranyu_moe`), a Llama-convention
+directory holding the FuxiTranyu architecture, or a Llama-family model as transformers saves it
+(`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`: family llama/qwen2/mistral, model/config.py).
+Anything else is refused with the config field that rules it out. The tokenizer files, when present, go to the
+checkpoint's `tokenizer/` folder, so `convert to-hf` writes them back.
 
 Tensor names go through one mapping table, so GPT-2/NeoX-style MLP names are accepted too. Whether an MLP
 matrix is stored as [out, in] (nn.Linear) or [in, out] (GPT-2's Conv1D) is read from its shape: the FFN width
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +23,7 @@ import torch
 
 from fuxi.checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoint
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
+from fuxi.common.errors import ConfigError
 from fuxi.model import ModelConfig, build_model
 
 # Suffix of an HF MLP tensor name -> (our name, stored transposed when the shape cannot tell: only when the
@@ -37,7 +43,12 @@ MLP_NAME_VARIANTS: dict[str, tuple[str, bool]] = {
 _MLP_KEY = re.compile(r"^(model\.layers\.\d+\.)(mlp\.[A-Za-z0-9_]+)\.(weight|bias)$")
 # model_type values that can hold the FuxiTranyu architecture.
 MODEL_TYPES = ("arcee", "fuxitranyu", "fuxitranyu_moe", "llama")
+# model_type values of the Llama family (gated SwiGLU MLP); `llama` without gate_proj tensors is FuxiTranyu.
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 TANH_GELU = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
+# The tokenizer files `convert from-hf` keeps beside the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def map_hf_name(name: str) -> tuple[str, bool]:
@@ -94,7 +105,85 @@ def check_architecture_fields(cfg: dict, path: Path) -> None:
                               f"{cfg['hidden_size']}")
 
 
-def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
+def _rope_scaling(cfg: dict, path: Path):
+    """HF rope_scaling (transformers 4.x) or rope_parameters (5.x) -> (theta, our RopeScalingConfig or None)."""
+    from fuxi.model.config import RopeScalingConfig
+
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.update(cfg.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise CheckpointError(f"{path}: partial_rotary_factor: only RoPE over the whole head is represented")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "dynamic", "llama3"):
+        raise CheckpointError(f"{path}: rope_scaling.rope_type {kind!r} is not one of ['default', 'linear', "
+                              "'dynamic', 'llama3']")
+    fields = {"rope_type": kind, "factor": float(rope.get("factor", 1.0))}
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in rope:
+                raise CheckpointError(f"{path}: rope_scaling.{key} missing for rope_type llama3")
+            fields[key] = rope[key]
+    if kind == "dynamic" and rope.get("original_max_position_embeddings") not in (
+            None, cfg.get("max_position_embeddings")):
+        raise CheckpointError(f"{path}: rope_scaling.original_max_position_embeddings differs from "
+                              "max_position_embeddings; dynamic NTK here scales from max_position_embeddings")
+    return theta, RopeScalingConfig(**fields)
+
+
+def _check_full_attention(cfg: dict, path: Path) -> None:
+    """Sliding-window attention is not represented: refuse it where it changes the result, i.e. where the
+    window is shorter than the model's positions and some layer uses it."""
+    window, positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 4096)
+    if window is None or window >= positions:
+        return
+    layer_types = cfg.get("layer_types")
+    if cfg.get("model_type") == "qwen2":
+        used = ("sliding_attention" in layer_types) if layer_types else bool(cfg.get("use_sliding_window"))
+    else:
+        used = layer_types is None or "sliding_attention" in layer_types
+    if used:
+        raise CheckpointError(f"{path}: sliding_window {window} is shorter than max_position_embeddings "
+                              f"{positions}: sliding-window attention is not represented (set "
+                              f"max_position_embeddings to at most {window} to use the model within its window)")
+
+
+def llama_family_fields(cfg: dict, path: Path) -> dict:
+    """The architecture switches of a Llama/Qwen2/Mistral config.json, refusing what they cannot represent."""
+    family = cfg["model_type"]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act {cfg['hidden_act']!r}: the {family} family here is the gated "
+                              "SwiGLU MLP ('silu')")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if head_dim * heads != cfg["hidden_size"]:
+        raise CheckpointError(f"{path}: head_dim {head_dim} x {heads} heads != hidden_size {cfg['hidden_size']}")
+    _check_full_attention(cfg, path)
+    if family == "llama":
+        attention_bias, mlp_bias = ("all" if cfg.get("attention_bias") else "none"), bool(cfg.get("mlp_bias"))
+    else:  # Qwen2 always has q/k/v biases, Mistral none; neither has MLP biases or an attention_bias switch
+        attention_bias, mlp_bias = ("qkv" if family == "qwen2" else "none"), False
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise CheckpointError(f"{path}: {key} true: {family} has no such biases")
+    theta, scaling = _rope_scaling(cfg, path)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    return {"family": family, "mlp": "swiglu", "attention_bias": attention_bias, "mlp_bias": mlp_bias,
+            "num_kv_heads": None if kv_heads == heads else kv_heads, "rope_theta": theta, "rope_scaling": scaling,
+            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def is_llama_family(cfg: dict, shapes: dict) -> bool:
+    """A Llama-family model: qwen2/mistral always; llama when its MLP is gated (a llama-named directory without
+    gate_proj tensors holds FuxiTranyu's non-gated MLP)."""
+    if cfg.get("model_type") == "llama":
+        return any(name.endswith("mlp.gate_proj.weight") for name in shapes)
+    return cfg.get("model_type") in LLAMA_FAMILY
+
+
+def model_config_from_hf(hf_dir: Path, embedding_rows: int, shapes: dict | None = None) -> ModelConfig:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json")
@@ -107,7 +196,11 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {missing}")
-    check_architecture_fields(cfg, path)
+    if is_llama_family(cfg, shapes or {}):
+        architecture = llama_family_fields(cfg, path)
+    else:
+        check_architecture_fields(cfg, path)
+        architecture = {"rope_theta": _rope_theta(cfg, path)}
     vocab = cfg.get("fuxi_vocab_size", cfg["vocab_size"])
     pad_multiple = 1
     if embedding_rows != vocab:
@@ -122,10 +215,9 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int) -> ModelConfig:
         type="fuxitranyu", vocab_size=vocab, pad_vocab_multiple=pad_multiple, hidden_size=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
         ffn_hidden_size=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 4096),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(cfg, path),
-        init_std=float(cfg.get("initializer_range", 0.01)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), init_std=float(cfg.get("initializer_range", 0.01)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-        bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=eos or 0)
+        bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=eos or 0, **architecture)
     return with_moe_from_hf(config, cfg, path) if cfg.get("model_type") == "fuxitranyu_moe" else config
 
 
@@ -134,7 +226,6 @@ def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
     fields; either way it must agree with the routing fields the shipped modeling file reads."""
     import dataclasses
 
-    from fuxi.common.errors import ConfigError
     from fuxi.common.typed_config import from_dict
     from fuxi.model.config import MoEConfig
 
@@ -172,8 +263,14 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
     shapes = tensor_shapes(hf_dir)
     if "model.embed_tokens.weight" not in shapes:
         raise CheckpointError(f"{hf_dir}: no model.embed_tokens.weight; not a FuxiTranyu/Llama-layout checkpoint")
-    config = model_config_from_hf(hf_dir, shapes["model.embed_tokens.weight"][0])
-    config.validate()
+    config = model_config_from_hf(hf_dir, shapes["model.embed_tokens.weight"][0], shapes)
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
+    tied_copy = config.tie_word_embeddings and "lm_head.weight" in shapes
+    if tied_copy:  # some tied checkpoints also store the shared matrix as lm_head.weight: it is the embedding
+        del shapes["lm_head.weight"]
     expected = {k: tuple(v.shape) for k, v in build_model(config, device="meta").state_dict().items()}
     mapped, transpose = {}, set()
     for name, shape in shapes.items():
@@ -187,6 +284,8 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
 
     def converted():
         for name, tensor in iter_tensors(hf_dir):
+            if tied_copy and name == "lm_head.weight":
+                continue
             ours, _ = map_hf_name(name)
             yield ours, (tensor.t().contiguous() if name in transpose else tensor)
 
@@ -196,7 +295,14 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Convert an HF directory into our checkpoint at `out_dir`, shard by shard (atomically)."""
     config, tensors = read_hf_checkpoint(hf_dir)
-    return save_model_checkpoint(tensors, config, out_dir, max_shard_bytes)
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        return save_model_checkpoint(tensors, config, out_dir, max_shard_bytes)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, Path(tokenizer_dir) / name)
+        return save_model_checkpoint(tensors, config, out_dir, max_shard_bytes, tokenizer_dir=tokenizer_dir)
 
 
 def load_hf_reference(hf_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -29,10 +29,13 @@ def parse_size(text: str) -> int:
 
 
 def cmd_info(args) -> int:
+    from fuxi.common.errors import InputError
     from fuxi.model import load_model_config
     from fuxi.pretrain.estimates import format_report, model_report
 
-    config = load_model_config(args.config, args.set)
+    if (args.config is None) == (args.config_file is None):
+        raise InputError("fuxi info: give the model YAML once, as CONFIG or --config")
+    config = load_model_config(args.config or args.config_file, args.set)
     report = model_report(config, world_size=args.world_size, seq_len=args.seq_len, micro_batch=args.micro_batch)
     print(format_report(report))
     print(json.dumps(report.to_dict()))
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameters, FLOPs per token and ZeRO memory of a model config")
-    info.add_argument("--config", required=True, help="model YAML, e.g. configs/model/fuxitranyu-8b.yaml")
+    info.add_argument("config_file", nargs="?", metavar="CONFIG", help="model YAML (or --config)")
+    info.add_argument("--config", help="model YAML, e.g. configs/model/fuxitranyu-8b.yaml, llama3-8b.yaml")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     info.add_argument("--world-size", type=int, default=8)
     info.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")

@@ -1,7 +1,9 @@
 """Causal self-attention kernels: flash-attn when installed on CUDA, else torch SDPA.
 
-Both paths take q, k, v as [batch, seq, heads, head_dim] and optional per-token document ids, which confine
-attention to the token's own document inside a packed sequence.
+Both paths take q as [batch, seq, heads, head_dim], k and v as [batch, seq, kv_heads, head_dim] (kv_heads
+divides heads: grouped-query attention, each k/v head serving heads / kv_heads consecutive query heads, as
+Llama's repeat_kv does) and optional per-token document ids, which confine attention to the token's own
+document inside a packed sequence.
 """
 from __future__ import annotations
 
@@ -36,21 +38,26 @@ def _decode_mask(q_len: int, k_len: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= rows
 
 
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[batch, seq, kv_heads, dim] -> [batch, seq, kv_heads * groups, dim], each head repeated `groups` times."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=2)
+
+
 def sdpa_attention(q, k, v, doc_ids=None, dropout_p: float = 0.0) -> torch.Tensor:
     q_len, k_len = q.shape[1], k.shape[1]
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [batch, heads, seq, dim]
+    groups = q.shape[2] // k.shape[2]
+    mask = None
     if doc_ids is not None:
         if q_len != k_len:
             raise ValueError("document masking is only defined for full sequences, not cached decoding")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids),
-                                             dropout_p=dropout_p)
-    elif q_len == k_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    elif q_len == 1:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_decode_mask(q_len, k_len, q.device),
-                                             dropout_p=dropout_p)
+        mask = document_causal_mask(doc_ids)
+    elif q_len != k_len and q_len != 1:
+        mask = _decode_mask(q_len, k_len, q.device)
+    if mask is not None:  # SDPA's fused kernels with a mask lack enable_gqa: repeat k/v instead
+        k, v, groups = repeat_kv(k, groups), repeat_kv(v, groups), 1
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [batch, heads, seq, dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=mask is None and q_len == k_len, enable_gqa=groups > 1)
     return out.transpose(1, 2)
 
 
@@ -68,9 +75,11 @@ def flash_attention(q, k, v, doc_ids=None, dropout_p: float = 0.0) -> torch.Tens
     if doc_ids is None:
         return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
     batch, seq, heads, dim = q.shape
+    kv_heads = k.shape[2]  # flash-attn handles grouped-query attention natively
     cu, max_len = _varlen_boundaries(doc_ids)
-    out = flash_attn_varlen_func(q.reshape(-1, heads, dim), k.reshape(-1, heads, dim), v.reshape(-1, heads, dim),
-                                 cu, cu, max_len, max_len, dropout_p=dropout_p, causal=True)
+    out = flash_attn_varlen_func(q.reshape(-1, heads, dim), k.reshape(-1, kv_heads, dim),
+                                 v.reshape(-1, kv_heads, dim), cu, cu, max_len, max_len, dropout_p=dropout_p,
+                                 causal=True)
     return out.view(batch, seq, heads, dim)
 
 

@@ -14,6 +14,36 @@ from fuxi.model.attention import AttentionBackend
 GhostGateInput = Literal["full", "intrinsic"]
 MoELossForm = Literal["paper", "code"]
 ExpertCompute = Literal["auto", "loop", "grouped_mm"]
+MLPKind = Literal["gelu", "swiglu"]
+AttentionBias = Literal["all", "qkv", "none"]
+RopeType = Literal["linear", "dynamic", "llama3"]
+Family = Literal["fuxitranyu", "llama", "qwen2", "mistral"]
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling as transformers defines it (HF `rope_scaling` / `rope_parameters`; model/rope.py).
+
+    linear: every inverse frequency / factor. dynamic (NTK): past max_seq_len (HF max_position_embeddings) the
+    base grows with the sequence length. llama3 (Llama 3.1+): long wavelengths / factor, short ones unchanged,
+    a smooth blend between, with low_freq_factor, high_freq_factor and original_max_position_embeddings.
+    """
+
+    rope_type: RopeType = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0        # llama3 only
+    high_freq_factor: float = 4.0       # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def validate(self) -> None:
+        check_choices(self)
+        if self.factor < 1.0:
+            raise ConfigError("factor", f"must be >= 1, got {self.factor}")
+        if self.rope_type == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ConfigError("high_freq_factor", f"must exceed low_freq_factor > 0, got "
+                                  f"{self.low_freq_factor} and {self.high_freq_factor}")
+            require_at_least(self, 1, "original_max_position_embeddings")
 
 
 @dataclass
@@ -100,7 +130,11 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """Defaults are the published FuxiTranyu-8B (docs/methods.md §1.2): 8,094,724,096 parameters."""
+    """Defaults are the published FuxiTranyu-8B (docs/methods.md §1.2): 8,094,724,096 parameters.
+
+    The architecture switches (mlp ... rope_scaling) let the same decoder hold the Llama family; each names the
+    Hugging Face config field it maps to. `family` is the HF model_type `convert to-hf` writes back.
+    """
 
     type: str = "fuxitranyu"
     vocab_size: int = 250_680
@@ -110,9 +144,20 @@ class ModelConfig:
     num_layers: int = 30
     num_heads: int = 32
     ffn_hidden_size: int = 16_384
-    max_seq_len: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0
+    max_seq_len: int = 4096                # HF max_position_embeddings
+    rms_norm_eps: float = 1e-5             # HF rms_norm_eps
+    rope_theta: float = 10_000.0           # HF rope_theta
+    # HF hidden_act + the MLP's layout: "gelu" = FuxiTranyu's non-gated up -> gelu_fast -> down (arcee,
+    # gelu_pytorch_tanh); "swiglu" = Llama's down(silu(gate(x)) * up(x)) (llama/qwen2/mistral, silu).
+    mlp: MLPKind = "gelu"
+    # HF num_key_value_heads: grouped-query attention with this many k/v heads (null: num_heads, i.e. MHA).
+    num_kv_heads: int | None = None
+    # HF attention_bias (llama: q/k/v/o) and Qwen2's fixed q/k/v bias: "all" (FuxiTranyu), "qkv", "none".
+    attention_bias: AttentionBias = "all"
+    mlp_bias: bool = True                  # HF mlp_bias
+    tie_word_embeddings: bool = False      # HF tie_word_embeddings: lm_head shares the embedding matrix
+    rope_scaling: RopeScalingConfig | None = None  # HF rope_scaling (null: plain RoPE)
+    family: Family = "fuxitranyu"          # HF model_type written by `convert to-hf`
     init_std: float = 0.01
     # GPT-2/Megatron "scaled init": o_proj and down_proj get init_std / sqrt(2 * num_layers), so the residual
     # stream's variance does not grow with depth.
@@ -135,6 +180,10 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return ((self.vocab_size + m - 1) // m) * m
@@ -151,7 +200,10 @@ class ModelConfig:
         for name in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(name, f"{getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
-        for name in ("ghostrnn", "moe"):  # from_dict validates them on load, this a config built in code
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ConfigError("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        check_family(self)
+        for name in ("ghostrnn", "moe", "rope_scaling"):  # from_dict validates them on load, this a config built in code
             block = getattr(self, name)
             if block is not None:
                 try:
@@ -167,6 +219,26 @@ class ModelConfig:
         if tokenizer_vocab_size > self.vocab_size:
             raise ConfigError("vocab_size", f"{self.vocab_size} is smaller than the {source}'s "
                               f"{tokenizer_vocab_size} tokens")
+
+
+# What each Hugging Face family's native class can hold (checkpoints/hf_export.py writes it).
+FAMILY_RULES: dict[str, dict[str, tuple]] = {
+    "fuxitranyu": {"mlp": ("gelu",), "attention_bias": ("all",), "mlp_bias": (True,), "num_kv_heads": (None,),
+                   "tie_word_embeddings": (False,)},
+    "llama": {"mlp": ("swiglu",), "attention_bias": ("all", "none")},
+    "qwen2": {"mlp": ("swiglu",), "attention_bias": ("qkv",), "mlp_bias": (False,)},
+    "mistral": {"mlp": ("swiglu",), "attention_bias": ("none",), "mlp_bias": (False,)},
+}
+
+
+def check_family(config: ModelConfig) -> None:
+    """The architecture switches must be ones the family's Hugging Face class computes."""
+    if config.family == "fuxitranyu" and config.rope_scaling is not None:
+        raise ConfigError("rope_scaling", "the fuxitranyu family uses plain RoPE; set family: llama")
+    for key, allowed in FAMILY_RULES[config.family].items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(key, f"{getattr(config, key)!r} is not what family {config.family!r} holds "
+                              f"({' or '.join(repr(a) for a in allowed)})")
 
 
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:

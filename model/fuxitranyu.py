@@ -1,8 +1,12 @@
-"""FuxiTranyu: a decoder-only transformer with the published architecture (arXiv 2408.06273).
+"""FuxiTranyu: a decoder-only transformer with the published architecture (arXiv 2408.06273), and the Llama family.
 
 Pre-RMSNorm blocks with biased multi-head attention (full rotary RoPE, rotate-half) and a non-gated, biased
 4h MLP with tanh-GELU (`gelu_fast`); untied embeddings; a final RMSNorm; lm_head without bias. Module names
 follow the Llama convention, so our state dict *is* the Hugging Face state dict.
+
+The config's architecture switches turn the same trunk into Llama 3 / Qwen2 / Mistral: the gated SwiGLU MLP
+(`mlp: swiglu`), grouped-query attention (`num_kv_heads`), which projections carry biases, tied embeddings
+and RoPE scaling (model/rope.py). The defaults are FuxiTranyu's.
 
 The trunk (`FuxiTranyuModel`) is written once: FuxiTranyu-MoE (model/fuxitranyu_moe.py) is this model with other
 feed-forwards in its blocks (`feed_forward`), and its MoE-only parts on top.
@@ -26,6 +30,7 @@ from fuxi.model.attention import causal_attention
 from fuxi.model.config import ModelConfig
 from fuxi.model.lm_head import GenerationMixin, LMHead
 from fuxi.model.outputs import CausalLMOutput
+from fuxi.model.rope import cos_sin, inv_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -43,33 +48,43 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for absolute positions, computed on the fly in fp32 (cheap next to attention)."""
+    """cos/sin tables for absolute positions, computed on the fly in fp32 (cheap next to attention), with the
+    config's RoPE scaling."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = config.head_dim, config.rope_theta, config.rope_scaling
+        self.max_seq_len = config.max_seq_len
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.rope_cos_sin(positions, self.head_dim, self.theta, dtype)
+        dynamic = self.scaling is not None and self.scaling.rope_type == "dynamic"
+        seq_len = int(positions.max()) + 1 if dynamic else 0  # only dynamic NTK depends on the length
+        inv_freq = inv_frequencies(self.head_dim, self.theta, self.scaling, self.max_seq_len, seq_len,
+                                   positions.device)
+        return cos_sin(positions, inv_freq, dtype)
 
 
 class Attention(nn.Module):
+    """q/k/v/o projections; with num_kv_heads < num_heads, k and v have fewer heads (grouped-query attention)
+    and each serves num_heads / num_kv_heads query heads."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        h = config.hidden_size
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.q_proj = nn.Linear(h, h, bias=True)
-        self.k_proj = nn.Linear(h, h, bias=True)
-        self.v_proj = nn.Linear(h, h, bias=True)
-        self.o_proj = nn.Linear(h, h, bias=True)
+        h, kv_width = config.hidden_size, config.kv_heads * config.head_dim
+        self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        qkv_bias = config.attention_bias in ("all", "qkv")
+        self.q_proj = nn.Linear(h, h, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(h, h, bias=config.attention_bias == "all")
         self.dropout = config.attention_dropout
         self.impl, self.backend = config.kernels, config.attention
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
         batch, seq, _ = x.shape
-        shape = (batch, seq, self.num_heads, self.head_dim)
-        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
-        v = self.v_proj(x).view(shape)
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
         q, k = kernels.apply_rope(q, k, cos, sin, impl=self.impl, inplace=True)  # q, k are fresh projections
         if kv_cache is not None:  # (k, v) of earlier positions, [batch, past, heads, head_dim]
             if kv_cache[0] is not None:
@@ -84,8 +99,8 @@ class UpProjection(nn.Linear):
     """Linear(h, ffn) + bias + gelu_fast, the bias add fused into the GELU kernel. Its parameters are only used
     inside its own forward, so sharding wrappers (ZeRO-3, FSDP) that gather per module see them."""
 
-    def __init__(self, in_features: int, out_features: int, impl: str):
-        super().__init__(in_features, out_features, bias=True)
+    def __init__(self, in_features: int, out_features: int, impl: str, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,15 +108,34 @@ class UpProjection(nn.Linear):
 
 
 class MLP(nn.Module):
-    """up (biased) -> gelu_fast -> down (biased): the non-gated 4h MLP."""
+    """up (biased) -> gelu_fast -> down (biased): the non-gated 4h MLP (`mlp: gelu`, FuxiTranyu)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up_proj = UpProjection(config.hidden_size, config.ffn_hidden_size, config.kernels)
-        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
+        self.up_proj = UpProjection(config.hidden_size, config.ffn_hidden_size, config.kernels, config.mlp_bias)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.up_proj(x))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the SwiGLU MLP of Llama, Qwen2 and Mistral (`mlp: swiglu`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, ffn, bias = config.hidden_size, config.ffn_hidden_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, ffn, bias=bias)
+        self.up_proj = nn.Linear(h, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def dense_mlp(config: ModelConfig) -> nn.Module:
+    """The dense feed-forward the config names."""
+    return GatedMLP(config) if config.mlp == "swiglu" else MLP(config)
 
 
 class Block(nn.Module):
@@ -143,7 +177,7 @@ class FuxiTranyuModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, mlp) for mlp in mlps)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
 
     def forward(self, input_ids, positions=None, doc_ids=None, kv_cache=None,
                 output_hidden_states=False) -> TrunkOutput:
@@ -174,17 +208,38 @@ class FuxiTranyuModel(nn.Module):
         return TrunkOutput(self.norm(x), new_cache, tuple(hidden_states) if hidden_states else None, routing)
 
 
+def _drop_tied_lm_head(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _fill_tied_lm_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+    embedding = state_dict.get(prefix + "model.embed_tokens.weight")
+    if embedding is not None:
+        state_dict[prefix + "lm_head.weight"] = embedding
+
+
 class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = FuxiTranyuModel(config, [self.feed_forward(i) for i in range(config.num_layers)])
         self.lm_head = LMHead(config.hidden_size, config.padded_vocab_size, config.kernels)
+        if config.tie_word_embeddings:
+            self.tie_embeddings()
+            # The state dict holds the shared matrix once, as model.embed_tokens.weight (as HF saves it).
+            self._register_state_dict_hook(_drop_tied_lm_head)
+            self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
+            self.register_load_state_dict_post_hook(lambda module, _: module.tie_embeddings())
         self.reset_parameters()
 
     def feed_forward(self, layer: int) -> nn.Module:
         """The feed-forward of block `layer`: the dense MLP in every block (FuxiTranyu-MoE swaps in MoE layers)."""
-        return MLP(self.config)
+        return dense_mlp(self.config)
+
+    def tie_embeddings(self) -> None:
+        """lm_head and the embedding share one Parameter (again after a load that assigned new tensors)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:
@@ -192,6 +247,8 @@ class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
             raise ConfigError("num_heads", f"{config.num_heads} does not divide hidden_size {config.hidden_size}")
         if config.head_dim % 2:
             raise ConfigError("num_heads", f"head_dim {config.head_dim} must be even for rotary embeddings")
+        if config.rope_scaling is not None and config.rope_scaling.rope_type == "dynamic" and config.head_dim < 4:
+            raise ConfigError("rope_scaling", f"dynamic NTK needs head_dim >= 4, got {config.head_dim}")
 
     def reset_parameters(self) -> None:
         """normal(0, init_std) for weights and embeddings, zero biases, unit norms; o_proj and down_proj get
@@ -229,8 +286,11 @@ class FuxiTranyuForCausalLM(GenerationMixin, nn.Module):
     # ---- accounting used by `fuxi info`, the trainer's MFU and the tests -------------------------------
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Shared (tied) matrices count once; a tied embedding is also the lm_head, so it is never excluded."""
         total = sum(p.numel() for p in self.parameters())
-        return total - self.model.embed_tokens.weight.numel() if exclude_embeddings else total
+        if exclude_embeddings and not self.config.tie_word_embeddings:
+            return total - self.model.embed_tokens.weight.numel()
+        return total
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters a token passes through: all of them in the dense model (not in FuxiTranyu-MoE)."""

@@ -21,7 +21,7 @@ from fuxi import kernels
 from fuxi.common.typed_config import require_choice
 from fuxi.kernels.moe_permute import combine_tokens, permute_tokens
 from fuxi.model.config import ModelConfig, MoELossForm
-from fuxi.model.fuxitranyu import MLP
+from fuxi.model.fuxitranyu import dense_mlp
 
 
 class RouterOutput(NamedTuple):
@@ -118,7 +118,7 @@ class MoEFeedForward(nn.Module):
         self.renormalize = not moe.top1_code_compat
         self.impl, self.expert_compute = config.kernels, moe.expert_compute
         self.router = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(moe.num_experts))
+        self.experts = nn.ModuleList(dense_mlp(config) for _ in range(moe.num_experts))
         nn.init.xavier_normal_(self.router.weight)
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
@@ -127,7 +127,11 @@ class MoEFeedForward(nn.Module):
         # ZeRO-3 gathers a module's parameters in its forward hooks; the grouped path reads the experts'
         # weights without calling the expert modules, so it cannot see partitioned parameters.
         partitioned = hasattr(self.experts[0].up_proj.weight, "ds_id")
+        gated = hasattr(self.experts[0], "gate_proj")  # the grouped path computes the GELU MLP only
         if self.expert_compute == "grouped_mm":
+            if gated:
+                raise RuntimeError("moe.expert_compute: grouped_mm computes the GELU experts only; gated "
+                                   "(swiglu) experts use loop or auto")
             if not grouped_mm_available():
                 raise RuntimeError("moe.expert_compute: grouped_mm needs torch.nn.functional.grouped_mm "
                                    f"(torch >= 2.9); this is torch {torch.__version__}; use loop")
@@ -137,7 +141,7 @@ class MoEFeedForward(nn.Module):
             return True
         # auto: torch's grouped GEMM targets bf16 on CUDA; elsewhere the expert loop is as fast.
         aligned = all(lin.weight.shape[1] % 8 == 0 for lin in (self.experts[0].up_proj, self.experts[0].down_proj))
-        return (grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16 and aligned
+        return (not gated and grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16 and aligned
                 and not partitioned)
 
     def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from fuxi.common.errors import ConfigError
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.registry import build_model
 
-_MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.((?:up_proj|down_proj)\.(?:weight|bias))$")
+_MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.((?:gate_proj|up_proj|down_proj)\.(?:weight|bias))$")
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 

@@ -68,6 +68,7 @@ class ModelReport:
     model_state_gb_per_rank: dict
     logits_gb_bf16: float
     logits_gb_fp32: float
+    architecture: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,12 +92,24 @@ def model_report(config: ModelConfig, world_size: int = 8, seq_len: int | None =
         model_state_gb_per_rank={f"zero{s}": zero_model_state_bytes(params, world_size, s) / 1e9 for s in range(4)},
         logits_gb_bf16=logits * 2 / 1e9,
         logits_gb_fp32=logits * 4 / 1e9,
+        architecture=architecture_summary(config),
     )
+
+
+def architecture_summary(config: ModelConfig) -> str:
+    """One line: the Hugging Face family and the switches that make it (model/config.py)."""
+    if config.type == "ghostrnn_lm":
+        return "GhostRNN"
+    rope = f"rope {config.rope_scaling.rope_type} x{config.rope_scaling.factor:g}" if config.rope_scaling else "rope"
+    return (f"{config.family}: {config.mlp} MLP{' (biased)' if config.mlp_bias else ''}, {config.num_heads} heads / "
+            f"{config.kv_heads} kv heads, attention bias {config.attention_bias}, "
+            f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings, {rope} theta {config.rope_theta:g}")
 
 
 def format_report(report: ModelReport) -> str:
     lines = [
         f"model type                      {report.model_type}",
+        f"architecture                    {report.architecture}",
         f"parameters                      {report.parameters:,}",
         f"parameters without embedding    {report.parameters_without_embedding:,}",
         f"training FLOPs per token        {report.flops_per_token / 1e9:,.2f} GFLOP  (the model's own count at seq {report.seq_len}: 6N + 12Lhs for attention models)",
