@@ -18,11 +18,12 @@ from fuxi.kernels.cross_entropy import (IGNORE_INDEX, default_vocab_chunk, linea
 from fuxi.kernels.gelu import bias_gelu_torch, bias_gelu_triton, gelu_fast_torch
 from fuxi.kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
 from fuxi.kernels.rope import apply_rope_torch, apply_rope_triton, rope_cos_sin, rotate_half
+from fuxi.kernels.swiglu import swiglu_torch, swiglu_triton
 from fuxi.kernels.triton_runtime import HAS_TRITON, check_launchable
 
 __all__ = ["HAS_TRITON", "IGNORE_INDEX", "IMPLEMENTATIONS", "Implementation", "add_rms_norm", "apply_rope",
            "bias_gelu", "default_vocab_chunk", "gelu_fast_torch", "linear_cross_entropy",
-           "linear_cross_entropy_torch", "rms_norm", "rope_cos_sin", "rotate_half", "use_triton"]
+           "linear_cross_entropy_torch", "rms_norm", "rope_cos_sin", "rotate_half", "swiglu", "use_triton"]
 
 Implementation = Literal["auto", "triton", "torch"]  # `impl` of every kernel, `kernels` of the model config
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
@@ -80,6 +81,17 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, impl: Implementation =
     if use_triton(impl, x, "bias_gelu") and x.numel():
         return bias_gelu_triton(x, bias)
     return bias_gelu_torch(x, bias)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: Implementation = "auto") -> torch.Tensor:
+    """silu(gate) * up, the gated MLP's activation; gate and up [..., F] of one shape (no broadcasting). They may
+    be the two halves of one fused projection (`gate_up.chunk(2, -1)`): the Triton path reads such views in
+    place."""
+    if gate.shape != up.shape:
+        raise ValueError(f"kernels.swiglu: gate shape {tuple(gate.shape)} differs from up {tuple(up.shape)}")
+    if use_triton(impl, gate, "swiglu") and gate.numel():
+        return swiglu_triton(gate, up)
+    return swiglu_torch(gate, up)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

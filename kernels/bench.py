@@ -37,12 +37,13 @@ from fuxi.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cros
 from fuxi.kernels.gelu import bias_gelu_torch
 from fuxi.kernels.rms_norm import rms_norm_torch
 from fuxi.kernels.rope import apply_rope_torch, rope_cos_sin
+from fuxi.kernels.swiglu import swiglu_torch
 from fuxi.kernels.triton_runtime import INTERPRET
 
 HIDDEN, FFN, HEADS, HEAD_DIM, VOCAB = 4096, 16_384, 32, 128, 250_680
 GPU_TOKENS = (4096, 8192, 16384)
 CPU_TOKENS = (512,)
-KERNELS = ("rms_norm", "bias_gelu", "rope", "flce")
+KERNELS = ("rms_norm", "bias_gelu", "swiglu", "rope", "flce")
 
 
 @dataclass
@@ -236,6 +237,37 @@ def bias_gelu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, 
                 full_bytes=5 * tokens * ffn * elem, notes={})
 
 
+def swiglu_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
+    """silu(gate) * up at --ffn (the same width as bias-GELU's; Llama-3-8B's gated MLP has 14,336)."""
+    ffn = widths.ffn
+    gate = (3 * torch.randn(tokens, ffn, device=device)).to(dtype).requires_grad_()
+    up = torch.randn(tokens, ffn, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(tokens, ffn, dtype=dtype, device=device)
+    providers = {"eager": lambda: swiglu_torch(gate, up)}
+    compiled = _compiled(swiglu_torch, compile_)
+    if compiled:
+        providers["compile"] = lambda: compiled(gate, up)
+    if triton_ok:
+        providers["triton"] = lambda: kernels.swiglu(gate, up, impl="triton")
+    leaves = [gate, up]
+
+    def liger():
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        # Liger's backward writes the gradients over its saved inputs (in a model they are the projections'
+        # outputs, dead after backward), so it gets copies of its own, cleared like the others' between runs.
+        gate_l, up_l = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+        leaves.extend([gate_l, up_l])
+        return lambda: LigerSiLUMulFunction.apply(gate_l, up_l)
+
+    _add_liger(providers, "swiglu", liger)
+    elem = gate.element_size()
+    # forward reads gate, up and writes y; backward reads dy, gate, up and writes both gradients
+    return Case("swiglu", tokens, providers, leaves, lambda out: ([out], [dy]),
+                full_bytes=8 * tokens * ffn * elem,
+                notes={"liger": "own input copies (its backward overwrites them)"} if "liger" in providers else {})
+
+
 def rope_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, widths: Widths) -> Case:
     heads, head_dim = widths.heads, widths.head_dim
     seq = min(tokens, 4096)
@@ -299,7 +331,8 @@ def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, width
                 notes={"liger": "reduction=sum"})
 
 
-CASE_BUILDERS = {"rms_norm": rms_norm_case, "bias_gelu": bias_gelu_case, "rope": rope_case, "flce": flce_case}
+CASE_BUILDERS = {"rms_norm": rms_norm_case, "bias_gelu": bias_gelu_case, "swiglu": swiglu_case, "rope": rope_case,
+                 "flce": flce_case}
 
 
 # ---- CPU memory comparison of the fused loss (fresh subprocess per variant) -------------------------------
@@ -424,7 +457,7 @@ def _headline(rows: list[Result], bandwidth: float, device: torch.device, dtype:
     summary: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                   "dtype": str(dtype).replace("torch.", ""),
                                   "measured_bw_gbps": round(bandwidth, 1)}
-    for kernel in ("rms_norm", "bias_gelu", "rope"):
+    for kernel in ("rms_norm", "bias_gelu", "swiglu", "rope"):
         mine = [r for r in rows if r.kernel == kernel]
         if not mine:
             continue
@@ -463,7 +496,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flce-cpu-hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="model width of rms_norm and the fused loss")
-    parser.add_argument("--ffn", type=int, default=FFN, help="bias_gelu width")
+    parser.add_argument("--ffn", type=int, default=FFN, help="bias_gelu and swiglu width")
     parser.add_argument("--heads", type=int, default=HEADS, help="rope heads")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="rope head dim")
     parser.add_argument("--interpret", action="store_true",

@@ -12,8 +12,8 @@ the same function, one transcendental, and no cancellation in 1 + tanh(u) for ve
 """
 import torch
 
-from fuxi.kernels.triton_runtime import (autotuned, compute_dtype, next_power_of_2, persistent_programs, sm_count,
-                                    stats_dtype, tl, triton)
+from fuxi.kernels.triton_runtime import (autotuned, compute_dtype, interpreter_tile, persistent_programs, rows_bucket,
+                                         sm_count, stats_dtype, tl, triton)
 
 SQRT_2_OVER_PI = 0.7978845608
 GELU_CUBIC = 0.044715
@@ -96,21 +96,6 @@ _BWD_MAX_BLOCK_N = max(meta["BLOCK_N"] for meta, _ in BWD_CONFIGS)
 TUNING_KEY = ["n_cols", "rows_bucket"]
 _bias_gelu_fwd_tuned = autotuned(_bias_gelu_fwd_kernel, FWD_CONFIGS, key=TUNING_KEY)
 _bias_gelu_bwd_tuned = autotuned(_bias_gelu_bwd_kernel, BWD_CONFIGS, key=TUNING_KEY)
-ROWS_BUCKET_CAP = 8192
-
-
-def rows_bucket(n_rows: int) -> int:
-    """The row count's power-of-two bucket, part of the autotuning key: in the MoE expert loop one width sees
-    a few dozen rows (one expert's tokens) and the full batch, which want different tiles (and the backward's
-    row-group count depends on the rows), so the first call must not fix the launch for every row count.
-    Capped: past 8K rows the choice no longer changes, and each new bucket costs a tuning run."""
-    return min(next_power_of_2(n_rows), ROWS_BUCKET_CAP)
-
-
-def _interpreter_tile(n_rows: int, n_cols: int) -> dict:
-    """Under the interpreter each program instance has a fixed cost: few, large (64K-element) tiles."""
-    block_n = min(1024, next_power_of_2(n_cols))
-    return dict(BLOCK_M=max(1, min(next_power_of_2(n_rows), 65536 // block_n)), BLOCK_N=block_n, num_warps=4)
 
 
 def _row_groups(x2: torch.Tensor, tile: dict | None) -> int:
@@ -146,7 +131,7 @@ def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor | None, out_dtype: to
         tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))](
             *args, **consts)
     else:
-        tile = tile or _interpreter_tile(n_rows, n_cols)
+        tile = tile or interpreter_tile(n_rows, n_cols)
         grid = (triton.cdiv(n_rows, tile["BLOCK_M"]), triton.cdiv(n_cols, tile["BLOCK_N"]))
         _bias_gelu_fwd_kernel[grid](*args, **consts, **tile)
     return y
@@ -158,7 +143,7 @@ def bias_gelu_backward(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor |
     n_rows, n_cols = x2.shape
     tuned = None if tile is not None else (tuned or (_bias_gelu_bwd_tuned if x2.is_cuda else None))
     if tuned is None:
-        tile = tile or _interpreter_tile(n_rows, n_cols)
+        tile = tile or interpreter_tile(n_rows, n_cols)
     groups = _row_groups(x2, None if tuned is not None else tile)
     dx = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x2.dtype, dy2.dtype), device=x2.device)
     has_bias = bias is not None

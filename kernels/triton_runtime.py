@@ -100,6 +100,25 @@ def rows_per_program(block_cols: int, tensor: torch.Tensor, n_rows: int | None =
     return max(1, min(cap, 65536 // block_cols))
 
 
+ROWS_BUCKET_CAP = 8192
+
+
+def rows_bucket(n_rows: int) -> int:
+    """The row count's power-of-two bucket, part of the autotuning key of the 2-D-tiled elementwise kernels
+    (bias-GELU, SwiGLU): in the MoE expert loop one width sees a few dozen rows (one expert's tokens) and the
+    full batch, which want different tiles (and bias-GELU's backward row-group count depends on the rows), so
+    the first call must not fix the launch for every row count. Capped: past 8K rows the choice no longer
+    changes, and each new bucket costs a tuning run."""
+    return min(next_power_of_2(n_rows), ROWS_BUCKET_CAP)
+
+
+def interpreter_tile(n_rows: int, n_cols: int) -> dict:
+    """A 2-D tile for the interpreter, where each program instance has a fixed cost: few, large (64K-element)
+    tiles."""
+    block_n = min(1024, next_power_of_2(n_cols))
+    return dict(BLOCK_M=max(1, min(next_power_of_2(n_rows), 65536 // block_n)), BLOCK_N=block_n, num_warps=4)
+
+
 def compute_dtype(dtype: torch.dtype):
     """The Triton type kernels do arithmetic in: fp64 for fp64 tensors (float64 gradcheck), else fp32.
 

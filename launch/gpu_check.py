@@ -7,7 +7,7 @@ slow or hung step is killed and the rest still run:
     wheels           install the carried .whl/ (pip --target, no network); later steps get it on PYTHONPATH
     env              versions, device, and whether every package our code imports is there
     pytest_gpu       a. pytest -m gpu (bf16 kernels under FlashAttention's rule, MoE permutation, GhostGRU, model)
-    bench_kernels    b. RMSNorm, bias-GELU, RoPE at the 8B widths: eager, torch.compile, Triton, Liger
+    bench_kernels    b. RMSNorm, bias-GELU, SwiGLU, RoPE at the 8B widths: eager, torch.compile, Triton, Liger
     bench_flce       b. the fused linear cross-entropy at V 250,752 and 8,192 tokens: peak memory and speed
     bench_train      c. 8B-shaped layers, as many as fit, ZeRO-2, bf16: tokens/s, TFLOP/s, MFU, peak memory
     bench_train_ac   c. the same layers with activation checkpointing
@@ -176,7 +176,7 @@ def pytest_after(ctx: Context, record: dict) -> None:
 
 def kernels_argv(ctx: Context) -> list[str]:
     out = ctx.work_dir("bench_kernels")
-    common = ["bench", "kernels", "--kernels", "rms_norm", "bias_gelu", "rope", "--out", str(out)]
+    common = ["bench", "kernels", "--kernels", "rms_norm", "bias_gelu", "swiglu", "rope", "--out", str(out)]
     if ctx.dry_run:
         return _cli(ctx, *common, "--interpret", "--tokens", "64", "--hidden", "256", "--ffn", "1024", "--heads",
                     "4", "--head-dim", "32", "--no-compile", "--reps", "1")
@@ -250,7 +250,7 @@ STEPS = [
     Step("wheels", "carried wheels installed (pip --target, no network)", 60, 5, wheels_argv, wheels_after),
     Step("env", "versions, device, imports", 60, 5, env_argv),
     Step("pytest_gpu", "a. pytest -m gpu", 110, 30, pytest_argv, pytest_after, keep_lines=PYTEST_LINE),
-    Step("bench_kernels", "b. fuxi bench kernels: RMSNorm, bias-GELU, RoPE", 120, 40, kernels_argv,
+    Step("bench_kernels", "b. fuxi bench kernels: RMSNorm, bias-GELU, SwiGLU, RoPE", 150, 50, kernels_argv,
          bench_csv_after("kernels.png")),
     Step("bench_flce", "b. fuxi bench kernels: fused linear cross-entropy", 60, 20, flce_argv,
          bench_csv_after("flce.png")),
@@ -447,8 +447,8 @@ def headline(records: dict) -> dict:
 
     out = {}
     for key in ("measured_bw_gbps", "rms_norm_triton_pct_bw", "rms_norm_speedup_vs_compile",
-                "bias_gelu_triton_pct_bw", "bias_gelu_speedup_vs_compile", "rope_triton_pct_bw",
-                "rope_speedup_vs_compile"):
+                "bias_gelu_triton_pct_bw", "bias_gelu_speedup_vs_compile", "swiglu_triton_pct_bw",
+                "swiglu_speedup_vs_compile", "rope_triton_pct_bw", "rope_speedup_vs_compile"):
         if key in result("bench_kernels"):
             out[key] = result("bench_kernels")[key]
     for key in ("flce_peak_mem_ratio", "flce_time_ratio", "flce_liger_time_ratio"):

@@ -48,7 +48,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert steps["env"]["missing"] == [] and report["machine"]["python"]
     assert "collected" in steps["pytest_gpu"]["collected"]
     assert {r["provider"] for r in report["steps"]["bench_kernels"]["rows"]} >= {"eager", "triton"}
-    assert {r["kernel"] for r in report["steps"]["bench_kernels"]["rows"]} == {"rms_norm", "bias_gelu", "rope"}
+    assert {r["kernel"] for r in report["steps"]["bench_kernels"]["rows"]} == {"rms_norm", "bias_gelu", "swiglu", "rope"}
     assert {r["provider"] for r in report["steps"]["bench_flce"]["rows"]} >= {"eager", "chunked_torch", "triton"}
     assert steps["bench_train"]["kernels"] == "triton" and steps["bench_train"]["tokens_per_s"] > 0
     assert steps["bench_train_ac"]["activation_checkpointing"] is True

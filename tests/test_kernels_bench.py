@@ -21,7 +21,7 @@ def test_bench_cpu_run_writes_reports(tmp_path, capsys):
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == summary
     rows = list(csv.DictReader(open(tmp_path / "kernels.csv")))
-    assert {r["kernel"] for r in rows} == {"rms_norm", "bias_gelu", "rope", "flce"}
+    assert {r["kernel"] for r in rows} == {"rms_norm", "bias_gelu", "swiglu", "rope", "flce"}
     assert all(float(r["full_ms"]) > 0 for r in rows)
     assert (tmp_path / "kernels.png").stat().st_size > 0
     table = (tmp_path / "kernels.md").read_text()

@@ -64,7 +64,7 @@ def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
     import time
 
     from fuxi.kernels import gelu
-    from fuxi.kernels.triton_runtime import autotuned
+    from fuxi.kernels.triton_runtime import ROWS_BUCKET_CAP, autotuned
 
     def cpu_timer(fn, quantiles):
         start = time.perf_counter()
@@ -88,7 +88,7 @@ def test_autotuned_launch_path_with_a_cpu_timer(monkeypatch):
         torch.testing.assert_close(y, ref.detach(), atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(dx, xr.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(db, br.grad, atol=1e-4, rtol=1e-5)
-    assert gelu.rows_bucket(17) == gelu.rows_bucket(20) == 32 and gelu.rows_bucket(10**6) == gelu.ROWS_BUCKET_CAP
+    assert gelu.rows_bucket(17) == gelu.rows_bucket(20) == 32 and gelu.rows_bucket(10**6) == ROWS_BUCKET_CAP
 
 
 def test_bias_gelu_is_torch_tanh_gelu_on_3d_input():

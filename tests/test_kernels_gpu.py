@@ -11,6 +11,7 @@ from fuxi.kernels.cross_entropy import linear_cross_entropy_torch
 from fuxi.kernels.gelu import bias_gelu_torch
 from fuxi.kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
 from fuxi.kernels.rope import apply_rope_torch, rope_cos_sin
+from fuxi.kernels.swiglu import swiglu_torch
 from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_reference_error
 
 pytestmark = pytest.mark.gpu
@@ -62,6 +63,24 @@ def test_bias_gelu_bf16(rows, cols):
     b = 0.1 * torch.randn(cols, device=DEVICE)
     dy = torch.randn(rows, cols, device=DEVICE)
     check_flash_rule("bias_gelu", lambda a, c: kernels.bias_gelu(a, c, impl="triton"), bias_gelu_torch, [x, b], [dy])
+
+
+# Llama-3-8B's ffn 14,336 at one row and a full batch; 1,000 leaves partial tiles.
+@pytest.mark.parametrize("rows,cols", [(1, 14336), (33, 1000), (4096, 14336)])
+def test_swiglu_bf16(rows, cols):
+    gate = 3 * torch.randn(rows, cols, device=DEVICE)
+    up = torch.randn(rows, cols, device=DEVICE)
+    dy = torch.randn(rows, cols, device=DEVICE)
+    check_flash_rule("swiglu", lambda g, u: kernels.swiglu(g, u, impl="triton"), swiglu_torch, [gate, up], [dy])
+
+
+def test_swiglu_bf16_on_the_halves_of_a_fused_projection():
+    """The row-strided halves of one [tokens, 2F] gate_up tensor, read in place; gradient of the fused tensor."""
+    fused = torch.randn(2048, 2 * 14336, device=DEVICE)
+    fused[:, :14336] *= 3
+    dy = torch.randn(2048, 14336, device=DEVICE)
+    check_flash_rule("swiglu fused", lambda f: kernels.swiglu(*f.chunk(2, -1), impl="triton"),
+                     lambda f: swiglu_torch(*f.chunk(2, -1)), [fused], [dy])
 
 
 @pytest.mark.parametrize("batch,seq,heads,head_dim", [(2, 33, 5, 96), (1, 4096, 32, 128)])
