@@ -11,8 +11,8 @@ and RoPE scaling (model/rope.py). The defaults are FuxiTranyu's.
 The trunk (`FuxiTranyuModel`) is written once: FuxiTranyu-MoE (model/fuxitranyu_moe.py) is this model with other
 feed-forwards in its blocks (`feed_forward`), and its MoE-only parts on top.
 
-Kernels (RMSNorm, bias-GELU, RoPE, the fused linear cross-entropy) come through the `kernels` seam, picked by
-`config.kernels`; nothing here knows about parallelism.
+Kernels (RMSNorm, bias-GELU, SwiGLU, RoPE, the fused linear cross-entropy) come through the `kernels` seam,
+picked by `config.kernels`; nothing here knows about parallelism.
 """
 from __future__ import annotations
 
@@ -128,9 +128,11 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(h, ffn, bias=bias)
         self.up_proj = nn.Linear(h, ffn, bias=bias)
         self.down_proj = nn.Linear(ffn, h, bias=bias)
+        self.kernels = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # silu(gate) * up in one fused kernel (kernels/swiglu.py; its torch reference off CUDA)
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), impl=self.kernels))
 
 
 def dense_mlp(config: ModelConfig) -> nn.Module:

@@ -69,6 +69,33 @@ def test_triton_model_uses_every_kernel_and_matches_torch(monkeypatch):
         torch.testing.assert_close(p.grad, grads_r[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_llama_architecture_uses_the_swiglu_kernel_and_matches_torch(monkeypatch):
+    """The gated MLP (mlp: swiglu, GQA, no biases) through the fused SwiGLU kernel equals the torch reference."""
+    def config(impl):
+        return ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                           ffn_hidden_size=176, max_seq_len=64, family="llama", mlp="swiglu", attention_bias="none",
+                           mlp_bias=False, kernels=impl)
+
+    torch.manual_seed(0)
+    triton_model = FuxiTranyuForCausalLM(config("triton")).to(DEVICE)
+    torch_model = FuxiTranyuForCausalLM(config("torch")).to(DEVICE)
+    torch_model.load_state_dict(triton_model.state_dict())
+    calls = []
+    original = kernels.swiglu_triton
+    monkeypatch.setattr(kernels, "swiglu_triton", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    inputs, labels = _batch(2, 17, seed=3)
+    out_t = triton_model(inputs, labels=labels)
+    out_t.loss.backward()
+    monkeypatch.undo()
+    assert len(calls) == 2  # one per layer
+    out_r = torch_model(inputs, labels=labels)
+    out_r.loss.backward()
+    torch.testing.assert_close(out_t.loss, out_r.loss, atol=1e-5, rtol=1e-5)
+    grads_r = dict(torch_model.named_parameters())
+    for name, p in triton_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_r[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def _train(model, steps: int) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
