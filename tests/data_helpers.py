@@ -58,3 +58,30 @@ def rewrite_shard(manifest_path: Path, index: int, change) -> Path:
     raw["shards"][index].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     Path(manifest_path).write_text(json.dumps(raw))
     return path
+
+
+def small_corpus(root: Path, languages: tuple[str, ...], train_docs: int, valid_docs: int, duplicates: int) -> Path:
+    """train/ and valid/ JSONL (`<lang>.jsonl`) of the first documents of the bundled corpus per language, each
+    file ending with `duplicates` exact copies of its first documents (for dedup to find)."""
+    import json
+
+    from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+
+    for split, n in (("train", train_docs), ("valid", valid_docs)):
+        for lang in languages:
+            docs = [{"text": d.text, "lang": lang} for d in iter_jsonl(bundled_corpus() / split / f"{lang}.jsonl")][:n]
+            path = root / split / f"{lang}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs + docs[:duplicates]),
+                            encoding="utf-8")
+    return root
+
+
+def take(loader, n: int) -> list:
+    """The first n batches of a loader (fails if it has fewer)."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("the loader ended")

@@ -15,7 +15,6 @@ from fuxi.common.errors import ConfigError, DataError
 from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.config import DataConfig
-from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.job import watch_jobs
 from fuxi.data_pipeline.loader import build_train_loader
@@ -24,6 +23,8 @@ from fuxi.data_pipeline.pack import pack
 from fuxi.data_pipeline.prepare import prepare_dataset
 from fuxi.data_pipeline.tokenizer import TokenizerConfig
 from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
+
+from data_helpers import small_corpus, take
 
 pytest.importorskip("s3fs")
 server_module = pytest.importorskip("moto.server")
@@ -71,18 +72,6 @@ def s3(tmp_path_factory):
             _fresh_filesystems()
 
 
-def _corpus(root: Path) -> Path:
-    """train/ and valid/ JSONL of four languages from the bundled corpus, with a few exact duplicates."""
-    for split, n in (("train", 24), ("valid", 6)):
-        for lang in ("en", "de", "ru", "zh"):
-            docs = [{"text": d.text, "lang": lang} for d in iter_jsonl(bundled_corpus() / split / f"{lang}.jsonl")][:n]
-            path = root / split / f"{lang}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs + docs[:2]),
-                            encoding="utf-8")
-    return root
-
-
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -92,17 +81,8 @@ def _remote_files(fs, url: str) -> dict[str, bytes]:
     return {name[len(root) + 1:]: fs.cat_file(name) for name in sorted(fs.find(root))}
 
 
-def _take(loader, n: int) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            return out
-    raise AssertionError("the loader ended")
-
-
 def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
-    local = _corpus(tmp_path / "corpus")
+    local = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2)
     s3.put(str(local) + "/", f"{BUCKET}/corpus/", recursive=True)
     url = f"s3://{BUCKET}"
 
@@ -131,8 +111,8 @@ def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
 
     # the training stream reads the shards back from s3: the same batches as from the local folder
     cfg = dict(seq_len=32, num_workers=0, tokenizer=f"{url}/tokenizer")
-    from_s3 = _take(build_train_loader(DataConfig(train_manifest=f"{url}/train", **cfg), batch_size=4), 12)
-    from_disk = _take(build_train_loader(DataConfig(train_manifest=str(reference.path), **cfg), batch_size=4), 12)
+    from_s3 = take(build_train_loader(DataConfig(train_manifest=f"{url}/train", **cfg), batch_size=4), 12)
+    from_disk = take(build_train_loader(DataConfig(train_manifest=str(reference.path), **cfg), batch_size=4), 12)
     for a, b in zip(from_s3, from_disk):
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
@@ -146,7 +126,7 @@ def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
 
 def test_a_rewritten_remote_input_is_fetched_again_and_the_job_reruns(s3, tmp_path):
     url = f"s3://{BUCKET}/small"
-    local = _corpus(tmp_path / "corpus") / "train"
+    local = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2) / "train"
     s3.put(str(local) + "/", f"{BUCKET}/small/", recursive=True)
     first = remote.local_input(url)
     assert _files(first) == _files(local)
@@ -174,7 +154,7 @@ def test_missing_foreign_and_unreachable_urls_are_one_line_naming_them(s3, tmp_p
         prepare_dataset(f"s3://{BUCKET}/prepared")
 
     s3.pipe_file(f"{BUCKET}/theirs/notes.txt", b"not ours")
-    corpus = _corpus(tmp_path / "corpus")
+    corpus = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2)
     with pytest.raises(DataError, match=rf"^s3://{BUCKET}/theirs: holds \['notes.txt'\], which this stage did not"):
         clean(corpus, f"s3://{BUCKET}/theirs", **ONE)
 

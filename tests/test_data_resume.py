@@ -20,7 +20,6 @@ import pytest
 from fuxi.data_pipeline.chunks import plan_chunks
 from fuxi.data_pipeline.clean import clean
 from fuxi.data_pipeline.clean_stages import ProcessChunks, assign
-from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.errors import TaskError
 from fuxi.data_pipeline.local_executor import LocalExecutor
@@ -28,7 +27,8 @@ from fuxi.data_pipeline.pack import pack
 from fuxi.data_pipeline.pack_stages import PackTasks
 from fuxi.data_pipeline.tokenizer import TokenizerConfig, tokenizer_hash
 from fuxi.data_pipeline.tokenizer_stage import TrainTokenizer, train_tokenizer_task
-from data_helpers import TINY, tiny_dataset
+
+from data_helpers import TINY, small_corpus, tiny_dataset
 
 REPORTS = ("clean_report.json", "pack_report.json", "prepare.json")  # hold seconds and input paths
 
@@ -75,19 +75,8 @@ def _markers(work: Path) -> dict[str, int]:
             if (d / "completions").is_dir()}
 
 
-def _corpus(root: Path) -> Path:
-    for split, n in (("train", 40), ("valid", 8)):
-        for lang in ("en", "de", "fr", "ru"):
-            docs = [{"text": d.text, "lang": lang} for d in iter_jsonl(bundled_corpus() / split / f"{lang}.jsonl")][:n]
-            path = root / split / f"{lang}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs + docs[:3]),
-                            encoding="utf-8")
-    return root
-
-
 def test_clean_killed_half_way_resumes_and_reports_the_whole_job(tmp_path, monkeypatch, ran, caplog):
-    corpus = _corpus(tmp_path / "corpus")
+    corpus = small_corpus(tmp_path / "corpus", ("en", "de", "fr", "ru"), 40, 8, 3)
     executor = ExecutorConfig(tasks=4, workers=1, progress=False)
     chunk_mb = 0.01
     reference = clean(corpus, tmp_path / "reference", chunk_mb=chunk_mb, executor=executor)

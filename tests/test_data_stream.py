@@ -13,7 +13,7 @@ from fuxi.data_pipeline.loader import build_plan, build_train_loader, build_val_
 from fuxi.data_pipeline.manifest import load_manifest
 from fuxi.data_pipeline.shards import ShardReader
 from fuxi.data_pipeline.stream import MixtureOrder, default_transform
-from data_helpers import tiny_dataset
+from data_helpers import take, tiny_dataset
 
 SMALL = ["hi", "th"]  # 8 shards in all: fewer than the 5 ranks x 2 workers below
 
@@ -21,15 +21,6 @@ SMALL = ["hi", "th"]  # 8 shards in all: fewer than the 5 ranks x 2 workers belo
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory)
-
-
-def take(loader, n):
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            return out
-    raise AssertionError("loader ended")
 
 
 def assert_same(a, b):
