@@ -129,6 +129,26 @@ def _tiny_llama_moe(moe: MoEConfig, **fields):
     return upcycle_model(build_model(config), moe)
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_scalings_carry_into_mixtral(tmp_path, rope):
+    """linear and dynamic RoPE (past max_seq_len, where dynamic NTK changes the base) compute as ours."""
+    from fuxi.model.config import RopeScalingConfig
+
+    torch.manual_seed(0)
+    moe = _tiny_llama_moe(MoEConfig(num_experts=3, top_k=2), max_seq_len=32, num_kv_heads=2, rope_theta=5e5,
+                          rms_norm_eps=1e-6, rope_scaling=RopeScalingConfig(**rope))
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(moe, tmp_path / "ours")
+    export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
+    mixtral = _load_native(tmp_path / "mixtral")
+    assert mixtral.config.rope_parameters["rope_type"] == rope["rope_type"]
+    ids = _ids()  # 40 positions, past max_seq_len 32
+    with torch.no_grad():
+        assert (moe.eval()(ids).logits - mixtral(ids).logits).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("fields, moe, named", [
     ({"family": "qwen2", "attention_bias": "qkv"}, {}, "family 'qwen2'"),
     ({"attention_bias": "all"}, {}, "attention_bias 'all'"),
