@@ -7,10 +7,14 @@ Layouts (`layout=`, `fuxi convert to-hf --format`):
   class across releases, and downstream tools (lm-eval, vLLM's transformers backend, PEFT, quantisers) know it.
 - `tjunlp`: the layout of the released TJUNLP FuxiTranyu checkpoints (`model_type: fuxitranyu`, remote code
   shipped beside the weights, `trust_remote_code=True`).
-- MoE-LPR models have no native class (non-gated experts): always remote code (`fuxitranyu_moe`).
+- MoE-LPR models of the FuxiTranyu family have no native class (biased, non-gated experts): always remote
+  code (`fuxitranyu_moe`).
+- MoE-LPR models of a bias-free Llama/Mistral base are native `MixtralForCausalLM` (`mixtral`,
+  checkpoints/hf_mixtral.py: the router and experts renamed); a Qwen2 base (q/k/v bias) is refused.
 - The Llama family (`family: llama | qwen2 | mistral`, model/config.py) is always native: `LlamaForCausalLM`,
   `Qwen2ForCausalLM` or `MistralForCausalLM`, the class `convert from-hf` read it from.
-The tensor names are the same in every layout (ours are the Llama convention). Works tensor by tensor.
+The tensor names are the same in every layout but Mixtral's (ours are the Llama convention). Works tensor by
+tensor.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Literal, get_args
 
 import torch
 
+from fuxi.checkpoints.hf_mixtral import check_mixtral, mixtral_config_dict, mixtral_tensor_name
 from fuxi.checkpoints.model_checkpoint import own_tokenizer, read_model_config, replaced_folder
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
 from fuxi.model import ModelConfig
@@ -40,7 +45,14 @@ FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mis
 
 
 def resolve_layout(config: ModelConfig, layout: Layout | None) -> str:
-    """`native` or `tjunlp` for a dense model (native by default); `moe` for an MoE-LPR model."""
+    """`native` or `tjunlp` for a dense model (native by default); `moe` for a FuxiTranyu MoE-LPR model,
+    `mixtral` for a Llama/Mistral one."""
+    if config.family != "fuxitranyu" and config.type == "fuxitranyu_moe":
+        check_mixtral(config)
+        if layout not in (None, "native", "mixtral"):
+            raise CheckpointError(f"--format {layout}: an MoE-LPR model of family {config.family!r} exports as "
+                                  "the native MixtralForCausalLM; omit --format")
+        return "mixtral"
     if config.family != "fuxitranyu":
         if config.type != "fuxitranyu":
             raise CheckpointError(f"model type {config.type!r} of family {config.family!r} has no Hugging Face "
@@ -88,8 +100,9 @@ def common_config_fields(config: ModelConfig, dtype: ExportDType) -> dict:
     }
 
 
-def llama_family_config(config: ModelConfig, fields: dict) -> dict:
-    """config.json of LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (transformers' own fields)."""
+def rope_parameters(config: ModelConfig) -> dict:
+    """transformers' `rope_parameters`: theta plus the scaling (linear, dynamic and llama3 are all transformers'
+    own rope types, which every Llama-style class, Mixtral included, computes)."""
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         s = config.rope_scaling
@@ -97,6 +110,12 @@ def llama_family_config(config: ModelConfig, fields: dict) -> dict:
         if s.rope_type == "llama3":
             rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                         original_max_position_embeddings=s.original_max_position_embeddings)
+    return rope
+
+
+def llama_family_config(config: ModelConfig, fields: dict) -> dict:
+    """config.json of LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (transformers' own fields)."""
+    rope = rope_parameters(config)
     out = {
         "architectures": [FAMILY_CLASSES[config.family]],
         "model_type": config.family,
@@ -122,6 +141,8 @@ def llama_family_config(config: ModelConfig, fields: dict) -> dict:
 def hf_config_dict(config: ModelConfig, dtype: ExportDType, layout: Layout | None = None) -> dict:
     layout = resolve_layout(config, layout)
     fields = common_config_fields(config, dtype)
+    if layout == "mixtral":
+        return mixtral_config_dict(config, fields, rope_parameters(config))
     if config.family != "fuxitranyu":
         return llama_family_config(config, fields)
     if layout == "native":
@@ -244,8 +265,9 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: ExportDType =
         tokenizer_dir = own_tokenizer(ckpt_dir)  # a checkpoint may carry the tokenizer it was trained with
     with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        rename = mixtral_tensor_name if layout == "mixtral" else (lambda name: name)
         for name, tensor in iter_tensors(ckpt_dir):
-            writer.add(name, tensor.to(getattr(torch, dtype)) if tensor.is_floating_point() else tensor)
+            writer.add(rename(name), tensor.to(getattr(torch, dtype)) if tensor.is_floating_point() else tensor)
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2) + "\n")

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from fuxi.common.errors import ConfigError
 from fuxi.model.config import ModelConfig
-from fuxi.model.fuxitranyu import MLP, FuxiTranyuForCausalLM, TrunkOutput
+from fuxi.model.fuxitranyu import FuxiTranyuForCausalLM, TrunkOutput
 from fuxi.model.moe import MoEFeedForward, RouterOutput, balance_loss, lpr_loss
 from fuxi.model.outputs import CausalLMOutput
 
@@ -44,7 +44,7 @@ class FuxiTranyuMoEForCausalLM(FuxiTranyuForCausalLM):
     def feed_forward(self, layer: int) -> nn.Module:
         if layer in self.config.moe.moe_layers(self.config.num_layers):
             return MoEFeedForward(self.config)
-        return MLP(self.config)
+        return super().feed_forward(layer)  # the dense MLP the config names (GELU or SwiGLU)
 
     @classmethod
     def validate_config(cls, config: ModelConfig) -> None:

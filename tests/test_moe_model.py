@@ -40,6 +40,17 @@ def test_upcycled_logits_equal_dense(layers, top_k):
                                                                 else ["MoEFeedForward", "MLP", "MoEFeedForward"])
 
 
+def test_partially_upcycled_swiglu_model_keeps_its_gated_dense_layers():
+    """A Llama-family model upcycled in some layers: the layers left dense stay SwiGLU (gate/up/down)."""
+    dense = tiny_model(num_layers=3, family="llama", mlp="swiglu", attention_bias="none", mlp_bias=False,
+                       num_kv_heads=2)
+    moe = upcycle_model(dense, MoEConfig(num_experts=N, top_k=K, layers=[0, 2]), seed=1)
+    assert type(moe.model.layers[1].mlp).__name__ == "GatedMLP"
+    ids = multilingual_ids()
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
+
+
 def test_upcycled_greedy_generation_equals_dense():
     dense, moe = upcycled()
     prompt = multilingual_ids()[:, :6]

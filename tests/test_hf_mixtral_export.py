@@ -1,0 +1,164 @@
+"""An upcycled Llama/Mistral MoE-LPR model exports as transformers' native MixtralForCausalLM: a tiny random
+LlamaForCausalLM (GQA, llama3 RoPE scaling) and MistralForCausalLM (one k/v head), built by transformers, go
+through `fuxi convert from-hf` -> `fuxi upcycle` -> `fuxi convert to-hf`; the export loads without remote code
+and without missing or unexpected keys, and its logits and greedy tokens are the dense transformers model's
+(upcycling preserves the function) and our MoE's. Experts and routers drifted apart (as after stage 1) check
+the router and w1/w2/w3 mapping and Mixtral's top-K renormalisation; what Mixtral cannot hold is refused."""
+import json
+
+import pytest
+import torch
+
+from fuxi.checkpoints import CheckpointError, export_to_hf, load_model, save_model
+from fuxi.launch.cli import main as fuxi
+from fuxi.model import ModelConfig, build_model
+from fuxi.model.config import MoEConfig
+from fuxi.model.upcycle import upcycle_model
+
+pytestmark = pytest.mark.hf
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 32}))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None, rms_norm_eps=1e-6))
+
+
+FAMILIES = {"llama": _llama, "mistral": _mistral}
+
+
+def _ids():
+    return torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def _greedy(hf, ids, n=8):
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+
+
+def _load_native(path):
+    """AutoModelForCausalLM without trust_remote_code; every tensor must find its place."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def upcycled(request, tmp_path_factory):
+    """The dense transformers model and the directories of the CLI chain from-hf -> upcycle -> to-hf."""
+    tmp = tmp_path_factory.mktemp(f"mixtral_{request.param}")
+    torch.manual_seed(0)
+    dense = FAMILIES[request.param]().eval()
+    dense.save_pretrained(tmp / "hf")
+    assert fuxi(["convert", "from-hf", "--hf", str(tmp / "hf"), "--out", str(tmp / "dense")]) == 0
+    assert fuxi(["upcycle", "--checkpoint", str(tmp / "dense"), "--experts", "4", "--top-k", "2",
+                 "--out", str(tmp / "moe"), "--seed", "3"]) == 0
+    assert fuxi(["convert", "to-hf", "--checkpoint", str(tmp / "moe"), "--out", str(tmp / "mixtral"),
+                 "--dtype", "float32"]) == 0
+    return request.param, dense, tmp
+
+
+def test_export_is_native_mixtral_with_the_dense_function(upcycled):
+    family, dense, tmp = upcycled
+    config = json.loads((tmp / "mixtral" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and "auto_map" not in config
+    assert not list((tmp / "mixtral").glob("*.py"))
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    assert config["num_key_value_heads"] == dense.config.num_key_value_heads
+    assert config["rms_norm_eps"] == dense.config.rms_norm_eps
+    assert config["rope_parameters"]["rope_type"] == ("llama3" if family == "llama" else "default")
+    mixtral = _load_native(tmp / "mixtral")
+    assert type(mixtral).__name__ == "MixtralForCausalLM"
+    assert mixtral.config.rope_parameters == dense.config.rope_parameters
+    ids = _ids()
+    ours = load_model(tmp / "moe").eval()
+    assert ours.config.type == "fuxitranyu_moe" and ours.config.family == family
+    with torch.no_grad():
+        want, got, mine = dense(ids).logits, mixtral(ids).logits, ours(ids).logits
+    assert (want - got).abs().max() <= 1e-4
+    assert (mine - got).abs().max() <= 1e-5
+    prompt = ids[:, :6]
+    assert torch.equal(_greedy(mixtral, prompt), _greedy(dense, prompt))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_drifted_experts_and_router_equal_ours(upcycled, tmp_path, top_k):
+    """After stage 1 the experts differ and the router matters: Mixtral must route and weight as we do."""
+    _, _, tmp = upcycled
+    moe = upcycle_model(load_model(tmp / "dense"), MoEConfig(num_experts=4, top_k=top_k), seed=1)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if ".experts." in name or ".router." in name:
+                p.add_(torch.randn_like(p) * (0.5 if ".router." in name else 0.05))
+    save_model(moe, tmp_path / "ours")
+    export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
+    mixtral = _load_native(tmp_path / "mixtral")
+    ids = _ids()
+    with torch.no_grad():
+        ours = moe.eval()(ids)
+        theirs = mixtral(ids)
+    used = torch.stack([r.expert_ids for r in ours.routing]).unique()
+    assert used.numel() == 4  # every expert gets tokens: the router's mapping is exercised
+    assert (ours.logits - theirs.logits).abs().max() <= 1e-5
+    prompt = ids[:, :6]
+    assert torch.equal(moe.generate(prompt, max_new_tokens=8), _greedy(mixtral, prompt))
+
+
+def _tiny_llama_moe(moe: MoEConfig, **fields):
+    config = ModelConfig(**{**dict(family="llama", mlp="swiglu", attention_bias="none", mlp_bias=False,
+                                   vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=48, num_layers=2, num_heads=4,
+                                   kernels="torch"), **fields})
+    config.validate()
+    return upcycle_model(build_model(config), moe)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_scalings_carry_into_mixtral(tmp_path, rope):
+    """linear and dynamic RoPE (past max_seq_len, where dynamic NTK changes the base) compute as ours."""
+    from fuxi.model.config import RopeScalingConfig
+
+    torch.manual_seed(0)
+    moe = _tiny_llama_moe(MoEConfig(num_experts=3, top_k=2), max_seq_len=32, num_kv_heads=2, rope_theta=5e5,
+                          rms_norm_eps=1e-6, rope_scaling=RopeScalingConfig(**rope))
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(moe, tmp_path / "ours")
+    export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
+    mixtral = _load_native(tmp_path / "mixtral")
+    assert mixtral.config.rope_parameters["rope_type"] == rope["rope_type"]
+    ids = _ids()  # 40 positions, past max_seq_len 32
+    with torch.no_grad():
+        assert (moe.eval()(ids).logits - mixtral(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fields, moe, named", [
+    ({"family": "qwen2", "attention_bias": "qkv"}, {}, "family 'qwen2'"),
+    ({"attention_bias": "all"}, {}, "attention_bias 'all'"),
+    ({"mlp_bias": True}, {}, "mlp_bias true"),
+    ({}, {"layers": [1]}, "moe.layers [1]"),
+    ({}, {"top_k": 1, "top1_code_compat": True}, "moe.top1_code_compat true"),
+])
+def test_what_mixtral_cannot_hold_is_refused(tmp_path, fields, moe, named):
+    save_model(_tiny_llama_moe(MoEConfig(num_experts=2, **{"top_k": 2, **moe}), **fields), tmp_path / "ours")
+    with pytest.raises(CheckpointError) as err:
+        export_to_hf(tmp_path / "ours", tmp_path / "hf")
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "hf").exists()
