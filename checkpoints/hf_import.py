@@ -1,7 +1,8 @@
 """Import a Hugging Face directory into our checkpoint: our native (`arcee`) export, the TJUNLP layout
 (`fuxitranyu`, the released 8B and its intermediate checkpoints; `fuxitranyu_moe`), a Llama-convention
 directory holding the FuxiTranyu architecture, or a Llama-family model as transformers saves it
-(`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`: family llama/qwen2/mistral, model/config.py).
+(`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`: family llama/qwen2/mistral, model/config.py),
+or `MixtralForCausalLM` in the released layout (an MoE-LPR model, checkpoints/hf_mixtral.py).
 Anything else is refused with the config field that rules it out. The tokenizer files, when present, go to the
 checkpoint's `tokenizer/` folder, so `convert to-hf` writes them back.
 
@@ -12,6 +13,7 @@ differs from the hidden width, so the shape says which layout it is, whatever th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from fuxi.checkpoints.hf_mixtral import mixtral_family, moe_from_mixtral, our_tensor_name
 from fuxi.checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoint
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
 from fuxi.common.errors import ConfigError
@@ -53,6 +56,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def map_hf_name(name: str) -> tuple[str, bool]:
     """HF tensor name -> (our name, transposed by its naming convention). Names outside the MLP are ours."""
+    mixtral = our_tensor_name(name)
+    if mixtral is not None:
+        return mixtral, False
     match = _MLP_KEY.match(name)
     if match and match.group(2) in MLP_NAME_VARIANTS:
         ours, transposed = MLP_NAME_VARIANTS[match.group(2)]
@@ -196,7 +202,9 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int, shapes: dict | None 
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {missing}")
-    if is_llama_family(cfg, shapes or {}):
+    if cfg["model_type"] == "mixtral":  # the trunk is Mistral's (Llama's without biases)
+        architecture = {**llama_family_fields({**cfg, "model_type": "mistral"}, path), "family": mixtral_family(cfg)}
+    elif is_llama_family(cfg, shapes or {}):
         architecture = llama_family_fields(cfg, path)
     else:
         check_architecture_fields(cfg, path)
@@ -218,14 +226,14 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int, shapes: dict | None 
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), init_std=float(cfg.get("initializer_range", 0.01)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=eos or 0, **architecture)
+    if cfg["model_type"] == "mixtral":
+        return dataclasses.replace(config, type="fuxitranyu_moe", moe=moe_from_mixtral(cfg, path))
     return with_moe_from_hf(config, cfg, path) if cfg.get("model_type") == "fuxitranyu_moe" else config
 
 
 def with_moe_from_hf(config: ModelConfig, cfg: dict, path: Path) -> ModelConfig:
     """FuxiTranyu-MoE: our MoEConfig from `fuxi_moe` when present (exact round trip), else from the routing
     fields; either way it must agree with the routing fields the shipped modeling file reads."""
-    import dataclasses
-
     from fuxi.common.typed_config import from_dict
     from fuxi.model.config import MoEConfig
 

@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native (default): transformers' ArceeForCausalLM, no remote code; tjunlp: the released "
                             "TJUNLP layout (FuxiTranyuForCausalLM, trust_remote_code). MoE models: remote code only")
     to_hf.set_defaults(func=cmd_convert_to_hf)
-    from_hf = conv_sub.add_parser("from-hf", help="HF directory (native arcee, TJUNLP FuxiTranyu(-MoE) or "
-                                                  "Llama-convention) -> our checkpoint")
+    from_hf = conv_sub.add_parser("from-hf", help="HF directory (native arcee, TJUNLP FuxiTranyu(-MoE), Llama, "
+                                                  "Qwen2, Mistral or Mixtral) -> our checkpoint")
     from_hf.add_argument("--hf", required=True)
     from_hf.add_argument("--out", required=True)
     from_hf.add_argument("--shard-size", default="5GB")

@@ -162,3 +162,68 @@ def test_what_mixtral_cannot_hold_is_refused(tmp_path, fields, moe, named):
         export_to_hf(tmp_path / "ours", tmp_path / "hf")
     assert named in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "hf").exists()
+
+
+# ---- back: `convert from-hf` of a MixtralForCausalLM directory ------------------------------------------------
+
+def test_export_comes_back_exactly(upcycled, tmp_path):
+    """to-hf then from-hf: the same config (family and MoE settings from fuxi_family/fuxi_moe), the same
+    tensors bitwise, logits equal to Mixtral's."""
+    from fuxi.checkpoints.sharded_safetensors import iter_tensors
+
+    _, _, tmp = upcycled
+    assert fuxi(["convert", "from-hf", "--hf", str(tmp / "mixtral"), "--out", str(tmp_path / "back")]) == 0
+    before, after = load_model(tmp / "moe"), load_model(tmp_path / "back").eval()
+    assert after.config == before.config
+    theirs = dict(iter_tensors(tmp / "moe"))
+    mine = dict(iter_tensors(tmp_path / "back"))
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    ids = _ids()
+    with torch.no_grad():
+        assert (after(ids).logits - _load_native(tmp / "mixtral")(ids).logits).abs().max() <= 1e-5
+
+
+def _random_mixtral(**fields):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = dict(COMMON, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-6,
+                  sliding_window=None, router_aux_loss_coef=0.02)
+    return MixtralForCausalLM(MixtralConfig(**{**config, **fields}))
+
+
+def test_a_transformers_mixtral_round_trips(tmp_path):
+    """A MixtralForCausalLM saved by transformers (no fuxi_* fields): imported as a top-2 MoE of every layer,
+    family mistral, its logits transformers' own; exported again, the same logits."""
+    torch.manual_seed(0)
+    original = _random_mixtral().eval()
+    original.save_pretrained(tmp_path / "hf")
+    assert fuxi(["convert", "from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours").eval()
+    assert (ours.config.type, ours.config.family, ours.config.num_kv_heads) == ("fuxitranyu_moe", "mistral", 2)
+    assert (ours.config.moe.num_experts, ours.config.moe.top_k, ours.config.moe.balance_loss_coef) == (3, 2, 0.02)
+    assert fuxi(["convert", "to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "again"),
+                 "--dtype", "float32"]) == 0
+    ids = _ids()
+    with torch.no_grad():
+        want = original(ids).logits
+        assert (ours(ids).logits - want).abs().max() <= 1e-5
+        assert (_load_native(tmp_path / "again")(ids).logits - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"router_jitter_noise": 0.1}, "router_jitter_noise 0.1"),
+    ({"sliding_window": 16}, "sliding_window 16"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"fuxi_family": "qwen2"}, "fuxi_family 'qwen2'"),
+    ({"fuxi_moe": {"num_experts": 3, "top_k": 1}}, "contradicts Mixtral's"),
+])
+def test_what_our_model_cannot_hold_is_refused_on_import(tmp_path, capsys, change, named):
+    torch.manual_seed(0)
+    _random_mixtral().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    capsys.readouterr()
+    assert fuxi(["convert", "from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "ours").exists()
