@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fuxi.common.errors import ConfigError
-from fuxi.common.typed_config import apply_overrides, check_choices, from_dict, read_yaml, require_at_least
+from fuxi.common.typed_config import (apply_overrides, check_choices, from_dict, parse_override, read_yaml,
+                                      require_at_least)
 from fuxi.data_pipeline.config import DataConfig
 from fuxi.model import ModelConfig
 from fuxi.pretrain.stages import stage_named
@@ -189,19 +190,25 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
                       data: dict | None = None) -> TrainConfig:
-    """`model:` may name a model YAML (`model: configs/model/fuxitranyu-tiny.yaml`) or hold the fields inline.
+    """`model:` may name a model YAML (`model: configs/model/fuxitranyu-tiny.yaml`) or a checkpoint's config.yaml
+    (`--set model=ckpt/moe/config.yaml`, applied before the other overrides), or hold the fields inline.
     The stage types its own section and checks the whole config (pretrain/stages/base.py)."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     source = (str(path) if path is not None else "<dict>") + (" with --set " + " ".join(overrides)
                                                               if overrides else "")
+    # `--set model=<file>` first, so that `--set model.moe.x=...` after it edits the file's fields.
+    whole_model = [item for item in overrides or [] if parse_override(item)[0] == ["model"]]
+    raw = apply_overrides(raw, whole_model)
     if isinstance(raw.get("model"), str):
         model_path = Path(raw["model"])
         if not model_path.is_file() and path is not None:
             model_path = Path(path).parent / raw["model"]
         if not model_path.is_file():
             raise ConfigError("model", f"{raw['model']} not found", source)
-        raw["model"] = read_yaml(model_path)
-    raw = apply_overrides(raw, overrides)
+        model = read_yaml(model_path)
+        # A checkpoint's config.yaml holds its model under `model:` (e.g. `fuxi upcycle`'s output for stage 1).
+        raw["model"] = model["model"] if set(model) == {"model"} and isinstance(model["model"], dict) else model
+    raw = apply_overrides(raw, [item for item in overrides or [] if item not in whole_model])
     try:
         stage = stage_named(raw.get("stage", TrainConfig.stage))
     except ConfigError as err:

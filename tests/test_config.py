@@ -153,3 +153,27 @@ def test_vocab_smaller_than_tokenizer_is_an_error():
     config.check_tokenizer(1000)
     with pytest.raises(ConfigError, match="vocab_size: 1000 is smaller than the tokenizer's 1024 tokens"):
         config.check_tokenizer(1024)
+
+
+def test_run_config_takes_the_model_of_a_checkpoint(tmp_path):
+    """`--set model=<checkpoint>/config.yaml` (the model under `model:`) applies before the other overrides, so
+    `--set model.moe.x=...` edits the checkpoint's model; a model YAML named in the file still works."""
+    import yaml
+
+    from fuxi.pretrain.config import load_train_config
+
+    moe = {"type": "fuxitranyu_moe", "family": "llama", "mlp": "swiglu", "attention_bias": "none",
+           "mlp_bias": False, "vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+           "ffn_hidden_size": 48, "max_seq_len": 16, "moe": {"num_experts": 3, "top_k": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": moe}))
+    run = {"stage": "pretrain", "model": {"vocab_size": 32, "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+           "data": {"train_manifest": "unused", "seq_len": 16}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    cfg = load_train_config(tmp_path / "run.yaml", ["model.moe.balance_loss_coef=0.05",
+                                                    f"model={tmp_path / 'config.yaml'}"])
+    assert (cfg.model.family, cfg.model.num_kv_heads, cfg.model.moe.num_experts) == ("llama", 2, 3)
+    assert cfg.model.moe.balance_loss_coef == 0.05
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**run, "model": "config.yaml"}))
+    assert load_train_config(tmp_path / "run.yaml").model.family == "llama"
+    with pytest.raises(ConfigError, match="model: nowhere.yaml not found"):
+        load_train_config(tmp_path / "run.yaml", ["model=nowhere.yaml"])
