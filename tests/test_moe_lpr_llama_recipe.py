@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from fuxi.checkpoints.sharded_safetensors import iter_tensors
 from fuxi.model.upcycle import is_new_expert, is_router
@@ -43,19 +42,21 @@ def changed(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
-def stage_config(data, out_dir, stage: str, init_from) -> dict:
-    """The run config of a stage: the model section is the upcycled checkpoint's own config."""
-    model = yaml.safe_load((init_from / "config.yaml").read_text())
-    model = model.get("model", model)
-    model["moe"].update(balance_loss_coef=0.01 if stage == "moe_lpr_stage1" else 0.0,
-                        lpr_loss_coef=0.0 if stage == "moe_lpr_stage1" else 0.1)
-    data_section = {"languages": EXPANSION} if stage == "moe_lpr_stage1" else \
+def stage(data, tmp, stage_name: str, init_from) -> None:
+    """A stage as the recipe runs it: the stage's run config, with the model taken from the checkpoint it starts
+    from (`--set model=<checkpoint>/config.yaml`) and the stage's loss coefficients set on top."""
+    out = tmp / stage_name
+    first = stage_name == "moe_lpr_stage1"
+    data_section = {"languages": EXPANSION} if first else \
         {"mixing": "weights", "weights": {"en": 1.0, "zh": 1.0, "ru": 2.0, "code_python": 2.0}}
-    return run_config(data, out_dir, stage=stage, model=model, data=data_section,
-                      schedule={"total_steps": 3, "warmup_steps": 0, "global_batch": 4},
-                      checkpoint={"init_from": str(init_from), "every_steps": 100, "resume": False},
-                      run={"output_dir": str(out_dir), "seed": 7, "export_final": True,
-                           "tokenizer": str(data.tokenizer_dir)})
+    cfg = run_config(data, out, stage=stage_name, data=data_section,
+                     schedule={"total_steps": 3, "warmup_steps": 0, "global_batch": 4},
+                     checkpoint={"init_from": str(init_from), "every_steps": 100, "resume": False},
+                     run={"output_dir": str(out), "seed": 7, "export_final": True,
+                          "tokenizer": str(data.tokenizer_dir)})
+    run_pretrain(write_config(cfg, tmp / f"{stage_name}.yaml"), overrides=(
+        f"model={init_from / 'config.yaml'}", f"model.moe.balance_loss_coef={0.01 if first else 0.0}",
+        f"model.moe.lpr_loss_coef={0.0 if first else 0.1}", "model.kernels=torch"))
 
 
 def eval_scores(report: dict) -> dict:
@@ -81,8 +82,8 @@ def test_llama_recipe_from_hf_to_native_mixtral_and_eval(tmp_path_factory):
     fuxi("upcycle", "--checkpoint", str(tmp / "dense"), "--experts", "4", "--top-k", "2",
          "--original-languages", *ORIGINAL, "--out", str(tmp / "moe"))
 
-    run_pretrain(write_config(stage_config(data, tmp / "stage1", "moe_lpr_stage1", tmp / "moe"), tmp / "s1.yaml"))
-    upcycled, first = tensors(tmp / "moe"), tensors(tmp / "stage1" / "final")
+    stage(data, tmp, "moe_lpr_stage1", tmp / "moe")
+    upcycled, first = tensors(tmp / "moe"), tensors(tmp / "moe_lpr_stage1" / "final")
     trained = changed(upcycled, first)
     frozen = sorted(n for n in trained if not (is_router(n) or is_new_expert(n)))
     assert not frozen, f"stage 1 changed frozen tensors: {frozen}"
@@ -96,12 +97,11 @@ def test_llama_recipe_from_hf_to_native_mixtral_and_eval(tmp_path_factory):
         for expert in (1, 2, 3):
             assert any(f"layers.{layer}.mlp.experts.{expert}." in n for n in trained), (layer, expert)
 
-    run_pretrain(write_config(stage_config(data, tmp / "stage2", "moe_lpr_stage2", tmp / "stage1" / "final"),
-                              tmp / "s2.yaml"))
-    second = tensors(tmp / "stage2" / "final")
+    stage(data, tmp, "moe_lpr_stage2", tmp / "moe_lpr_stage1" / "final")
+    second = tensors(tmp / "moe_lpr_stage2" / "final")
     assert changed(first, second) == {n for n in first if is_router(n)}
 
-    fuxi("convert", "to-hf", "--checkpoint", str(tmp / "stage2" / "final"), "--out", str(tmp / "mixtral"),
+    fuxi("convert", "to-hf", "--checkpoint", str(tmp / "moe_lpr_stage2" / "final"), "--out", str(tmp / "mixtral"),
          "--dtype", "float32")
     config = json.loads((tmp / "mixtral" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and "auto_map" not in config
@@ -110,13 +110,13 @@ def test_llama_recipe_from_hf_to_native_mixtral_and_eval(tmp_path_factory):
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     from fuxi.checkpoints import load_model
 
-    ours = load_model(tmp / "stage2" / "final").eval()
+    ours = load_model(tmp / "moe_lpr_stage2" / "final").eval()
     ids = torch.randint(1, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(ids).logits - mixtral.eval()(ids).logits).abs().max() <= 1e-4
 
-    exported = json.loads(fuxi("eval", "--checkpoint", str(tmp / "mixtral"), *EVAL).strip().splitlines()[-1])
-    native = json.loads(fuxi("eval", "--checkpoint", str(tmp / "stage2" / "final"), *EVAL).strip().splitlines()[-1])
+    exported = json.loads(fuxi("eval", "--checkpoint", str(tmp / "mixtral"), *EVAL).splitlines()[-1])
+    native = json.loads(fuxi("eval", "--checkpoint", str(tmp / "moe_lpr_stage2" / "final"), *EVAL).splitlines()[-1])
     assert (exported["source"], exported["model_type"], native["source"]) == ("hf", "mixtral", "ours")
     a, b = eval_scores(exported), eval_scores(native)
     assert a.keys() == b.keys() and {"fuxi_translation_choice_zh", "fuxi_valid_ppl_ru"} <= a.keys()
