@@ -74,7 +74,8 @@ def _cases() -> list[tuple[str, object, dict, dict, int, int]]:
     for module, fwd, bwd, extra in ((gelu, gelu._bias_gelu_fwd_kernel, gelu._bias_gelu_bwd_kernel,
                                      {"HAS_BIAS": True}),
                                     (swiglu, swiglu._swiglu_fwd_kernel, swiglu._swiglu_bwd_kernel, {})):
-        for kernel, configs, ptrs in ((fwd, module.FWD_CONFIGS, {}), (bwd, module.BWD_CONFIGS, {"DB_PARTIAL": "*fp32"})):
+        for kernel, configs, ptrs in ((fwd, module.FWD_CONFIGS, {}),
+                                      (bwd, module.BWD_CONFIGS, {"DB_PARTIAL": "*fp32"})):
             for meta, warps in configs:
                 cases.append((f"{kernel.__name__}-{meta['BLOCK_M']}x{meta['BLOCK_N']}-w{warps}", kernel,
                               {**extra, "COMPUTE": f32, **meta}, ptrs, warps, 3))
