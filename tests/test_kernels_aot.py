@@ -127,13 +127,13 @@ CASES = _cases()
 def compile_all() -> dict:
     """Compile each case once per target: {"case id|arch": {"usage": {...}, "shared": bytes} or {"error": str}}.
 
-    Runs in a child process (see `compiled`): under TRITON_INTERPRET=1, which the test session sets, @triton.jit
+    Runs in a child process (the test below): under TRITON_INTERPRET=1, which the test session sets, @triton.jit
     gives interpreter functions that cannot be compiled."""
     backend, reason = _nvidia_backend()
     if backend is None:
         return {"skip": reason}
     gpu_target, cuobjdump = backend
-    results = {}
+    results, done = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for case_id, kernel, consts, ptrs, warps, stages in CASES:
@@ -141,6 +141,12 @@ def compile_all() -> dict:
             for arch in TARGETS:
                 key = f"{case_id}|{arch}"
                 options = warps(arch) if callable(warps) else {"num_warps": warps, "num_stages": stages}
+                same = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())),
+                        repr(sorted(options.items())), arch)
+                if same in done:  # e.g. GhostGRU's forward in variants A and B: one compile
+                    results[key] = results[done[same]]
+                    continue
+                done[same] = key
                 try:
                     out = triton.compile(triton.compiler.ASTSource(kernel, sig, consts),
                                          target=gpu_target("cuda", arch, 32), options=options)
@@ -165,8 +171,9 @@ def _resource_usage(cuobjdump: Path, cubin: bytes) -> dict:
     return usage
 
 
-@pytest.fixture(scope="module")
-def compiled():
+def test_every_kernel_compiles_for_sm90_and_sm80_within_limits():
+    """One test over all cases, so that pytest-xdist's workers do not each compile everything; the failure
+    message lists every case over a limit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True,
@@ -175,22 +182,23 @@ def compiled():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in results:
         pytest.skip(results["skip"])
-    return results
-
-
-@pytest.mark.parametrize("arch", TARGETS)
-@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
-def test_kernel_compiles_within_limits(compiled, case_id, arch):
-    result = compiled[f"{case_id}|{arch}"]
-    if "error" in result:
-        pytest.fail(f"{case_id} does not compile for sm_{arch}: {result['error']}")
-    usage, shared = result["usage"], result["shared"]
-    assert shared + usage["SHARED"] <= SHARED_LIMIT[arch], (
-        f"{case_id} sm_{arch}: {shared + usage['SHARED']} B shared memory > {SHARED_LIMIT[arch]} B")
-    spills = usage["STACK"] + usage["LOCAL"]
-    assert spills <= SPILL_LIMIT, (
-        f"{case_id} sm_{arch}: {spills} B of spills (STACK {usage['STACK']}, LOCAL {usage['LOCAL']}, "
-        f"{usage['REG']} registers) > {SPILL_LIMIT} B")
+    assert len(results) == len(CASES) * len(TARGETS)
+    problems = []
+    for key, result in results.items():
+        case_id, arch = key.rsplit("|", 1)
+        arch = int(arch)
+        if "error" in result:
+            problems.append(f"{case_id} does not compile for sm_{arch}: {result['error']}")
+            continue
+        usage, shared = result["usage"], result["shared"]
+        if shared + usage["SHARED"] > SHARED_LIMIT[arch]:
+            problems.append(f"{case_id} sm_{arch}: {shared + usage['SHARED']} B shared memory > "
+                            f"{SHARED_LIMIT[arch]} B")
+        spills = usage["STACK"] + usage["LOCAL"]
+        if spills > SPILL_LIMIT:
+            problems.append(f"{case_id} sm_{arch}: {spills} B of spills (STACK {usage['STACK']}, LOCAL "
+                            f"{usage['LOCAL']}, {usage['REG']} registers) > {SPILL_LIMIT} B")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_triton_kernel_is_covered():
