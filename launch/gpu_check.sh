@@ -9,6 +9,8 @@
 # line printed is one JSON object. The GPU machine has its own python3 and no network: the packages it lacks come
 # from the git-ignored .whl/ (make gpu-wheels), installed by the first step with pip --target.
 set -uo pipefail
+# The budget counts from here (launch/gpu_check.py, seconds_since_start), python start-ups included.
+export FUXI_GPU_CHECK_T0="${FUXI_GPU_CHECK_T0:-$(date +%s.%N)}"
 cd "$(dirname "$0")/.."
 
 dry_run=0

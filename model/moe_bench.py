@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import torch
 
 from fuxi.common.tables import format_table
@@ -59,11 +60,16 @@ def run(args: argparse.Namespace) -> dict:
         def train_step():
             layer(x)[0].backward(dy)
 
-        outputs[variant] = forward().float()
-        fwd = median_ms(forward, device, args.reps)
-        full = median_ms(train_step, device, args.reps, grad_to_none=[x, *layer.parameters()])
-        rows.append({"variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": full,
-                     "expert_tflops": flops / (full * 1e-3) / 1e12})
+        row = {"variant": variant, "fwd_ms": math.nan, "fwd_bwd_ms": math.nan, "expert_tflops": math.nan}
+        try:
+            outputs[variant] = forward().float()
+            row["fwd_ms"] = median_ms(forward, device, args.reps)
+            row["fwd_bwd_ms"] = median_ms(train_step, device, args.reps, grad_to_none=[x, *layer.parameters()])
+            row["expert_tflops"] = flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+        except Exception as err:  # noqa: BLE001 - a failing variant (OOM, no grouped_mm kernel) is its row
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            outputs.pop(variant, None)
+        rows.append(row)
     base = rows[0]
     for row in rows:
         row["fwd_bwd_speedup_vs_loop"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
@@ -77,7 +83,10 @@ def run(args: argparse.Namespace) -> dict:
                         for r in rows]))
     result = {"device": device_name, "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn,
               "experts": args.experts, "top_k": args.top_k, "dtype": args.dtype, "rows": rows}
-    if "grouped_mm" in outputs:
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']}: failed: {row['error']}")
+    if "grouped_mm" in outputs and "loop" in outputs:
         ref = outputs["loop"]
         result["grouped_vs_loop_max_rel_diff"] = float((outputs["grouped_mm"] - ref).abs().max()
                                                        / ref.abs().max().clamp_min(1e-12))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,23 @@ def test_an_out_of_memory_step_is_retried_with_its_retry_command(tmp_path, monke
     assert moe["status"] == "failed" and "first_attempt" not in moe
     assert report["status"] == "failed"
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]["bench_train"]["status"] == "ok"
+
+
+def test_caps_sum_within_the_budget_and_never_measured_steps_come_first():
+    names = [s.name for s in gpu_check.STEPS]
+    assert sum(s.cap_s for s in gpu_check.STEPS) <= gpu_check.GPU_BUDGET_S == 510
+    assert all(s.min_s <= s.cap_s for s in gpu_check.STEPS)
+    assert max(names.index(n) for n in ("bench_moe", "bench_ghostgru", "pytest_gpu")) < \
+        min(names.index(n) for n in ("bench_kernels", "bench_flce", "bench_train", "bench_train_ac", "pretrain_sanity"))
+    assert gpu_check.DEFAULT_BUDGET_S[True] == gpu_check.DRY_RUN_SLACK * gpu_check.GPU_BUDGET_S
+
+
+def test_the_budget_counts_from_the_shell_scripts_start(monkeypatch):
+    monkeypatch.setenv(gpu_check.T0_ENV, str(time.time() - 42))
+    assert 42 <= gpu_check.seconds_since_start() < 52
+    monkeypatch.delenv(gpu_check.T0_ENV)
+    # Without the script: since this process started, which was before this test ran.
+    assert gpu_check.seconds_since_start() > 0
+    monkeypatch.setenv(gpu_check.T0_ENV, "soon")
+    with pytest.raises(SystemExit, match="FUXI_GPU_CHECK_T0='soon'"):
+        gpu_check.seconds_since_start()

@@ -53,3 +53,23 @@ def test_table_cells_round_trip_and_large_numbers_get_separators():
     back = bench.Result.from_csv_row({k: str(v) for k, v in vars(row).items()} | {"bwd_ms": ""})
     line = bench.markdown_table([back]).splitlines()[-1]
     assert line == "| rope | 4096 | triton | 0.5 | - | 1.25 | 12,346 | 2.9e+03 | - | - |  |"
+
+
+class CompilationError(Exception):
+    """Stands in for triton.compiler.errors.CompilationError: an Exception, not a RuntimeError."""
+
+
+def test_a_provider_raising_any_exception_is_an_error_row_and_the_others_still_run():
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def broken():
+        raise CompilationError("at 13:13: out of resources")
+
+    case = bench.Case("toy", 8, {"torch": lambda: x * 2, "triton": broken, "torch_again": lambda: x * 3}, [x],
+                      lambda out: ([out], [torch.ones_like(out)]))
+    rows = bench.run_case(case, torch.device("cpu"), reps=1, bandwidth_gbps=1.0)
+    assert [r.provider for r in rows] == ["torch", "triton", "torch_again"]
+    failed = rows[1]
+    assert failed.note == "failed: CompilationError: at 13:13: out of resources"
+    assert failed.full_ms != failed.full_ms  # NaN: nothing measured
+    assert all(r.full_ms > 0 and r.note == "" for r in (rows[0], rows[2]))

@@ -10,7 +10,8 @@ from fuxi.common.errors import ConfigError
 from fuxi.common.typed_config import load_config
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.fuxitranyu import MLP
-from fuxi.model.moe import (MoEFeedForward, RouterOutput, balance_loss, lpr_loss, original_language_mask, route)
+from fuxi.model.moe import (MoEFeedForward, RouterOutput, balance_loss, grouped_linear, grouped_mm_available,
+                            lpr_loss, original_language_mask, route, segment_bias_grads)
 
 H, FFN = 32, 64
 
@@ -330,3 +331,20 @@ def test_expert_compute_choice():
     layer.experts[0].up_proj.weight.ds_id = 0  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
     with pytest.raises(RuntimeError, match="ZeRO-3"):
         layer._use_grouped_mm(x)
+
+
+def test_expert_bias_gradients_accumulate_in_fp32_and_round_once():
+    """~2,700 bf16 rows per expert (the bench's load): the fp32 sum rounded once to bf16, which a bf16
+    accumulation (segment_reduce's own, on CPU and CUDA) misses by far (it stalls where the spacing passes 1)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([2700, 0, 2650])
+    dy = (1 + torch.rand(int(counts.sum()), 8)).to(torch.bfloat16)
+    reference = torch.stack([rows.float().sum(0) for rows in dy.split(counts.tolist())]).to(torch.bfloat16)
+    assert torch.equal(segment_bias_grads(dy, counts), reference)
+    bf16_sums = torch.segment_reduce(dy, "sum", lengths=counts, axis=0)
+    assert (bf16_sums.float() - reference.float()).abs().max() > 1000
+    if grouped_mm_available():  # the grouped path's backward hands these sums to every expert's bias
+        linears = [torch.nn.Linear(16, 8).to(torch.bfloat16) for _ in range(3)]
+        x = torch.randn(int(counts.sum()), 16, dtype=torch.bfloat16)
+        grouped_linear(x, counts, linears).backward(dy)
+        assert all(torch.equal(lin.bias.grad, ref) for lin, ref in zip(linears, reference))
