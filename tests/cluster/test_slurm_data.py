@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,25 @@ def prepare(out: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProc
     return result
 
 
+@contextmanager
+def partition_down(name: str):
+    """Jobs submitted to the partition queue but do not start until the block ends."""
+    slurm("scontrol", "update", f"PartitionName={name}", "State=DOWN")
+    try:
+        yield
+    finally:
+        slurm("scontrol", "update", f"PartitionName={name}", "State=UP")
+
+
+def latest_record(out: Path) -> tuple[Path | None, dict]:
+    """(the work folder, its record) of the latest submission: {"stages": {name: array job}, "jobs": [...]}."""
+    records = sorted(out.rglob("slurm_jobs.json"), key=lambda p: p.stat().st_mtime)
+    return (records[-1].parent, json.loads(records[-1].read_text())) if records else (None, {})
+
+
 def submitted_jobs(out: Path) -> list[str]:
     """Every job of the latest submission: the stages' arrays and their stats-merging jobs."""
-    records = sorted(out.rglob("slurm_jobs.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(records[-1].read_text())["jobs"] if records else []
+    return latest_record(out)[1].get("jobs", [])
 
 
 def prepare_on_slurm(out: Path) -> int:
@@ -79,23 +95,30 @@ def test_prepare_on_slurm_equals_local_and_resumes_after_scancel(slurm_cluster, 
     assert not list((tmp_path / "slurm").rglob("*.work")), "work folders are removed after success"
 
     # A re-run while the jobs are queued is refused, naming them (a second chain would write the same folders).
-    # scancel a running task of clean's processing stage: the jobs after it are cancelled with it
-    # (--kill-on-invalid-dep), so the chain ends; the same command names the unfinished tasks and resumes them
-    # (the finished ones are not run again), building the same dataset.
+    # The chain is submitted while the partition is down (jobs queue, none starts), so the test controls when it
+    # runs: on this tiny corpus a whole clean chain can finish within the seconds one CLI call takes.
+    # scancel one task of clean's processing stage, then let the chain run: the jobs after that stage are
+    # cancelled (--kill-on-invalid-dep), so the chain ends; the same command names the unfinished task and
+    # resubmits it alone (the finished one is not run again), building the same dataset.
     out = tmp_path / "cancelled"
-    assert "submitted" in prepare(out, *SLURM).stdout
-    jobs = submitted_jobs(out)
-    refused = prepare(out, *SLURM, expect=2)
-    assert "still queued" in refused.stderr and jobs[-1] in refused.stderr, refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    running = wait_for(lambda: slurm("squeue", "-h", "-t", "RUNNING", "-n", "fuxi-process", "-o", "%i",
-                                     check=False), "a running task of the process stage", 300)
-    slurm("scancel", running.split()[0])
+    with partition_down("debug"):
+        assert "submitted" in prepare(out, *SLURM).stdout
+        jobs = submitted_jobs(out)
+        refused = prepare(out, *SLURM, expect=2)
+        assert "still queued" in refused.stderr and jobs[-1] in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        slurm("scancel", f"{latest_record(out)[1]['stages']['process']}_0")
     wait_for(lambda: queue_empty(jobs), "the chain to end", 300)
     resumed = prepare(out, *SLURM)
-    assert "did not finish in the last submission" in resumed.stderr, resumed.stderr
+    assert "process: 1 of 2 tasks did not finish in the last submission" in resumed.stderr, resumed.stderr
     jobs = submitted_jobs(out)
     wait_for(lambda: queue_empty(jobs), f"jobs {jobs}", 600)
+    # Only the cancelled task ran again: datatrove was told to run rank 0 alone, and Slurm ran one element of
+    # the resubmitted process array (one log per element).
+    work, record = latest_record(out)
+    assert json.loads((work / "logs" / "process" / "ranks_to_run.json").read_text()) == [0]
+    reran = list((work / "slurm_logs" / "process").glob(f"{record['stages']['process']}_*.out"))
+    assert len(reran) == 1, reran
     assert prepare_on_slurm(out) >= 2
     assert dataset_files(out) == local
     assert not list(out.rglob("*.work"))
