@@ -14,7 +14,7 @@ PIN := -c $(CONSTRAINTS)
 # transformers imports). `python -m` puts the working directory first on sys.path; Python >= 3.11 leaves it off.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install quickstart test test-cluster test-gpu test-compat lock clean gpu-wheels gpu-check-dry
+.PHONY: install quickstart test test-cluster test-gpu test-compat lock clean gpu-wheels gpu-check-dry gpu-stamp
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -79,10 +79,16 @@ gpu-wheels: install
 	$(PIP) download -q --no-deps $(PIN) --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
 		--implementation cp $(GPU_PLATFORMS) -d .whl.tmp $(GPU_BINARY_WHEELS)
 	rm -rf .whl && mv .whl.tmp .whl
+	$(MAKE) gpu-stamp
 	$(PY) -m fuxi.launch.gpu_check --check-carry
 
+# The device machine gets the working tree without .git: the commit travels in the carried .whl/ (.whl/COMMIT,
+# JSON: commit, uncommitted changes, when stamped), which the check reports. gpu-check-dry refreshes it.
+gpu-stamp: install
+	$(PY) -m fuxi.launch.gpu_check --stamp-commit
+
 # The GPU check on this CPU at tiny shapes (Triton under the interpreter); tests/test_gpu_check.py runs it too.
-gpu-check-dry: install
+gpu-check-dry: install gpu-stamp
 	HF_HUB_OFFLINE=1 PYTHON=$(PY) OUT=runs/gpu_check_dry bash launch/gpu_check.sh --dry-run
 
 clean:

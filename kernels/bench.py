@@ -57,7 +57,7 @@ class Result:
     peak_mem_mb: float = math.nan
     gbps: float = math.nan          # bytes model / full time
     pct_bw: float = math.nan        # gbps / measured copy bandwidth
-    tflops: float = math.nan        # flce only: 6 N h V / full time
+    tflops: float = math.nan        # flce only: the provider's matmul FLOPs (FLCE_MATMULS x 2 N h V) / full time
     note: str = ""
 
     @classmethod
@@ -76,8 +76,18 @@ class Case:
     leaves: list[torch.Tensor]
     grads: Callable[[object], tuple[list[torch.Tensor], list[torch.Tensor]]]
     full_bytes: int = 0
-    flops: float = 0.0
+    flops: float = 0.0   # per provider: `provider_flops` overrides it
     notes: dict[str, str] = field(default_factory=dict)
+    provider_flops: dict[str, float] = field(default_factory=dict)
+
+
+# ---- streamed results -------------------------------------------------------------------------------------
+
+def print_row(row: dict, key: str = "row") -> None:
+    """One finished result as one JSON line, flushed at once: a bench killed at its time box (the GPU check's)
+    still leaves every row it measured. key "row": a measurement; "check": a correctness check (passed and its
+    error figures). launch/gpu_check.py collects both kinds into the step's record."""
+    print(json.dumps({key: row}, default=str), flush=True)
 
 
 # ---- timing and memory ------------------------------------------------------------------------------------
@@ -154,8 +164,9 @@ def run_case(case: Case, device: torch.device, reps: int, bandwidth_gbps: float)
             if case.full_bytes:
                 row.gbps = case.full_bytes / (row.full_ms * 1e-3) / 1e9
                 row.pct_bw = 100.0 * row.gbps / bandwidth_gbps
-            if case.flops:
-                row.tflops = case.flops / (row.full_ms * 1e-3) / 1e12
+            flops = case.provider_flops.get(name, case.flops)
+            if flops:
+                row.tflops = flops / (row.full_ms * 1e-3) / 1e12
         except Exception as err:  # noqa: BLE001 - OOM, a Triton compile error, a bad Liger API: an error row
             row.note = (row.note + " " if row.note else "") + f"failed: {type(err).__name__}: {str(err)[:120]}"
         finally:
@@ -164,6 +175,7 @@ def run_case(case: Case, device: torch.device, reps: int, bandwidth_gbps: float)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(row)
+        print_row(asdict(row))
     return results
 
 
@@ -327,8 +339,21 @@ def flce_case(tokens: int, dtype, device, compile_: bool, triton_ok: bool, width
             return [out], [scale[0]]
         return [out], [scale]
 
-    return Case("flce", tokens, providers, [h, w], grads, flops=6.0 * tokens * hidden * vocab,
-                notes={"liger": "reduction=sum"})
+    return Case("flce", tokens, providers, [h, w], grads, flops=flce_flops("eager", tokens, hidden, vocab),
+                notes={"liger": "reduction=sum"},
+                provider_flops={p: flce_flops(p, tokens, hidden, vocab) for p in providers})
+
+
+# Matmuls of N x h x V (2 N h V FLOPs each) a provider runs for one forward + backward of the fused loss:
+# eager and torch.compile 3 (logits, grad_hidden, grad_weight): 6NhV; the chunked loss (torch and Triton
+# softmax steps) 4, its backward recomputes the logits (kernels/cross_entropy.py): 8NhV; Liger 3 (logits and
+# both gradients per token chunk in its forward, a rescale in backward): 6NhV.
+FLCE_MATMULS = {"eager": 3, "compile": 3, "chunked_torch": 4, "triton": 4, "liger": 3}
+
+
+def flce_flops(provider: str, tokens: int, hidden: int, vocab: int) -> float:
+    """Matmul FLOPs the provider does: FLCE_MATMULS[provider] x 2 N h V (6NhV eager, 8NhV chunked)."""
+    return FLCE_MATMULS[provider] * 2.0 * tokens * hidden * vocab
 
 
 CASE_BUILDERS = {"rms_norm": rms_norm_case, "bias_gelu": bias_gelu_case, "swiglu": swiglu_case, "rope": rope_case,
@@ -390,6 +415,51 @@ def flce_cpu_memory(tokens: int, hidden: int, vocab: int, vocab_chunk: int | Non
         out[variant] = queue.get()
         proc.join()
     return out
+
+
+# ---- correctness of the fused loss in low precision (run by the GPU check) ---------------------------------
+
+def flce_gradient_check(tokens: int, widths: Widths, device: torch.device, use_triton: bool,
+                        vocab_chunk: int | None, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The fused loss in `dtype` against eager in `dtype`, both against eager in fp32 (TF32 off): losses within
+    2x and both gradients within 3x of eager's own low-precision error (kernels/testing.py, the project's rule).
+    Each check names the grad_hidden path that actually ran (kernels.cross_entropy.last_path)."""
+    from fuxi.kernels import cross_entropy
+    from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, reference_error
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    h32 = (torch.randn(tokens, widths.hidden, generator=gen) / math.sqrt(widths.hidden)).to(device)
+    w32 = (torch.randn(widths.vocab, widths.hidden, generator=gen) * 0.02).to(device)
+    labels = torch.randint(0, widths.vocab, (tokens,), generator=gen).to(device)
+    labels[::17] = kernels.IGNORE_INDEX
+    g = torch.rand(tokens, generator=gen).to(device) / tokens  # arbitrary per-token weights, as a mask would give
+    runs = {}
+    variants = (("fp32 eager", torch.float32, linear_cross_entropy_torch),
+                ("eager", dtype, linear_cross_entropy_torch),
+                ("fused", dtype, lambda a, b, c: linear_cross_entropy_chunked(a, b, c, vocab_chunk=vocab_chunk,
+                                                                              use_triton=use_triton)))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, run_dtype, fn in variants:
+            a, b = h32.to(run_dtype).detach().requires_grad_(), w32.to(run_dtype).detach().requires_grad_()
+            losses = fn(a, b, labels)
+            losses.backward(g)
+            runs[name] = [losses.detach().float(), a.grad.float(), b.grad.float()]
+            del a, b, losses
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    path = cross_entropy.last_path()
+    fused = "triton" if use_triton else "chunked_torch"
+    checks = []
+    for i, (what, factor) in enumerate((("losses", FORWARD_FACTOR), ("grad_hidden", GRADIENT_FACTOR),
+                                        ("grad_weight", GRADIENT_FACTOR))):
+        result = reference_error(runs["fused"][i], runs["eager"][i], runs["fp32 eager"][i], factor)
+        checks.append({"check": f"flce {fused} vs eager, {what}", "dtype": str(dtype).replace("torch.", ""),
+                       "tokens": tokens, "hidden": widths.hidden, "vocab": widths.vocab, "path": path, **result})
+    return checks
 
 
 # ---- reporting --------------------------------------------------------------------------------------------
@@ -504,6 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TRITON_INTERPRET=1; a dry run at tiny shapes, not a speed measurement")
     parser.add_argument("--vocab-chunk", type=int, default=None,
                         help="vocab columns per chunk of the fused loss (default: kernels.default_vocab_chunk)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the fused loss's bf16 gradient check against eager (GPU path only)")
     parser.add_argument("--out", default="runs/bench/kernels", help="folder for kernels.csv/.md/.png")
 
 
@@ -536,7 +608,17 @@ def run(args: argparse.Namespace) -> dict:
             _write_csv(rows, out_dir / "kernels.csv")  # after every case: a run killed later keeps these rows
             print(f"  {kernel} x {tokens} tokens done", flush=True)
 
+    checks = []
+    if "flce" in args.kernels and gpu_path and not args.no_check:
+        try:
+            checks = flce_gradient_check(tokens_list[0], widths, device, triton_ok, args.vocab_chunk)
+        except Exception as err:  # noqa: BLE001 - an OOM or a kernel error is the check's result, not a crash
+            checks = [{"check": "flce vs eager", "passed": False, "error": f"{type(err).__name__}: {str(err)[:200]}"}]
+        for check in checks:
+            print_row(check, key="check")
     summary = _headline(rows, bandwidth, device, dtype, "triton" if triton_ok else "compile")
+    if checks:
+        summary["checks"] = checks
     if args.interpret:
         summary["interpreted"] = True  # tiny shapes on a CPU: the numbers say nothing about speed
     if "flce" in args.kernels and not gpu_path:
@@ -545,9 +627,10 @@ def run(args: argparse.Namespace) -> dict:
         for variant, m in mem.items():
             rows.append(Result("flce", variant, args.flce_cpu_tokens, full_ms=m["full_ms"],
                                peak_mem_mb=m["peak_mem_mb"],
-                               tflops=6.0 * args.flce_cpu_tokens * args.flce_cpu_hidden * args.vocab
+                               tflops=flce_flops(variant, args.flce_cpu_tokens, args.flce_cpu_hidden, args.vocab)
                                / (m["full_ms"] * 1e-3) / 1e12,
                                note=f"hidden {args.flce_cpu_hidden}, fp32, own process, peak RSS (VmHWM) - RSS before"))
+            print_row(asdict(rows[-1]))
         summary.update({
             "flce_tokens": args.flce_cpu_tokens, "flce_hidden": args.flce_cpu_hidden, "flce_vocab": args.vocab,
             "flce_peak_mem_mb_eager": round(mem["eager"]["peak_mem_mb"], 1),

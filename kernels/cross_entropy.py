@@ -24,6 +24,8 @@ The per-chunk softmax steps come in two implementations with the same arguments:
 logits block once in pass 1 and reads+writes it once in pass 2) and plain torch (the CPU path). The eager
 reference, which does build the full logits, is `linear_cross_entropy_torch`.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -145,34 +147,71 @@ def _block_grad_triton(logits, labels, v_start, lse, scale, z_loss) -> None:
 
 
 # ---- matmuls with fp32 accumulation -----------------------------------------------------------------------
+#
+# grad_hidden = sum over ~31 vocab chunks of dlogits_c @ W_c. With bf16 operands the product should leave the
+# GEMM in fp32 (its accumulator) and be summed in fp32. torch's out_dtype GEMM, `torch.mm(a, b, torch.float32)`
+# (aten::mm.dtype), does that on CUDA for fp16/bf16 inputs (torch >= 2.8; CPU has no kernel for it). Its addmm
+# form cannot accumulate into an fp32 tensor: aten's _addmm_dtype_out_cuda requires `self` in the inputs' dtype,
+# so an fp32 accumulator is rejected. Without the out_dtype GEMM the product is rounded to bf16 before the fp32
+# sum ("bf16 fallback"): never silently -- `last_path()` says which ran, and a fallback warns once.
 
-_FP32_OUT_MM_OK: dict[str, bool] = {}
+FP32_OUT_MM = "fp32-out mm"
+SAME_DTYPE = "addmm in the compute dtype"
 
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor | None:
-    """acc + a @ b (or a @ b) as fp32 from half-precision a, b without an fp32 copy of them: cuBLAS's
-    out_dtype GEMM where torch has it (CUDA), else None (the caller falls back)."""
-    key = a.device.type
-    if not a.is_cuda or _FP32_OUT_MM_OK.get(key) is False:
-        return None
-    try:
-        out = (torch.ops.aten.mm.dtype(a, b, torch.float32) if acc is None
-               else torch.ops.aten.addmm.dtype(acc, a, b, torch.float32))
-        _FP32_OUT_MM_OK[key] = True
-        return out
-    except (RuntimeError, NotImplementedError):
-        _FP32_OUT_MM_OK[key] = False
-        return None
+_last_path: str | None = None
+_warned: set[str] = set()
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp32 acc += a @ b; returns the accumulator (a new tensor when the out_dtype GEMM is used)."""
+def last_path() -> str | None:
+    """How the fused loss's most recent backward accumulated grad_hidden: "fp32-out mm", "addmm in the compute
+    dtype" (fp32 or fp64 operands: nothing to round), or "bf16 fallback (<reason>)"; None before any backward."""
+    return _last_path
+
+
+def _record_path(path: str) -> None:
+    global _last_path
+    _last_path = path
+    if path.startswith("bf16 fallback") and path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"fuxi.kernels.cross_entropy: grad_hidden products are rounded to the compute dtype before "
+                      f"the fp32 sum: {path}", RuntimeWarning, stacklevel=3)
+
+
+def _fp32_out_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b as fp32 from half-precision a, b (cuBLAS's fp32 accumulator written out as is)."""
+    return torch.mm(a, b, torch.float32, out=out)
+
+
+def _fp32_out_mm_reason(a: torch.Tensor) -> str | None:
+    """Why the out_dtype GEMM cannot run here (None: it can)."""
+    if not a.is_cuda:
+        return f"torch's out_dtype mm has no {a.device.type} kernel"
+    return None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
+    """(a @ b as fp32, FP32_OUT_MM), or (None, "bf16 fallback (reason)") where the out_dtype GEMM is missing
+    or fails (the error's type and message are the reason)."""
+    reason = _fp32_out_mm_reason(a)
+    if reason is None:
+        try:
+            return _fp32_out_mm(a, b, out), FP32_OUT_MM
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(a.dtype, str(a.dtype).replace("torch.", ""))
+    return None, f"{short} fallback ({reason})"
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list) -> str:
+    """fp32 acc += a @ b in place; returns the path taken. `scratch` holds a reused fp32 product buffer."""
     if a.dtype == acc.dtype:
-        return acc.addmm_(a, b)
-    out = _mm_fp32(a, b, acc)
-    if out is not None:
-        return out
-    return acc.add_(torch.mm(a, b))  # product rounded to a's dtype, the sum over chunks still fp32
+        acc.addmm_(a, b)
+        return SAME_DTYPE
+    if not scratch:
+        scratch.append(torch.empty(acc.shape, dtype=torch.float32, device=acc.device))
+    product, path = _mm_fp32(a, b, out=scratch[0])
+    acc.add_(product if product is not None else torch.mm(a, b))
+    return path
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -180,8 +219,8 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
         return
-    product = _mm_fp32(a, b) if out.dtype == torch.float32 else None
-    out.copy_(product if product is not None else torch.mm(a, b))
+    if out.dtype != torch.float32 or _mm_fp32(a, b, out=out)[0] is None:
+        out.copy_(torch.mm(a, b))
 
 
 # ---- the chunked function ---------------------------------------------------------------------------------
@@ -230,6 +269,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             buf = torch.empty(n_tokens * min(vocab_chunk, vocab), dtype=compute_dtype, device=device)
             grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=device) if need_hidden else None
             grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
+            scratch: list = []
+            path = None
             for v0 in range(0, vocab, vocab_chunk):
                 v1 = min(vocab, v0 + vocab_chunk)
                 dlogits, w_block = _logits_block(hid, weight, v0, v1, buf, compute_dtype)
@@ -237,7 +278,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if need_weight:
                     _mm_into(grad_weight[v0:v1], dlogits.t(), hid)
                 if need_hidden:
-                    grad_hidden = _accumulate_mm(grad_hidden, dlogits, w_block)
+                    path = _accumulate_mm(grad_hidden, dlogits, w_block, scratch)
+            if path is not None:
+                _record_path(path)
         grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
         return grad_hidden, grad_weight, None, None, None, None, None, None
 

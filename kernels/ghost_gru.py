@@ -123,12 +123,13 @@ def _ghost_gru_fwd_kernel(
     """
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    rows_b = offs_b.to(tl.int64)  # batch-row offsets: B x (T+1) x H elements can pass 2^31
     for t in range(T):
-        prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
+        prev_ptr = states_ptr + rows_b[:, None] * stride_st_b + t * stride_st_t
         cur_ptr = prev_ptr + stride_st_t
-        gx_row = gx_ptr + offs_b[:, None] * stride_gx_b + t * stride_gx_t
+        gx_row = gx_ptr + rows_b[:, None] * stride_gx_b + t * stride_gx_t
         if HAS_RESET:
-            keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
+            keep = tl.load(keep_ptr + rows_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
         # Phase 1: the intrinsic GRU units, BLOCK_M at a time.
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -174,7 +175,7 @@ def _ghost_gru_fwd_kernel(
             intrinsic = n + z * (h_carry - n)
             tl.store(cur_ptr + offs_m[None, :], intrinsic.to(states_ptr.dtype.element_ty), mask=mask_bm)
             if SAVE_GATES:
-                ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t + offs_m[None, :]
+                ga_row = gates_ptr + rows_b[:, None] * stride_ga_b + t * stride_ga_t + offs_m[None, :]
                 tl.store(ga_row, r.to(gates_ptr.dtype.element_ty), mask=mask_bm)
                 tl.store(ga_row + M, z.to(gates_ptr.dtype.element_ty), mask=mask_bm)
                 tl.store(ga_row + 2 * M, n.to(gates_ptr.dtype.element_ty), mask=mask_bm)
@@ -222,18 +223,19 @@ def _ghost_gru_bwd_kernel(
     """
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    dh_row = dh_ptr + offs_b[:, None] * stride_dh_b
-    dc_row = dcarry_ptr + offs_b[:, None] * stride_dc_b
+    rows_b = offs_b.to(tl.int64)  # batch-row offsets: B x (T+1) x H elements can pass 2^31
+    dh_row = dh_ptr + rows_b[:, None] * stride_dh_b
+    dc_row = dcarry_ptr + rows_b[:, None] * stride_dc_b
     for step in range(T):
         t = T - 1 - step
-        prev_ptr = states_ptr + offs_b[:, None] * stride_st_b + t * stride_st_t
+        prev_ptr = states_ptr + rows_b[:, None] * stride_st_b + t * stride_st_t
         cur_ptr = prev_ptr + stride_st_t
-        go_row = grad_out_ptr + offs_b[:, None] * stride_go_b + t * stride_go_t
-        dq_row = dq_ptr + offs_b[:, None] * stride_dq_b + t * stride_dq_t
-        dg_row = dgates_ptr + offs_b[:, None] * stride_dg_b + t * stride_dg_t
-        ga_row = gates_ptr + offs_b[:, None] * stride_ga_b + t * stride_ga_t
+        go_row = grad_out_ptr + rows_b[:, None] * stride_go_b + t * stride_go_t
+        dq_row = dq_ptr + rows_b[:, None] * stride_dq_b + t * stride_dq_t
+        dg_row = dgates_ptr + rows_b[:, None] * stride_dg_b + t * stride_dg_t
+        ga_row = gates_ptr + rows_b[:, None] * stride_ga_b + t * stride_ga_t
         if HAS_RESET:
-            keep = tl.load(keep_ptr + offs_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
+            keep = tl.load(keep_ptr + rows_b * stride_keep_b + t, mask=mask_b, other=0.0).to(tl.float32)
         # Phase 1: through the ghost activation.
         for g0 in range(0, G, BLOCK_G):
             offs_g = g0 + tl.arange(0, BLOCK_G)

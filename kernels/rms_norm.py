@@ -35,16 +35,17 @@ def _rms_norm_fwd_kernel(X, RES_IN, Y, RES_OUT, W, RSTD,
                          HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = rows.to(tl.int64)  # row offsets: rows x stride can pass 2^31 elements
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    x = tl.load(X + offs[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     if HAS_RESIDUAL:
         # Rounded to the residual stream's dtype, exactly like `residual + x` in torch.
-        r = tl.load(RES_IN + rows[:, None] * stride_res_in + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        r = tl.load(RES_IN + offs[:, None] * stride_res_in + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         x_low = (r + x).to(RES_OUT.dtype.element_ty)
-        tl.store(RES_OUT + rows[:, None] * stride_res_out + cols[None, :], x_low, mask=mask)
+        tl.store(RES_OUT + offs[:, None] * stride_res_out + cols[None, :], x_low, mask=mask)
     else:
         x_low = x.to(X.dtype.element_ty)
     x = x_low.to(COMPUTE)
@@ -53,7 +54,7 @@ def _rms_norm_fwd_kernel(X, RES_IN, Y, RES_OUT, W, RSTD,
     # Reference order: normalise in fp32, round to the input dtype, then scale by the weight.
     normed = (x * rstd[:, None]).to(x_low.dtype).to(COMPUTE)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(COMPUTE)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty),
+    tl.store(Y + offs[:, None] * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty),
              mask=mask)
 
 
@@ -72,10 +73,11 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PARTIAL,
     dw_acc = tl.zeros([BLOCK_N], dtype=COMPUTE)
     for start in range(pid * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
+        offs = rows.to(tl.int64)  # row offsets: rows x stride can pass 2^31 elements
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(X + offs[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + offs[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(COMPUTE)
         normed = x * rstd[:, None]
         # The weight sees the normalised row after its rounding to the input dtype (as in the reference).
@@ -83,8 +85,8 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PARTIAL,
         dn = dy * w[None, :]
         dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / n_cols)[:, None])
         if HAS_DRES:
-            dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DRES + offs[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        tl.store(DX + offs[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
 

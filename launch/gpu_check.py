@@ -20,7 +20,11 @@ counts from the start of launch/gpu_check.sh (FUXI_GPU_CHECK_T0), not from this 
 A step's time box is its cap, shortened when the budget left must still cover the minimum of the steps after
 it; a step that cannot get its minimum is skipped. gpu_check.json (rewritten after every step, so a killed run
 still leaves its results), gpu_check.log, gpu_check.md (the rows for docs/benchmarks.md) and the PNGs go to
---out; the last printed line is one JSON object. `--dry-run` runs the same steps on a CPU at tiny shapes with
+--out; the last printed line is one JSON object. Every bench prints each result as one JSON line when it is
+measured ({"row": ...}, and {"check": ...} for the bf16 correctness checks: MoE grouped GEMM vs the expert loop,
+the fused loss vs eager); the step's record collects them as they come ("rows", "checks"), so a step killed at
+its time box keeps what it finished. "correctness" gathers the checks and the GPU tests' counts; a failed check
+fails the run. The commit comes from git, or on the device machine (no .git) from .whl/COMMIT (make gpu-stamp). `--dry-run` runs the same steps on a CPU at tiny shapes with
 Triton under the interpreter (tests/test_gpu_check.py), so the script cannot rot between GPU sessions.
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ DEFAULT_BUDGET_S = {False: GPU_BUDGET_S, True: DRY_RUN_SLACK * GPU_BUDGET_S}
 T0_ENV = "FUXI_GPU_CHECK_T0"  # the wall-clock second launch/gpu_check.sh started; the budget counts from it
 LOG_BYTES_PER_STEP = 1_500_000  # the device tool returns files of at most 16 MiB, 8 files in all
 CARRY_LIMIT_BYTES = 64 * 2**20  # working tree + carried paths per device call
+COMMIT_STAMP = REPO / ".whl" / "COMMIT"  # written by `make gpu-stamp`; travels in the carried .whl/
 # Imported by our code on the GPU path; the image lacks the ones marked carried (make gpu-wheels).
 REQUIRED_MODULES = ["torch", "triton", "numpy", "yaml", "tqdm", "matplotlib", "transformers", "tokenizers",
                     "safetensors", "sentencepiece", "tiktoken", "tensorboard", "pytest",
@@ -147,7 +152,20 @@ def pytest_argv(ctx: Context) -> list[str]:
             f"--junitxml={ctx.work_dir('pytest_gpu') / 'junit.xml'}", *files]
 
 
-PYTEST_LINE = r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED)|\d+ tests? collected)"
+PYTEST_LINE = r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED)|\d+ tests? collected|^=+ .*\d+ (passed|failed|errors?|skipped|deselected).* in [\d.]+s)"
+PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)\b")
+
+
+def pytest_summary(lines: list[str]) -> dict | None:
+    """pytest's closing line ("== 20 passed, 2 failed, 1 skipped in 31.2s ==") as counts; None if absent."""
+    for line in reversed(lines):
+        if line.startswith("=") and re.search(r" in [\d.]+s", line):
+            counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+            for number, word in PYTEST_COUNT.findall(line):
+                key = {"error": "errors", "warning": "warnings"}.get(word, word)
+                counts[key] = counts.get(key, 0) + int(number)
+            return {**counts, "summary": line.strip("= ").strip()}
+    return None
 
 
 def pytest_after(ctx: Context, record: dict) -> None:
@@ -157,12 +175,15 @@ def pytest_after(ctx: Context, record: dict) -> None:
     lines = record.get("lines", [])
     if ctx.dry_run:
         collected = [line for line in lines if "collected" in line]
-        record["result"] = {"collected": collected[-1] if collected else None}
+        count = re.search(r"(\d+) tests? collected", collected[-1]) if collected else None
+        record["result"] = {"collected": collected[-1] if collected else None,
+                            "collected_count": int(count.group(1)) if count else None}
         return
+    summary = pytest_summary(lines)
     if not junit.is_file():  # killed before pytest wrote its report: count the verbose lines
         outcome = {word: sum(f" {word}" in line for line in lines) for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
         record["result"] = {"tests": sum(outcome.values()), "failures": outcome["FAILED"], "errors": outcome["ERROR"],
-                            "skipped": outcome["SKIPPED"], "incomplete": True,
+                            "skipped": outcome["SKIPPED"], "incomplete": summary is None, "pytest_summary": summary,
                             "failed_tests": [{"test": line.split(" ")[0], "message": ""} for line in lines
                                              if " FAILED" in line or " ERROR" in line]}
         return
@@ -176,6 +197,7 @@ def pytest_after(ctx: Context, record: dict) -> None:
                              "message": (problem.get("message") or "")[:400]})
     record["result"] = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
     record["result"]["failed_tests"] = failures
+    record["result"]["pytest_summary"] = summary
 
 
 def kernels_argv(ctx: Context) -> list[str]:
@@ -199,7 +221,7 @@ def flce_argv(ctx: Context) -> list[str]:
 def bench_csv_after(png_name: str) -> Callable[[Context, dict], None]:
     def after(ctx: Context, record: dict) -> None:
         folder = ctx.work / record["name"]
-        if (folder / "kernels.csv").is_file():
+        if not record.get("rows") and (folder / "kernels.csv").is_file():  # a bench that printed no rows
             with open(folder / "kernels.csv", encoding="utf-8") as f:
                 record["rows"] = list(csv.DictReader(f))
         if (folder / "kernels.png").is_file():
@@ -293,6 +315,8 @@ def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | No
     keep = re.compile(step.keep_lines) if step.keep_lines else None
     retry = re.compile(step.retry_on) if step.retry_on else None
     last_json: list[dict] = []
+    rows: list[dict] = []    # {"row": ...} lines: each measurement as the bench finished it
+    checks: list[dict] = []  # {"check": ...} lines: correctness checks (passed, error figures)
     written = [0]
     retry_matched = [False]
 
@@ -307,7 +331,7 @@ def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | No
                 try:
                     value = json.loads(line)
                     if isinstance(value, dict):
-                        last_json[:] = [value]
+                        collect_json(value, rows, checks, last_json)
                 except json.JSONDecodeError:
                     pass
             if written[0] < LOG_BYTES_PER_STEP:
@@ -331,6 +355,10 @@ def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | No
     log.write(f"===== {step.name}: {record['status']} in {record['seconds']} s\n")
     log.flush()
     record["result"] = last_json[0] if last_json else None
+    if rows:
+        record["rows"] = rows
+    if checks:
+        record["checks"] = checks
     record["tail"] = list(tail)[-25:]
     if keep is not None:
         record["lines"] = kept
@@ -343,6 +371,18 @@ def run_step(step: Step, ctx: Context, timeout: float, log, argv: list[str] | No
     if record["status"] == "ok":
         record.pop("tail")
     return record
+
+
+def collect_json(value: dict, rows: list[dict], checks: list[dict], last: list[dict]) -> None:
+    """Sort one JSON line of a step's output: {"row": {...}} and {"check": {...}} (kernels.bench.print_row)
+    are appended as they come, so a step killed at its time box keeps what it finished; any other object is the
+    step's result, the last one printed winning."""
+    if len(value) == 1 and isinstance(value.get("row"), dict):
+        rows.append(value["row"])
+    elif len(value) == 1 and isinstance(value.get("check"), dict):
+        checks.append(value["check"])
+    else:
+        last[:] = [value]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -496,6 +536,23 @@ def headline(records: dict) -> dict:
     return out
 
 
+def correctness(records: dict) -> list[dict]:
+    """Every correctness figure of the run: the benches' checks (MoE grouped vs loop, the fused loss vs eager,
+    in bf16 against fp32) and the GPU tests' counts; "passed" is None where nothing was decided (a dry run's
+    collect-only pytest)."""
+    found = [{"step": name, **check} for name, record in records.items() for check in record.get("checks") or []]
+    tests = (records.get("pytest_gpu") or {}).get("result") or {}
+    if isinstance(tests.get("tests"), int):
+        bad = tests["failures"] + tests["errors"]
+        found.append({"step": "pytest_gpu", "check": "pytest -m gpu", "passed": bad == 0 and not tests.get("incomplete"),
+                      "tests": tests["tests"], "failed": bad, "skipped": tests["skipped"],
+                      "passed_tests": tests["tests"] - bad - tests["skipped"], "incomplete": bool(tests.get("incomplete"))})
+    elif tests.get("collected_count") is not None:
+        found.append({"step": "pytest_gpu", "check": "pytest -m gpu (dry run: collected only)", "passed": None,
+                      "tests": tests["collected_count"]})
+    return found
+
+
 def run_check(args: argparse.Namespace, already_s: float = 0.0) -> dict:
     from fuxi.launch.gpu_check_report import evaluate_goals, markdown_report
 
@@ -523,9 +580,10 @@ def run_check(args: argparse.Namespace, already_s: float = 0.0) -> dict:
     budget = args.budget or DEFAULT_BUDGET_S[args.dry_run]
     # `already_s`: the seconds the check ran before this call (main: since the shell script or process began).
     started, started_at = time.monotonic() - already_s, datetime.datetime.now(datetime.timezone.utc)
+    git = git_state()
     report = {"schema": SCHEMA, "dry_run": args.dry_run, "started": started_at.isoformat(timespec="seconds"),
               "budget_s": budget, "command": " ".join(["bash", "launch/gpu_check.sh", *args.argv_echo]),
-              "git_commit": _git_commit(), "steps": ctx.records}
+              "git_commit": commit_label(git), "git": git, "steps": ctx.records}
     log_path = out / "gpu_check.log"
     print(f"gpu_check: {'dry run (CPU, tiny shapes, Triton interpreter)' if args.dry_run else 'GPU'}; "
           f"budget {budget} s; steps {[s.name for s in selected]}; out {out}", flush=True)
@@ -558,8 +616,10 @@ def run_check(args: argparse.Namespace, already_s: float = 0.0) -> dict:
     report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report["headline"] = headline(ctx.records)
     report["goals"] = evaluate_goals(ctx.records, args.dry_run)
+    report["correctness"] = correctness(ctx.records)
     report["status"] = "ok" if all(r["status"] == "ok" or r.get("skipped_for") == "nothing to do"
-                                   for r in ctx.records.values()) else "failed"
+                                   for r in ctx.records.values()) \
+        and all(c["passed"] is not False for c in report["correctness"]) else "failed"
     report["files"] = sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix in (".json", ".log", ".md",
                                                                                             ".png"))
     write_json(out / "gpu_check.json", report)
@@ -570,12 +630,48 @@ def run_check(args: argparse.Namespace, already_s: float = 0.0) -> dict:
     return report
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """The commit this checkout is at: from git where there is a .git, else from the stamp `make gpu-stamp`
+    writes into the carried .whl/ (the device machine gets the working tree without .git), else "unknown"."""
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": commit, "dirty": bool(dirty), "source": "git"}
+    if COMMIT_STAMP.is_file():
+        try:
+            stamp = json.loads(COMMIT_STAMP.read_text(encoding="utf-8"))
+            return {"commit": str(stamp["commit"]), "dirty": bool(stamp.get("dirty")),
+                    "stamped": stamp.get("stamped"), "source": str(COMMIT_STAMP.relative_to(REPO))}
+        except (ValueError, KeyError, TypeError) as err:
+            return {"commit": "unknown", "source": f"{COMMIT_STAMP.relative_to(REPO)} unreadable: {err}"}
+    return {"commit": "unknown", "source": f"no .git here and no {COMMIT_STAMP.relative_to(REPO)} "
+                                           "(run `make gpu-stamp` before the device call)"}
+
+
+def stamp_commit() -> dict:
+    """Write git_state() (from git) to COMMIT_STAMP, the file that carries it to the device machine."""
+    state = git_state()
+    if state["source"] != "git":
+        raise SystemExit(f"gpu_check: --stamp-commit needs git: {state['source']}")
+    state["stamped"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    COMMIT_STAMP.parent.mkdir(exist_ok=True)
+    write_json(COMMIT_STAMP, {k: state[k] for k in ("commit", "dirty", "stamped")})
+    return state
+
+
+def commit_label(state: dict) -> str:
+    """"<12 hex>[+dirty]" as gpu_check.md prints it, or "unknown"."""
+    if state["commit"] == "unknown":
+        return "unknown"
+    return state["commit"][:12] + (" + uncommitted changes" if state.get("dirty") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="STEP",
                         help=f"run only these steps (wheels and env always run): {[s.name for s in STEPS]}")
     parser.add_argument("--env-report", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stamp-commit", action="store_true",
+                        help=f"write this checkout's git commit to {COMMIT_STAMP.relative_to(REPO)} (make gpu-stamp)")
     parser.add_argument("--check-carry", action="store_true",
                         help="report the bytes a device call carries (tree + .whl/) against its 64 MiB limit")
     args = parser.parse_args(argv)
@@ -604,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MISSING       {problem}")
         print(json.dumps(report))
         return 0 if report["ok"] else 1
+    if args.stamp_commit:
+        state = stamp_commit()
+        print(f"{COMMIT_STAMP.relative_to(REPO)}: {commit_label(state)}")
+        return 0
     if args.check_carry:
         size = carry_size_bytes()
         print(f"working tree {size['tree_bytes'] / 2**20:.1f} MiB + .whl {size['wheels_bytes'] / 2**20:.1f} MiB = "
@@ -616,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": report["seconds"], "steps": {k: v["status"] for k, v in report["steps"].items()},
                "headline": report["headline"],
                "goals_met": {k: g.get("met") for k, g in report["goals"].items()},
+               "correctness": {c["check"]: c["passed"] for c in report["correctness"]},
+               "commit": report["git_commit"],
                "out": str(Path(args.out).resolve())}
     print(json.dumps(summary))
     return 0 if report["status"] == "ok" else 1

@@ -128,7 +128,29 @@ def markdown_report(report: dict) -> str:
             lines.append(f"\nMeasured bf16 matmul (8192^3, random data): {_num(train[0]['measured_matmul_tflops'])} "
                          f"TFLOP/s; spec peak {_num(train[0].get('peak_tflops'))} TFLOP/s.")
 
+    checks = report.get("correctness") or []
+    if checks:
+        def figure(c: dict) -> str:
+            if "max_abs_err" in c:
+                return (f"max abs error {_num(c['max_abs_err'])} <= {_num(c['bound'])} = {c['factor']:g} x "
+                        f"PyTorch's {_num(c['torch_max_abs_err'])}" + (f" (worst: {c['worst']})" if c.get("worst")
+                                                                       else ""))
+            if "failed" in c:
+                return (f"{c['passed_tests']} passed, {c['failed']} failed, {c['skipped']} skipped of {c['tests']}"
+                        + (" (killed at its time box)" if c.get("incomplete") else ""))
+            if "tests" in c:
+                return f"{c['tests']} collected"
+            return c.get("error", "-")
+
+        lines += _table("#### Correctness (bf16 against an fp32 reference: at most 2x PyTorch's own bf16 error for "
+                        "outputs, 3x for gradients)", "step | check | passed | figure | path",
+                        [[c["step"], c["check"], {True: "yes", False: "**no**", None: "-"}[c["passed"]], figure(c),
+                          c.get("path", "")] for c in checks])
+
     moe = _result(report, "bench_moe")
+    if not moe.get("rows") and (report["steps"].get("bench_moe") or {}).get("rows"):  # killed: the streamed rows
+        moe = {"tokens": "?", "hidden": "?", "ffn": "?", "experts": "?", "top_k": "?", "dtype": "?",
+               "rows": [{"fwd_bwd_speedup_vs_loop": None, **r} for r in report["steps"]["bench_moe"]["rows"]]}
     if moe.get("rows"):
         lines += _table(f"#### MoE layer ({moe['tokens']} tokens, h {moe['hidden']}, FFN {moe['ffn']}, "
                         f"{moe['experts']} experts, top-{moe['top_k']}, {moe['dtype']})",
@@ -137,6 +159,10 @@ def markdown_report(report: dict) -> str:
                           _num(r["fwd_bwd_speedup_vs_loop"])] for r in moe["rows"]])
 
     ghost = _result(report, "bench_ghostgru")
+    if not ghost.get("rows") and (report["steps"].get("bench_ghostgru") or {}).get("rows"):  # killed
+        ghost = {"batch": "?", "seq_len": "?", "hidden": "?", "dtype": "?", "impl": "?",
+                 "rows": [{"fwd_speedup_vs_gru": None, "fwd_bwd_speedup_vs_gru": None, **r}
+                          for r in report["steps"]["bench_ghostgru"]["rows"]]}
     if ghost.get("rows"):
         lines += _table(f"#### GhostGRU vs nn.GRU (batch {ghost['batch']}, {ghost['seq_len']} steps, H "
                         f"{ghost['hidden']}, {ghost['dtype']}, {ghost['impl']})",

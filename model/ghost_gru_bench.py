@@ -2,7 +2,8 @@
 
 On a GPU the GhostGRU runs the fused Triton kernel and times come from triton.testing.do_bench (median); on a
 CPU it runs the torch path and the median of `--repeats` perf_counter timings. Every row is measured in the
-same run, side by side; ratios are nn.GRU time / this time (above 1 = faster than nn.GRU).
+same run, side by side; ratios are nn.GRU time / this time (above 1 = faster than nn.GRU). Each layer's row is
+printed as a JSON line when measured; the summary JSON is the last line.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from fuxi.common.tables import format_table
 from fuxi.kernels import IMPLEMENTATIONS
+from fuxi.kernels.bench import print_row
 from fuxi.model.ghostrnn import GhostGRU, GhostGRUShape
 
 VARIANTS = {  # name -> (feed_ghost_back, gate_input); each runs at every ratio of --ratios
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as err:  # noqa: BLE001 - one failing layer (a Triton compile error, OOM) is its row
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         rows.append(row)
+        print_row(row)  # at once: the GPU check's time box may end the run before the last layer
     base = rows[0]
     for row in rows:
         row["fwd_speedup_vs_gru"] = base["fwd_ms"] / row["fwd_ms"]

@@ -3,18 +3,23 @@ as one grouped GEMM (torch.nn.functional.grouped_mm) against a loop over the exp
 
 Defaults on a GPU: FuxiTranyu-MoE-8B's layer (hidden 4096, FFN 16384, 6 experts, top-2), 8,192 tokens, bf16,
 medians of triton.testing.do_bench; on a CPU a small layer in fp32, medians of perf_counter timings. Both
-variants share the same weights and inputs, so their outputs are also compared.
+variants share the same weights and inputs, so their outputs are also compared; then a bf16 check of grouped_mm
+against the loop, forward and every gradient, against an fp32 reference (`grouped_vs_loop_check`). Each row
+and check is printed as a JSON line as soon as it is measured.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+
 import torch
 
 from fuxi.common.tables import format_table
 from fuxi.kernels import IMPLEMENTATIONS
-from fuxi.kernels.bench import median_ms
+from fuxi.kernels.bench import median_ms, print_row
+from fuxi.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, reference_error
 from fuxi.model.config import ModelConfig, MoEConfig
 from fuxi.model.moe import MoEFeedForward, grouped_mm_available
 
@@ -28,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU: do_bench)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the bf16 check of grouped_mm against the expert loop (forward and gradients)")
     parser.add_argument("--kernels", default="auto", choices=IMPLEMENTATIONS,
                         help="permutation and bias-GELU kernels (triton on a CPU: under TRITON_INTERPRET=1)")
 
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             outputs.pop(variant, None)
         rows.append(row)
+        print_row(row)
     base = rows[0]
     for row in rows:
         row["fwd_bwd_speedup_vs_loop"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
@@ -91,8 +99,82 @@ def run(args: argparse.Namespace) -> dict:
         result["grouped_vs_loop_max_rel_diff"] = float((outputs["grouped_mm"] - ref).abs().max()
                                                        / ref.abs().max().clamp_min(1e-12))
         result["grouped_mm_fwd_bwd_speedup_vs_loop"] = round(rows[1]["fwd_bwd_speedup_vs_loop"], 3)
+    if "grouped_mm" in variants and not args.no_check:
+        layer.zero_grad(set_to_none=True)
+        try:
+            checks = grouped_vs_loop_check(layer, x.detach(), dy)
+        except Exception as err:  # noqa: BLE001 - an OOM or a kernel error is the check's result
+            checks = [{"check": "moe grouped_mm vs loop", "passed": False,
+                       "error": f"{type(err).__name__}: {str(err)[:200]}"}]
+        for check in checks:
+            print(f"{check['check']}: {'passed' if check['passed'] else 'FAILED'}"
+                  + (f" (max abs error {check['max_abs_err']:.3g}, bound {check['bound']:.3g})" if "bound" in check
+                     else f" ({check.get('error')})"))
+            print_row(check, key="check")
+        result["checks"] = checks
     print(json.dumps(result))
     return result
+
+
+class _FixedRouter(torch.nn.Module):
+    """Router of the fp32 reference: the low-precision layer's router, so both runs pick the same experts (a
+    top-2 choice that flips on a rounding difference would dominate every error figure). The weight stays an fp32
+    leaf, cast to the low dtype inside: its gradient is still compared."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().float().clone())
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.dtype), self.weight.to(self.dtype)).float()
+
+
+def grouped_vs_loop_check(layer: MoEFeedForward, x: torch.Tensor, dy: torch.Tensor,
+                          dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """grouped_mm and the expert loop in `dtype`, both against the loop in fp32 (TF32 off) with the same routing:
+    the output within 2x and every gradient (input, router, each expert's weights and biases) within 3x of the
+    loop's own low-precision error (kernels/testing.py). Two checks: forward, and backward (its worst tensor)."""
+    low = copy.deepcopy(layer).to(dtype)
+    ref = copy.deepcopy(low).float()
+    ref.router = _FixedRouter(low.router.weight, dtype)
+    ref.expert_compute = "loop"
+    runs = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, module, compute in (("ref", ref, "loop"), ("loop", low, "loop"), ("grouped_mm", low, "grouped_mm")):
+            module.expert_compute = compute
+            module.zero_grad(set_to_none=True)
+            inp = x.detach().to(torch.float32 if name == "ref" else dtype).requires_grad_()
+            out, routing = module(inp)
+            out.backward(dy.to(out.dtype))
+            grads = {"input": inp.grad.float()}
+            grads.update({n: p.grad.float() for n, p in module.named_parameters() if p.grad is not None})
+            runs[name] = {"output": out.detach().float(), "experts": routing.expert_ids, "grads": grads}
+            del out, inp
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    same_routing = bool(torch.equal(runs["ref"]["experts"], runs["loop"]["experts"]))
+    shape = {"dtype": str(dtype).replace("torch.", ""), "tokens": x.shape[0], "same_routing": same_routing}
+    forward = reference_error(runs["grouped_mm"]["output"], runs["loop"]["output"], runs["ref"]["output"],
+                              FORWARD_FACTOR)
+    checks = [{"check": "moe grouped_mm vs loop, forward", **shape, **forward}]
+    per_tensor = {}
+    names = sorted(runs["ref"]["grads"])
+    missing = [n for n in names if n not in runs["grouped_mm"]["grads"] or n not in runs["loop"]["grads"]]
+    for name in names:
+        if name not in missing:
+            per_tensor[name] = reference_error(runs["grouped_mm"]["grads"][name], runs["loop"]["grads"][name],
+                                               runs["ref"]["grads"][name], GRADIENT_FACTOR)
+    worst = max(per_tensor, key=lambda n: per_tensor[n]["max_abs_err"] / per_tensor[n]["bound"])
+    backward = {"check": f"moe grouped_mm vs loop, backward ({len(names)} gradients)", **shape,
+                **per_tensor[worst], "worst": worst,
+                "passed": all(r["passed"] for r in per_tensor.values()) and not missing and same_routing,
+                "failed_tensors": [n for n, r in per_tensor.items() if not r["passed"]] + missing, "tensors": names}
+    checks[0]["passed"] = checks[0]["passed"] and same_routing
+    checks.append(backward)
+    return checks
 
 
 if __name__ == "__main__":

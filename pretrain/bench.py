@@ -4,7 +4,8 @@ tiny shape.
 
 Synthetic token ids, so the number measures the model + optimizer step, not the data pipeline. MFU is quoted
 twice: against the device's dense bf16 spec peak (989.4 TFLOP/s for an H100/H200 SXM, as Megatron and
-torchtitan quote it) and against the bf16 matmul rate measured on the same device in the same run.
+torchtitan quote it) and against the bf16 matmul rate measured on the same device in the same run. The model
+FLOPs count attention non-causally (12·L·h·s per token, the full score square), as Megatron and PaLM do.
 """
 from __future__ import annotations
 
@@ -20,14 +21,21 @@ from fuxi.kernels import IMPLEMENTATIONS
 from fuxi.pretrain.config import Precision, ZeroStage
 from fuxi.pretrain.estimates import GRAD_BYTES, OPTIMIZER_BYTES, PARAM_BYTES
 
-# Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank (20): bf16 parameter and gradient (2 + 2),
-# fp32 master, momentum and variance (12; pretrain/estimates.py), plus the fp32 gradient partition DeepSpeed
-# builds for the optimizer step (4).
+# Bytes per parameter of ZeRO-1/2 mixed-precision AdamW on one rank (24): bf16 parameter and gradient (2 + 2),
+# fp32 master, momentum and variance (12; pretrain/estimates.py), the fp32 gradient partition DeepSpeed builds
+# for the optimizer step (4), and the fp32 temporaries of torch's foreach AdamW (the default on CUDA), which
+# computes the update for a whole parameter group at once (4).
 FP32_GRAD_PARTITION_BYTES = 4
-STEP_BYTES_PER_PARAM = PARAM_BYTES + GRAD_BYTES + OPTIMIZER_BYTES + FP32_GRAD_PARTITION_BYTES
+FOREACH_ADAMW_BYTES = 4
+STEP_BYTES_PER_PARAM = (PARAM_BYTES + GRAD_BYTES + OPTIMIZER_BYTES + FP32_GRAD_PARTITION_BYTES
+                        + FOREACH_ADAMW_BYTES)
 # Activation bytes per token and hidden unit kept by one layer for backward in bf16 (Korthikanti et al. count
 # 34 for this block with flash attention; rounded up), and with per-layer checkpointing (the layer input).
 ACTIVATION_BYTES = {False: 40, True: 4}
+# What MFU counts: the model's flops_per_token, 6N + 12·L·h·s, whose attention term is the score and value matmuls
+# over the full s x s square (PaLM's and Megatron's convention); a causal kernel does about half of that work,
+# so MFU is about 12·L·h·s / 2 per token above what a causal count would give (~5% at 8B, seq 4096).
+ATTENTION_FLOPS_NOTE = "non-causal: 12*L*h*s per token (full s x s scores; a causal kernel does about half)"
 RESERVED_BYTES = 4e9  # CUDA context, cuBLAS workspace, DeepSpeed buckets, the fused loss's logits block
 
 
@@ -84,7 +92,7 @@ def layers_that_fit(args: argparse.Namespace, memory_bytes: float) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from fuxi.data_pipeline.config import DataConfig
-    from fuxi.kernels.bench import measure_matmul_tflops
+    from fuxi.kernels.bench import measure_matmul_tflops, print_row
     from fuxi.model import build_model
     from fuxi.pretrain.config import OptimizerConfig, ParallelismConfig, ScheduleConfig, TrainConfig
     from fuxi.pretrain.distributed import build_engine, init_distributed
@@ -132,13 +140,21 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for _ in range(args.warmup_steps):
-        optimizer_step()
+    tokens_per_step = global_batch * args.seq_len
+
+    def timed_step(index: int, phase: str) -> float:
+        seconds = optimizer_step()
+        if ctx.is_main:  # one JSON line per optimizer step: a run killed at its time box keeps these
+            print_row({"phase": phase, "step": index, "layers": layers, "step_time_s": seconds,
+                       "tokens_per_s": tokens_per_step / seconds})
+        return seconds
+
+    for i in range(args.warmup_steps):
+        timed_step(i, "warmup")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    times = [optimizer_step() for _ in range(args.steps)]
+    times = [timed_step(i, "timed") for i in range(args.steps)]
     step_time = statistics.median(times)
-    tokens_per_step = global_batch * args.seq_len
     tokens_per_s = tokens_per_step / step_time
     report = model_report(model_cfg, ctx.world_size, args.seq_len, args.micro_batch)  # ZeRO-3 safe counts
     flops_per_token = report.flops_per_token
@@ -155,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         "step_times_s": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
         "tflops_per_device": tflops,
         "peak_tflops": peak, "mfu": mfu(tokens_per_s, flops_per_token, peak, ctx.world_size) if peak else None,
+        "attention_flops": ATTENTION_FLOPS_NOTE,
         "measured_matmul_tflops": measured_peak,
         "mfu_vs_measured_matmul": tflops / measured_peak if measured_peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,

@@ -13,10 +13,12 @@ from fuxi.model import ModelConfig, build_model
 # momentum, variance) = 16 bytes per parameter.
 PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 
-# Dense bf16 peak TFLOP/s per device (no sparsity), for MFU.
+# Dense bf16 peak TFLOP/s per device (no sparsity, NVIDIA's datasheets: half the "with sparsity" figure), for
+# MFU. Matched in order by substring of torch.cuda.get_device_name(), so the specific names come first:
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H200 NVL", "NVIDIA H200".
 PEAK_TFLOPS = {
-    "H100-SXM": 989.4, "H100 80GB HBM3": 989.4, "H100-PCIE": 756.0, "H200": 989.4, "A100": 312.0,
-    "A800": 312.0, "L40S": 362.0,
+    "H100 PCIe": 756.0, "H100-PCIE": 756.0, "H100 NVL": 835.5, "H100-SXM": 989.4, "H100 80GB HBM3": 989.4,
+    "H100 SXM": 989.4, "H200 NVL": 835.5, "H200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
 }
 
 

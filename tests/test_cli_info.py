@@ -41,6 +41,9 @@ def test_mfu_formula():
     assert mfu(8_700, 51.2e9, 989.4) == pytest.approx(0.4502, abs=1e-3)
     assert mfu(2 * 8_700, 51.2e9, 989.4, num_devices=2) == pytest.approx(mfu(8_700, 51.2e9, 989.4))
     assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.4
+    # torch.cuda.get_device_name() of the other Hopper parts: the specific names win over the shorter ones
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0 and peak_tflops_for("NVIDIA H100 NVL") == 835.5
+    assert peak_tflops_for("NVIDIA H200") == 989.4 and peak_tflops_for("NVIDIA H200 NVL") == 835.5
     assert peak_tflops_for("mystery accelerator") is None
 
 

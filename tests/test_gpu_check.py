@@ -63,6 +63,26 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
         assert (out / name).stat().st_size > 0 and name in report["files"]
     assert len(report["files"]) <= 8  # the device tool returns at most 8 files from $OUT
     assert "DRY RUN" in (out / "gpu_check.md").read_text()
+    # Streamed rows and the bf16 correctness checks (tiny shapes on CPU), with the loss's grad_hidden path.
+    assert [r["variant"] for r in report["steps"]["bench_moe"]["rows"]] == ["loop", "grouped_mm"]
+    assert len(report["steps"]["bench_ghostgru"]["rows"]) == len(steps["bench_ghostgru"]["rows"])
+    phases = [r["phase"] for r in report["steps"]["bench_train"]["rows"]]
+    assert phases[0] == "warmup" and phases.count("timed") == len(steps["bench_train"]["step_times_s"])
+    checks = {c["check"]: c for c in report["correctness"]}
+    moe_checks = [c for c in checks if c.startswith("moe grouped_mm vs loop")]
+    flce_checks = [c for c in checks if c.startswith("flce triton vs eager")]
+    assert len(moe_checks) == 2 and len(flce_checks) == 3, sorted(checks)
+    for name in moe_checks + flce_checks:
+        assert checks[name]["passed"] is True and checks[name]["dtype"] == "bfloat16", checks[name]
+        assert 0 < checks[name]["max_abs_err"] <= checks[name]["bound"]
+    assert checks[moe_checks[1]]["same_routing"]
+    assert {"input", "router.weight", "experts.0.up_proj.bias", "experts.3.down_proj.weight"} <= \
+        set(checks[moe_checks[1]]["tensors"])
+    assert checks["flce triton vs eager, grad_hidden"]["path"] == "bf16 fallback (torch's out_dtype mm has no cpu kernel)"
+    assert checks["pytest -m gpu (dry run: collected only)"]["tests"] > 0
+    assert summary["correctness"][moe_checks[1]] is True
+    assert report["git"]["source"] == "git" and len(report["git"]["commit"]) == 40
+    assert "#### Correctness" in (out / "gpu_check.md").read_text()
     assert "===== pretrain_sanity: ok" in (out / "gpu_check.log").read_text()
 
 
@@ -88,6 +108,68 @@ def test_a_hung_step_is_killed_with_its_children_and_a_failing_one_reported(tmp_
     assert record["result"] == {"partial": 1} and any("boom" in line for line in record["tail"])
     log.close()
     assert "===== hung: timeout" in (tmp_path / "log").read_text()
+
+
+def test_a_step_killed_at_its_time_box_keeps_the_rows_it_printed(tmp_path):
+    """Benches print each result as a JSON line when measured (kernels.bench.print_row): a step that prints
+    two rows and a check, then hangs, is killed at its cap and its record still holds all three."""
+    ctx = _context(tmp_path)
+    code = ("import json, time\n"
+            "from fuxi.kernels.bench import print_row\n"
+            "print_row({'variant': 'loop', 'fwd_ms': 1.5})\n"
+            "print('a table line', flush=True)\n"
+            "print_row({'variant': 'grouped_mm', 'fwd_ms': 0.5})\n"
+            "print_row({'check': 'toy', 'passed': True}, key='check')\n"
+            "time.sleep(60)\n"
+            "print(json.dumps({'never': 'printed'}))\n")
+    with open(tmp_path / "log", "w") as log:
+        record = gpu_check.run_step(_step("slow", code), ctx, timeout=6, log=log)
+    assert record["status"] == "timeout" and record["seconds"] < 30
+    assert record["rows"] == [{"variant": "loop", "fwd_ms": 1.5}, {"variant": "grouped_mm", "fwd_ms": 0.5}]
+    assert record["checks"] == [{"check": "toy", "passed": True}] and record["result"] is None
+    failed = {"slow": {**record, "checks": [{"check": "toy", "passed": False}]}}
+    assert gpu_check.correctness(failed) == [{"step": "slow", "check": "toy", "passed": False}]
+
+
+def test_pytest_counts_come_from_its_closing_line(tmp_path):
+    lines = ["tests/test_a.py::test_x PASSED", "tests/test_a.py::test_y FAILED",
+             "=========== 1 failed, 19 passed, 2 skipped, 3 warnings in 41.20s ==========="]
+    assert gpu_check.pytest_summary(lines) == {"passed": 19, "failed": 1, "errors": 0, "skipped": 2, "warnings": 3,
+                                               "summary": "1 failed, 19 passed, 2 skipped, 3 warnings in 41.20s"}
+    assert gpu_check.pytest_summary(["== 1 error in 3.0s =="])["errors"] == 1
+    assert gpu_check.pytest_summary(lines[:2]) is None  # killed before pytest summed up
+    import re
+    assert re.search(gpu_check.PYTEST_LINE, lines[2]) and re.search(gpu_check.PYTEST_LINE, lines[0])
+    # Killed: the verbose lines are counted and the run is not called passed.
+    ctx = gpu_check.Context(False, tmp_path, tmp_path, sys.executable, {}, {})
+    record = {"lines": lines[:2]}
+    gpu_check.pytest_after(ctx, record)
+    assert record["result"]["tests"] == 2 and record["result"]["incomplete"]
+    [entry] = gpu_check.correctness({"pytest_gpu": record})
+    assert entry["passed"] is False and entry["failed"] == 1 and entry["passed_tests"] == 1
+
+
+def test_the_commit_comes_from_git_or_from_the_carried_stamp(tmp_path, monkeypatch):
+    """The device machine's copy has no .git: `make gpu-stamp` writes the commit into .whl/COMMIT, which is
+    carried; without either the report says unknown and why."""
+    here = gpu_check.git_state()
+    assert here["source"] == "git" and len(here["commit"]) == 40
+    monkeypatch.setattr(gpu_check, "COMMIT_STAMP", tmp_path / ".whl" / "COMMIT")
+    gpu_check.stamp_commit()
+    stamp = json.loads((tmp_path / ".whl" / "COMMIT").read_text())
+    assert stamp["commit"] == here["commit"] and stamp["dirty"] == here["dirty"] and stamp["stamped"]
+    copy = tmp_path / "copy"  # a working tree without .git, as the device tool sends it
+    (copy / ".whl").mkdir(parents=True)
+    monkeypatch.setattr(gpu_check, "REPO", copy)
+    monkeypatch.setattr(gpu_check, "COMMIT_STAMP", copy / ".whl" / "COMMIT")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    unknown = gpu_check.git_state()
+    assert unknown["commit"] == "unknown" and "make gpu-stamp" in unknown["source"]
+    assert gpu_check.commit_label(unknown) == "unknown"
+    (copy / ".whl" / "COMMIT").write_text(json.dumps(stamp))
+    carried = gpu_check.git_state()
+    assert carried["commit"] == here["commit"] and carried["source"] == ".whl/COMMIT"
+    assert gpu_check.commit_label(carried).startswith(here["commit"][:12])
 
 
 def test_time_boxes_keep_the_minimum_of_later_steps():
@@ -119,19 +201,22 @@ def test_goals_read_the_step_results():
 
 def test_layers_that_fit_an_h100_and_an_h200():
     """8B widths (201,371,648 parameters per layer; embedding + LM head + norm 2,053,595,136 at V 250,752):
-    20 bytes per parameter plus 40 bytes per token and unit of activations, 4 GB reserved."""
+    24 bytes per parameter (ZeRO-2 AdamW: 16, DeepSpeed's fp32 gradient partition 4, foreach AdamW's fp32
+    temporaries 4) plus 40 bytes per token and unit of activations, 4 GB reserved."""
     from fuxi.pretrain import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--hidden", "4096", "--heads", "32", "--ffn", "16384", "--vocab", "250680",
                               "--seq-len", "4096", "--micro-batch", "1"])
-    per_layer = 20 * 201_371_648 + 40 * 4096 * 4096
-    fixed = 20 * (2 * 250_752 * 4096 + 4096) + 4e9 + 40 * 4096 * 4096
+    per_layer = 24 * 201_371_648 + 40 * 4096 * 4096
+    fixed = 24 * (2 * 250_752 * 4096 + 4096) + 4e9 + 40 * 4096 * 4096
     for memory in (0.9 * 85.0e9, 0.9 * 150.7e9):
         fit = bench.layers_that_fit(args, memory)
         assert fit["layers"] == int((memory - fixed) // per_layer)
-    assert bench.layers_that_fit(args, 0.9 * 85.0e9)["layers"] == 6
+    assert bench.STEP_BYTES_PER_PARAM == 24
+    assert bench.layers_that_fit(args, 0.9 * 85.0e9)["layers"] == 4
+    assert bench.layers_that_fit(args, 0.9 * 150.7e9)["layers"] == 14
     assert bench.layers_that_fit(args, 1e9)["layers"] == 1  # never fewer than one
 
 

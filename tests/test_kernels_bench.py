@@ -46,6 +46,8 @@ def test_every_case_builder_takes_the_same_arguments():
         assert all(leaf.grad is not None for leaf in case.leaves)
     flce = bench.CASE_BUILDERS["flce"](8, torch.float32, cpu, False, False, widths)
     assert [tuple(t.shape) for t in flce.leaves] == [(8, 16), (40, 16)] and flce.flops == 6.0 * 8 * 16 * 40
+    # FLOPs per provider: eager's 3 matmuls (6NhV), the chunked loss's 4 (8NhV; its backward recomputes logits)
+    assert flce.provider_flops == {"eager": 6.0 * 8 * 16 * 40, "chunked_torch": 8.0 * 8 * 16 * 40}
 
 
 def test_table_cells_round_trip_and_large_numbers_get_separators():

@@ -202,3 +202,49 @@ def test_bad_inputs_name_the_problem():
         kernels.linear_cross_entropy(h, w, labels, z_loss=-1.0)
     with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
         kernels.linear_cross_entropy(h, w, labels, impl="cuda")
+
+
+def _bf16_backward(h, w, labels):
+    a, b = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    kernels.linear_cross_entropy(a, b, labels, impl="torch", vocab_chunk=256).sum().backward()
+    return a.grad
+
+
+def test_backward_reports_how_grad_hidden_was_accumulated(monkeypatch):
+    """The path that ran is observable (cross_entropy.last_path), a fallback warns once, and a failing fp32-out
+    GEMM (torch's addmm.dtype rejects an fp32 accumulator on CUDA) is reported as a fallback with its reason."""
+    from fuxi.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_warned", set())
+    h, w, labels = _problem(33, 96, 1000, seed=5)
+    kernels.linear_cross_entropy(h, w, labels, impl="torch", vocab_chunk=256).sum().backward()
+    assert ce.last_path() == ce.SAME_DTYPE  # fp32 operands: nothing is rounded
+    if DEVICE == "cpu":
+        with pytest.warns(RuntimeWarning, match="rounded to the compute dtype"):
+            _bf16_backward(h, w, labels)
+        assert ce.last_path() == "bf16 fallback (torch's out_dtype mm has no cpu kernel)"
+
+    # A device with the out_dtype GEMM (simulated: fp32 products of the bf16 operands) takes it ...
+    monkeypatch.setattr(ce, "_fp32_out_mm_reason", lambda a: None)
+    monkeypatch.setattr(ce, "_fp32_out_mm", lambda a, b, out=None: torch.mm(a.float(), b.float(), out=out))
+    exact = _bf16_backward(h, w, labels)
+    assert ce.last_path() == "fp32-out mm"
+
+    # ... and one whose GEMM raises falls back, says why, and warns once for that reason.
+    def rejected(a, b, out=None):
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(ce, "_fp32_out_mm", rejected)
+    with pytest.warns(RuntimeWarning, match="same dtype"):
+        rounded = _bf16_backward(h, w, labels)
+    assert ce.last_path() == "bf16 fallback (RuntimeError: self and mat2 must have the same dtype, but got Float " \
+                             "and BFloat16)"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bf16_backward(h, w, labels)  # the same reason again: no second warning
+    # fp32 products summed in fp32 are closer to the fp32 gradient than bf16-rounded ones.
+    h.grad = None
+    kernels.linear_cross_entropy(h, w, labels, impl="torch", vocab_chunk=256).sum().backward()
+    assert (exact.float() - h.grad).abs().max() <= (rounded.float() - h.grad).abs().max()
