@@ -10,11 +10,12 @@ Layouts (`layout=`, `fuxi convert to-hf --format`):
 - MoE-LPR models of the FuxiTranyu family have no native class (biased, non-gated experts): always remote
   code (`fuxitranyu_moe`).
 - MoE-LPR models of a bias-free Llama/Mistral base are native `MixtralForCausalLM` (`mixtral`,
-  checkpoints/hf_mixtral.py: the router and experts renamed); a Qwen2 base (q/k/v bias) is refused.
+  checkpoints/hf_mixtral.py: the router and experts renamed); of a Qwen2 base (q/k/v bias) native
+  `Qwen2MoeForCausalLM` (`qwen2_moe`, checkpoints/hf_qwen2_moe.py: the router renamed, a width-0 shared expert).
 - The Llama family (`family: llama | qwen2 | mistral`, model/config.py) is always native: `LlamaForCausalLM`,
   `Qwen2ForCausalLM` or `MistralForCausalLM`, the class `convert from-hf` read it from.
-The tensor names are the same in every layout but Mixtral's (ours are the Llama convention). Works tensor by
-tensor.
+The tensor names are the same in every layout but the native MoE ones (ours are the Llama convention). Works
+tensor by tensor.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Literal, get_args
 import torch
 
 from fuxi.checkpoints.hf_mixtral import check_mixtral, mixtral_config_dict, mixtral_tensor_name
+from fuxi.checkpoints.hf_qwen2_moe import check_qwen2_moe, qwen2_moe_config_dict, qwen2_moe_tensors
 from fuxi.checkpoints.model_checkpoint import own_tokenizer, read_model_config, replaced_folder
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, ShardedSafetensorsWriter, iter_tensors
 from fuxi.model import ModelConfig
@@ -42,17 +44,19 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.mode
 
 
 FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+NATIVE_MOE_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def resolve_layout(config: ModelConfig, layout: Layout | None) -> str:
     """`native` or `tjunlp` for a dense model (native by default); `moe` for a FuxiTranyu MoE-LPR model,
-    `mixtral` for a Llama/Mistral one."""
+    `mixtral` for a Llama/Mistral one, `qwen2_moe` for a Qwen2 one."""
     if config.family != "fuxitranyu" and config.type == "fuxitranyu_moe":
-        check_mixtral(config)
-        if layout not in (None, "native", "mixtral"):
+        native = "qwen2_moe" if config.family == "qwen2" else "mixtral"
+        (check_qwen2_moe if native == "qwen2_moe" else check_mixtral)(config)
+        if layout not in (None, "native", native):
             raise CheckpointError(f"--format {layout}: an MoE-LPR model of family {config.family!r} exports as "
-                                  "the native MixtralForCausalLM; omit --format")
-        return "mixtral"
+                                  f"the native {NATIVE_MOE_CLASSES[native]}; omit --format")
+        return native
     if config.family != "fuxitranyu":
         if config.type != "fuxitranyu":
             raise CheckpointError(f"model type {config.type!r} of family {config.family!r} has no Hugging Face "
@@ -143,6 +147,8 @@ def hf_config_dict(config: ModelConfig, dtype: ExportDType, layout: Layout | Non
     fields = common_config_fields(config, dtype)
     if layout == "mixtral":
         return mixtral_config_dict(config, fields, rope_parameters(config))
+    if layout == "qwen2_moe":
+        return qwen2_moe_config_dict(config, fields, rope_parameters(config))
     if config.family != "fuxitranyu":
         return llama_family_config(config, fields)
     if layout == "native":
@@ -252,6 +258,16 @@ def export_tokenizer(tokenizer_dir: str | Path, out_dir: Path, config: ModelConf
     return [*copied, "tokenizer_config.json", "special_tokens_map.json"]
 
 
+def hf_tensors(layout: str, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The tensors one of ours becomes in the layout (renamed in Mixtral; in Qwen2-MoE a router also brings its
+    layer's empty shared expert; the same tensor under the same name elsewhere)."""
+    if layout == "mixtral":
+        return [(mixtral_tensor_name(name), tensor)]
+    if layout == "qwen2_moe":
+        return qwen2_moe_tensors(name, tensor)
+    return [(name, tensor)]
+
+
 def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: ExportDType = "float32",
                  max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | Path | None = None,
                  layout: Layout | None = None) -> Path:
@@ -265,9 +281,9 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: ExportDType =
         tokenizer_dir = own_tokenizer(ckpt_dir)  # a checkpoint may carry the tokenizer it was trained with
     with replaced_folder(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        rename = mixtral_tensor_name if layout == "mixtral" else (lambda name: name)
-        for name, tensor in iter_tensors(ckpt_dir):
-            writer.add(rename(name), tensor.to(getattr(torch, dtype)) if tensor.is_floating_point() else tensor)
+        for ours, tensor in iter_tensors(ckpt_dir):
+            for name, value in hf_tensors(layout, ours, tensor):
+                writer.add(name, value.to(getattr(torch, dtype)) if value.is_floating_point() else value)
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2) + "\n")

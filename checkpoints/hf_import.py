@@ -2,7 +2,9 @@
 (`fuxitranyu`, the released 8B and its intermediate checkpoints; `fuxitranyu_moe`), a Llama-convention
 directory holding the FuxiTranyu architecture, or a Llama-family model as transformers saves it
 (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`: family llama/qwen2/mistral, model/config.py),
-or `MixtralForCausalLM` in the released layout (an MoE-LPR model, checkpoints/hf_mixtral.py).
+or an MoE-LPR model as `MixtralForCausalLM` (checkpoints/hf_mixtral.py) or `Qwen2MoeForCausalLM` without a shared
+expert (checkpoints/hf_qwen2_moe.py), their experts per expert or in transformers 5's fused layout
+(checkpoints/hf_fused_experts.py).
 Anything else is refused with the config field that rules it out. The tokenizer files, when present, go to the
 checkpoint's `tokenizer/` folder, so `convert to-hf` writes them back.
 
@@ -23,7 +25,9 @@ from typing import Iterator
 
 import torch
 
+from fuxi.checkpoints.hf_fused_experts import split_fused_shapes, split_fused_tensors
 from fuxi.checkpoints.hf_mixtral import mixtral_family, moe_from_mixtral, our_tensor_name
+from fuxi.checkpoints.hf_qwen2_moe import empty_shared_expert, moe_from_qwen2_moe
 from fuxi.checkpoints.model_checkpoint import check_tensor_names, save_model_checkpoint
 from fuxi.checkpoints.sharded_safetensors import CheckpointError, iter_tensors, tensor_shapes
 from fuxi.common.errors import ConfigError
@@ -44,6 +48,8 @@ MLP_NAME_VARIANTS: dict[str, tuple[str, bool]] = {
     "mlp.c_proj": ("mlp.down_proj", True),
 }
 _MLP_KEY = re.compile(r"^(model\.layers\.\d+\.)(mlp\.[A-Za-z0-9_]+)\.(weight|bias)$")
+# The router of Qwen2-MoE, and of Mixtral in transformers 5's fused layout.
+_MOE_GATE = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
 # model_type values that can hold the FuxiTranyu architecture.
 MODEL_TYPES = ("arcee", "fuxitranyu", "fuxitranyu_moe", "llama")
 # model_type values of the Llama family (gated SwiGLU MLP); `llama` without gate_proj tensors is FuxiTranyu.
@@ -59,6 +65,9 @@ def map_hf_name(name: str) -> tuple[str, bool]:
     mixtral = our_tensor_name(name)
     if mixtral is not None:
         return mixtral, False
+    gate = _MOE_GATE.match(name)
+    if gate is not None:
+        return f"{gate.group(1)}.mlp.router.weight", False
     match = _MLP_KEY.match(name)
     if match and match.group(2) in MLP_NAME_VARIANTS:
         ours, transposed = MLP_NAME_VARIANTS[match.group(2)]
@@ -202,8 +211,14 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int, shapes: dict | None 
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {missing}")
+    moe = None
     if cfg["model_type"] == "mixtral":  # the trunk is Mistral's (Llama's without biases)
         architecture = {**llama_family_fields({**cfg, "model_type": "mistral"}, path), "family": mixtral_family(cfg)}
+        moe = moe_from_mixtral(cfg, path)
+    elif cfg["model_type"] == "qwen2_moe":  # the trunk is Qwen2's; the FFN width is the experts'
+        moe, width = moe_from_qwen2_moe(cfg, path)
+        cfg = {**cfg, "intermediate_size": width}
+        architecture = llama_family_fields({**cfg, "model_type": "qwen2"}, path)
     elif is_llama_family(cfg, shapes or {}):
         architecture = llama_family_fields(cfg, path)
     else:
@@ -226,8 +241,8 @@ def model_config_from_hf(hf_dir: Path, embedding_rows: int, shapes: dict | None 
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), init_std=float(cfg.get("initializer_range", 0.01)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         bos_token_id=cfg.get("bos_token_id", 0) or 0, eos_token_id=eos or 0, **architecture)
-    if cfg["model_type"] == "mixtral":
-        return dataclasses.replace(config, type="fuxitranyu_moe", moe=moe_from_mixtral(cfg, path))
+    if moe is not None:
+        return dataclasses.replace(config, type="fuxitranyu_moe", moe=moe)
     return with_moe_from_hf(config, cfg, path) if cfg.get("model_type") == "fuxitranyu_moe" else config
 
 
@@ -268,7 +283,7 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
     """Check every tensor name and shape against the model the config describes; return that config and a lazy
     iterator of (our name, tensor) read shard by shard. No code from the directory is run."""
     hf_dir = Path(hf_dir)
-    shapes = tensor_shapes(hf_dir)
+    shapes = split_fused_shapes(tensor_shapes(hf_dir))
     if "model.embed_tokens.weight" not in shapes:
         raise CheckpointError(f"{hf_dir}: no model.embed_tokens.weight; not a FuxiTranyu/Llama-layout checkpoint")
     config = model_config_from_hf(hf_dir, shapes["model.embed_tokens.weight"][0], shapes)
@@ -276,6 +291,11 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
         config.validate()
     except ConfigError as err:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
+    # Qwen2-MoE's width-0 shared expert adds exactly 0: left out (our remote MoE layout is FuxiTranyu's only).
+    left_out = empty_shared_expert(shapes, hf_dir) if config.type == "fuxitranyu_moe" and config.family == "qwen2" \
+        else set()
+    for name in left_out:
+        del shapes[name]
     tied_copy = config.tie_word_embeddings and "lm_head.weight" in shapes
     if tied_copy:  # some tied checkpoints also store the shared matrix as lm_head.weight: it is the embedding
         del shapes["lm_head.weight"]
@@ -291,8 +311,8 @@ def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, Iterator[tuple[
     check_tensor_names(expected, mapped, str(hf_dir))
 
     def converted():
-        for name, tensor in iter_tensors(hf_dir):
-            if tied_copy and name == "lm_head.weight":
+        for name, tensor in split_fused_tensors(iter_tensors(hf_dir)):
+            if (tied_copy and name == "lm_head.weight") or name in left_out:
                 continue
             ours, _ = map_hf_name(name)
             yield ours, (tensor.t().contiguous() if name in transpose else tensor)

@@ -11,15 +11,16 @@ Linear(h, N), softmax in fp32, top-K on the probabilities, the K weights renorma
     mlp.experts.{j}.down_proj      -> block_sparse_moe.experts.{j}.w2
 
 the layout of the released Mixtral checkpoints, which transformers 4.x loads as it is and transformers 5 fuses
-into `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` on load (its conversion mapping). Expert 0, the frozen
-original FFN, is expert 0; freezing, the LPR loss and `original_languages` only matter in training and are kept
-in `fuxi_moe` for the record. What Mixtral cannot compute is refused, naming the field: biases (Qwen2's q/k/v,
-Llama's `attention_bias`/`mlp_bias`), dense layers between MoE layers (`moe.layers`), and the released code's
-unrenormalised top-1 (`moe.top1_code_compat`).
+into `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` on load (its conversion mapping; its save_pretrained
+writes the released layout back unless told `save_original_format=False`). Expert 0, the frozen original FFN, is
+expert 0; freezing, the LPR loss and `original_languages` only matter in training and are kept in `fuxi_moe` for
+the record. What Mixtral cannot compute is refused, naming the field: biases (Llama's `attention_bias` and
+`mlp_bias`; a Qwen2 base exports as Qwen2MoeForCausalLM, hf_qwen2_moe.py), dense layers between MoE layers
+(`moe.layers`), and the released code's unrenormalised top-1 (`moe.top1_code_compat`).
 
-`convert from-hf` reads a `MixtralForCausalLM` directory back (ours or any other in the released layout) as an
-MoE-LPR model of every layer, expert 0 the one LPR keeps for the original languages; `fuxi_moe` and
-`fuxi_family`, when present, restore our settings exactly.
+`convert from-hf` reads a `MixtralForCausalLM` directory back (ours or any other, in the released layout or
+transformers 5's fused one, hf_fused_experts.py) as an MoE-LPR model of every layer, expert 0 the one LPR keeps
+for the original languages; `fuxi_moe` and `fuxi_family`, when present, restore our settings exactly.
 """
 from __future__ import annotations
 
@@ -40,10 +41,8 @@ _OUR_EXPERT_NAMES = {mixtral: ours for ours, mixtral in _EXPERT_NAMES.items()}
 def check_mixtral(config: ModelConfig) -> None:
     """Refuse, in one line naming the field, an MoE-LPR model that MixtralForCausalLM would compute differently."""
     where = f"an MoE-LPR model of family {config.family!r}"
-    if config.family not in MIXTRAL_FAMILIES:
-        reason = ("its q/k/v biases have no place in MixtralForCausalLM, and Qwen2MoeForCausalLM adds a shared "
-                  "expert" if config.family == "qwen2" else "no native transformers class holds it")
-        raise CheckpointError(f"family {config.family!r}: {where} has no Hugging Face export ({reason})")
+    if config.family not in MIXTRAL_FAMILIES:  # qwen2 exports as Qwen2MoeForCausalLM (hf_qwen2_moe.py)
+        raise CheckpointError(f"family {config.family!r}: {where} is not a Mixtral (one of {list(MIXTRAL_FAMILIES)})")
     if config.mlp != "swiglu":
         raise CheckpointError(f"mlp {config.mlp!r}: Mixtral's experts are SwiGLU; {where} cannot export natively")
     if config.attention_bias != "none":

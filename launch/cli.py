@@ -191,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the export")
     to_hf.add_argument("--format", default=None, choices=LAYOUTS,
                        help="native (default): transformers' ArceeForCausalLM, no remote code; tjunlp: the released "
-                            "TJUNLP layout (FuxiTranyuForCausalLM, trust_remote_code). MoE models: remote code only")
+                            "TJUNLP layout (FuxiTranyuForCausalLM, trust_remote_code). MoE-LPR models: native "
+                            "Mixtral (Llama/Mistral base) or Qwen2-MoE (Qwen2 base), remote code on FuxiTranyu")
     to_hf.set_defaults(func=cmd_convert_to_hf)
     from_hf = conv_sub.add_parser("from-hf", help="HF directory (native arcee, TJUNLP FuxiTranyu(-MoE), Llama, "
-                                                  "Qwen2, Mistral or Mixtral) -> our checkpoint")
+                                                  "Qwen2, Mistral, Mixtral or Qwen2-MoE) -> our checkpoint")
     from_hf.add_argument("--hf", required=True)
     from_hf.add_argument("--out", required=True)
     from_hf.add_argument("--shard-size", default="5GB")

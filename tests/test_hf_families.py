@@ -11,37 +11,9 @@ from fuxi.checkpoints import CheckpointError, export_to_hf, import_from_hf, load
 from fuxi.checkpoints.hf_import import load_hf_reference
 from fuxi.model import ModelConfig, build_model
 from fuxi.model.config import RopeScalingConfig
+from hf_helpers import FAMILIES, VOCAB, greedy, randomize_biases, tiny_llama, token_ids
 
 pytestmark = pytest.mark.hf
-
-VOCAB = 300  # the tokenizer trained below has 300 tokens; id 0 is <|endoftext|> (bos = eos)
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 32}))
-
-
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                                        tie_word_embeddings=True))
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None))
-
-
-FAMILIES = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral}
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +30,7 @@ def tokenizer_dir(tmp_path_factory):
 def saved(request, tmp_path, tokenizer_dir):
     """A random model of the family, its biases made nonzero (transformers inits them to 0), saved sharded."""
     torch.manual_seed(0)
-    hf = FAMILIES[request.param]().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
+    hf = randomize_biases(FAMILIES[request.param]()).eval()
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (tmp_path / "hf" / name).write_bytes((tokenizer_dir / name).read_bytes())
@@ -70,12 +38,11 @@ def saved(request, tmp_path, tokenizer_dir):
 
 
 def _ids():
-    return torch.randint(1, VOCAB, (2, 80), generator=torch.Generator().manual_seed(1))
+    return token_ids(80)
 
 
-def _greedy(hf, ids, n=12):
-    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
+def _greedy(hf, ids):
+    return greedy(hf, ids, n=12)
 
 
 def test_from_hf_gives_transformers_logits_and_tokens(saved):
@@ -125,13 +92,12 @@ def test_to_hf_writes_the_native_class_back(saved, monkeypatch):
 
 def test_rope_scalings_equal_transformers():
     """linear, dynamic (past max_position_embeddings) and llama3 RoPE against transformers' Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     for rope in ({"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}):
         torch.manual_seed(0)
-        hf = LlamaForCausalLM(LlamaConfig(**{**COMMON, "max_position_embeddings": 32}, rope_scaling=dict(rope))).eval()
+        hf = tiny_llama(max_position_embeddings=32, num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-6,
+                        rope_scaling=dict(rope)).eval()
         ours = build_model(ModelConfig(family="llama", mlp="swiglu", attention_bias="none", mlp_bias=False,
                                        vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=2,
                                        num_heads=4, max_seq_len=32, rms_norm_eps=1e-6,

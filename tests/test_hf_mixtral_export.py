@@ -14,59 +14,15 @@ from fuxi.launch.cli import main as fuxi
 from fuxi.model import ModelConfig, build_model
 from fuxi.model.config import MoEConfig
 from fuxi.model.upcycle import upcycle_model
+from hf_helpers import VOCAB, greedy, load_native, rope_of, tiny_llama, tiny_mistral, tiny_mixtral, token_ids
 
 pytestmark = pytest.mark.hf
 
-VOCAB = 300
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-
-
-def rope_of(config) -> dict:
-    """The rope settings a transformers config holds: `rope_parameters` (transformers >= 5) or rope_theta and
-    rope_scaling (4.x)."""
-    if getattr(config, "rope_parameters", None):
-        return dict(config.rope_parameters)
-    scaling = dict(getattr(config, "rope_scaling", None) or {"rope_type": "default"})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    return {"rope_theta": config.rope_theta, **scaling}
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 32}))
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    return MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None, rms_norm_eps=1e-6))
-
-
-FAMILIES = {"llama": _llama, "mistral": _mistral}
+FAMILIES = {"llama": tiny_llama, "mistral": tiny_mistral}
 
 
 def _ids():
-    return torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
-
-
-def _greedy(hf, ids, n=8):
-    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
-
-
-def _load_native(path):
-    """AutoModelForCausalLM without trust_remote_code; every tensor must find its place."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                       output_loading_info=True)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
+    return token_ids(40)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -93,7 +49,7 @@ def test_export_is_native_mixtral_with_the_dense_function(upcycled):
     assert config["num_key_value_heads"] == dense.config.num_key_value_heads
     assert config["rms_norm_eps"] == dense.config.rms_norm_eps
     assert config["rope_parameters"]["rope_type"] == ("llama3" if family == "llama" else "default")
-    mixtral = _load_native(tmp / "mixtral")
+    mixtral = load_native(tmp / "mixtral")
     assert type(mixtral).__name__ == "MixtralForCausalLM"
     assert rope_of(mixtral.config) == rope_of(dense.config)
     ids = _ids()
@@ -104,7 +60,7 @@ def test_export_is_native_mixtral_with_the_dense_function(upcycled):
     assert (want - got).abs().max() <= 1e-4
     assert (mine - got).abs().max() <= 1e-5
     prompt = ids[:, :6]
-    assert torch.equal(_greedy(mixtral, prompt), _greedy(dense, prompt))
+    assert torch.equal(greedy(mixtral, prompt), greedy(dense, prompt))
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -119,7 +75,7 @@ def test_drifted_experts_and_router_equal_ours(upcycled, tmp_path, top_k):
                 p.add_(torch.randn_like(p) * (0.5 if ".router." in name else 0.05))
     save_model(moe, tmp_path / "ours")
     export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
-    mixtral = _load_native(tmp_path / "mixtral")
+    mixtral = load_native(tmp_path / "mixtral")
     ids = _ids()
     with torch.no_grad():
         ours = moe.eval()(ids)
@@ -128,7 +84,7 @@ def test_drifted_experts_and_router_equal_ours(upcycled, tmp_path, top_k):
     assert used.numel() == 4  # every expert gets tokens: the router's mapping is exercised
     assert (ours.logits - theirs.logits).abs().max() <= 1e-5
     prompt = ids[:, :6]
-    assert torch.equal(moe.generate(prompt, max_new_tokens=8), _greedy(mixtral, prompt))
+    assert torch.equal(moe.generate(prompt, max_new_tokens=8), greedy(mixtral, prompt))
 
 
 def _tiny_llama_moe(moe: MoEConfig, **fields):
@@ -152,15 +108,14 @@ def test_rope_scalings_carry_into_mixtral(tmp_path, rope):
             p.add_(torch.randn_like(p) * 0.05)
     save_model(moe, tmp_path / "ours")
     export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
-    mixtral = _load_native(tmp_path / "mixtral")
-    assert rope_of(mixtral.config)["rope_type"] == rope["rope_type"]
+    mixtral = load_native(tmp_path / "mixtral")
+    assert mixtral.config.rope_parameters["rope_type"] == rope["rope_type"]
     ids = _ids()  # 40 positions, past max_seq_len 32
     with torch.no_grad():
         assert (moe.eval()(ids).logits - mixtral(ids).logits).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("fields, moe, named", [
-    ({"family": "qwen2", "attention_bias": "qkv"}, {}, "family 'qwen2'"),
     ({"attention_bias": "all"}, {}, "attention_bias 'all'"),
     ({"mlp_bias": True}, {}, "mlp_bias true"),
     ({}, {"layers": [1]}, "moe.layers [1]"),
@@ -190,22 +145,14 @@ def test_export_comes_back_exactly(upcycled, tmp_path):
     assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
     ids = _ids()
     with torch.no_grad():
-        assert (after(ids).logits - _load_native(tmp / "mixtral")(ids).logits).abs().max() <= 1e-5
-
-
-def _random_mixtral(**fields):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = dict(COMMON, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, rms_norm_eps=1e-6,
-                  sliding_window=None, router_aux_loss_coef=0.02)
-    return MixtralForCausalLM(MixtralConfig(**{**config, **fields}))
+        assert (after(ids).logits - load_native(tmp / "mixtral")(ids).logits).abs().max() <= 1e-5
 
 
 def test_a_transformers_mixtral_round_trips(tmp_path):
     """A MixtralForCausalLM saved by transformers (no fuxi_* fields): imported as a top-2 MoE of every layer,
     family mistral, its logits transformers' own; exported again, the same logits."""
     torch.manual_seed(0)
-    original = _random_mixtral().eval()
+    original = tiny_mixtral().eval()
     original.save_pretrained(tmp_path / "hf")
     assert fuxi(["convert", "from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
     ours = load_model(tmp_path / "ours").eval()
@@ -217,7 +164,7 @@ def test_a_transformers_mixtral_round_trips(tmp_path):
     with torch.no_grad():
         want = original(ids).logits
         assert (ours(ids).logits - want).abs().max() <= 1e-5
-        assert (_load_native(tmp_path / "again")(ids).logits - want).abs().max() <= 1e-5
+        assert (load_native(tmp_path / "again")(ids).logits - want).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("change, named", [
@@ -229,7 +176,7 @@ def test_a_transformers_mixtral_round_trips(tmp_path):
 ])
 def test_what_our_model_cannot_hold_is_refused_on_import(tmp_path, capsys, change, named):
     torch.manual_seed(0)
-    _random_mixtral().save_pretrained(tmp_path / "hf")
+    tiny_mixtral().save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
     capsys.readouterr()
