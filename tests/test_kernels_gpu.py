@@ -224,3 +224,41 @@ def test_fused_loss_bad_label_stops_on_the_device():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode != 0 and "NOT STOPPED" not in out.stdout
     assert "device-side assert" in out.stderr or "Assertion" in out.stderr, out.stderr[-2000:]
+
+
+def _eager_attention(q, k, v, doc_ids):
+    """Grouped-query causal attention spelt out (Llama's repeat_kv, then softmax(q k^T / sqrt(d)) v), the
+    reference for both fused backends."""
+    from fuxi.model.attention import document_causal_mask, repeat_kv
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, repeat_kv(k, groups), repeat_kv(v, groups)))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    seq = q.shape[2]
+    mask = (torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()[None, None] if doc_ids is None
+            else document_causal_mask(doc_ids))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.float().softmax(-1).to(q.dtype) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_grouped_query_attention_on_cuda(backend, packed):
+    """GQA (8 query heads over 2 k/v heads) through SDPA's enable_gqa / flash-attn's native GQA, plain causal and
+    with packed documents (SDPA: a mask, k/v repeated; flash-attn: varlen), under the 2x/3x rule."""
+    from fuxi.model import attention
+    if backend == "flash" and attention.flash_attn_func is None:
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    batch, seq, heads, kv_heads, dim = 2, 256, 8, 2, 64
+    q = torch.randn(batch, seq, heads, dim, device=DEVICE)
+    k, v = (torch.randn(batch, seq, kv_heads, dim, device=DEVICE) for _ in range(2))
+    doc_ids = None
+    if packed:  # three documents in row 0, two in row 1
+        doc_ids = torch.zeros(batch, seq, dtype=torch.long, device=DEVICE)
+        doc_ids[0, 100:] = 1
+        doc_ids[0, 180:] = 2
+        doc_ids[1, 37:] = 1
+    check_flash_rule(f"attention[{backend}, packed={packed}]",
+                     lambda q, k, v: attention.causal_attention(q, k, v, doc_ids, backend=backend),
+                     lambda q, k, v: _eager_attention(q, k, v, doc_ids),
+                     [q, k, v], [torch.randn(batch, seq, heads, dim, device=DEVICE)])
