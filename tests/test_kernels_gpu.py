@@ -227,15 +227,17 @@ def test_fused_loss_bad_label_stops_on_the_device():
 
 
 def _eager_attention(q, k, v, doc_ids):
-    """Grouped-query causal attention spelt out (Llama's repeat_kv, then softmax(q k^T / sqrt(d)) v), the
-    reference for both fused backends."""
-    from fuxi.model.attention import document_causal_mask, repeat_kv
+    """Grouped-query causal attention spelt out, independent of the model's code: each k/v head serves
+    heads / kv_heads consecutive query heads (Llama's repeat_kv), softmax(q k^T / sqrt(d)) v, a token attending
+    to earlier tokens of its own document."""
     groups = q.shape[2] // k.shape[2]
-    q, k, v = (t.transpose(1, 2) for t in (q, repeat_kv(k, groups), repeat_kv(v, groups)))
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     seq = q.shape[2]
-    mask = (torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()[None, None] if doc_ids is None
-            else document_causal_mask(doc_ids))
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.float().softmax(-1).to(q.dtype) @ v).transpose(1, 2)
 
