@@ -30,12 +30,8 @@ def _holder(fd: int) -> str:
         return "a process that has not yet said who it is"
 
 
-@contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold `lock_path` exclusively for the block, or raise BusyError naming its holder at once (never waits).
-    On a file system without locks (some network mounts) the block runs unlocked, with a warning. The file is
-    removed when the block ends."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+def _lock(lock_path: Path) -> int | None:
+    """An open descriptor of `lock_path` holding its exclusive lock; None where locks are not supported."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -48,14 +44,25 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             os.close(fd)
             log.warning("%s: this file system cannot lock files (%s); nothing stops a second run of the same "
                         "job from working in the same folder", lock_path, err)
-            yield
-            return
-        try:  # the file may have been removed by the holder just released: lock the file that is there
+            return None
+        try:  # the holder just released may have removed the file: hold the file that is there now
             if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                break
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold `lock_path` exclusively for the block, or raise BusyError naming its holder at once (never waits).
+    On a file system without locks (some network mounts) the block runs unlocked, with a warning. The file is
+    removed when the block ends."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock(lock_path)
+    if fd is None:
+        yield
+        return
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
