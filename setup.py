@@ -55,9 +55,10 @@ setup(
     install_requires=install_requires,
     extras_require={
         # tests: a local S3 server (moto's server mode, S3 only) for the s3:// paths of the data stages
-        # and `save_to_disk` folders (datasets; reading them needs only pyarrow)
+        # and `save_to_disk` folders (datasets; reading them needs only pyarrow); ray: the tests run
+        # `fuxi data ... --executor ray` on a local Ray cluster (tests/test_data_ray.py)
         "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "moto[s3]>=5.0", "flask>=3", "flask-cors>=4",
-                "s3fs>=2024.6", "datasets>=2.14"],
+                "s3fs>=2024.6", "datasets>=2.14", "ray>=2.40"],
         "s3": ["s3fs>=2024.6"],  # s3:// inputs and outputs of the data stages (data_pipeline/remote.py)
         "flash": ["flash-attn>=2.5"],
         # `fuxi eval` and in-loop evaluation: lm-evaluation-harness with its Hugging Face backend (accelerate);

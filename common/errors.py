@@ -41,3 +41,15 @@ class DataError(InputError):
 class DiskFullError(InputError):
     """A write failed because its filesystem is full (or a quota is reached): the run's data is fine, the disk is
     not. The message names the path, the space the write needs where it can be told, and what was kept."""
+
+
+class BusyError(InputError):
+    """Another run is working in the same folder (common/folder_lock.py). `lock`: the lock file, `holder`: who
+    holds it (pid, host, since when, its command)."""
+
+    def __init__(self, lock: str, holder: str):
+        super().__init__(lock, holder)
+        self.lock, self.holder = lock, holder
+
+    def __str__(self) -> str:
+        return f"{self.lock}: held by {self.holder}"

@@ -141,7 +141,8 @@ def cmd_pack(args) -> int:
     with watch_jobs() as outcomes:
         path = pack(args.corpus, args.tokenizer, args.out, split=args.split, seq_len=args.seq_len,
                     languages=languages, shard_bytes=int(args.shard_mb * (1 << 20)), seed=args.seed,
-                    docs_per_part=args.docs_per_part, executor=executor_config(args), work_dir=args.work_dir)
+                    docs_per_part=args.docs_per_part, executor=executor_config(args), work_dir=args.work_dir,
+                    keep_work=args.keep_work)
     if path is None or _nothing_done(outcomes):
         return 0
     print(_manifest_table(load_manifest(path)))
@@ -324,6 +325,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs-per-part", type=int, default=50_000,
                    help="documents per part (a part is packed into shards of its own)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder (task logs) after success")
     p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p, multi_machine=True)
     p.set_defaults(func=cmd_pack)

@@ -7,7 +7,8 @@ The job of a data stage (clean, tokenizer, pack; job.py drives them) is a list o
     local   LocalExecutor (local_executor.py): `workers` processes on this machine; `local_tasks`/`rank_offset`
             run only some tasks here (several machines without a scheduler, each writing its own folder)
     slurm   datatrove's SlurmPipelineExecutor: one sbatch job array per stage, `afterok` dependencies
-    ray     datatrove's RayPipelineExecutor (pip install "fuxi-pretrain[ray]")
+    ray     datatrove's RayPipelineExecutor (pip install "fuxi-pretrain[ray]"), on the cluster at $RAY_ADDRESS or
+            one started for the run; the stages run one after the other, and the run waits for them
 
 What datatrove gives every executor: a completion marker `<work>/logs/<stage>/completions/<rank>` written after
 the task's outputs and stats, so a re-run skips finished tasks; per-task logs and stats (`stats.json`). Our
@@ -215,8 +216,16 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
                 import ray  # noqa: F401
             except ImportError:
                 raise ConfigError("executor", "ray is not installed; pip install 'fuxi-pretrain[ray]'") from None
+            # datatrove's chatter on the driver (a warning per stage that a local logging folder must be shared
+            # by every node, stats banners, each failed task's traceback at DEBUG) off this terminal: a failed
+            # task is reported in one line naming its log (run_ray_stages), the stages' times at INFO
+            from loguru import logger
+            logger.remove()
+            logger.add(sys.stderr, level="ERROR")
+            # no `depends`: run_stages runs the stages one after the other and stops at a failed one (datatrove
+            # would wait for a failed dependency forever, polling every 2 minutes)
             executors.append(RayPipelineExecutor(
-                [stage.step], tasks=stage.tasks, workers=cfg.num_workers, logging_dir=logging_dir, depends=prev,
+                [stage.step], tasks=stage.tasks, workers=cfg.num_workers, logging_dir=logging_dir,
                 cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb))
     return executors
 
@@ -287,25 +296,63 @@ def refuse_while_queued(work_dir: Path) -> None:
                         f"command again")
 
 
+def unfinished_tasks(stage: Stage, executor) -> tuple[list[int], str]:
+    """The tasks of `stage` without a completion marker, and what their logs say: "task 3: <the log's last
+    line> (log <path>)" for up to three of those that ran (a task that failed, or was killed, or never started
+    because a stage before it failed has none)."""
+    missing = executor.get_incomplete_ranks()
+    logs = [Path(executor.logging_dir.resolve_paths(f"logs/task_{rank:05d}.log")) for rank in missing]
+    ran = [(rank, p) for rank, p in zip(missing, logs) if p.is_file()]
+    detail = "; ".join(f"task {rank}: {_last_line(p)} (log {p})" for rank, p in ran[:3])
+    return missing, detail + ("; ..." if len(ran) > 3 else "")
+
+
 def report_unfinished(stages: list[Stage], executors: list, work_dir: Path) -> None:
     """Before a re-submission: name the tasks of the last one that did not finish, with their logs (a task that
     failed, was cancelled, or never started because one before it failed)."""
     if not (work_dir / SLURM_JOBS).is_file():
         return
     for stage, executor in zip(stages, executors):
-        missing = executor.get_incomplete_ranks()
-        if not missing:
-            continue
-        logs = [Path(executor.logging_dir.resolve_paths(f"logs/task_{rank:05d}.log")) for rank in missing]
-        ran = [(rank, p) for rank, p in zip(missing, logs) if p.is_file()]
-        detail = "; ".join(f"task {rank}: {_last_line(p)} (log {p})" for rank, p in ran[:3])
-        log.warning("%s: %d of %d tasks did not finish in the last submission%s; submitting them again",
-                    stage.name, len(missing), stage.tasks, f" ({detail})" if detail else "")
+        missing, detail = unfinished_tasks(stage, executor)
+        if missing:
+            log.warning("%s: %d of %d tasks did not finish in the last submission%s; submitting them again",
+                        stage.name, len(missing), stage.tasks, f" ({detail})" if detail else "")
 
 
 def _last_line(path: Path) -> str:
     lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else "empty log"
+
+
+def connect_ray() -> None:
+    """Join the Ray cluster at $RAY_ADDRESS (`ray start --head` prints it), else start one on this machine for
+    this run. Task output stays in the task logs (`<work>/logs/<stage>/logs/`), not on this terminal."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("ray: joining the cluster at %s (RAY_ADDRESS)", address)
+    else:
+        log.info("ray: no RAY_ADDRESS; starting a Ray cluster on this machine for this run")
+    ray.init(address=address or None, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def run_ray_stages(stages: list[Stage], executors: list) -> None:
+    """Run the stages on Ray one after the other; a stage with a task that did not finish (its error is in its
+    log) ends the job with a TaskError naming the task and its log. datatrove has by then run the stage's other
+    tasks and stopped every worker of the stage; a re-run of the same command runs only the unfinished tasks."""
+    connect_ray()
+    for stage, executor in zip(stages, executors):
+        started = time.time()
+        executor.run()
+        missing, detail = unfinished_tasks(stage, executor)
+        if missing:
+            raise TaskError(f"{stage.name}: {len(missing)} of {stage.tasks} tasks failed on Ray "
+                            f"({detail or 'no task log: the workers died before writing one'}); fix the cause and "
+                            f"run the same command again: it runs only the unfinished tasks")
+        log.info("%s: %d task%s in %.1fs", stage.name, stage.tasks, "s" if stage.tasks > 1 else "",
+                 time.time() - started)
 
 
 def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -> bool:
@@ -342,5 +389,5 @@ def run_stages(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConfig) -
         print(f"submitted {len(submitted)} slurm job arrays ({', '.join(submitted)}); run the same command again "
               f"when they have finished (or if one fails) to go on or resume")
         return False
-    executors[-1].run()
+    run_ray_stages(stages, executors)
     return True

@@ -36,10 +36,12 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 from fuxi.common.atomic import write_json
 from fuxi.common.diskspace import DISK_FULL, free_bytes, is_disk_full, size_text, tree_bytes
-from fuxi.common.errors import ConfigError, DiskFullError
+from fuxi.common import folder_lock
+from fuxi.common.errors import BusyError, ConfigError, DiskFullError
 from fuxi.common.staging import refuse_foreign
 from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.engine import ExecutorConfig, Stage, TaskStep, run_stages, still_queued
+from fuxi.data_pipeline.errors import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,31 @@ def run_job(job: Job, executor: ExecutorConfig, keep_work: bool = False, upload_
     refuse_foreign(job.out_dir, job.owned())
     if upload_to is not None:
         remote.refuse_foreign(upload_to, job.owned())
+    with one_run_at_a_time(job, executor):
+        return _run_job(job, executor, keep_work, upload_to)
+
+
+@contextmanager
+def one_run_at_a_time(job: Job, executor: ExecutorConfig) -> Iterator[None]:
+    """A second run of the same job (the same work folder) while one runs, locally or on Ray, is refused in one
+    line naming the first: both would run the same unfinished tasks into the same files. The lock
+    (`<work folder>.lock`) lives as long as the first run's process; a killed run's Ray workers are stopped by
+    Ray with it. Slurm submissions are guarded by the queue instead (engine.refuse_while_queued); machines that
+    each run some tasks (`local_tasks`) work in folders of their own."""
+    if executor.executor == "slurm" or executor.partial:
+        yield
+        return
+    lock = job.work_dir.with_name(job.work_dir.name + ".lock")
+    try:
+        with folder_lock.exclusive(lock):
+            yield
+    except BusyError as err:
+        raise TaskError(f"{job.name} {job.out_dir}: another run of this job is working in {job.work_dir} "
+                        f"({err.holder}); wait for it to finish, or stop it, then run the same command again "
+                        f"(it resumes)") from None
+
+
+def _run_job(job: Job, executor: ExecutorConfig, keep_work: bool, upload_to: str | None) -> Any:
     job_hash = job.job_hash()
     where = upload_to or job.out_dir
     if job.up_to_date(job_hash):

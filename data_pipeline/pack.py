@@ -84,7 +84,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
          seq_len: int = 2048, languages: list[str] | None = None, shard_bytes: int = 128 << 20,
          num_proc: int | None = None, seed: int = 0, chunk_docs: int = 256, docs_per_part: int = 50_000,
          fast_encoder: bool = True, progress: bool = True, executor: ExecutorConfig | None = None,
-         work_dir: str | Path | None = None) -> Path | None:
+         work_dir: str | Path | None = None, keep_work: bool = False) -> Path | None:
     """Tokenize and pack a cleaned split directory into webdataset shards plus `out_dir/manifest.json`; returns
     the manifest path, or None when the job was submitted to a cluster or this machine ran only some tasks
     (then its folder holds their task manifests, for `fuxi data merge`). Each of corpus, tokenizer_dir and
@@ -94,7 +94,7 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     default: the languages found, sorted. fast_encoder: encode with tiktoken/sentencepiece where they are
     checked equal to the HF tokenizer (encoders.py). executor: an `engine.ExecutorConfig` (default: local, with
     `num_proc` processes and as many tasks). work_dir: intermediate files (default: `.<out>.work` beside the
-    output), removed after success.
+    output), removed after success unless `keep_work`.
     """
     for name, value in (("seq_len", seq_len), ("shard_bytes", shard_bytes), ("docs_per_part", docs_per_part),
                         ("chunk_docs", chunk_docs)):
@@ -112,4 +112,4 @@ def pack(corpus: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *, 
                   languages=list(languages) if languages else None, shard_bytes=shard_bytes, seed=seed,
                   chunk_docs=chunk_docs, docs_per_part=docs_per_part, fast_encoder=fast_encoder,
                   tokenizer_path=tokenizer_path)
-    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), upload_to=upload_to)
+    return run_job(job, executor or ExecutorConfig(workers=num_proc, progress=progress), keep_work, upload_to)

@@ -12,6 +12,8 @@ cache (`$FUXI_CACHE`, default `~/.cache/fuxi`), in a folder named after the URL'
              the remote files of an earlier run that the new output no longer has
     shards   of a remote manifest are fetched on first read (manifest.py)
 
+`hf://datasets/...` inputs are the exception: read in place from the local Hugging Face cache (hf_cache.py).
+
 Credentials and endpoints are fsspec's (for S3: the AWS_* environment variables or ~/.aws). A missing path or an
 unreachable store is a DataError of one line naming the URL.
 """
@@ -31,6 +33,7 @@ from typing import Iterator
 
 from fuxi.common.atomic import atomic_path, write_json
 from fuxi.common.errors import DataError, InputError
+from fuxi.data_pipeline import hf_cache
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "FUXI_CACHE"
@@ -124,6 +127,8 @@ def local_input(path: str | Path) -> Path:
     docstring)."""
     if not is_url(path):
         return Path(path)
+    if hf_cache.is_hf_dataset(path):  # read in place from the Hugging Face cache, never downloaded here
+        return hf_cache.local_path(str(path))
     url = str(path).rstrip("/")
     remote = list_files(url)
     local = mirror_of(url, "inputs")
@@ -155,6 +160,9 @@ def local_output(path: str | Path) -> tuple[Path, str | None]:
     """(the local folder a job writes, the URL to upload it to or None): a local path as it is, a URL's mirror."""
     if not is_url(path):
         return Path(path), None
+    if hf_cache.is_hf_dataset(path):
+        raise DataError(f"{path}: hf:// paths are inputs only (read from the local Hugging Face cache); write the "
+                        f"output to a local folder or an s3:// URL")
     url = str(path).rstrip("/")
     return mirror_of(url, "outputs"), url
 

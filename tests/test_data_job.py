@@ -162,3 +162,24 @@ def test_running_only_some_tasks_here_needs_a_job_that_publishes_shares(tmp_path
     with pytest.raises(ConfigError) as err:
         _run(_corpus(tmp_path), tmp_path / "out", tasks=4, local_tasks=2)
     assert err.value.key == "local_tasks"
+
+
+def test_a_second_run_of_a_running_job_is_refused_naming_the_first(tmp_path):
+    """While a run holds the job's lock (`.<out>.work.lock`, the kernel's flock: any other open of the file is
+    refused, whichever process), the same job is refused in one line naming the holder, before any work; once
+    the first run has ended (its lock released, the file removed) the same command runs."""
+    import os
+    import socket
+
+    from fuxi.common import folder_lock
+
+    corpus = _corpus(tmp_path)
+    with folder_lock.exclusive(tmp_path / ".out.work.lock"):
+        with pytest.raises(TaskError) as refused:
+            _run(corpus, tmp_path / "out")
+    message = str(refused.value)
+    assert message.startswith(f"wordcount {tmp_path / 'out'}: another run of this job is working in "
+                              f"{tmp_path / '.out.work'} (pid {os.getpid()} on host {socket.gethostname()} since ")
+    assert message.endswith("then run the same command again (it resumes)") and "\n" not in message
+    assert RAN == {} and not (tmp_path / "out").exists() and not (tmp_path / ".out.work.lock").exists()
+    assert _run(corpus, tmp_path / "out") == _direct_counts(corpus)
