@@ -1,17 +1,20 @@
-"""`fuxi data pack --executor ray` as a user runs it, on a real Ray cluster (issue #22): a local cluster of 2 CPUs
-started once for the module (`ray.init`), which each `fuxi` command joins through RAY_ADDRESS. Checked against a
-local (`--executor local`) pack of the same corpus, shard sha256s and all:
+"""`fuxi data pack` and `fuxi data clean` with `--executor ray` as a user runs them, on a real Ray cluster (issue
+#22): a local cluster of 2 CPUs started once for the module (`ray.init`), which each `fuxi` command joins through
+RAY_ADDRESS. Checked against the same job run with `--executor local`, byte for byte:
 
     a failed task fails the job in one line naming the task and its log, and leaves no worker running;
     the same command after the fix runs only the unfinished tasks and ends byte-identical to the local pack;
-    a second run while the first runs is refused in one line naming the first;
-    the driver's process group killed (SIGKILL) with tasks done: the same command runs only the rest, identical.
+    the driver's process group killed (SIGKILL) with tasks done: the same command runs only the rest, identical
+    (pack, and clean's eight stages);
+    a second run while one runs is refused in one line naming the first.
 
 Tasks re-run are counted from the task logs datatrove (re)writes for every task it runs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from fuxi.data_pipeline.corpus import bundled_corpus
 from fuxi.data_pipeline.engine import ExecutorConfig
 from fuxi.data_pipeline.pack import pack
 
@@ -97,6 +101,14 @@ def _task_processes(raylet: str) -> list[str]:
     return found
 
 
+def _lock_holder(lock: Path) -> int | None:
+    """The pid the job's lock file names (None while there is none)."""
+    try:
+        return json.loads(lock.read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _no_task_processes(raylet: str, within: float = 15.0) -> list[str]:
     deadline = time.time() + within
     while (left := _task_processes(raylet)) and time.time() < deadline:
@@ -142,10 +154,12 @@ def test_failed_task_names_its_log_then_the_fixed_run_resumes_identical(cluster,
 
 
 def test_killed_driver_resumes_and_a_second_run_is_refused(cluster, corpus, tmp_path):
-    """While a pack runs on Ray, the same command is refused in one line naming the running one. The running
-    one's process group is then killed (SIGKILL) once a pack task has finished: Ray stops its workers, and the
-    same command runs only the unfinished tasks and ends with the local pack's shards."""
+    """A pack on Ray whose driver's process group is killed (SIGKILL) once a pack task has finished: Ray stops
+    its workers, and the same command runs only the unfinished tasks and ends with the local pack's shards.
+    While that re-run holds the job (held still by SIGSTOP, so the check does not race it), the same command is
+    refused in one line naming it."""
     out, work = tmp_path / "out", tmp_path / ".out.work"
+    lock = work.with_name(".out.work.lock")
     first = subprocess.Popen(_command(corpus, out), env=_env(cluster), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
     completions = work / "logs" / "pack" / "completions"
@@ -154,28 +168,36 @@ def test_killed_driver_resumes_and_a_second_run_is_refused(cluster, corpus, tmp_
         while not (completions.is_dir() and any(completions.iterdir())) and time.time() < deadline:
             assert first.poll() is None, first.stderr.read().decode()
             time.sleep(0.05)
-        second = subprocess.run(_command(corpus, out), env=_env(cluster), capture_output=True, text=True,
-                                timeout=120)
-        os.killpg(first.pid, signal.SIGKILL)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert second.returncode == 2, second.stderr
-    assert second.stderr.count("\n") == 1 and second.stderr.startswith(
-        f"fuxi data: error: pack {out}: another run of this job is working in {work} (pid {first.pid} on host "), second.stderr
-    assert "then run the same command again (it resumes)" in second.stderr
     assert _no_task_processes(cluster[1]) == []
     finished = {int(p.name) for p in completions.iterdir()}
     done = len(finished)
     assert 1 <= done < TASKS and not out.exists()
 
     before = _task_logs(work)
-    again = subprocess.run([*_command(corpus, out), "--keep-work"], env=_env(cluster), capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    again = subprocess.Popen([*_command(corpus, out), "--keep-work"], env=_env(cluster), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while _lock_holder(lock) != again.pid and time.time() < deadline:
+            assert again.poll() is None, again.stderr.read()
+            time.sleep(0.05)
+        os.killpg(again.pid, signal.SIGSTOP)
+        second = subprocess.run(_command(corpus, out), env=_env(cluster), capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        os.killpg(again.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and second.stderr.startswith(
+        f"fuxi data: error: pack {out}: another run of this job is working in {work} (pid {again.pid} on host "), \
+        second.stderr
+    assert "then run the same command again (it resumes)" in second.stderr
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
     assert f"pack: resuming: {1 + done} of {TASKS + 2} tasks done (plan 1/1, pack {done}/{TASKS}, merge 0/1)" \
-        in again.stderr
+        in stderr
     assert _rerun(before, work) == ["merge/logs/task_00000.log",
                                     *(f"pack/logs/task_{rank:05d}.log" for rank in range(TASKS)
                                       if rank not in finished)]
@@ -186,3 +208,46 @@ def test_killed_driver_resumes_and_a_second_run_is_refused(cluster, corpus, tmp_
     assert pack(clean, tokenizer, out, seq_len=64, docs_per_part=6, shard_bytes=int(0.04 * (1 << 20)),
                 executor=ExecutorConfig(executor="ray", tasks=TASKS)) == out / "manifest.json"
     assert not work.exists() and not work.with_name(".out.work.lock").exists()
+
+
+def test_clean_killed_at_half_resumes_identical(cluster, tmp_path):
+    """`fuxi data clean --executor ray` (plan, process, near-duplicate buckets and clusters, write, gather,
+    publish) killed once its processing stage has finished a task: the same command resumes, runs only the
+    tasks not done, and writes exactly the documents a local clean writes."""
+    corpus = tmp_path / "corpus" / "train"
+    corpus.mkdir(parents=True)
+    for lang in ("en", "de", "zh"):
+        lines = (bundled_corpus() / "train" / f"{lang}.jsonl").read_text().splitlines()[:40]
+        (corpus / f"{lang}.jsonl").write_text("\n".join(lines) + "\n")
+
+    def clean(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "fuxi.launch.cli", "data", "clean", str(corpus.parent), str(out),
+                "--tasks", "2", *extra]
+
+    local = subprocess.run(clean(tmp_path / "local"), env=_env(cluster), capture_output=True, text=True,
+                           timeout=300)
+    assert local.returncode == 0, local.stderr
+    out, work = tmp_path / "out", tmp_path / ".out.work"
+    first = subprocess.Popen(clean(out, "--executor", "ray"), env=_env(cluster), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    completions = work / "logs" / "process" / "completions"
+    try:
+        deadline = time.time() + 240
+        while not (completions.is_dir() and any(completions.iterdir())) and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read().decode()
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert _no_task_processes(cluster[1]) == [] and not (out / "train").exists()
+    done = len(list(work.glob("logs/*/completions/*")))
+
+    before = _task_logs(work)
+    again = subprocess.run(clean(out, "--executor", "ray", "--keep-work"), env=_env(cluster), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed = re.search(r"clean: resuming: (\d+) of (\d+) tasks done", again.stderr)
+    assert resumed and int(resumed[1]) == done >= 2, again.stderr
+    assert len(_rerun(before, work)) == int(resumed[2]) - done  # each task not done ran once, no other
+    assert _sha256s(out / "train") == _sha256s(tmp_path / "local" / "train")
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["de.jsonl", "en.jsonl", "zh.jsonl"]

@@ -132,7 +132,7 @@ def test_a_step_killed_at_its_time_box_keeps_the_rows_it_printed(tmp_path):
 
 
 def test_pytest_counts_come_from_its_closing_line(tmp_path):
-    lines = ["tests/test_a.py::test_x PASSED", "tests/test_a.py::test_y FAILED",
+    lines = ["tests/test_model.py::test_x PASSED", "tests/test_model.py::test_y FAILED",
              "=========== 1 failed, 19 passed, 2 skipped, 3 warnings in 41.20s ==========="]
     assert gpu_check.pytest_summary(lines) == {"passed": 19, "failed": 1, "errors": 0, "skipped": 2, "warnings": 3,
                                                "summary": "1 failed, 19 passed, 2 skipped, 3 warnings in 41.20s"}
