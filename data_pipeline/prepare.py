@@ -43,9 +43,10 @@ PREPARE_FILE = "prepare.json"
 
 
 class PreparedData(NamedTuple):
-    tokenizer_dir: Path
-    train_manifest: Path
-    val_manifest: Path
+    """Where the dataset is: local paths, or URLs when prepare uploaded it."""
+    tokenizer_dir: Path | str
+    train_manifest: Path | str
+    val_manifest: Path | str
 
     def data_config(self, **overrides) -> DataConfig:
         """A DataConfig that streams this dataset (seq_len read from the manifest)."""
@@ -75,14 +76,12 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     slurm or ray each stage is submitted when the one before has finished (each replaces its own folder when
     complete): None is returned after a submission; run the same call again when the jobs have finished
     (finished stages are not redone). A re-run of a finished prepare with the same corpus and settings does
-    nothing (prepare.json records their hash). `corpus` may be a URL (`s3://...`, read from a local copy).
+    nothing (prepare.json records their hash). `corpus` may be a URL (`s3://...`, read from a local copy), and so
+    may `out_dir` with the local executor: built in its local mirror, then uploaded (the URLs are returned).
     """
     executor = executor or ExecutorConfig(workers=num_proc, progress=progress)
     started = time.time()
-    if remote.is_url(out_dir):
-        raise ConfigError("out_dir", f"{out_dir}: prepare builds a local folder; for an output at a URL run "
-                                     f"`fuxi data clean`, `tokenizer` and `pack` with URL outputs")
-    out_dir = Path(out_dir).absolute()
+    out_dir, upload_to = _output(out_dir, executor, tokenizer_dir)
     corpus_ref = str(corpus) if corpus is not None else str(bundled_corpus())
     corpus = remote.local_input(corpus) if corpus is not None else bundled_corpus()
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
@@ -90,6 +89,9 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
                               f"whole; use a tokenizer folder outside it")
     final = PreparedData(Path(tokenizer_dir) if tokenizer_dir is not None else out_dir / "tokenizer",
                          out_dir / "train" / MANIFEST_NAME, out_dir / "valid" / MANIFEST_NAME)
+    published = final if upload_to is None else PreparedData(f"{upload_to}/tokenizer",
+                                                             f"{upload_to}/train/{MANIFEST_NAME}",
+                                                             f"{upload_to}/valid/{MANIFEST_NAME}")
     local = executor.executor == "local"
     settings = {"vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
                 "max_docs_per_language": max_docs_per_language,
@@ -99,10 +101,18 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     job = _prepare_hash(settings, [corpus] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []))
     if local:
         refuse_foreign(out_dir, OWNED)  # before the work, not after it
+        if upload_to is not None:
+            remote.refuse_foreign(upload_to, OWNED)
         if recorded_job(out_dir / PREPARE_FILE) == job and all(p.exists() for p in final):
-            log.info("prepare: up to date (nothing to do): %s holds the output of these inputs and settings", out_dir)
-            record_outcome("prepare", "up to date")
-            return final
+            if upload_to is None or (remote.read_json(f"{upload_to}/{PREPARE_FILE}") or {}).get("job") == job:
+                log.info("prepare: up to date (nothing to do): %s holds the output of these inputs and settings",
+                         upload_to or out_dir)
+                record_outcome("prepare", "up to date")
+                return published
+            log.info("prepare: %s is built (in %s) but not uploaded; uploading", upload_to, out_dir)
+            remote.upload_folder(out_dir, upload_to, PREPARE_FILE)
+            record_outcome("prepare", "done")
+            return published
     # Locally the stages build their folders in `.<out>.work/`, beside out_dir and under a name that does not
     # change between runs: a killed run's finished stages (and finished tasks) are found there by the re-run.
     root = default_work_dir(out_dir) if local else out_dir
@@ -117,7 +127,8 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
     report, manifests = result
     summary = {"job": job, "corpus": corpus_ref, "vocab_size": vocab_size, "seq_len": seq_len, "backend": backend,
                "max_docs_per_language": max_docs_per_language, "holdout_fraction": holdout_fraction, "seed": seed,
-               "seconds": round(time.time() - started, 2), "data_config": asdict(final.data_config(seq_len=seq_len)),
+               "seconds": round(time.time() - started, 2),
+               "data_config": asdict(published.data_config(seq_len=seq_len)),
                "report": stage_report(report, *manifests)}
     if not local:  # on a cluster each stage has replaced its own folder
         write_json(out_dir / PREPARE_FILE, summary)
@@ -129,9 +140,30 @@ def prepare_dataset(out_dir: str | Path, corpus: str | Path | None = None, *, vo
             (root / name).rename(staging / name)  # same filesystem: both lie beside out_dir
         write_json(staging / PREPARE_FILE, summary)
     shutil.rmtree(root, ignore_errors=True)
-    log.info("prepare: done in %.1fs -> %s", time.time() - started, out_dir)
+    if upload_to is not None:
+        remote.upload_folder(out_dir, upload_to, PREPARE_FILE)  # prepare.json last: it marks a whole upload
+    log.info("prepare: done in %.1fs -> %s", time.time() - started, upload_to or out_dir)
     record_outcome("prepare", "done")
-    return final
+    return published
+
+
+def _output(out_dir: str | Path, executor: ExecutorConfig,
+            tokenizer_dir: str | Path | None) -> tuple[Path, str | None]:
+    """(the local folder prepare builds, the URL it is uploaded to or None). A URL output is built in its local
+    mirror ($FUXI_CACHE) and uploaded once whole, prepare.json last; on a cluster each stage switches its own
+    folder in place, which an upload cannot do."""
+    if not remote.is_url(out_dir):
+        return Path(out_dir).absolute(), None
+    if executor.executor != "local":
+        raise ConfigError("out_dir", f"{out_dir}: with --executor {executor.executor} prepare builds a folder on "
+                                     f"the shared file system; for an output at a URL run it locally, or run "
+                                     f"`fuxi data clean`, `tokenizer` and `pack` with URL outputs")
+    if tokenizer_dir is not None:
+        raise ConfigError("tokenizer_dir", f"{tokenizer_dir}: the manifests at {out_dir} would name a tokenizer "
+                                           f"outside the upload; for a given tokenizer run `fuxi data clean` and "
+                                           f"`pack` with URL outputs")
+    local, url = remote.local_output(out_dir)
+    return local.absolute(), url
 
 
 def _prepare_hash(settings: dict, inputs: list[Path]) -> str:

@@ -124,6 +124,40 @@ def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
     assert {p["name"]: p["LastModified"] for p in s3.find(f"{BUCKET}/clean", detail=True).values()} == before
 
 
+def test_prepare_to_s3_uploads_the_local_dataset_and_streams_it_back(s3, tmp_path):
+    """`fuxi data prepare s3://...`: built in the local mirror, uploaded whole (prepare.json last), file for file
+    what a local prepare writes; its DataConfig streams the shards from s3; a re-run uploads nothing."""
+    corpus = small_corpus(tmp_path / "corpus", ("en", "de", "zh"), 20, 6, 2)
+    url = f"s3://{BUCKET}/prepared"
+    kw = dict(vocab_size=400, seq_len=32, shard_bytes=20_000, executor=ExecutorConfig(tasks=2, workers=1,
+                                                                                    progress=False))
+    prepared = prepare_dataset(url, corpus, **kw)
+    assert prepared.train_manifest == f"{url}/train/manifest.json"
+    local = prepare_dataset(tmp_path / "local", corpus, **kw)
+    ours, theirs = _remote_files(s3, url), _files(tmp_path / "local")
+    assert sorted(ours) == sorted(theirs) and "train/manifest.json" in ours
+    def same(name: str) -> bool:  # reports and records hold times and the input paths; shards are below
+        return not name.endswith(("_report.json", "manifest.json", "prepare.json", "fuxi_tokenizer.json"))
+    assert {k: v for k, v in ours.items() if same(k)} == {k: v for k, v in theirs.items() if same(k)}
+    for split in ("train", "valid"):
+        assert [(s.path, s.sha256) for s in load_manifest(f"{url}/{split}").shards] == \
+            [(s.path, s.sha256) for s in load_manifest(tmp_path / "local" / split).shards]
+    recorded = json.loads(ours["prepare.json"])["data_config"]
+    assert recorded["train_manifest"] == f"{url}/train/manifest.json" and recorded["tokenizer"] == f"{url}/tokenizer"
+
+    cfg = DataConfig(**{**recorded, "num_workers": 0})
+    from_s3 = take(build_train_loader(cfg, batch_size=4), 6)
+    from_disk = take(build_train_loader(local.data_config(num_workers=0), batch_size=4), 6)
+    for a, b in zip(from_s3, from_disk):
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    before = {p["name"]: p["LastModified"] for p in s3.find(f"{BUCKET}/prepared", detail=True).values()}
+    with watch_jobs() as outcomes:
+        assert prepare_dataset(url, corpus, **kw) == prepared
+    assert outcomes == [("prepare", "up to date")]
+    assert {p["name"]: p["LastModified"] for p in s3.find(f"{BUCKET}/prepared", detail=True).values()} == before
+
+
 def test_a_rewritten_remote_input_is_fetched_again_and_the_job_reruns(s3, tmp_path):
     url = f"s3://{BUCKET}/small"
     local = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2) / "train"
@@ -150,8 +184,10 @@ def test_missing_foreign_and_unreachable_urls_are_one_line_naming_them(s3, tmp_p
     with pytest.raises(DataError, match=r"^s3://no-such-bucket/train/manifest.json: no such file or folder$"):
         load_manifest("s3://no-such-bucket/train")
 
-    with pytest.raises(ConfigError, match=rf"^out_dir: s3://{BUCKET}/prepared: prepare builds a local folder"):
-        prepare_dataset(f"s3://{BUCKET}/prepared")
+    with pytest.raises(ConfigError, match=rf"^out_dir: s3://{BUCKET}/prepared: with --executor ray prepare "):
+        prepare_dataset(f"s3://{BUCKET}/prepared", executor=ExecutorConfig(executor="ray"))
+    with pytest.raises(ConfigError, match=r"^tokenizer_dir: .*would name a tokenizer outside the upload"):
+        prepare_dataset(f"s3://{BUCKET}/prepared", tokenizer_dir=tmp_path / "tok")
 
     s3.pipe_file(f"{BUCKET}/theirs/notes.txt", b"not ours")
     corpus = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2)
