@@ -5,9 +5,6 @@ unreachable URL is one line naming it."""
 from __future__ import annotations
 
 import json
-import logging
-import socket
-from pathlib import Path
 
 import pytest
 
@@ -25,60 +22,19 @@ from fuxi.data_pipeline.tokenizer import TokenizerConfig
 from fuxi.data_pipeline.tokenizer_stage import train_tokenizer_task
 
 from data_helpers import small_corpus, take
+from s3_helpers import BUCKET, fresh_filesystems, local_files, local_s3, remote_files
+from trainer_helpers import free_port
 
 pytest.importorskip("s3fs")
-server_module = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-BUCKET = "fuxi-test"
 ONE = dict(executor=ExecutorConfig(tasks=2, workers=1, progress=False))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_filesystems() -> None:
-    """fsspec caches filesystem objects (s3fs's and datatrove's DataFolder over it); a changed endpoint needs
-    new ones."""
-    import s3fs
-    from datatrove.io import DataFolder
-    s3fs.S3FileSystem.clear_instance_cache()
-    DataFolder.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A local S3 server with one bucket; the AWS_* variables point fsspec (s3fs) at it."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server's line per request
-    port = _free_port()
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv(remote.CACHE_ENV, str(tmp_path_factory.mktemp("fuxi_cache")))
-        _fresh_filesystems()
-        import fsspec
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            server.stop()
-            _fresh_filesystems()
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _remote_files(fs, url: str) -> dict[str, bytes]:
-    root = url.split("://", 1)[1]
-    return {name[len(root) + 1:]: fs.cat_file(name) for name in sorted(fs.find(root))}
+    with local_s3(tmp_path_factory.mktemp("fuxi_cache")) as fs:
+        yield fs
 
 
 def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
@@ -89,7 +45,7 @@ def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
     # clean: the uploaded folder holds exactly the files of the same clean on local folders
     clean(f"{url}/corpus", f"{url}/clean", chunk_mb=0.01, **ONE)
     clean(local, tmp_path / "clean", chunk_mb=0.01, **ONE)
-    ours, theirs = _remote_files(s3, f"{url}/clean"), _files(tmp_path / "clean")
+    ours, theirs = remote_files(s3, f"{url}/clean"), local_files(tmp_path / "clean")
     report = "clean_report.json"  # its task seconds and input stamp (paths) differ
     assert json.loads(ours.pop(report))["stats"] == json.loads(theirs.pop(report))["stats"]
     assert ours == theirs and "train/en.jsonl" in ours
@@ -97,7 +53,7 @@ def test_clean_tokenizer_pack_and_stream_over_s3(s3, tmp_path):
     # the tokenizer reads its s3 corpus through a local copy and uploads its files
     config = TokenizerConfig(vocab_size=400, max_docs_per_language=50)
     local_tok = train_tokenizer_task(f"{url}/clean/train", f"{url}/tokenizer", config, **ONE)
-    assert set(_remote_files(s3, f"{url}/tokenizer")) == set(_files(local_tok))
+    assert set(remote_files(s3, f"{url}/tokenizer")) == set(local_files(local_tok))
 
     # pack: the same shards as packing the local clean output with the same tokenizer
     kw = dict(seq_len=32, docs_per_part=10, shard_bytes=20_000)
@@ -134,7 +90,7 @@ def test_prepare_to_s3_uploads_the_local_dataset_and_streams_it_back(s3, tmp_pat
     prepared = prepare_dataset(url, corpus, **kw)
     assert prepared.train_manifest == f"{url}/train/manifest.json"
     local = prepare_dataset(tmp_path / "local", corpus, **kw)
-    ours, theirs = _remote_files(s3, url), _files(tmp_path / "local")
+    ours, theirs = remote_files(s3, url), local_files(tmp_path / "local")
     assert sorted(ours) == sorted(theirs) and "train/manifest.json" in ours
     def same(name: str) -> bool:  # reports and records hold times and the input paths; shards are below
         return not name.endswith(("_report.json", "manifest.json", "prepare.json", "fuxi_tokenizer.json"))
@@ -163,7 +119,7 @@ def test_a_rewritten_remote_input_is_fetched_again_and_the_job_reruns(s3, tmp_pa
     local = small_corpus(tmp_path / "corpus", ("en", "de", "ru", "zh"), 24, 6, 2) / "train"
     s3.put(str(local) + "/", f"{BUCKET}/small/", recursive=True)
     first = remote.local_input(url)
-    assert _files(first) == _files(local)
+    assert local_files(first) == local_files(local)
     stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(first.iterdir())]
     assert remote.local_input(url) == first
     assert [(p.name, p.stat().st_mtime_ns) for p in sorted(first.iterdir())] == stamp  # nothing fetched again
@@ -194,13 +150,13 @@ def test_missing_foreign_and_unreachable_urls_are_one_line_naming_them(s3, tmp_p
     with pytest.raises(DataError, match=rf"^s3://{BUCKET}/theirs: holds \['notes.txt'\], which this stage did not"):
         clean(corpus, f"s3://{BUCKET}/theirs", **ONE)
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    _fresh_filesystems()
+    fresh_filesystems()
     try:
         assert main(["data", "clean", f"s3://{BUCKET}/corpus", str(tmp_path / "out"), "--quiet"]) == 2
     finally:
-        _fresh_filesystems()
+        fresh_filesystems()
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"fuxi data: error: s3://{BUCKET}/corpus: cannot reach or read it "

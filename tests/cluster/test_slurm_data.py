@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from fuxi.data_pipeline.corpus import bundled_corpus, iter_jsonl
+from data_helpers import small_corpus
+from s3_helpers import BUCKET, local_files, local_s3, remote_files
 from slurm_helpers import queue_empty, slurm, wait_for
 from trainer_helpers import REPO, subprocess_env
 
@@ -161,3 +163,34 @@ def test_failed_task_ends_the_chain_and_is_named_with_its_log(slurm_cluster, tmp
     assert (tmp_path / "out" / "train" / "en.jsonl").read_text() == \
         (tmp_path / "local" / "train" / "en.jsonl").read_text()
     assert not list(tmp_path.glob(".*.work")), "the work folder is removed after success"
+
+
+def test_clean_from_and_to_s3_on_slurm(slurm_cluster, tmp_path):
+    """s3:// input and output on a cluster: the command mirrors the corpus into $FUXI_CACHE (a folder every node
+    sees; here the one node's), the Slurm tasks read the mirror, and the run after the jobs have finished uploads
+    the output (its report last). The upload equals a local clean of the same corpus, file for file."""
+    pytest.importorskip("moto.server")
+    corpus = small_corpus(tmp_path / "corpus", ("en", "de", "zh"), 24, 6, 2)
+    local = subprocess.run([sys.executable, "-m", "fuxi.launch.cli", "data", "clean", str(corpus),
+                            str(tmp_path / "local"), "--tasks", "2"], cwd=REPO, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    with local_s3(tmp_path / "cache") as fs:
+        fs.put(str(corpus) + "/", f"{BUCKET}/corpus/", recursive=True)
+        url = f"s3://{BUCKET}/clean"
+        command = [sys.executable, "-m", "fuxi.launch.cli", "data", "clean", f"s3://{BUCKET}/corpus", url,
+                   "--tasks", "2", *SLURM]
+        outputs = []
+        for _ in range(MAX_SUBMISSIONS):
+            result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            outputs.append(result.stdout + result.stderr)
+            if "submitted" not in result.stdout:
+                break
+            wait_for(lambda: queue_empty(submitted_jobs(tmp_path / "cache")), "the chain to end", 300)
+        assert len(outputs) >= 2 and "uploaded" in outputs[-1], outputs[-1][-3000:]
+        ours, theirs = remote_files(fs, url), local_files(tmp_path / "local")
+    report = "clean_report.json"  # its task seconds and input stamp (paths) differ
+    assert json.loads(ours.pop(report))["stats"] == json.loads(theirs.pop(report))["stats"]
+    assert ours == theirs and "train/en.jsonl" in ours
