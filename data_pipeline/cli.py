@@ -239,6 +239,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from fuxi.data_pipeline.status import status_report
+    print(status_report(args.out))
+    return 0
+
+
 def cmd_align_table(args) -> int:
     from fuxi.data_pipeline.align_table import (AlignTableConfig, build_alignment_table, write_alignment_table,
                                            write_build_report)
@@ -372,6 +378,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     add_executor_arguments(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("status", help="how far a clean/tokenizer/pack/prepare job has got, from its work folders "
+                                      "(tasks done per stage, unfinished tasks with their last log line, queued "
+                                      "Slurm jobs): the progress of a job running on Slurm or Ray")
+    p.add_argument("out", help="the output folder (or URL) given to the job")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("align-table", help="PreAlign word-alignment table from FreeDict lists + parallel text")
     p.add_argument("out", help="JSONL file to write (a <out>.sources.json provenance file goes beside it)")

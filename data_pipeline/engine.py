@@ -303,7 +303,7 @@ def unfinished_tasks(stage: Stage, executor) -> tuple[list[int], str]:
     missing = executor.get_incomplete_ranks()
     logs = [Path(executor.logging_dir.resolve_paths(f"logs/task_{rank:05d}.log")) for rank in missing]
     ran = [(rank, p) for rank, p in zip(missing, logs) if p.is_file()]
-    detail = "; ".join(f"task {rank}: {_last_line(p)} (log {p})" for rank, p in ran[:3])
+    detail = "; ".join(f"task {rank}: {last_line(p)} (log {p})" for rank, p in ran[:3])
     return missing, detail + ("; ..." if len(ran) > 3 else "")
 
 
@@ -319,7 +319,8 @@ def report_unfinished(stages: list[Stage], executors: list, work_dir: Path) -> N
                         stage.name, len(missing), stage.tasks, f" ({detail})" if detail else "")
 
 
-def _last_line(path: Path) -> str:
+def last_line(path: Path) -> str:
+    """The last non-empty line of a task's log: its error when the task failed."""
     lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else "empty log"
 

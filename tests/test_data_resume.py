@@ -25,6 +25,7 @@ from fuxi.data_pipeline.errors import TaskError
 from fuxi.data_pipeline.local_executor import LocalExecutor
 from fuxi.data_pipeline.pack import pack
 from fuxi.data_pipeline.pack_stages import PackTasks
+from fuxi.data_pipeline.status import status_report
 from fuxi.data_pipeline.tokenizer import TokenizerConfig, tokenizer_hash
 from fuxi.data_pipeline.tokenizer_stage import TrainTokenizer, train_tokenizer_task
 
@@ -138,6 +139,13 @@ def test_pack_killed_at_half_resumes_with_identical_shards(data, tmp_path, monke
         _kill_after(patch, PackTasks, "run_task", 4)  # 4 of the 8 pack tasks finish
         pack(corpus, data.tokenizer_dir, tmp_path / "out", executor=executor, **kw)
     assert _markers(tmp_path / ".out.work") == {"plan": 1, "pack": 4}
+    report = status_report(tmp_path / "out")  # `fuxi data status`: what a cluster user reads
+    assert report.startswith(f"pack: 5 of 10 tasks done ({tmp_path / '.out.work'}, started ")
+    lines = report.splitlines()
+    assert [line.split() for line in lines[3:6]] == [["plan", "1", "1", "0"], ["pack", "4", "8", "1"],
+                                                     ["merge", "0", "1", "0"]]
+    assert lines[6].startswith("  pack task 4: ") and "simulated kill" in lines[6]
+    assert lines[6].endswith(f"(log {tmp_path / '.out.work' / 'logs' / 'pack' / 'logs' / 'task_00004.log'})")
     ran.clear()
     with caplog.at_level(logging.INFO, logger="fuxi"):
         manifest = pack(corpus, data.tokenizer_dir, tmp_path / "out", executor=executor, **kw)
@@ -148,7 +156,7 @@ def test_pack_killed_at_half_resumes_with_identical_shards(data, tmp_path, monke
     assert sum(t["docs_in"] for t in ours.values()) == sum(t["docs_in"] for t in theirs.values()) > 0
 
 
-def test_prepare_killed_half_way_through_packing_resumes(data, tmp_path, monkeypatch, ran, caplog):
+def test_prepare_killed_half_way_through_packing_resumes(data, tmp_path, monkeypatch, ran, caplog, capsys):
     """prepare killed after half of the train split's pack tasks: the re-run runs no clean or tokenizer task and
     only the unfinished pack tasks, and ends with the shards of an uninterrupted prepare; run once more, it is
     up to date and runs nothing."""
@@ -161,6 +169,14 @@ def test_prepare_killed_half_way_through_packing_resumes(data, tmp_path, monkeyp
     with monkeypatch.context() as patch, pytest.raises(TaskError, match="simulated kill"):
         _kill_after(patch, PackTasks, "run_task", 2)  # 2 of the train split's 4 pack tasks finish
         prepare_dataset(out, executor=executor, **TINY)
+    # `fuxi data status` finds the stage's work folder inside prepare's: clean and the tokenizer have finished
+    # (theirs are removed), the train split's pack has not
+    from fuxi.launch.cli import main
+    capsys.readouterr()
+    assert main(["data", "status", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"pack: 3 of 6 tasks done ({tmp_path / '.data.work' / '.train.work'}, started ")
+    assert [line[:15] for line in report.splitlines() if line.startswith("  ")] == ["  pack task 2: "]
     ran.clear()
     with caplog.at_level(logging.INFO, logger="fuxi"):
         prepared = prepare_dataset(out, executor=executor, **TINY)
@@ -177,6 +193,10 @@ def test_prepare_killed_half_way_through_packing_resumes(data, tmp_path, monkeyp
         again = prepare_dataset(out, executor=executor, **TINY)
     assert again == prepared and not ran and outcomes == [("prepare", "up to date")]
     assert f"prepare: up to date (nothing to do): {out}" in caplog.text
+    capsys.readouterr()
+    assert main(["data", "status", str(out)]) == 2  # no work folder left: one line saying why
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: no work folder of a data job" in err and "up to date" in err
 
 
 _SLOW_PACK = """

@@ -49,6 +49,13 @@ def latest_record(out: Path) -> tuple[Path | None, dict]:
     return (records[-1].parent, json.loads(records[-1].read_text())) if records else (None, {})
 
 
+def status(out: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "fuxi.launch.cli", "data", "status", str(out)], cwd=REPO,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def submitted_jobs(out: Path) -> list[str]:
     """Every job of the latest submission: the stages' arrays and their stats-merging jobs."""
     return latest_record(out)[1].get("jobs", [])
@@ -109,8 +116,14 @@ def test_prepare_on_slurm_equals_local_and_resumes_after_scancel(slurm_cluster, 
         refused = prepare(out, *SLURM, expect=2)
         assert "still queued" in refused.stderr and jobs[-1] in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        queued = status(out)  # `fuxi data status`: nothing done yet, every job named as queued
+        assert queued.startswith(f"clean: 0 of 11 tasks done ({out / '.clean.work'}, started "), queued
+        assert f"{len(jobs)} Slurm jobs of the last submission still queued: {jobs[0]}_[0] PENDING" in queued
         slurm("scancel", f"{latest_record(out)[1]['stages']['process']}_0")
     wait_for(lambda: queue_empty(jobs), "the chain to end", 300)
+    ended = status(out)
+    assert ended.startswith("clean: 2 of 11 tasks done") and "still queued" not in ended, ended
+    assert ["process", "1", "2", "0"] in [line.split() for line in ended.splitlines()], ended
     resumed = prepare(out, *SLURM)
     assert "process: 1 of 2 tasks did not finish in the last submission" in resumed.stderr, resumed.stderr
     jobs = submitted_jobs(out)
