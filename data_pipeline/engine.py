@@ -285,8 +285,8 @@ def still_queued(work_dir: Path) -> list[str]:
 
 def refuse_while_queued(work_dir: Path) -> None:
     """A re-run while the last submission's jobs are still queued would submit a second chain writing the same
-    folders: refuse, naming them. (A chain whose task failed or was cancelled never ends by itself: its later jobs
-    wait with DependencyNeverSatisfied until cancelled.)"""
+    folders: refuse, naming them. (A chain whose task failed or was cancelled ends by itself: its later jobs are
+    submitted with --kill-on-invalid-dep=yes.)"""
     queued = still_queued(work_dir)
     if queued:
         ids = " ".join(q.split()[0].split("_")[0] for q in queued)
