@@ -117,20 +117,24 @@ def rope_parameters(config: ModelConfig) -> dict:
     return rope
 
 
+def llama_style_fields(config: ModelConfig) -> dict:
+    """The fields every Llama-style config of transformers has (Llama, Qwen2, Mistral and their MoE classes):
+    GQA, SwiGLU, tied embeddings and the RoPE, which transformers >= 5 reads from rope_parameters and 4.x from
+    rope_theta and rope_scaling: all are written."""
+    rope = rope_parameters(config)
+    return {"num_key_value_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+            "tie_word_embeddings": config.tie_word_embeddings, "rope_parameters": rope,
+            "rope_scaling": None if config.rope_scaling is None else
+            {k: v for k, v in rope.items() if k != "rope_theta"}}
+
+
 def llama_family_config(config: ModelConfig, fields: dict) -> dict:
     """config.json of LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (transformers' own fields)."""
-    rope = rope_parameters(config)
     out = {
         "architectures": [FAMILY_CLASSES[config.family]],
         "model_type": config.family,
         **fields,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_word_embeddings,
-        # transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling: all are written.
-        "rope_parameters": rope,
-        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        **llama_style_fields(config),
     }
     del out["attention_bias"], out["mlp_bias"]
     if config.family == "llama":
@@ -146,9 +150,9 @@ def hf_config_dict(config: ModelConfig, dtype: ExportDType, layout: Layout | Non
     layout = resolve_layout(config, layout)
     fields = common_config_fields(config, dtype)
     if layout == "mixtral":
-        return mixtral_config_dict(config, fields, rope_parameters(config))
+        return mixtral_config_dict(config, {**fields, **llama_style_fields(config)})
     if layout == "qwen2_moe":
-        return qwen2_moe_config_dict(config, fields, rope_parameters(config))
+        return qwen2_moe_config_dict(config, {**fields, **llama_style_fields(config)})
     if config.family != "fuxitranyu":
         return llama_family_config(config, fields)
     if layout == "native":

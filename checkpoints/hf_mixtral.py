@@ -59,21 +59,14 @@ def check_mixtral(config: ModelConfig) -> None:
                               "is 1, not p_max); this model computes a different function")
 
 
-def mixtral_config_dict(config: ModelConfig, fields: dict, rope: dict) -> dict:
-    """config.json of MixtralForCausalLM: the shared fields, GQA, the RoPE (scaling included) and the routing."""
+def mixtral_config_dict(config: ModelConfig, fields: dict) -> dict:
+    """config.json of MixtralForCausalLM: the shared and Llama-style fields (GQA, the RoPE) and the routing."""
     moe = config.moe
     out = {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
         **fields,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_word_embeddings,
         "sliding_window": None,
-        # transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling: all are written.
-        "rope_parameters": rope,
-        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "router_jitter_noise": 0.0,

@@ -47,7 +47,7 @@ def check_qwen2_moe(config: ModelConfig) -> None:
         raise CheckpointError(f"mlp_bias true: Qwen2-MoE's experts have no bias; {where} cannot export natively")
 
 
-def qwen2_moe_config_dict(config: ModelConfig, fields: dict, rope: dict) -> dict:
+def qwen2_moe_config_dict(config: ModelConfig, fields: dict) -> dict:
     """config.json of Qwen2MoeForCausalLM: the shared fields, GQA, the RoPE, the routing, no shared expert."""
     moe = config.moe
     moe_layers = moe.moe_layers(config.num_layers)
@@ -55,13 +55,6 @@ def qwen2_moe_config_dict(config: ModelConfig, fields: dict, rope: dict) -> dict
         "architectures": ["Qwen2MoeForCausalLM"],
         "model_type": "qwen2_moe",
         **fields,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_word_embeddings,
-        # transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling: all are written.
-        "rope_parameters": rope,
-        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": config.num_layers,

@@ -101,6 +101,21 @@ def _task_processes(raylet: str) -> list[str]:
     return found
 
 
+def _kill_once_a_task_is_done(command: list[str], env: dict, completions: Path) -> None:
+    """Start `command` in its own process group and SIGKILL the group as soon as a completion marker appears in
+    `completions` (a task of that stage has finished)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (completions.is_dir() and any(completions.iterdir())) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _lock_holder(lock: Path) -> int | None:
     """The pid the job's lock file names (None while there is none)."""
     try:
@@ -160,17 +175,8 @@ def test_killed_driver_resumes_and_a_second_run_is_refused(cluster, corpus, tmp_
     refused in one line naming it."""
     out, work = tmp_path / "out", tmp_path / ".out.work"
     lock = work.with_name(".out.work.lock")
-    first = subprocess.Popen(_command(corpus, out), env=_env(cluster), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
     completions = work / "logs" / "pack" / "completions"
-    try:
-        deadline = time.time() + 240
-        while not (completions.is_dir() and any(completions.iterdir())) and time.time() < deadline:
-            assert first.poll() is None, first.stderr.read().decode()
-            time.sleep(0.05)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    _kill_once_a_task_is_done(_command(corpus, out), _env(cluster), completions)
     assert _no_task_processes(cluster[1]) == []
     finished = {int(p.name) for p in completions.iterdir()}
     done = len(finished)
@@ -228,17 +234,7 @@ def test_clean_killed_at_half_resumes_identical(cluster, tmp_path):
                            timeout=300)
     assert local.returncode == 0, local.stderr
     out, work = tmp_path / "out", tmp_path / ".out.work"
-    first = subprocess.Popen(clean(out, "--executor", "ray"), env=_env(cluster), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
-    completions = work / "logs" / "process" / "completions"
-    try:
-        deadline = time.time() + 240
-        while not (completions.is_dir() and any(completions.iterdir())) and time.time() < deadline:
-            assert first.poll() is None, first.stderr.read().decode()
-            time.sleep(0.05)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    _kill_once_a_task_is_done(clean(out, "--executor", "ray"), _env(cluster), work / "logs" / "process" / "completions")
     assert _no_task_processes(cluster[1]) == [] and not (out / "train").exists()
     done = len(list(work.glob("logs/*/completions/*")))
 
