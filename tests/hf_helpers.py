@@ -94,3 +94,13 @@ def load_native(path):
                                                        output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
+
+
+def drift_experts_and_routers(moe, seed: int = 2) -> None:
+    """What stage 1 does to an upcycled model, in one step: the experts differ from each other and the router
+    matters (random perturbations: 0.05 on the experts, 0.5 on the routers)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if ".experts." in name or ".router." in name:
+                p.add_(torch.randn_like(p) * (0.5 if ".router." in name else 0.05))

@@ -14,7 +14,8 @@ from fuxi.launch.cli import main as fuxi
 from fuxi.model import ModelConfig, build_model
 from fuxi.model.config import MoEConfig
 from fuxi.model.upcycle import upcycle_model
-from hf_helpers import VOCAB, greedy, load_native, rope_of, tiny_llama, tiny_mistral, tiny_mixtral, token_ids
+from hf_helpers import (VOCAB, drift_experts_and_routers, greedy, load_native, rope_of, tiny_llama, tiny_mistral,
+                        tiny_mixtral, token_ids)
 
 pytestmark = pytest.mark.hf
 
@@ -68,11 +69,7 @@ def test_drifted_experts_and_router_equal_ours(upcycled, tmp_path, top_k):
     """After stage 1 the experts differ and the router matters: Mixtral must route and weight as we do."""
     _, _, tmp = upcycled
     moe = upcycle_model(load_model(tmp / "dense"), MoEConfig(num_experts=4, top_k=top_k), seed=1)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if ".experts." in name or ".router." in name:
-                p.add_(torch.randn_like(p) * (0.5 if ".router." in name else 0.05))
+    drift_experts_and_routers(moe)
     save_model(moe, tmp_path / "ours")
     export_to_hf(tmp_path / "ours", tmp_path / "mixtral")
     mixtral = load_native(tmp_path / "mixtral")

@@ -15,7 +15,8 @@ from fuxi.checkpoints.sharded_safetensors import iter_tensors, tensor_shapes
 from fuxi.launch.cli import main as fuxi
 from fuxi.model.config import MoEConfig
 from fuxi.model.upcycle import upcycle_model
-from hf_helpers import greedy, load_native, randomize_biases, tiny_qwen2, tiny_qwen2_moe, token_ids
+from hf_helpers import (drift_experts_and_routers, greedy, load_native, randomize_biases, tiny_qwen2, tiny_qwen2_moe,
+                        token_ids)
 
 pytestmark = pytest.mark.hf
 
@@ -71,11 +72,7 @@ def test_drifted_experts_and_router_equal_ours(upcycled, tmp_path, moe_fields):
     unrenormalised top-1 included, and keep a layer left dense as its dense MLP."""
     _, tmp = upcycled
     moe = upcycle_model(load_model(tmp / "dense"), MoEConfig(num_experts=4, **moe_fields), seed=1)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if ".experts." in name or ".router." in name:
-                p.add_(torch.randn_like(p) * (0.5 if ".router." in name else 0.05))
+    drift_experts_and_routers(moe)
     save_model(moe, tmp_path / "ours")
     export_to_hf(tmp_path / "ours", tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
