@@ -216,12 +216,6 @@ def build_executors(stages: list[Stage], work_dir: str | Path, cfg: ExecutorConf
                 import ray  # noqa: F401
             except ImportError:
                 raise ConfigError("executor", "ray is not installed; pip install 'fuxi-pretrain[ray]'") from None
-            # datatrove's chatter on the driver (a warning per stage that a local logging folder must be shared
-            # by every node, stats banners, each failed task's traceback at DEBUG) off this terminal: a failed
-            # task is reported in one line naming its log (run_ray_stages), the stages' times at INFO
-            from loguru import logger
-            logger.remove()
-            logger.add(sys.stderr, level="ERROR")
             # no `depends`: run_stages runs the stages one after the other and stops at a failed one (datatrove
             # would wait for a failed dependency forever, polling every 2 minutes)
             executors.append(RayPipelineExecutor(
@@ -329,6 +323,12 @@ def connect_ray() -> None:
     """Join the Ray cluster at $RAY_ADDRESS (`ray start --head` prints it), else start one on this machine for
     this run. Task output stays in the task logs (`<work>/logs/<stage>/logs/`), not on this terminal."""
     import ray
+    from loguru import logger
+    # datatrove's chatter on the driver (a warning per stage that a local logging folder must be shared by every
+    # node, stats banners, each failed task's traceback at DEBUG) off this terminal: a failed task is reported in
+    # one line naming its log (run_ray_stages), the stages' times at INFO
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

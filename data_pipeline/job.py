@@ -82,14 +82,16 @@ def prepare_work_dir(work_dir: Path, stamp: dict) -> bool:
     return False
 
 
-def finished_tasks(work_dir: Path, stages: list[Stage]) -> dict[str, int]:
-    """Tasks of each stage whose completion marker (datatrove's, written after the task's outputs) exists."""
-    done = {}
-    for stage in stages:
-        markers = work_dir / "logs" / stage.name / "completions"
-        done[stage.name] = sum(1 for p in markers.iterdir() if p.name.isdigit() and int(p.name) < stage.tasks) \
-            if markers.is_dir() else 0
-    return done
+def finished_ranks(work_dir: Path, stage: str, tasks: int) -> set[int]:
+    """The tasks of `stage` whose completion marker (datatrove's, written after the task's outputs) exists."""
+    markers = work_dir / "logs" / stage / "completions"
+    return {int(p.name) for p in markers.iterdir() if p.name.isdigit() and int(p.name) < tasks} \
+        if markers.is_dir() else set()
+
+
+def finished_tasks(work_dir: Path, counts: dict[str, int]) -> dict[str, int]:
+    """{stage: tasks finished} for `counts` ({stage: tasks}, as job.json records them)."""
+    return {name: len(finished_ranks(work_dir, name, tasks)) for name, tasks in counts.items()}
 
 
 _OUTCOMES: ContextVar[list | None] = ContextVar("job_outcomes", default=None)
@@ -278,7 +280,7 @@ def _run(job: Job, job_hash: str, executor: ExecutorConfig) -> bool:
     counts = {stage.name: stage.tasks for stage in stages}
     started = time.time()
     if prepare_work_dir(job.work_dir, {"job": job_hash, "tasks": counts}):
-        done = finished_tasks(job.work_dir, stages)
+        done = finished_tasks(job.work_dir, counts)
         log.info("%s: resuming: %d of %d tasks done (%s) in %s", job.name, sum(done.values()), sum(counts.values()),
                  ", ".join(f"{name} {done[name]}/{n}" for name, n in counts.items()), job.work_dir)
     else:

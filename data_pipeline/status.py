@@ -15,7 +15,7 @@ from fuxi.common.tables import format_table
 from fuxi.data_pipeline import remote
 from fuxi.data_pipeline.engine import SLURM_JOBS, last_line, still_queued
 from fuxi.data_pipeline.errors import TaskError
-from fuxi.data_pipeline.job import default_work_dir
+from fuxi.data_pipeline.job import default_work_dir, finished_ranks
 
 # the job a work folder belongs to, from a stage only it has (job.json records the stages, not the job's name)
 JOB_OF_STAGE = {"process": "clean", "pack": "pack", "tokenizer": "tokenizer"}
@@ -60,15 +60,11 @@ def job_status(work_dir: Path) -> JobStatus:
     counts = json.loads(record.read_text(encoding="utf-8")).get("tasks", {})
     stages = []
     for name, tasks in counts.items():
-        logs = work_dir / "logs" / name
-        markers = logs / "completions"
-        done = {int(p.name) for p in markers.iterdir() if p.name.isdigit()} if markers.is_dir() else set()
-        unfinished = []
-        for log in sorted((logs / "logs").glob("task_*.log")):
-            rank = int(log.stem.split("_")[1])
-            if rank not in done and rank < tasks:
-                unfinished.append((rank, last_line(log), log))
-        stages.append(StageStatus(name, tasks, len([r for r in done if r < tasks]), unfinished))
+        done = finished_ranks(work_dir, name, tasks)
+        logs = sorted((work_dir / "logs" / name / "logs").glob("task_*.log"))
+        unfinished = [(rank, last_line(log), log) for rank, log in ((int(p.stem.split("_")[1]), p) for p in logs)
+                      if rank not in done and rank < tasks]
+        stages.append(StageStatus(name, tasks, len(done), unfinished))
     job = next((JOB_OF_STAGE[s.name] for s in stages if s.name in JOB_OF_STAGE), "job")
     queued = still_queued(work_dir) if (work_dir / SLURM_JOBS).is_file() else []
     return JobStatus(job, work_dir, record.stat().st_mtime, stages, queued)
@@ -78,8 +74,9 @@ def status_report(out: str | Path) -> str:
     """The status of every job writing `out`, as text; a TaskError when there is no work folder to read."""
     folders = work_folders(out)
     if not folders:
-        raise TaskError(f"{out}: no work folder of a data job (looked for {default_work_dir(remote.local_output(out)[0])}"
-                        f" and .*.work inside it and {out}): the job has not started, or it finished and removed "
+        own = default_work_dir(remote.local_output(out)[0])
+        raise TaskError(f"{out}: no work folder of a data job (looked for {own} and .*.work inside it and {out}): "
+                        f"the job has not started, or it finished and removed "
                         f"it (run the same command again: it says 'up to date')")
     parts = []
     for status in map(job_status, folders):

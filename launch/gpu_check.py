@@ -24,8 +24,9 @@ still leaves its results), gpu_check.log, gpu_check.md (the rows for docs/benchm
 measured ({"row": ...}, and {"check": ...} for the bf16 correctness checks: MoE grouped GEMM vs the expert loop,
 the fused loss vs eager); the step's record collects them as they come ("rows", "checks"), so a step killed at
 its time box keeps what it finished. "correctness" gathers the checks and the GPU tests' counts; a failed check
-fails the run. The commit comes from git, or on the device machine (no .git) from .whl/COMMIT (make gpu-stamp). `--dry-run` runs the same steps on a CPU at tiny shapes with
-Triton under the interpreter (tests/test_gpu_check.py), so the script cannot rot between GPU sessions.
+fails the run. The commit comes from git, or on the device machine (no .git) from .whl/COMMIT (make gpu-stamp).
+`--dry-run` runs the same steps on a CPU at tiny shapes with Triton under the interpreter
+(tests/test_gpu_check.py), so the script cannot rot between GPU sessions.
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def pytest_argv(ctx: Context) -> list[str]:
             f"--junitxml={ctx.work_dir('pytest_gpu') / 'junit.xml'}", *files]
 
 
-PYTEST_LINE = r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED)|\d+ tests? collected|^=+ .*\d+ (passed|failed|errors?|skipped|deselected).* in [\d.]+s)"
+PYTEST_LINE = (r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED)|\d+ tests? collected"
+               r"|^=+ .*\d+ (passed|failed|errors?|skipped|deselected).* in [\d.]+s)")
 PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)\b")
 
 
@@ -544,9 +546,10 @@ def correctness(records: dict) -> list[dict]:
     tests = (records.get("pytest_gpu") or {}).get("result") or {}
     if isinstance(tests.get("tests"), int):
         bad = tests["failures"] + tests["errors"]
-        found.append({"step": "pytest_gpu", "check": "pytest -m gpu", "passed": bad == 0 and not tests.get("incomplete"),
+        incomplete = bool(tests.get("incomplete"))
+        found.append({"step": "pytest_gpu", "check": "pytest -m gpu", "passed": bad == 0 and not incomplete,
                       "tests": tests["tests"], "failed": bad, "skipped": tests["skipped"],
-                      "passed_tests": tests["tests"] - bad - tests["skipped"], "incomplete": bool(tests.get("incomplete"))})
+                      "passed_tests": tests["tests"] - bad - tests["skipped"], "incomplete": incomplete})
     elif tests.get("collected_count") is not None:
         found.append({"step": "pytest_gpu", "check": "pytest -m gpu (dry run: collected only)", "passed": None,
                       "tests": tests["collected_count"]})

@@ -49,7 +49,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert steps["env"]["missing"] == [] and report["machine"]["python"]
     assert "collected" in steps["pytest_gpu"]["collected"]
     assert {r["provider"] for r in report["steps"]["bench_kernels"]["rows"]} >= {"eager", "triton"}
-    assert {r["kernel"] for r in report["steps"]["bench_kernels"]["rows"]} == {"rms_norm", "bias_gelu", "swiglu", "rope"}
+    assert {r["kernel"] for r in report["steps"]["bench_kernels"]["rows"]} == \
+        {"rms_norm", "bias_gelu", "swiglu", "rope"}
     assert {r["provider"] for r in report["steps"]["bench_flce"]["rows"]} >= {"eager", "chunked_torch", "triton"}
     assert steps["bench_train"]["kernels"] == "triton" and steps["bench_train"]["tokens_per_s"] > 0
     assert steps["bench_train_ac"]["activation_checkpointing"] is True
@@ -78,7 +79,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert checks[moe_checks[1]]["same_routing"]
     assert {"input", "router.weight", "experts.0.up_proj.bias", "experts.3.down_proj.weight"} <= \
         set(checks[moe_checks[1]]["tensors"])
-    assert checks["flce triton vs eager, grad_hidden"]["path"] == "bf16 fallback (torch's out_dtype mm has no cpu kernel)"
+    assert checks["flce triton vs eager, grad_hidden"]["path"] == \
+        "bf16 fallback (torch's out_dtype mm has no cpu kernel)"
     assert checks["pytest -m gpu (dry run: collected only)"]["tests"] > 0
     assert summary["correctness"][moe_checks[1]] is True
     assert report["git"]["source"] == "git" and len(report["git"]["commit"]) == 40
